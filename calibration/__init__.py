@@ -1,0 +1,1 @@
+"""Traces in, policy artifacts out: load, fit, evaluate, bench."""
