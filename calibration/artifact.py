@@ -1,0 +1,191 @@
+"""The policy artifact: versioned, hash-identified JSON holding all the proxy needs to decide.
+
+Write with `save_artifact`, read with `load_artifact` (which checks the schema version, the
+hash and the fields, and says precisely what is wrong).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from calibration.fit import FittedIndex, lambda_of
+from calibration.replay import Outcome
+
+SCHEMA = "cascade.policy/v1"
+REQUIRED = (
+    "schema",
+    "hash",
+    "nodes",
+    "posterior",
+    "tables",
+    "recall",
+    "lambda",
+    "training",
+    "expected",
+)
+
+
+class ArtifactError(ValueError):
+    """A policy artifact is missing, unreadable, or not one this version can use."""
+
+
+def content_hash(art: dict) -> str:
+    """sha256 of the canonical JSON of everything except the hash itself."""
+    body = {k: v for k, v in art.items() if k != "hash"}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def outcome_summary(outcome: Outcome, reference_cost: float) -> dict:
+    return {
+        "accuracy": outcome.accuracy,
+        "mean_cost_usd": outcome.mean_cost,
+        "cost_fraction": outcome.mean_cost / reference_cost,
+        "calls_per_query": float(outcome.calls.mean()),
+    }
+
+
+def bootstrap_interval(outcome: Outcome, n: int = 300, seed: int = 0) -> dict:
+    """95% bootstrap intervals of accuracy and mean cost over train rows."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(outcome.correct), size=(n, len(outcome.correct)))
+    acc = outcome.correct[idx].mean(axis=1)
+    cost = outcome.cost[idx].mean(axis=1)
+    return {
+        "accuracy_95": [float(np.quantile(acc, 0.025)), float(np.quantile(acc, 0.975))],
+        "mean_cost_usd_95": [float(np.quantile(cost, 0.025)), float(np.quantile(cost, 0.975))],
+    }
+
+
+def build_artifact(
+    fitted: FittedIndex,
+    mu: float,
+    *,
+    train_path: str,
+    answer_kind: str | None = None,
+    target: dict | None = None,
+) -> dict:
+    tables = fitted.tables(mu)
+    train = fitted.train
+    outcome = fitted.replay(tables, train)  # out-of-fold posteriors: an honest estimate
+    ref = int(np.nanargmax(np.nanmean(train.cost_usd, axis=0)))
+    art = {
+        "schema": SCHEMA,
+        "hash": "",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "nodes": [
+            {"model": train.models[j], "cost_usd": float(c), "cost_fraction": float(f)}
+            for j, c, f in zip(fitted.nodes, fitted.node_cost_usd, fitted.costs, strict=True)
+        ],
+        "reference_model": train.models[ref],
+        "reference_cost_usd": fitted.reference_cost,
+        "answer_kind": answer_kind,
+        "recall": fitted.recall,
+        "recall_margin": fitted.recall_margin,
+        "lambda": lambda_of(mu),
+        "cost_price_mu": mu,
+        "posterior": fitted.posterior.to_dict(),
+        "difficulty": None if fitted.difficulty is None else fitted.difficulty.to_dict(),
+        "tables": tables.to_dict(),
+        "training": {
+            "path": train_path,
+            "rows": len(train),
+            "models": list(train.models),
+            "cost_source": train.cost_source,
+            "reference_accuracy": float(train.correct[:, ref].mean()),
+            "bins": [len(v) for v in tables.values],
+            "target": target,
+        },
+        "expected": {
+            **outcome_summary(outcome, fitted.reference_cost),
+            **bootstrap_interval(outcome),
+            "note": "replayed on the training traces with out-of-fold posteriors",
+        },
+    }
+    art["hash"] = content_hash(art)
+    return art
+
+
+def save_artifact(art: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(art, indent=1) + "\n")
+
+
+def load_artifact(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"policy artifact {p} does not exist (create one with `cascade fit`)")
+    try:
+        art = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"policy artifact {p} is not valid JSON: {exc}") from exc
+    if not isinstance(art, dict):
+        raise ArtifactError(f"policy artifact {p}: expected a JSON object")
+    if art.get("schema") != SCHEMA:
+        raise ArtifactError(
+            f"policy artifact {p}: schema {art.get('schema')!r}, expected {SCHEMA!r}"
+        )
+    missing = [k for k in REQUIRED if k not in art]
+    if missing:
+        raise ArtifactError(f"policy artifact {p}: missing field(s) {missing}")
+    if content_hash(art) != art["hash"]:
+        raise ArtifactError(f"policy artifact {p}: content does not match its hash (edited?)")
+    return art
+
+
+def choose_mu(
+    fitted: FittedIndex,
+    *,
+    lam: float | None,
+    target_accuracy: float | None,
+    max_cost_usd: float | None,
+    mus: tuple[float, ...],
+) -> tuple[float, dict]:
+    """The cost price mu from exactly one of: lambda, a relative accuracy target, a budget.
+
+    Targets are met on the training traces (out-of-fold replay): the cheapest setting whose
+    accuracy reaches target x reference accuracy, or the most accurate within the budget.
+    """
+    given = [x is not None for x in (lam, target_accuracy, max_cost_usd)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --lambda, --target-accuracy, --max-cost-usd")
+    if lam is not None:
+        if not 0.0 < lam <= 1.0:
+            raise ValueError(f"--lambda must be in (0, 1], got {lam}")
+        return (1.0 - lam) / lam, {"lambda": lam}
+    train = fitted.train
+    ref = int(np.nanargmax(np.nanmean(train.cost_usd, axis=0)))
+    ref_acc = float(train.correct[:, ref].mean())
+    points = []
+    for mu in mus:
+        o = fitted.replay(fitted.tables(mu), train)
+        points.append((mu, o.accuracy, o.mean_cost))
+    if target_accuracy is not None:
+        if not 0.0 < target_accuracy <= 1.5:
+            raise ValueError(
+                f"--target-accuracy is relative to the reference model, got {target_accuracy}"
+            )
+        goal = target_accuracy * ref_acc
+        ok = [p for p in points if p[1] >= goal - 1e-12]
+        if not ok:
+            best = max(points, key=lambda p: p[1])
+            raise ValueError(
+                f"no setting reaches {target_accuracy:.3f} x reference accuracy {ref_acc:.3f} "
+                f"on train (best is {best[1]:.3f})"
+            )
+        mu = min(ok, key=lambda p: (p[2], -p[1]))[0]
+        return mu, {"target_accuracy": target_accuracy, "reference_accuracy": ref_acc}
+    assert max_cost_usd is not None
+    ok = [p for p in points if p[2] <= max_cost_usd + 1e-15]
+    if not ok:
+        cheapest = min(points, key=lambda p: p[2])
+        raise ValueError(
+            f"no setting costs at most ${max_cost_usd:g} per query on train "
+            f"(cheapest is ${cheapest[2]:.3g})"
+        )
+    mu = max(ok, key=lambda p: (p[1], -p[2]))[0]
+    return mu, {"max_cost_usd": max_cost_usd}

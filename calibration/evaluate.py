@@ -1,0 +1,65 @@
+"""Replay a saved policy artifact on traces: what `cascade evaluate` prints."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calibration.fit import Signals, replay_tables, score_sets
+from calibration.replay import Outcome
+from calibration.traces import TraceError, TraceSet
+from policies.difficulty import DifficultyModel
+from policies.policy import StateTables
+from policies.posterior import PosteriorModel
+
+
+def replay_artifact(art: dict, traces: TraceSet) -> Outcome:
+    """Decisions of the artifact's tables on every row of `traces` (same code as fitting)."""
+    names = [n["model"] for n in art["nodes"]]
+    missing = [m for m in names if m not in traces.models]
+    if missing:
+        raise TraceError(
+            f"{traces.path}: the policy needs model(s) {missing}, "
+            f"the traces have {list(traces.models)}"
+        )
+    nodes = [traces.models.index(m) for m in names]
+    posterior = PosteriorModel.from_dict(art["posterior"])
+    tables = StateTables.from_dict(art["tables"])
+    scores = score_sets(posterior, Signals.of(traces, nodes))
+    scores = scores.with_margin(float(art.get("recall_margin", 0.0)))
+    root = None
+    if art.get("difficulty"):
+        difficulty = DifficultyModel.from_dict(art["difficulty"])
+        root = np.array([difficulty.root_state(traces.prompt(i)) for i in range(len(traces))])
+    return replay_tables(tables, scores, bool(art["recall"]), nodes, traces, root_state=root)
+
+
+def evaluate_artifact(art: dict, traces: TraceSet) -> dict:
+    o = replay_artifact(art, traces)
+    n = len(traces)
+    stops = {
+        m: float((o.stop_model == j).sum() / n)
+        for j, m in enumerate(traces.models)
+        if (o.stop_model == j).any()
+    }
+    answers = {
+        m: float((o.answer_model == j).sum() / n)
+        for j, m in enumerate(traces.models)
+        if (o.answer_model == j).any()
+    }
+    ref_cost = float(np.nanmax(np.nanmean(traces.cost_usd, axis=0)))
+    ref = int(np.nanargmax(np.nanmean(traces.cost_usd, axis=0)))
+    return {
+        "policy_hash": art["hash"],
+        "traces": traces.path,
+        "rows": n,
+        "accuracy": o.accuracy,
+        "mean_cost_usd": o.mean_cost,
+        "cost_fraction_of_reference": o.mean_cost / ref_cost,
+        "reference_model": traces.models[ref],
+        "reference_accuracy": float(traces.correct[:, ref].mean()),
+        "mean_latency_ms": float(np.nanmean(o.latency)) if np.isfinite(o.latency).any() else None,
+        "calls_per_query": float(o.calls.mean()),
+        "stops_at": stops,
+        "answer_from": answers,
+        "returned_not_last": float(o.recalled.mean()),
+    }

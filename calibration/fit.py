@@ -1,0 +1,479 @@
+"""Fit the index policy on training traces: posterior, states, kernels, tables per lambda.
+
+Steps (research/ttamer.md §6, with the fixes reference-numbers.md calls for):
+1. choose the nodes: drop models dominated on train cost and accuracy;
+2. fit the answer posterior (policies/posterior.py) and score every (row, explored set)
+   out-of-fold, so states and bin values are not judged by the rows they were fitted on;
+3. the Markov state after a call is the bin of the posterior loss (of the best answer
+   seen, with recall; of the last answer, without); bin values are the observed error
+   rate of the answer that would be returned, shrunk toward the node's mean;
+4. kernels P(next bin | bin) for every pair i < j (skips), shrunk toward the marginal;
+5. backward induction (policies/index.py) for each cost price mu = (1 - lambda) / lambda.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from calibration.difficulty import fit_difficulty
+from calibration.replay import Outcome, outcome_from_choices
+from calibration.traces import TraceSet
+from policies.difficulty import DifficultyModel
+from policies.index import ROOT, STOP, solve_skips
+from policies.policy import StateTables
+from policies.posterior import (
+    PosteriorModel,
+    answer_classes,
+    best_answer,
+    candidate_features,
+    confidence_feature,
+    subset_members,
+)
+
+DEFAULT_MUS = (0.0, *np.geomspace(0.005, 50.0, 48).tolist())
+MAX_NODES = 6
+MIN_ROWS_FOR_DIFFICULTY = 150  # fewer calibration prompts than this: one root state
+
+
+def select_nodes(train: TraceSet, max_nodes: int = MAX_NODES) -> list[int]:
+    """Models worth exploring, cheapest first: drop any model that another model beats or
+    ties on both mean train cost and train accuracy; keep at most `max_nodes` (the most
+    accurate ones, always including the cheapest)."""
+    acc = train.correct.mean(axis=0)
+    cost = np.nanmean(np.nan_to_num(train.cost_usd, nan=np.nan), axis=0)
+    keep = []
+    for j in range(train.n_models):
+        dominated = any(
+            k != j
+            and cost[k] <= cost[j]
+            and acc[k] >= acc[j]
+            and (cost[k] < cost[j] or acc[k] > acc[j])
+            for k in range(train.n_models)
+        )
+        if not dominated:
+            keep.append(j)
+    if len(keep) > max_nodes:
+        cheapest = min(keep, key=lambda j: cost[j])
+        rest = sorted((j for j in keep if j != cheapest), key=lambda j: -acc[j])
+        keep = [cheapest, *rest[: max_nodes - 1]]
+    return sorted(keep, key=lambda j: (cost[j], j))
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Per-row inputs of the posterior for the selected nodes."""
+
+    classes: np.ndarray  # (N, n)
+    conf_feat: np.ndarray  # (N, n) nan where missing
+    missing: np.ndarray  # (N, n)
+    correct: np.ndarray  # (N, n)
+    cost: np.ndarray  # (N, n)
+
+    @classmethod
+    def of(cls, traces: TraceSet, nodes: list[int]) -> Signals:
+        extracted = [[row[j] for j in nodes] for row in traces.extracted]
+        return cls(
+            classes=answer_classes(extracted),
+            conf_feat=confidence_feature(traces.confidence[:, nodes]),
+            missing=np.array([[e is None for e in row] for row in extracted], dtype=bool),
+            correct=traces.correct[:, nodes],
+            cost=np.nan_to_num(traces.cost_usd[:, nodes]),
+        )
+
+    def rows(self, idx: np.ndarray) -> Signals:
+        return Signals(
+            *(a[idx] for a in (self.classes, self.conf_feat, self.missing, self.correct, self.cost))
+        )
+
+
+def _training_samples(sig: Signals, z: np.ndarray, max_set: int) -> tuple[np.ndarray, np.ndarray]:
+    """One sample per (row, explored set, answer class): features and whether it is right."""
+    n = sig.classes.shape[1]
+    xs, ys = [], []
+    for mask in range(1, 1 << n):
+        members = subset_members(mask, n)
+        if len(members) > max_set:
+            continue
+        for m in members:
+            # one sample per class: its most expensive member in the set represents it
+            later = [k for k in members if k > m]
+            rep = np.ones(len(sig.classes), dtype=bool)
+            for k in later:
+                rep &= sig.classes[:, k] != sig.classes[:, m]
+            if not rep.any():
+                continue
+            feats = candidate_features(sig.classes[rep], z[rep], sig.missing[rep], mask, m)
+            xs.append(feats)
+            ys.append(sig.correct[rep, m])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_posterior(
+    sig: Signals, c_reg: float = 1.0, max_set: int = 4, max_rows: int = 3000, seed: int = 0
+) -> PosteriorModel:
+    """L2-regularised logistic regression of answer correctness on vote/dissent features."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(sig.classes) > max_rows:  # the fit needs thousands of rows, not all of them
+        rng = np.random.default_rng(seed)
+        sig = sig.rows(np.sort(rng.choice(len(sig.classes), max_rows, replace=False)))
+    mean = np.nanmean(np.where(np.isnan(sig.conf_feat), np.nan, sig.conf_feat), axis=0)
+    scale = np.nanstd(sig.conf_feat, axis=0)
+    mean = np.where(np.isnan(mean), 0.0, mean)
+    scale = np.where(~np.isfinite(scale) | (scale < 1e-6), 1.0, scale)
+    shell = PosteriorModel(np.zeros(1), 0.0, mean, scale)
+    z = shell.standardise(sig.conf_feat)
+    x, y = _training_samples(sig, z, max_set)
+    if y.all() or not y.any():  # degenerate: a constant posterior
+        rate = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
+        return PosteriorModel(shell.weights, float(np.log(rate / (1 - rate))), mean, scale)
+    clf = LogisticRegression(C=c_reg, max_iter=500)
+    clf.fit(x, y)
+    return PosteriorModel(clf.coef_[0].astype(float), float(clf.intercept_[0]), mean, scale)
+
+
+@dataclass(frozen=True)
+class SetScores:
+    """Posterior of every explored set (bit mask over nodes) for every row."""
+
+    best_p: np.ndarray  # (N, 2^n)
+    best_m: np.ndarray  # (N, 2^n) node whose answer recall returns
+    last_p: np.ndarray  # (N, 2^n) posterior of the last node's answer
+
+    def with_margin(self, margin: float) -> SetScores:
+        """Recall an earlier answer only when its posterior beats the last's by `margin`."""
+        if margin <= 0:
+            return self
+        last = np.array([_last_member(s) for s in range(self.best_m.shape[1])])
+        keep = self.best_p - self.last_p > margin
+        return SetScores(
+            np.where(keep, self.best_p, self.last_p),
+            np.where(keep, self.best_m, last[None, :]),
+            self.last_p,
+        )
+
+    def loss(self, recall: bool) -> np.ndarray:
+        return 1.0 - (self.best_p if recall else self.last_p)
+
+    def answer(self, recall: bool) -> np.ndarray:
+        if recall:
+            return self.best_m
+        n_sets = self.best_m.shape[1]
+        last = np.array([_last_member(s) for s in range(n_sets)])
+        return np.broadcast_to(last, self.best_m.shape)
+
+
+def _last_member(mask: int) -> int:
+    return mask.bit_length() - 1
+
+
+def score_sets(model: PosteriorModel, sig: Signals) -> SetScores:
+    n_rows, n = sig.classes.shape
+    z = model.standardise(sig.conf_feat)
+    best_p = np.zeros((n_rows, 1 << n))
+    best_m = np.zeros((n_rows, 1 << n), dtype=int)
+    last_p = np.zeros((n_rows, 1 << n))
+    for mask in range(1, 1 << n):
+        bp, bm, lp = best_answer(model, sig.classes, z, sig.missing, mask, _last_member(mask))
+        best_p[:, mask], best_m[:, mask], last_p[:, mask] = bp, bm, lp
+    return SetScores(best_p, best_m, last_p)
+
+
+def out_of_fold_scores(sig: Signals, folds: int = 5, seed: int = 0, **kw) -> SetScores:
+    """Set scores for every row from a posterior fitted without that row's fold."""
+    n_rows, n = sig.classes.shape
+    rng = np.random.default_rng(seed)
+    fold = rng.permutation(n_rows) % folds
+    out = SetScores(
+        np.zeros((n_rows, 1 << n)),
+        np.zeros((n_rows, 1 << n), dtype=int),
+        np.zeros((n_rows, 1 << n)),
+    )
+    for f in range(folds):
+        test = fold == f
+        model = fit_posterior(sig.rows(np.flatnonzero(~test)), **kw)
+        part = score_sets(model, sig.rows(np.flatnonzero(test)))
+        out.best_p[test], out.best_m[test], out.last_p[test] = part.best_p, part.best_m, part.last_p
+    return out
+
+
+RECALL_MARGINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 1.0)
+
+
+def choose_recall_margin(oof: SetScores, correct: np.ndarray) -> float:
+    """How much better an earlier answer's posterior must be before recall returns it.
+
+    Chosen on out-of-fold train scores: the margin whose returned answers are right most
+    often, averaged over every explored set. A posterior fitted on a few hundred rows
+    over-rates the best of several answers (winner's curse); the margin keeps recall from
+    trading a good last answer for a lucky-looking earlier one. 1.0 switches recall off.
+    """
+    rows = np.arange(correct.shape[0])
+    n_sets = oof.best_m.shape[1]
+    best, best_acc = 0.0, -1.0
+    for margin in RECALL_MARGINS:
+        chosen = oof.with_margin(margin).best_m
+        acc = np.mean([correct[rows, chosen[:, s]].mean() for s in range(1, n_sets)])
+        if acc > best_acc + 1e-9:
+            best, best_acc = margin, acc
+    return best
+
+
+@dataclass(frozen=True)
+class StateModel:
+    """Bins, bin values and kernels: everything but the costs, so lambda sweeps are cheap."""
+
+    edges: list[np.ndarray]
+    values: list[np.ndarray]
+    kernels: dict[tuple[int, int], np.ndarray]
+    recall: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def n_bins_for(n_rows: int) -> int:
+    """About 40 rows per bin (ttamer.md §6.4), between 3 and 12."""
+    return int(np.clip(n_rows // 40, 3, 12))
+
+
+def fit_states(
+    scores: SetScores,
+    correct: np.ndarray,
+    recall: bool,
+    n_bins: int | None = None,
+    kappa: float = 5.0,
+    max_set: int = 4,
+    root_state: np.ndarray | None = None,
+) -> StateModel:
+    n_rows, n = correct.shape
+    n_bins = n_bins or n_bins_for(n_rows)
+    loss = scores.loss(recall)
+    answer = scores.answer(recall)
+    err = 1.0 - np.take_along_axis(correct, answer, axis=1)  # (N, 2^n)
+    sets_ending = {
+        j: [s for s in range(1, 1 << n) if _last_member(s) == j and bin(s).count("1") <= max_set]
+        for j in range(n)
+    }
+    edges, values = [], []
+    for j in range(n):
+        sets = sets_ending[j]
+        w = np.full(len(sets) * n_rows, 1.0 / len(sets))
+        lj = loss[:, sets].T.ravel()
+        ej = err[:, sets].T.ravel()
+        qs = np.quantile(lj, np.linspace(0, 1, n_bins + 1)[1:-1])
+        inner = np.unique(qs)
+        b = np.searchsorted(inner, lj, side="right")
+        cnt = np.bincount(b, weights=w, minlength=len(inner) + 1)
+        tot = np.bincount(b, weights=w * ej, minlength=len(inner) + 1)
+        prior = float(np.average(ej, weights=w))
+        values.append((tot + kappa * prior) / (cnt + kappa))
+        edges.append(inner)
+    kernels: dict[tuple[int, int], np.ndarray] = {}
+    bins = np.zeros_like(loss, dtype=int)
+    for s in range(1, 1 << n):
+        bins[:, s] = np.searchsorted(edges[_last_member(s)], loss[:, s], side="right")
+    for j in range(n):
+        nb = len(values[j])
+        pooled = np.bincount(bins[:, 1 << j], minlength=nb) / n_rows
+        if root_state is None:
+            kernels[(ROOT, j)] = pooled[None, :]
+        else:  # one row per root (prompt difficulty) bin, shrunk toward the pooled one
+            n_root = int(root_state.max()) + 1
+            counts = np.zeros((n_root, nb))
+            np.add.at(counts, (root_state, bins[:, 1 << j]), 1.0)
+            kernels[(ROOT, j)] = (counts + kappa * pooled) / (
+                counts.sum(axis=1, keepdims=True) + kappa
+            )
+        for i in range(j):
+            counts = np.zeros((len(values[i]), nb))
+            for s in sets_ending[i]:
+                if bin(s).count("1") >= max_set:
+                    continue
+                np.add.at(counts, (bins[:, s], bins[:, s | (1 << j)]), 1.0 / len(sets_ending[i]))
+            marg = counts.sum(axis=0) + 1e-9
+            marg = marg / marg.sum()
+            kernels[(i, j)] = (counts + kappa * marg) / (counts.sum(axis=1, keepdims=True) + kappa)
+    return StateModel(edges, values, kernels, recall)
+
+
+def solve_tables(states: StateModel, costs: np.ndarray, mu: float) -> StateTables:
+    """Decision tables for cost price mu: minimise E[error] + mu * E[cost fraction]."""
+    sol = solve_skips(states.values, states.kernels, list(mu * np.asarray(costs)), recall=False)
+    decision = []
+    for last in range(ROOT, len(states.values)):
+        act = sol.action[last + 1]
+        if last == ROOT:
+            decision.append(act[:, -1].copy())  # nothing seen yet: X = inf
+        else:
+            xpos = np.searchsorted(sol.xgrid, states.values[last])
+            decision.append(act[np.arange(act.shape[0]), xpos].copy())
+    return StateTables(states.edges, states.values, decision, sol.sigma)
+
+
+def replay_tables(
+    tables: StateTables,
+    scores: SetScores,
+    recall: bool,
+    nodes: list[int],
+    traces: TraceSet,
+    root_state: np.ndarray | None = None,
+) -> Outcome:
+    """Vectorised replay of the decision tables on precomputed set scores."""
+    n_rows = scores.best_p.shape[0]
+    n = len(tables.edges)
+    rows = np.arange(n_rows)
+    state = np.zeros(n_rows, dtype=int) if root_state is None else root_state
+    last = np.full(n_rows, ROOT)
+    mask = np.zeros(n_rows, dtype=int)
+    active = np.ones(n_rows, dtype=bool)
+    loss = scores.loss(recall)
+    decision = [np.asarray(d) for d in tables.decision]
+    for _ in range(n):
+        nxt = np.full(n_rows, STOP)
+        for lst in range(ROOT, n):
+            sel = active & (last == lst)
+            if sel.any():
+                nxt[sel] = decision[lst + 1][state[sel]]
+        already = (nxt >= 0) & ((mask >> np.maximum(nxt, 0)) & 1).astype(bool)
+        nxt[already] = STOP
+        active &= nxt != STOP
+        if not active.any():
+            break
+        j = nxt[active]
+        mask[active] |= 1 << j
+        last[active] = j
+        l_now = loss[rows[active], mask[active]]
+        new_state = np.empty(len(j), dtype=int)
+        for node in np.unique(j):
+            sel = j == node
+            new_state[sel] = tables.bin_of(int(node), l_now[sel])
+        state[active] = new_state
+    answer_node = scores.answer(recall)[rows, mask]
+    answer_node = np.where(mask > 0, answer_node, -1)
+    full = np.zeros((n_rows, traces.n_models), dtype=bool)
+    for k, col in enumerate(nodes):
+        full[:, col] = (mask >> k) & 1
+    to_col = np.asarray(nodes)
+    answer_col = np.where(answer_node >= 0, to_col[np.maximum(answer_node, 0)], -1)
+    stop_col = np.where(last >= 0, to_col[np.maximum(last, 0)], -1)
+    return outcome_from_choices(traces, full, answer_col, stop_col)
+
+
+def lambda_of(mu: float) -> float:
+    """The T-Tamer weight: objective lambda * loss + (1 - lambda) * cost, mu = (1-l)/l."""
+    return 1.0 / (1.0 + mu)
+
+
+class FittedIndex:
+    """Everything fitted on train that does not depend on lambda, plus replay caching."""
+
+    def __init__(
+        self,
+        train: TraceSet,
+        recall: bool,
+        models: list[str] | None = None,
+        folds: int = 5,
+        seed: int = 0,
+        use_difficulty: bool = True,
+    ) -> None:
+        if models:
+            missing = [m for m in models if m not in train.models]
+            if missing:
+                raise ValueError(
+                    f"unknown model(s) {missing}; the traces have {list(train.models)}"
+                )
+            chosen = [train.models.index(m) for m in models]
+            cost = np.nanmean(train.cost_usd, axis=0)
+            self.nodes = sorted(chosen, key=lambda j: (cost[j], j))
+        else:
+            self.nodes = select_nodes(train)
+        self.recall = recall
+        self.train = train
+        sig = Signals.of(train, self.nodes)
+        oof = out_of_fold_scores(sig, folds=folds, seed=seed)
+        self.recall_margin = choose_recall_margin(oof, sig.correct) if recall else 0.0
+        self.oof = oof.with_margin(self.recall_margin)
+        self.posterior = fit_posterior(sig)
+        self.difficulty: DifficultyModel | None = None
+        root_train = None
+        if use_difficulty and len(train) >= MIN_ROWS_FOR_DIFFICULTY:
+            prompts = [train.prompt(i) for i in range(len(train))]
+            self.difficulty, root_train = fit_difficulty(prompts, sig.correct.mean(axis=1))
+        self.states = fit_states(self.oof, sig.correct, recall, root_state=root_train)
+        self._root_train = root_train
+        self.reference_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
+        self.node_cost_usd = np.nanmean(train.cost_usd[:, self.nodes], axis=0)
+        self.costs = self.node_cost_usd / self.reference_cost
+        self._scores: dict = {}
+
+    def scores(self, traces: TraceSet) -> SetScores:
+        hit = self._scores.get(id(traces))
+        if hit is None or hit[0] is not traces:
+            if traces is self.train:
+                hit = (traces, self.oof)  # honest train estimates: out-of-fold posteriors
+            else:
+                scores = score_sets(self.posterior, Signals.of(traces, self.nodes))
+                hit = (traces, scores.with_margin(self.recall_margin))
+            self._scores[id(traces)] = hit
+        return hit[1]
+
+    def root_states(self, traces: TraceSet) -> np.ndarray | None:
+        """Root (prompt difficulty) bin of every row; out-of-fold ones for the train rows."""
+        if self.difficulty is None:
+            return None
+        if traces is self.train:
+            return self._root_train
+        key = ("root", id(traces))
+        hit = self._scores.get(key)
+        if hit is None or hit[0] is not traces:
+            states = np.array(
+                [self.difficulty.root_state(traces.prompt(i)) for i in range(len(traces))],
+                dtype=int,
+            )
+            hit = (traces, states)
+            self._scores[key] = hit
+        return hit[1]
+
+    def tables(self, mu: float) -> StateTables:
+        return solve_tables(self.states, self.costs, mu)
+
+    def replay(self, tables: StateTables, traces: TraceSet) -> Outcome:
+        root = self.root_states(traces)
+        return replay_tables(
+            tables,
+            self.scores(traces),
+            self.recall,
+            self.nodes,
+            traces,
+            root_state=None if root is None else root.copy(),
+        )
+
+
+@dataclass
+class IndexSetting:
+    """One lambda of a fitted index policy (a ReplayPolicy)."""
+
+    name: str
+    knob: float
+    fitted: FittedIndex
+    mu: float
+    tables: StateTables
+
+    def replay(self, traces: TraceSet) -> Outcome:
+        return self.fitted.replay(self.tables, traces)
+
+
+class IndexFamily:
+    """The T-Tamer index policy with skips, swept over lambda (bench's "index")."""
+
+    def __init__(self, recall: bool = True, mus: tuple[float, ...] = DEFAULT_MUS) -> None:
+        self.recall = recall
+        self.mus = mus
+        self.name = "index" if recall else "index-norecall"
+
+    def fit_sweep(self, train: TraceSet) -> list[IndexSetting]:
+        fitted = FittedIndex(train, self.recall)
+        return [
+            IndexSetting(self.name, lambda_of(mu), fitted, mu, fitted.tables(mu)) for mu in self.mus
+        ]

@@ -1,0 +1,133 @@
+"""The fitted cascade policy as the proxy uses it: state -> next node or stop -> answer.
+
+Built from a policy artifact (calibration/artifact.py writes it). The state after each
+call is (last node explored, bin of the posterior loss); the decision table comes from the
+T-Tamer backward induction with skips (policies/index.py). With recall the loss is that
+of the best answer seen so far and the answer returned is that best one; without recall
+(the ablation) it is the last answer's.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.difficulty import DifficultyModel
+from policies.index import ROOT, STOP
+from policies.posterior import PosteriorModel
+
+
+@dataclass(frozen=True)
+class StateTables:
+    """Per node: inner bin edges of the posterior loss, the bin values, the decisions.
+
+    `decision[last + 1][state]` is STOP or the next node; the root (last = ROOT) has
+    `root_states` states (one unless the prompt is binned by difficulty).
+    """
+
+    edges: list[np.ndarray]  # per node, inner edges (B_j - 1,)
+    values: list[np.ndarray]  # per node, expected error in each bin (B_j,)
+    decision: list[np.ndarray]  # per last node + 1: (n_states,) int
+    sigma: list[np.ndarray]  # per last node + 1: dynamic index per state
+
+    def bin_of(self, node: int, loss: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.edges[node], loss, side="right")
+
+    def to_dict(self) -> dict:
+        return {
+            "edges": [e.tolist() for e in self.edges],
+            "values": [v.tolist() for v in self.values],
+            "decision": [d.tolist() for d in self.decision],
+            "sigma": [[float(x) for x in s] for s in self.sigma],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StateTables:
+        return cls(
+            edges=[np.asarray(e, dtype=float) for e in d["edges"]],
+            values=[np.asarray(v, dtype=float) for v in d["values"]],
+            decision=[np.asarray(x, dtype=int) for x in d["decision"]],
+            sigma=[np.asarray(s, dtype=float) for s in d["sigma"]],
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the policy says after the calls so far."""
+
+    next_node: int | None  # None: stop
+    answer_node: int | None  # whose answer to return if stopping now (None: nothing yet)
+    p_correct: float  # posterior that that answer is right
+    state: int
+
+
+class CascadePolicy:
+    """Online decisions for one query; the same tables drive the vectorised replay."""
+
+    def __init__(
+        self,
+        posterior: PosteriorModel,
+        tables: StateTables,
+        recall: bool,
+        recall_margin: float = 0.0,
+        difficulty: DifficultyModel | None = None,
+    ) -> None:
+        self.difficulty = difficulty
+        self.posterior = posterior
+        self.tables = tables
+        self.recall = recall
+        self.recall_margin = recall_margin
+        self.n_nodes = len(tables.edges)
+        self._edges = [e.tolist() for e in tables.edges]  # plain lists: fast bisect
+        self._decision = [[int(x) for x in d] for d in tables.decision]
+
+    def root_state(self, prompt: str) -> int:
+        """The root state of a query: its prompt-difficulty bin (0 without a model)."""
+        return 0 if self.difficulty is None else self.difficulty.root_state(prompt)
+
+    def first(self, root_state: int = 0) -> Step:
+        nxt = int(self.tables.decision[ROOT + 1][root_state])
+        return Step(
+            next_node=None if nxt == STOP else nxt,
+            answer_node=None,
+            p_correct=0.0,
+            state=root_state,
+        )
+
+    def step(
+        self,
+        explored: list[int],
+        extracted: list[str | None],
+        confidence: list[float | None],
+    ) -> Step:
+        """Decide after `explored` nodes (in call order) answered.
+
+        `extracted`/`confidence` are indexed by node (None for nodes not explored or failed).
+        A failed node is passed in `explored` with extracted None: it counts as explored but
+        votes for nothing.
+        """
+        last = explored[-1]
+        best_p, best_m, last_p = self.posterior.best_one(explored, extracted, confidence)
+        recalled = self.recall and best_p - last_p > self.recall_margin
+        p = best_p if recalled else last_p
+        answer = best_m if recalled else last
+        state = bisect.bisect_right(self._edges[last], 1.0 - p)
+        nxt = self._decision[last + 1][state]
+        if nxt != STOP and nxt in explored:  # never call a node twice
+            nxt = STOP
+        return Step(
+            next_node=None if nxt == STOP else nxt, answer_node=answer, p_correct=p, state=state
+        )
+
+
+def policy_from_artifact(art: dict) -> CascadePolicy:
+    """The online policy described by a loaded artifact dict (see calibration/artifact.py)."""
+    return CascadePolicy(
+        PosteriorModel.from_dict(art["posterior"]),
+        StateTables.from_dict(art["tables"]),
+        bool(art["recall"]),
+        float(art.get("recall_margin", 0.0)),
+        DifficultyModel.from_dict(art["difficulty"]) if art.get("difficulty") else None,
+    )

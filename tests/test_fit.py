@@ -1,0 +1,116 @@
+"""The fitted index policy on real traces: online decisions equal the replay, targets hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration.artifact import build_artifact, choose_mu, content_hash
+from calibration.evaluate import evaluate_artifact, replay_artifact
+from calibration.fit import DEFAULT_MUS, FittedIndex, select_nodes
+from calibration.traces import load_traces
+from policies.policy import policy_from_artifact
+
+
+@pytest.fixture(scope="module")
+def mmlu(traces_dir: Path):
+    return (
+        load_traces(str(traces_dir / "mmlu-llama-train.jsonl")),
+        load_traces(str(traces_dir / "mmlu-llama-test.jsonl")),
+    )
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["recall", "norecall"])
+def fitted(request, mmlu) -> FittedIndex:
+    return FittedIndex(mmlu[0], recall=request.param)
+
+
+def test_dominated_models_are_not_nodes(mmlu) -> None:
+    train = mmlu[0]
+    nodes = select_nodes(train)
+    acc = train.correct.mean(axis=0)
+    cost = np.nanmean(train.cost_usd, axis=0)
+    for j in nodes:
+        assert not any(cost[k] < cost[j] and acc[k] >= acc[j] for k in range(train.n_models))
+    assert nodes == sorted(nodes, key=lambda j: cost[j])
+
+
+def test_online_policy_makes_the_same_decisions_as_the_replay(fitted, mmlu) -> None:
+    test = mmlu[1].subset(np.arange(300))
+    art = build_artifact(fitted, DEFAULT_MUS[20], train_path="mmlu-llama-train.jsonl")
+    outcome = replay_artifact(art, test)
+    policy = policy_from_artifact(art)
+    nodes = [test.models.index(n["model"]) for n in art["nodes"]]
+    escalated = 0
+    for row in range(len(test)):
+        step = policy.first(policy.root_state(test.prompt(row)))
+        explored: list[int] = []
+        while step.next_node is not None:
+            explored.append(step.next_node)
+            extracted = [
+                test.extracted[row][nodes[k]] if k in explored else None for k in range(len(nodes))
+            ]
+            conf = [
+                float(test.confidence[row, nodes[k]]) if k in explored else None
+                for k in range(len(nodes))
+            ]
+            step = policy.step(explored, extracted, conf)
+        called = sorted(nodes[k] for k in explored)
+        assert called == list(np.flatnonzero(outcome.explored[row])), row
+        assert nodes[step.answer_node] == outcome.answer_model[row], row
+        escalated += len(explored) > 1
+    assert escalated > 0  # the setting really cascades
+
+
+def test_the_answer_returned_was_explored_and_recall_only_with_recall(fitted, mmlu) -> None:
+    out = fitted.replay(fitted.tables(DEFAULT_MUS[10]), mmlu[1])
+    rows = np.arange(len(out.correct))
+    assert out.explored[rows, out.answer_model].all()
+    if not fitted.recall:
+        assert not out.recalled.any()
+
+
+def test_a_high_cost_price_calls_one_model_and_a_zero_price_matches_the_best(fitted, mmlu) -> None:
+    train = mmlu[0]
+    cheap = fitted.replay(fitted.tables(1e6), train)
+    assert (cheap.calls == 1).all()
+    free = fitted.replay(fitted.tables(0.0), train)
+    assert free.calls.mean() > 1.5
+    assert free.accuracy >= train.correct.mean(axis=0).max() - 0.03
+
+
+def test_target_accuracy_is_met_on_train_and_the_hash_identifies_content(mmlu) -> None:
+    fitted = FittedIndex(mmlu[0], recall=True)
+    mu, target = choose_mu(
+        fitted, lam=None, target_accuracy=0.97, max_cost_usd=None, mus=DEFAULT_MUS
+    )
+    art = build_artifact(fitted, mu, train_path="t.jsonl", target=target)
+    assert art["expected"]["accuracy"] >= 0.97 * target["reference_accuracy"] - 1e-12
+    assert art["hash"] == content_hash(art)
+    art["lambda"] = 0.5
+    assert art["hash"] != content_hash(art)
+    lo, hi = art["expected"]["accuracy_95"]
+    assert lo <= art["expected"]["accuracy"] <= hi
+
+
+def test_choose_mu_rejects_conflicting_or_impossible_targets(mmlu) -> None:
+    fitted = FittedIndex(mmlu[0], recall=True)
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_mu(fitted, lam=0.5, target_accuracy=0.9, max_cost_usd=None, mus=DEFAULT_MUS)
+    with pytest.raises(ValueError, match="lambda"):
+        choose_mu(fitted, lam=1.5, target_accuracy=None, max_cost_usd=None, mus=DEFAULT_MUS)
+    with pytest.raises(ValueError, match="costs at most"):
+        choose_mu(fitted, lam=None, target_accuracy=None, max_cost_usd=1e-12, mus=DEFAULT_MUS)
+
+
+def test_evaluate_reports_where_queries_stop(mmlu) -> None:
+    fitted = FittedIndex(mmlu[0], recall=True)
+    art = build_artifact(fitted, DEFAULT_MUS[15], train_path="t.jsonl")
+    report = evaluate_artifact(art, mmlu[1])
+    assert sum(report["stops_at"].values()) == pytest.approx(1.0)
+    assert sum(report["answer_from"].values()) == pytest.approx(1.0)
+    assert 0.0 <= report["returned_not_last"] <= 1.0
+    assert report["calls_per_query"] >= 1.0
+    assert 0.0 < report["cost_fraction_of_reference"] <= 2.0
