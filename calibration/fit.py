@@ -38,11 +38,16 @@ MIN_ROWS_FOR_DIFFICULTY = 150  # fewer calibration prompts than this: one root s
 
 
 def select_nodes(train: TraceSet, max_nodes: int = MAX_NODES) -> list[int]:
-    """Models worth exploring, cheapest first: drop any model that another model beats or
-    ties on both mean train cost and train accuracy; keep at most `max_nodes` (the most
-    accurate ones, always including the cheapest)."""
+    """Models worth exploring, cheapest first.
+
+    Drop any model that another model beats or ties on both mean train cost and train
+    accuracy, except the reference model (the most expensive: the one a user would
+    otherwise always call, and whose answer the policy must be able to reach); keep at
+    most `max_nodes` (the cheapest, the reference, then the most accurate).
+    """
     acc = train.correct.mean(axis=0)
-    cost = np.nanmean(np.nan_to_num(train.cost_usd, nan=np.nan), axis=0)
+    cost = np.nanmean(train.cost_usd, axis=0)
+    reference = int(np.nanargmax(cost))
     keep = []
     for j in range(train.n_models):
         dominated = any(
@@ -52,12 +57,12 @@ def select_nodes(train: TraceSet, max_nodes: int = MAX_NODES) -> list[int]:
             and (cost[k] < cost[j] or acc[k] > acc[j])
             for k in range(train.n_models)
         )
-        if not dominated:
+        if not dominated or j == reference:
             keep.append(j)
     if len(keep) > max_nodes:
         cheapest = min(keep, key=lambda j: cost[j])
-        rest = sorted((j for j in keep if j != cheapest), key=lambda j: -acc[j])
-        keep = [cheapest, *rest[: max_nodes - 1]]
+        rest = sorted((j for j in keep if j not in (cheapest, reference)), key=lambda j: -acc[j])
+        keep = [cheapest, reference, *rest[: max_nodes - 2]]
     return sorted(keep, key=lambda j: (cost[j], j))
 
 
