@@ -1,0 +1,158 @@
+"""Trace loading: real files load whole; every kind of bad line is named by file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration.traces import TraceError, load_traces
+
+
+def _row(i: int, models=("small", "big"), **override) -> dict:
+    row = {
+        "id": f"q{i}",
+        "task": "mmlu",
+        "messages": [{"role": "user", "content": f"question {i}? A) x B) y"}],
+        "reference": "A",
+        "models": {
+            m: {
+                "answer": "A",
+                "correct": True,
+                "confidence": -0.1,
+                "cost_usd": 1e-5 * (k + 1),
+                "latency_ms": 100.0,
+                "tokens_in": 10,
+                "tokens_out": 1,
+            }
+            for k, m in enumerate(models)
+        },
+    }
+    row.update(override)
+    return row
+
+
+def _write(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_every_shared_trace_file_loads_with_all_rows(traces_dir: Path) -> None:
+    files = sorted(traces_dir.glob("*.jsonl"))
+    assert len(files) >= 10
+    for path in files:
+        n_lines = sum(1 for line in path.read_text().split("\n") if line.strip())
+        traces = load_traces(path)
+        assert len(traces) == n_lines, path
+        assert traces.correct.shape == (n_lines, traces.n_models)
+        assert len(set(traces.ids)) == n_lines
+
+
+def test_columns_hold_the_values_of_the_file(traces_dir: Path) -> None:
+    path = traces_dir / "mmlu-llama-train.jsonl"
+    first = json.loads(path.read_text().split("\n")[0])
+    traces = load_traces(path)
+    assert traces.models == tuple(first["models"])
+    for j, m in enumerate(traces.models):
+        entry = first["models"][m]
+        assert traces.correct[0, j] == entry["correct"]
+        assert traces.confidence[0, j] == pytest.approx(entry["confidence"])
+        assert traces.cost_usd[0, j] == pytest.approx(entry["cost_usd"])
+    assert traces.kind == "choice"
+    assert traces.extracted[0] == [first["models"][m]["answer"].strip() for m in traces.models]
+
+
+def test_null_signals_become_nan(traces_dir: Path) -> None:
+    traces = load_traces(traces_dir / "gsm8k-routellm-train.jsonl")
+    assert np.isnan(traces.confidence).all()
+    assert np.isnan(traces.cost_usd).all()
+    assert traces.kind == "number"
+
+
+def test_subset_and_model_selection_keep_rows_aligned(traces_dir: Path) -> None:
+    traces = load_traces(traces_dir / "mmlu-llama-train.jsonl")
+    sub = traces.subset(np.array([5, 2]))
+    assert sub.ids == [traces.ids[5], traces.ids[2]]
+    assert (sub.correct == traces.correct[[5, 2]]).all()
+    two = traces.select_models(["llama3.1-405b", "llama3.2-1b"])
+    assert two.models == ("llama3.1-405b", "llama3.2-1b")
+    assert (two.correct[:, 0] == traces.correct[:, 4]).all()
+    with pytest.raises(TraceError, match="unknown model"):
+        traces.select_models(["gpt-9"])
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"id": "q1", "messages": [', "malformed JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({k: v for k, v in _row(1).items() if k != "messages"}), "'messages'"),
+        (json.dumps({k: v for k, v in _row(1).items() if k != "id"}), "'id'"),
+        (json.dumps(_row(1, models=("small",))), r"model\(s\) \['big'\] missing"),
+        (json.dumps(_row(1, models=("small", "big", "huge"))), r"\['huge'\] not in"),
+        (json.dumps(_row(0)), "duplicate id 'q0'"),
+    ],
+)
+def test_bad_lines_are_reported_with_file_and_line(tmp_path: Path, bad_line, message) -> None:
+    path = _write(tmp_path, [json.dumps(_row(0)), bad_line, json.dumps(_row(2))])
+    with pytest.raises(TraceError, match=message) as err:
+        load_traces(path)
+    assert f"{path}:2:" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("correct", 1, "correct must be true or false"),
+        ("confidence", "high", "confidence must be a finite number"),
+        ("cost_usd", -1.0, "cost_usd must not be negative"),
+        ("answer", 3, "answer must be a string"),
+    ],
+)
+def test_wrong_types_in_a_model_entry_are_named(tmp_path: Path, field, value, message) -> None:
+    row = _row(1)
+    row["models"]["big"][field] = value
+    path = _write(tmp_path, [json.dumps(_row(0)), json.dumps(row)])
+    with pytest.raises(TraceError, match=message) as err:
+        load_traces(path)
+    assert f"{path}:2: models.big.{field}" in str(err.value)
+
+
+def test_a_missing_model_field_is_named(tmp_path: Path) -> None:
+    row = _row(0)
+    del row["models"]["small"]["tokens_out"]
+    path = _write(tmp_path, [json.dumps(row)])
+    with pytest.raises(TraceError, match=r":1: models.small: missing field\(s\) \['tokens_out'\]"):
+        load_traces(path)
+
+
+def test_all_errors_are_listed_not_only_the_first(tmp_path: Path) -> None:
+    path = _write(tmp_path, [json.dumps(_row(0)), "{", "nope", json.dumps(_row(3))])
+    with pytest.raises(TraceError) as err:
+        load_traces(path)
+    text = str(err.value)
+    assert "2 error(s)" in text
+    assert f"{path}:2:" in text
+    assert f"{path}:3:" in text
+
+
+def test_empty_missing_and_blank_line_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(TraceError, match="empty"):
+        load_traces(empty)
+    with pytest.raises(TraceError, match="no such trace file"):
+        load_traces(tmp_path / "absent.jsonl")
+    ok = _write(tmp_path, [json.dumps(_row(0)), "", json.dumps(_row(1))])
+    assert len(load_traces(ok)) == 2
+
+
+def test_a_line_separator_inside_a_string_is_not_a_line_break(tmp_path: Path) -> None:
+    row = _row(0)
+    row["models"]["small"]["answer"] = "A\u2028because"
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_traces(path).answers[0][0] == "A\u2028because"
