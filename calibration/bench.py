@@ -1,0 +1,304 @@
+"""`cascade bench`: the evaluation protocol of DESIGN.md on every train/test pair of a folder.
+
+Per pair: every policy family is fitted and its knob swept on train only; each train-selected
+setting is replayed on test; a policy's curve is the Pareto envelope of its test points
+(accuracy against mean cost as a fraction of the reference model's mean test cost).
+Outputs: bench.json (machine-readable), bench.md (tables), NAME.png (one plot per pair).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.baselines import baseline_families
+from calibration.fit import IndexFamily
+from calibration.metrics import CurvePoint, curve_stats, oracle_savings
+from calibration.pricing import fill_costs
+from calibration.replay import PolicyFamily
+from calibration.traces import TraceSet, load_traces
+
+# Order of columns in bench.md and of lines in the plots; oracles last.
+MAIN_POLICIES = ("index", "index-norecall", "threshold", "agreement", "singles")
+ORACLES = ("oracle-routing", "oracle-cascade")
+
+
+@dataclass
+class Pair:
+    name: str
+    train: Path
+    test: Path
+
+
+@dataclass
+class PairResult:
+    name: str
+    result: dict  # the bench.json entry of this pair
+    cost_source: str
+    seconds: float
+    fit_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def find_pairs(folder: Path) -> tuple[list[Pair], list[str]]:
+    """Every NAME-train.jsonl with its NAME-test.jsonl, and a message per incomplete pair."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"trace folder not found: {folder}")
+    trains = {p.name[: -len("-train.jsonl")]: p for p in folder.glob("*-train.jsonl")}
+    tests = {p.name[: -len("-test.jsonl")]: p for p in folder.glob("*-test.jsonl")}
+    pairs = [Pair(n, trains[n], tests[n]) for n in sorted(trains.keys() & tests.keys())]
+    skipped = [f"skipped {n}: {trains[n].name} has no matching -test.jsonl" for n in trains]
+    skipped = [s for s, n in zip(skipped, trains, strict=True) if n not in tests]
+    skipped += [
+        f"skipped {n}: {tests[n].name} has no matching -train.jsonl"
+        for n in sorted(tests.keys() - trains.keys())
+    ]
+    return pairs, sorted(skipped)
+
+
+def load_pair(pair: Pair) -> tuple[TraceSet, TraceSet]:
+    """Both halves of a pair, with costs filled from token counts and prices where missing."""
+    train, test = load_traces(pair.train), load_traces(pair.test)
+    if train.models != test.models:
+        raise ValueError(
+            f"{pair.name}: train and test have different models: "
+            f"{list(train.models)} vs {list(test.models)}"
+        )
+    return fill_costs(train), fill_costs(test)
+
+
+def families_for(train: TraceSet) -> list[PolicyFamily]:
+    return [IndexFamily(recall=True), IndexFamily(recall=False), *baseline_families(train)]
+
+
+def run_pair(pair: Pair, on_policy: Callable[[str], None] | None = None) -> PairResult:
+    """Fit every family on train, replay every setting on test, summarise the curves."""
+    start = time.perf_counter()
+    train, test = load_pair(pair)
+    mean_cost = np.nanmean(test.cost_usd, axis=0)
+    ref = int(np.nanargmax(mean_cost))
+    ref_cost = float(mean_cost[ref])
+    accuracy = test.correct.mean(axis=0)
+    best = int(np.argmax(accuracy))
+    best_acc = float(accuracy[best])
+    policies: dict[str, dict] = {}
+    fit_seconds: dict[str, float] = {}
+    for family in families_for(train):
+        t0 = time.perf_counter()
+        settings = family.fit_sweep(train)
+        fit_seconds[family.name] = time.perf_counter() - t0
+        points = []
+        for setting in settings:
+            outcome = setting.replay(test)
+            points.append(CurvePoint(setting.knob, outcome.accuracy, outcome.mean_cost / ref_cost))
+        policies[family.name] = curve_stats(points, best_acc)
+        if on_policy:
+            on_policy(family.name)
+    result = {
+        "reference_model": test.models[ref],
+        "reference_cost_usd": ref_cost,
+        "best_single": {"model": test.models[best], "accuracy": best_acc},
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "models": list(test.models),
+        "policies": policies,
+        "oracle_savings": oracle_savings(policies["index"], policies["oracle-routing"]),
+    }
+    return PairResult(pair.name, result, test.cost_source, time.perf_counter() - start, fit_seconds)
+
+
+def summary(results: list[PairResult]) -> dict:
+    """Means over pairs: auc and cost_to_match_1pp (never counts as 1.0, stated in bench.md)."""
+    names = [n for n in results[0].result["policies"]] if results else []
+    out = {}
+    for name in names:
+        stats = [r.result["policies"][name] for r in results if name in r.result["policies"]]
+        c1 = [s["cost_to_match_1pp"] for s in stats]
+        out[name] = {
+            "auc": float(np.mean([s["auc"] for s in stats])),
+            "cost_to_match_1pp": float(np.mean([1.0 if c is None else c for c in c1])),
+            "never_1pp": sum(c is None for c in c1),
+            "acc_at_20": float(np.mean([s["acc_at_20"] for s in stats])),
+            "acc_at_50": float(np.mean([s["acc_at_50"] for s in stats])),
+        }
+    return out
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "never" if x is None else f"{x:.{digits}f}"
+
+
+def _columns(results: list[PairResult]) -> list[str]:
+    seen = [n for r in results for n in r.result["policies"]]
+    main = [n for n in MAIN_POLICIES if n in seen]
+    return main + [n for n in ORACLES if n in seen]
+
+
+def write_markdown(results: list[PairResult], skipped: list[str], how: str) -> str:
+    cols = _columns(results)
+    mean = summary(results)
+    lines = ["# cascade bench", "", how, ""]
+    if skipped:
+        lines += ["Skipped: " + "; ".join(skipped), ""]
+
+    def table(title: str, key: str, digits: int, note: str = "") -> None:
+        lines.extend([f"## {title}", ""])
+        if note:
+            lines.extend([note, ""])
+        lines.append("| pair | " + " | ".join(cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for r in results:
+            cells = []
+            row_vals = {c: r.result["policies"][c][key] for c in cols}
+            finite = [v for c, v in row_vals.items() if v is not None and c not in ORACLES]
+            best = (min(finite) if key.startswith("cost") else max(finite)) if finite else None
+            for c in cols:
+                v = row_vals[c]
+                cell = _fmt(v, digits)
+                if v is not None and v == best and c not in ORACLES:
+                    cell = f"**{cell}**"
+                cells.append(cell)
+            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+        if key in ("auc", "cost_to_match_1pp", "acc_at_20", "acc_at_50"):
+            means = [_fmt(mean[c][key], digits) for c in cols]
+            lines.append("| **mean** | " + " | ".join(means) + " |")
+        lines.append("")
+
+    table("Area under the accuracy-cost curve, cost in [0, 1] (higher is better)", "auc", 4)
+    table(
+        "Cost to come within 1 point of the best single model (fraction of reference cost)",
+        "cost_to_match_1pp",
+        3,
+        "Lower is better; the mean counts `never` as 1.0.",
+    )
+    table("Cost to match the best single model's accuracy", "cost_to_match", 3)
+    table("Accuracy at cost 0.2", "acc_at_20", 3)
+    table("Accuracy at cost 0.5", "acc_at_50", 3)
+
+    lines += [
+        "## Index policy against the routing oracle",
+        "",
+        "`oracle_savings`: the share of the routing oracle's savings (1 - its cost) that the index "
+        "policy captures at the best single model's accuracy (`at_match`) and one point below it "
+        "(`at_1pp`); `never` when the index policy does not reach that accuracy.",
+        "",
+        "| pair | best single (test acc) | reference model | index cost @1pp | oracle cost "
+        "(acc) | oracle_savings at_match | at_1pp |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        res = r.result
+        orc = res["policies"]["oracle-routing"]
+        orc_point = orc["curve"][-1] if orc["curve"] else {"cost": None, "accuracy": None}
+        lines.append(
+            f"| {r.name} | {res['best_single']['model']} ({res['best_single']['accuracy']:.3f}) "
+            f"| {res['reference_model']} | {_fmt(res['policies']['index']['cost_to_match_1pp'])} "
+            f"| {_fmt(orc_point['cost'])} ({_fmt(orc_point['accuracy'])}) "
+            f"| {_fmt(res['oracle_savings']['at_match'])} "
+            f"| {_fmt(res['oracle_savings']['at_1pp'])} |"
+        )
+    lines += ["", "## Where costs came from", ""]
+    for r in results:
+        lines.append(f"- {r.name}: {r.cost_source}")
+    lines += ["", "## Run time (seconds; fit = the whole knob sweep on train)", ""]
+    for r in results:
+        fits = ", ".join(f"{k} {v:.1f}" for k, v in r.fit_seconds.items())
+        lines.append(f"- {r.name}: {r.seconds:.1f} in all; fit: {fits}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pair(res: PairResult, path: Path) -> None:
+    """Accuracy against cost: every policy's envelope, single models as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=110)
+    styles = {
+        "index": ("tab:red", "-", 2.4),
+        "index-norecall": ("tab:orange", "--", 1.6),
+        "threshold": ("tab:blue", "-", 1.4),
+        "agreement": ("tab:green", "-", 1.4),
+        "singles": ("black", ":", 1.6),
+        "oracle-routing": ("grey", "-.", 1.0),
+        "oracle-cascade": ("silver", "-.", 1.0),
+    }
+    for name, stats in res.result["policies"].items():
+        pts = stats["curve"]
+        if name.startswith("single:"):
+            if pts:
+                ax.plot([pts[0]["cost"]], [pts[0]["accuracy"]], "o", color="dimgrey", ms=4)
+                ax.annotate(
+                    name[7:],
+                    (pts[0]["cost"], pts[0]["accuracy"]),
+                    fontsize=6,
+                    xytext=(3, -8),
+                    textcoords="offset points",
+                )
+            continue
+        color, ls, lw = styles.get(name, ("purple", "-", 1.0))
+        xs = [0.0] + [p["cost"] for p in pts]
+        ys = [0.0] + [p["accuracy"] for p in pts]
+        xs.append(max(1.0, xs[-1]))
+        ys.append(ys[-1])
+        ax.plot(xs, ys, ls, color=color, lw=lw, label=f"{name} (auc {stats['auc']:.3f})")
+    best = res.result["best_single"]["accuracy"]
+    ax.axhline(best, color="dimgrey", lw=0.6)
+    ax.axhline(best - 0.01, color="dimgrey", lw=0.6, ls=":")
+    accs = [p["accuracy"] for s in res.result["policies"].values() for p in s["curve"]]
+    ax.set_ylim(max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.02))
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel(f"mean cost per query / {res.result['reference_model']} (test)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{res.name}: fitted on train, replayed on test")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_bench(
+    traces: Path,
+    out: Path,
+    only: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict, list[str]]:
+    """Run every pair, write bench.json, bench.md and the plots; return (json, skipped)."""
+    pairs, skipped = find_pairs(traces)
+    if only:
+        unknown = [n for n in only if n not in {p.name for p in pairs}]
+        if unknown:
+            raise ValueError(f"no complete pair named {unknown} in {traces}")
+        pairs = [p for p in pairs if p.name in only]
+    if not pairs:
+        raise ValueError(f"no NAME-train.jsonl / NAME-test.jsonl pair in {traces}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for pair in pairs:
+        results.append(run_pair(pair, on_policy=progress))
+        plot_pair(results[-1], out / f"{pair.name}.png")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    how = (
+        f"Run: `cascade bench --traces {traces}` on {platform.node() or 'this machine'} "
+        f"(Python {platform.python_version()}, {stamp})."
+        " Every policy is fitted and tuned on `NAME-train.jsonl` only; each train-selected "
+        "setting is replayed on `NAME-test.jsonl`. Cost is mean cost per query as a fraction "
+        "of the reference (most expensive) model's mean test cost; curves are Pareto envelopes "
+        "of the test points, interpolated, anchored at (0, 0), flat after the last point."
+    )
+    doc = {
+        "pairs": {r.name: r.result for r in results},
+        "summary": summary(results),
+        "skipped": skipped,
+        "cost_sources": {r.name: r.cost_source for r in results},
+    }
+    (out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "bench.md").write_text(write_markdown(results, skipped, how))
+    return doc, skipped

@@ -1,0 +1,241 @@
+"""The `cascade` command line: fit a policy, evaluate it, benchmark every policy on traces.
+
+Bad input (a corrupt trace file, a missing artifact, conflicting options) prints one clear
+`error:` message and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="cascade",
+    help=(
+        "cascade: an OpenAI-compatible LLM cascade router. It tries cheap models first and a "
+        "calibrated dynamic-index policy (T-Tamer, with recall) decides when to stop or which "
+        "bigger model to pay for, returning the best answer seen. These commands fit that "
+        "policy on recorded traces, evaluate it, and benchmark it against the baselines."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_TRACES = Path("../shared/data/traces")
+
+
+def fail(message: str) -> None:
+    """Print one clear error line and exit 2 (bad input; nothing was written)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from calibration.artifact import ArtifactError
+    from calibration.pricing import PricingError
+    from calibration.traces import TraceError
+
+    return (TraceError, ArtifactError, PricingError, ValueError, FileNotFoundError)
+
+
+def _load_with_costs(path: Path):
+    from calibration.pricing import fill_costs
+    from calibration.traces import load_traces
+
+    return fill_costs(load_traces(path))
+
+
+@app.command()
+def fit(
+    train: Annotated[Path, typer.Option(help="Training traces (JSONL, DESIGN.md format).")],
+    out: Annotated[Path, typer.Option(help="Where to write the policy artifact (JSON).")],
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated models to use as nodes (default: chosen on train)."),
+    ] = None,
+    lam: Annotated[
+        float | None,
+        typer.Option("--lambda", help="Weight of accuracy vs cost, in (0, 1]; 1 = ignore cost."),
+    ] = None,
+    target_accuracy: Annotated[
+        float | None,
+        typer.Option(help="Cheapest policy reaching this fraction of the reference accuracy."),
+    ] = None,
+    max_cost_usd: Annotated[
+        float | None,
+        typer.Option(help="Most accurate policy whose mean cost per query is at most this."),
+    ] = None,
+    recall: Annotated[
+        bool, typer.Option(help="Return the best answer explored (--no-recall: the last).")
+    ] = True,
+) -> None:
+    """Fit the index policy on training traces and write a versioned policy artifact.
+
+    Give exactly one of --lambda, --target-accuracy, --max-cost-usd. Targets are met on the
+    training traces with out-of-fold estimates; the artifact records the expected accuracy
+    and cost with 95% bootstrap intervals.
+    """
+    try:
+        from calibration.artifact import build_artifact, choose_mu, save_artifact
+        from calibration.fit import DEFAULT_MUS, FittedIndex
+
+        if sum(x is not None for x in (lam, target_accuracy, max_cost_usd)) != 1:
+            fail("give exactly one of --lambda, --target-accuracy, --max-cost-usd")
+        if not out.parent.is_dir():
+            fail(f"output folder {out.parent} does not exist")
+        start = time.perf_counter()
+        traces = _load_with_costs(train)
+        names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+        fitted = FittedIndex(traces, recall=recall, models=names)
+        mu, target = choose_mu(
+            fitted,
+            lam=lam,
+            target_accuracy=target_accuracy,
+            max_cost_usd=max_cost_usd,
+            mus=DEFAULT_MUS,
+        )
+        art = build_artifact(
+            fitted, mu, train_path=str(train), answer_kind=traces.kind, target=target
+        )
+        save_artifact(art, out)
+    except _input_errors() as exc:
+        fail(str(exc))
+    exp = art["expected"]
+    nodes = " -> ".join(n["model"] for n in art["nodes"])
+    typer.echo(f"wrote {out} ({art['hash'][:19]}) in {time.perf_counter() - start:.1f} s")
+    typer.echo(f"nodes (cheapest first, any may be skipped): {nodes}")
+    typer.echo(f"lambda {art['lambda']:.4f}; recall {'on' if art['recall'] else 'off'}")
+    typer.echo(
+        f"expected on train (out-of-fold): accuracy {exp['accuracy']:.3f} "
+        f"[{exp['accuracy_95'][0]:.3f}, {exp['accuracy_95'][1]:.3f}], "
+        f"cost {exp['cost_fraction']:.3f} x {art['reference_model']} "
+        f"(${exp['mean_cost_usd']:.3g}/query), {exp['calls_per_query']:.2f} calls/query"
+    )
+
+
+@app.command()
+def evaluate(
+    policy: Annotated[Path, typer.Option(help="Policy artifact written by `cascade fit`.")],
+    test: Annotated[Path, typer.Option(help="Traces to replay the policy on (JSONL).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Replay a policy on traces: accuracy, cost, latency, calls, where queries stop."""
+    try:
+        from calibration.artifact import load_artifact
+        from calibration.evaluate import evaluate_artifact
+
+        art = load_artifact(policy)
+        report = evaluate_artifact(art, _load_with_costs(test))
+    except _input_errors() as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{policy} on {test}", show_header=False)
+    rows = [
+        ("policy", report["policy_hash"][:19]),
+        ("rows", str(report["rows"])),
+        ("accuracy", f"{report['accuracy']:.4f}"),
+        (
+            f"reference {report['reference_model']} accuracy",
+            f"{report['reference_accuracy']:.4f}",
+        ),
+        ("mean cost per query", f"${report['mean_cost_usd']:.4g}"),
+        ("cost / reference", f"{report['cost_fraction_of_reference']:.3f}"),
+        (
+            "mean latency",
+            "n/a" if report["mean_latency_ms"] is None else f"{report['mean_latency_ms']:.0f} ms",
+        ),
+        ("calls per query", f"{report['calls_per_query']:.2f}"),
+        ("stops at", ", ".join(f"{m} {v:.1%}" for m, v in report["stops_at"].items())),
+        ("answer from", ", ".join(f"{m} {v:.1%}" for m, v in report["answer_from"].items())),
+        ("answer not the last explored", f"{report['returned_not_last']:.1%}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and NAME.png.")],
+    traces: Annotated[
+        Path, typer.Option(help="Folder of NAME-train.jsonl / NAME-test.jsonl pairs.")
+    ] = DEFAULT_TRACES,
+    only: Annotated[list[str] | None, typer.Option(help="Run only this pair (repeatable).")] = None,
+) -> None:
+    """Run the evaluation protocol on every train/test pair: fit on train, replay on test.
+
+    Every policy (index, index-norecall, threshold, agreement, singles, each single model,
+    the two oracles) is tuned on train only; the curves, costs to match the best model and
+    areas under the curve are computed on test.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        from calibration.bench import find_pairs, run_bench
+
+        pairs, skipped = find_pairs(traces)
+        for message in skipped:
+            typer.echo(message, err=True)
+        n = len([p for p in pairs if not only or p.name in only])
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} policies"),
+            TimeElapsedColumn(),
+            transient=not sys.stderr.isatty(),
+            disable=bool(os.environ.get("CASCADE_NO_PROGRESS")),
+        ) as progress:
+            task = progress.add_task("bench", total=None)
+            done = {"n": 0}
+
+            def tick(name: str) -> None:
+                done["n"] += 1
+                progress.update(task, completed=done["n"], description=f"bench: {name}")
+
+            doc, _ = run_bench(traces, out, only=only, progress=tick)
+    except _input_errors() as exc:
+        fail(str(exc))
+    _print_bench_summary(doc, n, out)
+
+
+def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = doc["summary"]
+    table = Table(title=f"cascade bench: {n_pairs} pair(s), test split (means over pairs)")
+    for col in ("policy", "auc", "cost_to_match_1pp", "acc@0.2", "acc@0.5"):
+        table.add_column(col)
+    for name, s in summary.items():
+        if name.startswith("single:"):
+            continue
+        never = f" ({s['never_1pp']} never)" if s["never_1pp"] else ""
+        table.add_row(
+            name,
+            f"{s['auc']:.4f}",
+            f"{s['cost_to_match_1pp']:.3f}{never}",
+            f"{s['acc_at_20']:.3f}",
+            f"{s['acc_at_50']:.3f}",
+        )
+    Console().print(table)
+    typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'} and one PNG per pair")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
