@@ -232,8 +232,17 @@ def _majority(extracted: list[list[str | None]], cols: list[int]) -> tuple[np.nd
     return rep, frac
 
 
-def agreement_outcome(traces: TraceSet, tiers: list[list[str]], theta: float) -> Outcome:
-    """Walk the tiers; stop at the first whose vote fraction reaches theta (or the last)."""
+def agreement_outcome(
+    traces: TraceSet,
+    tiers: list[list[str]],
+    theta: float,
+    votes: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Outcome:
+    """Walk the tiers; stop at the first whose vote fraction reaches theta (or the last).
+
+    `votes` caches each tier's majority on these traces across calls.
+    """
+    votes = {} if votes is None else votes
     n = len(traces)
     explored = np.zeros((n, traces.n_models), dtype=bool)
     answer = np.full(n, -1)
@@ -242,7 +251,10 @@ def agreement_outcome(traces: TraceSet, tiers: list[list[str]], theta: float) ->
     active = np.ones(n, dtype=bool)
     for t, tier in enumerate(tiers):
         cols = [traces.models.index(m) for m in tier]
-        rep, frac = _majority(traces.extracted, cols)
+        key = tuple(cols)
+        if key not in votes:
+            votes[key] = _majority(traces.extracted, cols)
+        rep, frac = votes[key]
         for c in cols:
             explored[active, c] = True
         latency[active] += np.max(traces.latency_ms[np.ix_(active, cols)], axis=1)
@@ -262,20 +274,22 @@ def agreement_outcome(traces: TraceSet, tiers: list[list[str]], theta: float) ->
 
 
 def tier_structures(chain: list[str]) -> list[list[list[str]]]:
-    """Every split of the chain into contiguous tiers whose non-final tiers have >= 2 models
-    (a lone model always agrees with itself), plus the final model alone."""
+    """Every way to pick models from the chain (in order) and split them into contiguous
+    tiers whose non-final tiers have >= 2 models (a lone model always agrees with itself)."""
     out = []
     n = len(chain)
-    for cuts in itertools.product([False, True], repeat=max(n - 1, 0)):
-        tiers, current = [], [chain[0]]
-        for k in range(1, n):
-            if cuts[k - 1]:
+    for size in range(1, n + 1):
+        for picked in itertools.combinations(chain, size):
+            for cuts in itertools.product([False, True], repeat=size - 1):
+                tiers, current = [], [picked[0]]
+                for k in range(1, size):
+                    if cuts[k - 1]:
+                        tiers.append(current)
+                        current = []
+                    current.append(picked[k])
                 tiers.append(current)
-                current = []
-            current.append(chain[k])
-        tiers.append(current)
-        if all(len(t) >= 2 for t in tiers[:-1]):
-            out.append(tiers)
+                if all(len(t) >= 2 for t in tiers[:-1]):
+                    out.append(tiers)
     return out
 
 
@@ -287,11 +301,12 @@ class AgreementFamily:
     def fit_sweep(self, train: TraceSet) -> list[FixedSetting]:
         chain = [train.models[j] for j in select_nodes(train)]
         candidates = []
+        votes: dict = {}
         for tiers in tier_structures(chain):
             thetas = THETAS if len(tiers) > 1 else (1.0,)
             for theta in thetas:
                 setting = (tiers, theta)
-                candidates.append((setting, agreement_outcome(train, tiers, theta)))
+                candidates.append((setting, agreement_outcome(train, tiers, theta, votes)))
         ref = reference_cost(train)
         return [
             FixedSetting(

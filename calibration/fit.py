@@ -124,10 +124,12 @@ def fit_posterior(
     if len(sig.classes) > max_rows:  # the fit needs thousands of rows, not all of them
         rng = np.random.default_rng(seed)
         sig = sig.rows(np.sort(rng.choice(len(sig.classes), max_rows, replace=False)))
-    mean = np.nanmean(np.where(np.isnan(sig.conf_feat), np.nan, sig.conf_feat), axis=0)
-    scale = np.nanstd(sig.conf_feat, axis=0)
-    mean = np.where(np.isnan(mean), 0.0, mean)
-    scale = np.where(~np.isfinite(scale) | (scale < 1e-6), 1.0, scale)
+    seen = ~np.isnan(sig.conf_feat)
+    count = np.maximum(seen.sum(axis=0), 1)
+    filled = np.where(seen, sig.conf_feat, 0.0)
+    mean = filled.sum(axis=0) / count  # 0 for a model with no confidence at all
+    scale = np.sqrt((np.where(seen, filled - mean, 0.0) ** 2).sum(axis=0) / count)
+    scale = np.where(scale < 1e-6, 1.0, scale)
     shell = PosteriorModel(np.zeros(1), 0.0, mean, scale)
     z = shell.standardise(sig.conf_feat)
     x, y = _training_samples(sig, z, max_set)

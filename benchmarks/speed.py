@@ -1,0 +1,260 @@
+"""Speed of the decision core on real traces. Prints figures; asserts nothing about timings.
+
+Measures, and prints against the targets:
+  a. `cascade fit` on N queries x 5 models (default 10,000, resampled from mmlu-llama-test)
+     including the lambda search: FittedIndex + choose_mu(--target-accuracy 0.97) +
+     build_artifact, the path `proxy/cli.py fit` runs (target: under 20 s in all);
+  b. one online decision, CascadePolicy.step, over real test rows and explored prefixes of
+     1..5 nodes (target: under 20 us per step), and CascadePolicy.first;
+  c. the prompt-difficulty estimate, CascadePolicy.root_state(prompt) (target: under 10 ms).
+
+Run from the repository root:  .venv/bin/python benchmarks/speed.py [--traces DIR] [--rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable without the editable install too
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from calibration.artifact import build_artifact, choose_mu  # noqa: E402
+from calibration.fit import DEFAULT_MUS, FittedIndex  # noqa: E402
+from calibration.traces import TraceSet, load_traces  # noqa: E402
+from policies.policy import CascadePolicy, policy_from_artifact  # noqa: E402
+
+FIT_TARGET_S = 20.0
+STEP_TARGET_US = 20.0
+DIFFICULTY_TARGET_MS = 10.0
+SEED = 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def header(args: argparse.Namespace) -> None:
+    import sklearn
+
+    print("cascade speed benchmark")
+    print(f"  date      {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
+    print(f"  machine   {platform.platform()}; {cpu_model()}; {os.cpu_count()} CPU(s)")
+    print(f"  python    {platform.python_version()} ({sys.executable})")
+    print(f"  numpy     {np.__version__}; scikit-learn {sklearn.__version__}")
+    print(f"  traces    {args.traces}")
+    print(f"  rows      {args.rows} (fit benchmark); seed {SEED}")
+    print(f"  command   {' '.join(getattr(sys, 'orig_argv', sys.argv))} (cwd {Path.cwd()})")
+    print()
+
+
+def resampled(source: TraceSet, rows: int, seed: int) -> TraceSet:
+    """`rows` rows drawn with replacement from `source`, each with a fresh unique id."""
+    idx = np.random.default_rng(seed).integers(0, len(source), size=rows)
+    big = source.subset(idx)
+    return dataclasses.replace(big, ids=[f"speed-{k}" for k in range(rows)])
+
+
+def bench_fit(traces_dir: Path, rows: int) -> None:
+    path = traces_dir / "mmlu-llama-test.jsonl"
+    t0 = time.perf_counter()
+    source = load_traces(path)
+    load_s = time.perf_counter() - t0
+    traces = resampled(source, rows, SEED)
+    print(f"a. cascade fit: {len(traces)} queries x {traces.n_models} models")
+    print(
+        f"   resampled with replacement from {path.name} ({len(source)} rows, loaded in "
+        f"{load_s:.2f} s, not counted); models {', '.join(traces.models)}"
+    )
+    phases: list[tuple[str, float]] = []
+    t = time.perf_counter()
+    fitted = FittedIndex(traces, recall=True)
+    phases.append(("FittedIndex(traces, recall=True)", time.perf_counter() - t))
+    t = time.perf_counter()
+    mu, target = choose_mu(
+        fitted, lam=None, target_accuracy=0.97, max_cost_usd=None, mus=DEFAULT_MUS
+    )
+    phases.append(
+        (f"choose_mu(target_accuracy=0.97, {len(DEFAULT_MUS)} mus)", time.perf_counter() - t)
+    )
+    t = time.perf_counter()
+    art = build_artifact(fitted, mu, train_path=str(path), answer_kind=traces.kind, target=target)
+    phases.append(("build_artifact", time.perf_counter() - t))
+    total = sum(s for _, s in phases)
+    for name, s in phases:
+        print(f"   {name:<48} {s:8.2f} s")
+    verdict = "within" if total < FIT_TARGET_S else "OVER"
+    print(f"   {'total':<48} {total:8.2f} s  (target < {FIT_TARGET_S:.0f} s: {verdict})")
+    exp = art["expected"]
+    nodes = " -> ".join(n["model"] for n in art["nodes"])
+    print(
+        f"   nodes {nodes}; lambda {art['lambda']:.4f}; expected accuracy "
+        f"{exp['accuracy']:.3f}, cost {exp['cost_fraction']:.3f} x reference"
+    )
+    print()
+
+
+def fit_small_policy(traces_dir: Path) -> tuple[CascadePolicy, dict, TraceSet]:
+    """A policy fitted on mmlu-llama-train with all 5 models as nodes (the widest state)."""
+    train = load_traces(traces_dir / "mmlu-llama-train.jsonl")
+    test = load_traces(traces_dir / "mmlu-llama-test.jsonl")
+    fitted = FittedIndex(train, recall=True, models=list(train.models))
+    mu, target = choose_mu(
+        fitted, lam=None, target_accuracy=0.97, max_cost_usd=None, mus=DEFAULT_MUS
+    )
+    art = build_artifact(
+        fitted, mu, train_path="mmlu-llama-train.jsonl", answer_kind=train.kind, target=target
+    )
+    return policy_from_artifact(art), art, test
+
+
+def percentiles(ns: np.ndarray) -> tuple[float, float, float]:
+    return float(np.mean(ns)), float(np.percentile(ns, 50)), float(np.percentile(ns, 99))
+
+
+def bench_step(policy: CascadePolicy, art: dict, test: TraceSet, reps: int) -> None:
+    cols = [test.models.index(n["model"]) for n in art["nodes"]]
+    n = len(cols)
+    calls = []  # (explored, extracted, confidence) for every row and prefix 1..n
+    for r in range(len(test)):
+        for k in range(1, n + 1):
+            explored = list(range(k))
+            extracted = [test.extracted[r][cols[j]] if j < k else None for j in range(n)]
+            conf = [float(test.confidence[r, cols[j]]) if j < k else None for j in range(n)]
+            calls.append((explored, extracted, conf))
+    step = policy.step
+    for args in calls[:200]:  # warm up
+        step(*args)
+    # mean: one tight loop (no per-call timer); spread: each call timed on its own
+    t = time.perf_counter_ns()
+    for _ in range(reps):
+        for explored, extracted, conf in calls:
+            step(explored, extracted, conf)
+    mean_loop_us = (time.perf_counter_ns() - t) / (reps * len(calls)) / 1e3
+    clock = time.perf_counter_ns
+    each = np.empty(reps * len(calls))
+    i = 0
+    for _ in range(reps):
+        for explored, extracted, conf in calls:
+            t0 = clock()
+            step(explored, extracted, conf)
+            each[i] = clock() - t0
+            i += 1
+    timer_ns = np.median([-(clock() - clock()) for _ in range(10_000)])  # two-clock overhead
+    mean, p50, p99 = percentiles(each / 1e3)
+    by_k = each.reshape(reps, len(test), n)
+    names = ", ".join(node["model"] for node in art["nodes"])
+    bins = [len(v) for v in policy.tables.values]
+    print(
+        f"b. CascadePolicy.step: policy fitted on mmlu-llama-train, {n} nodes ({names}), "
+        f"recall on, loss bins per node {bins}, lambda {art['lambda']:.4f}"
+    )
+    print(
+        f"   {len(calls)} (row, prefix) inputs = {len(test)} mmlu-llama-test rows x prefixes "
+        f"of 1..{n} nodes, x {reps} repetitions = {len(each)} steps"
+    )
+    verdict = "within" if mean_loop_us < STEP_TARGET_US else "OVER"
+    print(
+        f"   mean {mean_loop_us:6.2f} us/step (tight loop)  (target < {STEP_TARGET_US:.0f} us:"
+        f" {verdict})"
+    )
+    print(
+        f"   timed one by one: mean {mean:6.2f}  p50 {p50:6.2f}  p99 {p99:6.2f} us "
+        f"(includes ~{timer_ns / 1e3:.2f} us timer overhead)"
+    )
+    for k in range(n):
+        m, p, q = percentiles(by_k[:, :, k].ravel() / 1e3)
+        print(f"     {k + 1} node(s) explored: mean {m:6.2f}  p50 {p:6.2f}  p99 {q:6.2f} us")
+    roots = list(range(policy.tables.decision[0].shape[0]))
+    first = policy.first
+    t = time.perf_counter_ns()
+    loops = 20_000
+    for i in range(loops):
+        first(roots[i % len(roots)])
+    first_us = (time.perf_counter_ns() - t) / loops / 1e3
+    print(
+        f"   CascadePolicy.first: mean {first_us:6.2f} us ({len(roots)} root state(s), "
+        f"{loops} calls)"
+    )
+    print()
+
+
+def bench_difficulty(policy: CascadePolicy, test: TraceSet, reps: int) -> None:
+    prompts = [test.prompt(r) for r in range(len(test))]
+    root_state = policy.root_state
+    for p in prompts[:50]:
+        root_state(p)
+    clock = time.perf_counter_ns
+    each = np.empty(reps * len(prompts))
+    i = 0
+    for _ in range(reps):
+        for p in prompts:
+            t0 = clock()
+            root_state(p)
+            each[i] = clock() - t0
+            i += 1
+    mean, p50, p99 = percentiles(each / 1e6)
+    chars = np.array([len(p) for p in prompts])
+    has_model = policy.difficulty is not None
+    print(
+        f"c. prompt difficulty, CascadePolicy.root_state(prompt) "
+        f"({'DifficultyModel' if has_model else 'NO difficulty model: constant 0'}"
+        + (f", {len(policy.difficulty.indices)} weights" if has_model else "")
+        + ")"
+    )
+    print(
+        f"   {len(prompts)} mmlu-llama-test prompts (mean {chars.mean():.0f} chars, max "
+        f"{chars.max()}) x {reps} repetitions = {len(each)} calls"
+    )
+    verdict = "within" if p99 < DIFFICULTY_TARGET_MS else "OVER"
+    print(
+        f"   mean {mean:.4f} ms  p50 {p50:.4f} ms  p99 {p99:.4f} ms per prompt  "
+        f"(target < {DIFFICULTY_TARGET_MS:.0f} ms: {verdict})"
+    )
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--traces",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "traces",
+        help="folder of the recorded traces (default: ../shared/data/traces from the repo)",
+    )
+    parser.add_argument("--rows", type=int, default=10_000, help="queries in the fit benchmark")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of b and c")
+    args = parser.parse_args(argv)
+    if not args.traces.is_dir():
+        print(f"error: trace folder not found: {args.traces}", file=sys.stderr)
+        return 2
+    if args.rows < 1:
+        print("error: --rows must be at least 1", file=sys.stderr)
+        return 2
+    header(args)
+    start = time.perf_counter()
+    bench_fit(args.traces, args.rows)
+    policy, art, test = fit_small_policy(args.traces)
+    bench_step(policy, art, test, args.reps)
+    bench_difficulty(policy, test, args.reps)
+    print(f"benchmark wall time {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
