@@ -144,7 +144,7 @@ def write_markdown(results: list[PairResult], skipped: list[str], how: str) -> s
     mean = summary(results)
     lines = ["# cascade bench", "", how, ""]
     if skipped:
-        lines += ["Skipped: " + "; ".join(skipped), ""]
+        lines += ["Skipped pairs: " + "; ".join(s.removeprefix("skipped ") for s in skipped), ""]
 
     def table(title: str, key: str, digits: int, note: str = "") -> None:
         lines.extend([f"## {title}", ""])

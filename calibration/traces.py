@@ -37,7 +37,7 @@ class TraceSet:
     latency_ms: np.ndarray  # float (N, M), nan where null
     tokens_in: np.ndarray  # float (N, M), nan where null
     tokens_out: np.ndarray  # float (N, M), nan where null
-    cost_source: str = "trace"  # where cost_usd came from (trace | price map: ...)
+    cost_source: str = "recorded in the traces (cost_usd)"  # or how it was computed
     kind: str = "text"  # answer kind used for `extracted` (choice | number | text)
     notes: list[str] = field(default_factory=list)
 
