@@ -14,6 +14,8 @@ import numpy as np
 
 from policies.answers import detect_kind, extract_answer
 
+RECORDED_COSTS = "recorded in the traces (cost_usd)"  # cost_source of untouched traces
+
 
 class TraceError(ValueError):
     """A trace file is malformed; the message names the file and line."""
@@ -37,7 +39,7 @@ class TraceSet:
     latency_ms: np.ndarray  # float (N, M), nan where null
     tokens_in: np.ndarray  # float (N, M), nan where null
     tokens_out: np.ndarray  # float (N, M), nan where null
-    cost_source: str = "recorded in the traces (cost_usd)"  # or how it was computed
+    cost_source: str = RECORDED_COSTS  # or how the costs were computed (pricing.fill_costs)
     kind: str = "text"  # answer kind used for `extracted` (choice | number | text)
     notes: list[str] = field(default_factory=list)
 

@@ -17,7 +17,7 @@ from calibration.pricing import (
     fill_costs,
     lookup_price,
 )
-from calibration.traces import TraceSet, load_traces
+from calibration.traces import RECORDED_COSTS, TraceSet, load_traces
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +95,7 @@ def test_fill_costs_gives_every_row_a_positive_cost(gsm8k: TraceSet, filled: Tra
         assert model in filled.cost_source
     # the input is left as it was
     assert np.isnan(gsm8k.cost_usd).all()
-    assert gsm8k.cost_source == "trace"
+    assert gsm8k.cost_source == RECORDED_COSTS
     # everything else is carried over
     assert filled.ids == gsm8k.ids and filled.models == gsm8k.models
     np.testing.assert_array_equal(filled.correct, gsm8k.correct)
@@ -138,7 +138,7 @@ def test_fill_costs_leaves_traces_with_costs_unchanged(traces_dir: Path) -> None
     before = mmlu.cost_usd.copy()
     out = fill_costs(mmlu)
     assert out is mmlu
-    assert out.cost_source == "trace"
+    assert out.cost_source == RECORDED_COSTS
     np.testing.assert_array_equal(out.cost_usd, before)
 
 
