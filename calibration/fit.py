@@ -13,6 +13,7 @@ Steps (research/ttamer.md §6, with the fixes reference-numbers.md calls for):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -304,6 +305,85 @@ def fit_states(
     return StateModel(edges, values, kernels, recall)
 
 
+KAPPAS = (2.0, 5.0, 10.0, 20.0, 40.0)
+BIN_SCALES = (0.6, 1.0, 1.5)  # multiples of n_bins_for(rows) tried by choose_state_resolution
+KAPPA_MUS = DEFAULT_MUS[::4]
+
+
+def choose_state_resolution(
+    oof: SetScores,
+    train: TraceSet,
+    nodes: list[int],
+    costs: np.ndarray,
+    recall: bool,
+    root_state: np.ndarray | None,
+    folds: int = 5,
+    seed: int = 1,
+    max_rows: int = 3000,
+) -> tuple[float, int]:
+    """Shrinkage (pseudo-rows toward pooled estimates) and bins per node, by cross-validation.
+
+    For each (kappa, bin count), states are fitted on all folds but one and the tables of a
+    spread of cost prices are replayed on the held-out fold; the pair whose pooled held-out
+    accuracy-cost curve has the largest area wins. Few calibration rows call for strong
+    shrinkage and coarse bins, many for little and fine: the data decide, not a constant.
+    Past `max_rows` rows a random subset decides (the choice no longer hinges on them).
+    """
+    from calibration.metrics import CurvePoint, area_under, pareto_envelope
+
+    n_bins_full = n_bins_for(len(train))
+    rng = np.random.default_rng(seed)
+    if len(train) > max_rows:
+        keep = np.sort(rng.choice(len(train), max_rows, replace=False))
+        train, oof = train.subset(keep), _rows_of(oof, keep)
+        root_state = None if root_state is None else root_state[keep]
+    n_rows = len(train)
+    fold = rng.permutation(n_rows) % folds
+    correct = train.correct[:, nodes]
+    ref_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
+    parts = []
+    for f in range(folds):
+        fit_rows, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        parts.append((fit_rows, held, train.subset(held), _rows_of(oof, held)))
+    best, best_area = (KAPPAS[0], n_bins_full), -np.inf
+    for kappa, scale in itertools.product(KAPPAS, BIN_SCALES):
+        n_bins = max(2, round(scale * n_bins_full))
+        right = np.zeros(len(KAPPA_MUS))
+        spent = np.zeros(len(KAPPA_MUS))
+        for fit_rows, held, held_traces, held_scores in parts:
+            states = fit_states(
+                _rows_of(oof, fit_rows),
+                correct[fit_rows],
+                recall,
+                n_bins=n_bins,
+                kappa=kappa,
+                root_state=None if root_state is None else root_state[fit_rows],
+            )
+            for k, mu in enumerate(KAPPA_MUS):
+                o = replay_tables(
+                    solve_tables(states, costs, mu),
+                    held_scores,
+                    recall,
+                    nodes,
+                    held_traces,
+                    root_state=None if root_state is None else root_state[held].copy(),
+                )
+                right[k] += o.correct.sum()
+                spent[k] += o.cost.sum()
+        points = [
+            CurvePoint(mu, r / n_rows, c / n_rows / ref_cost)
+            for mu, r, c in zip(KAPPA_MUS, right, spent, strict=True)
+        ]
+        area = area_under(pareto_envelope(points))
+        if area > best_area + 1e-9:
+            best, best_area = (kappa, n_bins), area
+    return best
+
+
+def _rows_of(scores: SetScores, rows: np.ndarray) -> SetScores:
+    return SetScores(scores.best_p[rows], scores.best_m[rows], scores.last_p[rows])
+
+
 def solve_tables(states: StateModel, costs: np.ndarray, mu: float) -> StateTables:
     """Decision tables for cost price mu: minimise E[error] + mu * E[cost fraction]."""
     sol = solve_skips(states.values, states.kernels, list(mu * np.asarray(costs)), recall=False)
@@ -407,11 +487,21 @@ class FittedIndex:
         if use_difficulty and len(train) >= MIN_ROWS_FOR_DIFFICULTY:
             prompts = [train.prompt(i) for i in range(len(train))]
             self.difficulty, root_train = fit_difficulty(prompts, sig.correct.mean(axis=1))
-        self.states = fit_states(self.oof, sig.correct, recall, root_state=root_train)
         self._root_train = root_train
         self.reference_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
         self.node_cost_usd = np.nanmean(train.cost_usd[:, self.nodes], axis=0)
         self.costs = self.node_cost_usd / self.reference_cost
+        self.kappa, self.n_bins = choose_state_resolution(
+            self.oof, train, self.nodes, self.costs, recall, root_train
+        )
+        self.states = fit_states(
+            self.oof,
+            sig.correct,
+            recall,
+            n_bins=self.n_bins,
+            kappa=self.kappa,
+            root_state=root_train,
+        )
         self._scores: dict = {}
 
     def scores(self, traces: TraceSet) -> SetScores:
