@@ -13,7 +13,6 @@ Steps (research/ttamer.md §6, with the fixes reference-numbers.md calls for):
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -306,78 +305,89 @@ def fit_states(
 
 
 KAPPAS = (2.0, 5.0, 10.0, 20.0, 40.0)
-BIN_SCALES = (0.6, 1.0, 1.5)  # multiples of n_bins_for(rows) tried by choose_state_resolution
-KAPPA_MUS = DEFAULT_MUS[::4]
+BIN_SCALES = (0.6, 1.0, 1.5)  # multiples of n_bins_for(rows) tried by choose_resolution
+CV_MUS = DEFAULT_MUS[::4]
+CV_MAX_ROWS = 3000
 
 
-def choose_state_resolution(
-    oof: SetScores,
-    train: TraceSet,
-    nodes: list[int],
-    costs: np.ndarray,
-    recall: bool,
-    root_state: np.ndarray | None,
-    folds: int = 5,
-    seed: int = 1,
-    max_rows: int = 3000,
-) -> tuple[float, int]:
-    """Shrinkage (pseudo-rows toward pooled estimates) and bins per node, by cross-validation.
+class HeldOutCurve:
+    """Cross-validated accuracy-cost curve of the index policy on the training traces.
 
-    For each (kappa, bin count), states are fitted on all folds but one and the tables of a
-    spread of cost prices are replayed on the held-out fold; the pair whose pooled held-out
-    accuracy-cost curve has the largest area wins. Few calibration rows call for strong
-    shrinkage and coarse bins, many for little and fine: the data decide, not a constant.
-    Past `max_rows` rows a random subset decides (the choice no longer hinges on them).
+    States are fitted on all folds but one and the tables of a spread of cost prices are
+    replayed on the held-out fold; `area` is the area under the pooled held-out curve, the
+    bench's criterion measured without the test split. Past CV_MAX_ROWS rows a random
+    subset decides (the choices made with it no longer hinge on more rows).
     """
-    from calibration.metrics import CurvePoint, area_under, pareto_envelope
 
-    n_bins_full = n_bins_for(len(train))
-    rng = np.random.default_rng(seed)
-    if len(train) > max_rows:
-        keep = np.sort(rng.choice(len(train), max_rows, replace=False))
-        train, oof = train.subset(keep), _rows_of(oof, keep)
-        root_state = None if root_state is None else root_state[keep]
-    n_rows = len(train)
-    fold = rng.permutation(n_rows) % folds
-    correct = train.correct[:, nodes]
-    ref_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
-    parts = []
-    for f in range(folds):
-        fit_rows, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        parts.append((fit_rows, held, train.subset(held), _rows_of(oof, held)))
-    best, best_area = (KAPPAS[0], n_bins_full), -np.inf
-    for kappa, scale in itertools.product(KAPPAS, BIN_SCALES):
-        n_bins = max(2, round(scale * n_bins_full))
-        right = np.zeros(len(KAPPA_MUS))
-        spent = np.zeros(len(KAPPA_MUS))
-        for fit_rows, held, held_traces, held_scores in parts:
+    def __init__(
+        self,
+        train: TraceSet,
+        nodes: list[int],
+        costs: np.ndarray,
+        recall: bool,
+        root_state: np.ndarray | None,
+        folds: int = 5,
+        seed: int = 1,
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        self.keep = np.arange(len(train))
+        if len(train) > CV_MAX_ROWS:
+            self.keep = np.sort(rng.choice(len(train), CV_MAX_ROWS, replace=False))
+            train = train.subset(self.keep)
+        self.root = None if root_state is None else root_state[self.keep]
+        self.n_rows = len(train)
+        self.nodes, self.costs, self.recall = nodes, costs, recall
+        self.correct = train.correct[:, nodes]
+        self.ref_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
+        fold = rng.permutation(self.n_rows) % folds
+        self.parts = [
+            (np.flatnonzero(fold != f), held, train.subset(held))
+            for f in range(folds)
+            for held in [np.flatnonzero(fold == f)]
+        ]
+
+    def area(self, scores: SetScores, kappa: float, n_bins: int) -> float:
+        """Held-out curve area, given the (out-of-fold) set scores of every train row."""
+        from calibration.metrics import CurvePoint, area_under, pareto_envelope
+
+        scores = _rows_of(scores, self.keep)
+        right = np.zeros(len(CV_MUS))
+        spent = np.zeros(len(CV_MUS))
+        for fit_rows, held, held_traces in self.parts:
             states = fit_states(
-                _rows_of(oof, fit_rows),
-                correct[fit_rows],
-                recall,
+                _rows_of(scores, fit_rows),
+                self.correct[fit_rows],
+                self.recall,
                 n_bins=n_bins,
                 kappa=kappa,
-                root_state=None if root_state is None else root_state[fit_rows],
+                root_state=None if self.root is None else self.root[fit_rows],
             )
-            for k, mu in enumerate(KAPPA_MUS):
+            for k, mu in enumerate(CV_MUS):
                 o = replay_tables(
-                    solve_tables(states, costs, mu),
-                    held_scores,
-                    recall,
-                    nodes,
+                    solve_tables(states, self.costs, mu),
+                    _rows_of(scores, held),
+                    self.recall,
+                    self.nodes,
                     held_traces,
-                    root_state=None if root_state is None else root_state[held].copy(),
+                    root_state=None if self.root is None else self.root[held].copy(),
                 )
                 right[k] += o.correct.sum()
                 spent[k] += o.cost.sum()
         points = [
-            CurvePoint(mu, r / n_rows, c / n_rows / ref_cost)
-            for mu, r, c in zip(KAPPA_MUS, right, spent, strict=True)
+            CurvePoint(mu, r / self.n_rows, c / self.n_rows / self.ref_cost)
+            for mu, r, c in zip(CV_MUS, right, spent, strict=True)
         ]
-        area = area_under(pareto_envelope(points))
-        if area > best_area + 1e-9:
-            best, best_area = (kappa, n_bins), area
-    return best
+        return area_under(pareto_envelope(points))
+
+
+def choose_resolution(cv: HeldOutCurve, scores: SetScores, n_rows: int) -> tuple[float, int]:
+    """Shrinkage (pseudo-rows toward pooled estimates) and bins per node with the largest
+    held-out curve area. Few calibration rows call for strong shrinkage and coarse bins,
+    many for little and fine: the data decide, not a constant."""
+    base = n_bins_for(n_rows)
+    grid = [(k, max(2, round(scale * base))) for k in KAPPAS for scale in BIN_SCALES]
+    areas = [cv.area(scores, kappa, n_bins) for kappa, n_bins in grid]
+    return grid[int(np.argmax(areas))]
 
 
 def _rows_of(scores: SetScores, rows: np.ndarray) -> SetScores:
@@ -491,9 +501,8 @@ class FittedIndex:
         self.reference_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
         self.node_cost_usd = np.nanmean(train.cost_usd[:, self.nodes], axis=0)
         self.costs = self.node_cost_usd / self.reference_cost
-        self.kappa, self.n_bins = choose_state_resolution(
-            self.oof, train, self.nodes, self.costs, recall, root_train
-        )
+        cv = HeldOutCurve(train, self.nodes, self.costs, recall, root_train)
+        self.kappa, self.n_bins = choose_resolution(cv, self.oof, len(train))
         self.states = fit_states(
             self.oof,
             sig.correct,
