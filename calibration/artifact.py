@@ -99,6 +99,7 @@ def build_artifact(
             "cost_source": train.cost_source,
             "reference_accuracy": float(train.correct[:, ref].mean()),
             "bins": [len(v) for v in tables.values],
+            "shrinkage_kappa": fitted.kappa,  # chosen by cross-validation (fit.HeldOutCurve)
             "target": target,
         },
         "expected": {

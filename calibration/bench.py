@@ -160,7 +160,8 @@ def write_markdown(results: list[PairResult], skipped: list[str], how: str) -> s
             for c in cols:
                 v = row_vals[c]
                 cell = _fmt(v, digits)
-                if v is not None and v == best and c not in ORACLES:
+                top = c not in ORACLES and v is not None and best is not None
+                if top and round(v, digits) == round(best, digits):
                     cell = f"**{cell}**"
                 cells.append(cell)
             lines.append(f"| {r.name} | " + " | ".join(cells) + " |")

@@ -9,7 +9,15 @@ import pytest
 
 from calibration.artifact import build_artifact, choose_mu, content_hash
 from calibration.evaluate import evaluate_artifact, replay_artifact
-from calibration.fit import DEFAULT_MUS, FittedIndex, select_nodes
+from calibration.fit import (
+    BIN_SCALES,
+    DEFAULT_MUS,
+    KAPPAS,
+    FittedIndex,
+    HeldOutCurve,
+    n_bins_for,
+    select_nodes,
+)
 from calibration.traces import load_traces
 from policies.policy import policy_from_artifact
 
@@ -114,3 +122,28 @@ def test_evaluate_reports_where_queries_stop(mmlu) -> None:
     assert 0.0 <= report["returned_not_last"] <= 1.0
     assert report["calls_per_query"] >= 1.0
     assert 0.0 < report["cost_fraction_of_reference"] <= 2.0
+
+
+def test_shrinkage_and_bins_are_the_held_out_best_and_recorded(fitted, mmlu) -> None:
+    train = mmlu[0]
+    cv = HeldOutCurve(train, fitted.nodes, fitted.costs, fitted.recall, fitted._root_train)
+    grid = {(k, max(2, round(s * n_bins_for(len(train))))) for k in KAPPAS for s in BIN_SCALES}
+    areas = {point: cv.area(fitted.oof, *point) for point in grid}
+    assert len(set(np.round(list(areas.values()), 9))) > 1  # the choice is not moot
+    assert areas[(fitted.kappa, fitted.n_bins)] == pytest.approx(max(areas.values()))
+    assert all(len(v) <= fitted.n_bins for v in fitted.states.values)
+    art = build_artifact(fitted, DEFAULT_MUS[15], train_path="t.jsonl")
+    assert art["training"]["shrinkage_kappa"] == fitted.kappa
+
+
+def test_held_out_curve_rows_are_capped_and_never_fitted_on(mmlu, monkeypatch) -> None:
+    import calibration.fit as fit
+
+    monkeypatch.setattr(fit, "CV_MAX_ROWS", 200)
+    train = mmlu[0]
+    cv = HeldOutCurve(train, [0, 4], np.array([0.03, 1.0]), True, None)
+    assert cv.n_rows == 200 and len(set(cv.keep)) == 200
+    for fit_rows, held, held_traces in cv.parts:
+        assert not set(fit_rows) & set(held)
+        assert len(held_traces) == len(held)
+    assert sorted(np.concatenate([h for _, h, _ in cv.parts]).tolist()) == list(range(200))
