@@ -1,0 +1,1 @@
+"""Upstream backends: openai (any OpenAI-compatible server), litellm (external APIs), replay."""

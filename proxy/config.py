@@ -1,0 +1,157 @@
+"""The proxy's configuration: YAML validated with pydantic; every error names its key.
+
+```yaml
+models:
+  small: {backend: openai, base_url: http://127.0.0.1:8001/v1, model: meta-llama/Llama-3.2-1B,
+          price_in_per_mtok: 0.05, price_out_per_mtok: 0.08, timeout_s: 30}
+  gpt4o: {backend: litellm, model: openai/gpt-4o, api_key_env: OPENAI_API_KEY}
+cascades:
+  default: {nodes: [small, gpt4o], reference: gpt4o, policy: policy.json}
+server: {api_keys_env: CASCADE_API_KEYS, admin_key_env: CASCADE_ADMIN_KEY}
+database_url: sqlite:///cascade.db
+```
+
+`CASCADE_CONFIG` names the file when no path is given; `CASCADE_DATABASE_URL` overrides
+`database_url`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_DATABASE_URL = "sqlite:///cascade.db"
+
+
+class ConfigError(ValueError):
+    """The configuration is unreadable or invalid; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """One model: where it lives, what it costs, how long to wait for it."""
+
+    backend: Literal["openai", "litellm", "replay"]
+    model: str | None = None  # upstream model name (default: the config key)
+    base_url: str | None = None  # openai backend: e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = None  # name of the env var holding the upstream key
+    traces: list[str] = Field(default_factory=list)  # replay backend: trace JSONL files
+    price_in_per_mtok: float | None = Field(default=None, ge=0)
+    price_out_per_mtok: float | None = Field(default=None, ge=0)
+    gpu_hourly_usd: float | None = Field(default=None, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    ttft_timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    max_concurrency: int = Field(default=64, ge=1)
+    logprobs: bool = True  # ask the upstream for token logprobs (confidence signal)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> ModelConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend == "replay" and not self.traces:
+            raise ValueError("backend 'replay' needs traces (a list of trace JSONL files)")
+        return self
+
+
+class CascadeConfig(_Strict):
+    """A named cascade: its nodes (cheapest first), reference model and policy artifact."""
+
+    nodes: list[str] = Field(min_length=1)
+    reference: str
+    policy: str | None = None  # artifact path; None: always call the reference model
+    explore_rate: float = Field(default=0.0, ge=0, le=1)
+
+
+class ServerConfig(_Strict):
+    api_keys: list[str] = Field(default_factory=list)  # empty: no client auth
+    api_keys_env: str | None = None  # comma-separated keys in this env var
+    admin_key_env: str | None = None
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class Config(_Strict):
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    cascades: dict[str, CascadeConfig] = Field(default_factory=dict)
+    server: ServerConfig = ServerConfig()
+    database_url: str = DEFAULT_DATABASE_URL
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        clash = sorted(set(self.models) & set(self.cascades))
+        if clash:
+            raise ValueError(f"names used for both a model and a cascade: {clash}")
+        for name, cascade in self.cascades.items():
+            unknown = [n for n in [*cascade.nodes, cascade.reference] if n not in self.models]
+            if unknown:
+                raise ValueError(f"cascades.{name}: unknown model(s) {unknown}")
+        return self
+
+    def client_keys(self) -> set[str]:
+        keys = set(self.server.api_keys)
+        if self.server.api_keys_env:
+            raw = os.environ.get(self.server.api_keys_env, "")
+            keys |= {k.strip() for k in raw.split(",") if k.strip()}
+        return keys
+
+    def admin_key(self) -> str | None:
+        env = self.server.admin_key_env
+        return os.environ.get(env) or None if env else None
+
+
+def _location(error: dict) -> str:
+    return ".".join(str(p) for p in error["loc"]) or "(top level)"
+
+
+def parse_config(data: object, source: str = "config") -> Config:
+    """Validate a parsed YAML document; apply CASCADE_DATABASE_URL."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{_location(e)}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+    url = os.environ.get("CASCADE_DATABASE_URL")
+    return config.model_copy(update={"database_url": url}) if url else config
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate the YAML config at `path` (default: $CASCADE_CONFIG)."""
+    import yaml
+
+    path = path or os.environ.get("CASCADE_CONFIG")
+    if not path:
+        raise ConfigError("no configuration: give --config FILE or set CASCADE_CONFIG")
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such configuration file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{p}: cannot read YAML: {exc}") from None
+    return _resolve_paths(parse_config(data, str(p)), p.resolve().parent)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Relative trace and policy paths are relative to the configuration file's folder."""
+
+    def resolve(path: str) -> str:
+        return str(path if Path(path).is_absolute() else base / path)
+
+    models = {
+        name: m.model_copy(update={"traces": [resolve(t) for t in m.traces]})
+        for name, m in config.models.items()
+    }
+    cascades = {
+        name: c.model_copy(update={"policy": resolve(c.policy) if c.policy else None})
+        for name, c in config.cascades.items()
+    }
+    return config.model_copy(update={"models": models, "cascades": cascades})
