@@ -7,7 +7,6 @@ hash and the fields, and says precisely what is wrong).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,30 +14,16 @@ import numpy as np
 
 from calibration.fit import FittedIndex, lambda_of
 from calibration.replay import Outcome
+from policies.artifact import SCHEMA, ArtifactError, content_hash, parse_artifact
 
-SCHEMA = "cascade.policy/v1"
-REQUIRED = (
-    "schema",
-    "hash",
-    "nodes",
-    "posterior",
-    "tables",
-    "recall",
-    "lambda",
-    "training",
-    "expected",
-)
-
-
-class ArtifactError(ValueError):
-    """A policy artifact is missing, unreadable, or not one this version can use."""
-
-
-def content_hash(art: dict) -> str:
-    """sha256 of the canonical JSON of everything except the hash itself."""
-    body = {k: v for k, v in art.items() if k != "hash"}
-    blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
+__all__ = [
+    "SCHEMA",
+    "ArtifactError",
+    "build_artifact",
+    "choose_mu",
+    "content_hash",
+    "load_artifact",
+]
 
 
 def outcome_summary(outcome: Outcome, reference_cost: float) -> dict:
@@ -117,25 +102,15 @@ def save_artifact(art: dict, path: str | Path) -> None:
 
 
 def load_artifact(path: str | Path) -> dict:
+    """Read and check a policy artifact file (policies/artifact.py says what is checked)."""
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"policy artifact {p} does not exist (create one with `cascade fit`)")
     try:
-        art = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"policy artifact {p} is not valid JSON: {exc}") from exc
-    if not isinstance(art, dict):
-        raise ArtifactError(f"policy artifact {p}: expected a JSON object")
-    if art.get("schema") != SCHEMA:
-        raise ArtifactError(
-            f"policy artifact {p}: schema {art.get('schema')!r}, expected {SCHEMA!r}"
-        )
-    missing = [k for k in REQUIRED if k not in art]
-    if missing:
-        raise ArtifactError(f"policy artifact {p}: missing field(s) {missing}")
-    if content_hash(art) != art["hash"]:
-        raise ArtifactError(f"policy artifact {p}: content does not match its hash (edited?)")
-    return art
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"policy artifact {p} cannot be read: {exc}") from None
+    return parse_artifact(text, str(p))
 
 
 def choose_mu(

@@ -233,6 +233,172 @@ def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'} and one PNG per pair")
 
 
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option(help="Cascade config (YAML); default: $CASCADE_CONFIG.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Run the OpenAI-compatible proxy: POST /v1/chat/completions with a cascade or model name.
+
+    Also serves GET /v1/models, GET /health and GET /metrics (Prometheus).
+    """
+    from proxy.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+        state = _build_state(cfg)
+    except (ConfigError, ValueError, OSError) as exc:
+        fail(str(exc))
+    _run_server(state, host, port)
+
+
+def _build_state(cfg):
+    from proxy.app import build_state
+
+    return build_state(cfg)
+
+
+def _run_server(state, host: str, port: int) -> None:
+    import uvicorn
+
+    from proxy.app import create_app
+
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning", access_log=False)
+
+
+DEMO_TARGET = 0.8  # of gpt-4's accuracy: Mixtral answers most questions, some escalate
+
+
+def _demo_state(policy_dir: Path):
+    """Fit the demo policy on the shipped train traces, then build the proxy over them."""
+    from calibration.artifact import build_artifact, choose_mu, save_artifact
+    from calibration.fit import DEFAULT_MUS, FittedIndex
+    from proxy import demo
+
+    traces = _load_with_costs(demo.TRAIN)
+    fitted = FittedIndex(traces, recall=True)
+    mu, target = choose_mu(
+        fitted, lam=None, target_accuracy=DEMO_TARGET, max_cost_usd=None, mus=DEFAULT_MUS
+    )
+    art = build_artifact(
+        fitted, mu, train_path=demo.TRAIN.name, answer_kind=traces.kind, target=target
+    )
+    path = policy_dir / "gsm8k-demo-policy.json"
+    save_artifact(art, path)
+    return _build_state(demo.demo_config(path)), art
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port for the demo proxy.")] = 8080,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    ask: Annotated[
+        str | None,
+        typer.Option(help="Answer this one question and print the cascade trace, no server."),
+    ] = None,
+) -> None:
+    """Serve a demo cascade on embedded defaults: no GPU, no API key, no database.
+
+    Two recorded models (Mixtral-8x7B-Instruct, gpt-4-1106-preview) answer GSM8K questions
+    from the Apache-2.0 RouteLLM traces shipped in proxy/demo; the policy is fitted on the
+    train part at start. Any question of the test part is answered; others get a clear error.
+    """
+    import tempfile
+
+    from proxy import demo as demo_data
+
+    typer.echo("fitting the demo policy on the shipped GSM8K train traces ...", err=True)
+    with tempfile.TemporaryDirectory(prefix="cascade-demo-") as tmp:
+        try:
+            state, art = _demo_state(Path(tmp))
+        except _input_errors() as exc:
+            fail(str(exc))
+        test = _load_with_costs(demo_data.TEST)
+        if ask is not None:
+            _ask(state, ask, test)
+            return
+        example = test.messages[0][-1]["content"]
+        _print_demo_banner(host, port, example, art)
+        _run_server(state, host, port)
+
+
+def _ask(state, question: str, test) -> None:
+    import asyncio
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from proxy import demo as demo_data
+    from proxy.engine import Overrides
+
+    engine = state.engines[demo_data.CASCADE]
+    run = asyncio.run(engine.run([{"role": "user", "content": question}], {}, Overrides()))
+    if run.answer is None:
+        if all(c.result.error == "unknown_prompt" for c in run.calls):
+            reasons = "the question is not among the recorded ones"
+        else:
+            reasons = "; ".join(f"{c.model}: {c.result.error}" for c in run.calls)
+        examples = "\n  ".join(test.messages[i][-1]["content"][:100] for i in range(3))
+        fail(
+            f"no model could answer ({reasons}).\nThe demo answers the questions of "
+            f"{demo_data.TEST.name}, for example:\n  {examples}"
+        )
+    table = Table(title=f"cascade {run.cascade} (policy {run.policy_hash[:19]})")
+    for col in ("#", "model", "answer", "confidence", "p_correct", "cost_usd", "decision"):
+        table.add_column(col, overflow="fold")
+    for i, c in enumerate(run.calls, 1):
+        table.add_row(
+            str(i),
+            c.model,
+            str(c.extracted),
+            "n/a" if c.confidence is None else f"{c.confidence:.3f}",
+            "n/a" if c.p_correct is None else f"{c.p_correct:.3f}",
+            "n/a" if c.result.cost_usd is None else f"${c.result.cost_usd:.6f}",
+            c.decision,
+        )
+    console = Console()
+    console.print(table)
+    last = run.calls[-1] is run.answer
+    why = "the last model called" if last else "recalled: the most likely right of those called"
+    console.print(f"returned: {run.answer.model}'s answer ({why}); stop reason: {run.reason}")
+    total = run.cost_usd
+    console.print(f"total cost: {'unknown' if total is None else f'${total:.6f}'}")
+    console.print(run.answer.result.text)
+
+
+def _print_demo_banner(host: str, port: int, example: str, art: dict) -> None:
+    from proxy import demo as demo_data
+
+    url = f"http://{host}:{port}"
+    body = json.dumps(
+        {"model": demo_data.CASCADE, "messages": [{"role": "user", "content": example}]}
+    )
+    quoted = "'" + body.replace("'", "'\\''") + "'"
+    nodes = " -> ".join(n["model"] for n in art["nodes"])
+    exp = art["expected"]
+    lines = [
+        f"cascade demo: policy {art['hash'][:19]}, nodes {nodes}",
+        f"expected (train, out-of-fold): accuracy {exp['accuracy']:.3f} against "
+        f"{art['training']['reference_accuracy']:.3f} for {art['reference_model']} alone, at "
+        f"{exp['cost_fraction']:.2f} of its cost; {exp['calls_per_query']:.2f} calls per question",
+        f"serving on {url}  (Ctrl-C to stop); it answers the questions of {demo_data.TEST.name}",
+        "",
+        "curl:",
+        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d {quoted}",
+        "",
+        "openai (Python):",
+        "  from openai import OpenAI",
+        f'  client = OpenAI(base_url="{url}/v1", api_key="unused")',
+        f'  r = client.chat.completions.create(model="{demo_data.CASCADE}",',
+        f'      messages=[{{"role": "user", "content": {json.dumps(example)}}}])',
+        "  print(r.model, r.choices[0].message.content, r.model_extra['cascade'])",
+    ]
+    typer.echo("\n".join(lines))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

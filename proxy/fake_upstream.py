@@ -902,7 +902,9 @@ class RunningUpstream:
 
 async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> RunningUpstream:
     """Serve `app` (port 0: a free one); stop it with `await running.runner.cleanup()`."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    # handler_cancellation: a caller that hangs up cancels the handler, as in a real server
+    # that stops generating, so in_flight shows whether a proxy really cancelled its call
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -76,3 +76,9 @@ def count_message_tokens(messages: list[dict]) -> int:
     return sum(
         count_tokens(str(m.get("content") or "")) + MESSAGE_OVERHEAD_TOKENS for m in messages
     )
+
+
+def warm_up() -> None:
+    """Load the price map and the tokenizer (seconds: litellm) before serving requests."""
+    _price_map()
+    _encoding()

@@ -1,0 +1,166 @@
+"""What the backends share: request parameters to forward, pricing, token counting, the
+Retry-After header, and the text of a message."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.backends.pricing import PricingError, count_message_tokens, count_tokens, lookup_price
+from proxy.config import ModelConfig
+
+# OpenAI chat parameters, plus the sampling extras vLLM and SGLang accept, that a client may
+# set. Everything else (stream, cascade, model, messages, n, logprobs, unknown keys) is dropped.
+FORWARDED_PARAMS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        # vLLM / SGLang sampling extras
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "stop_token_ids",
+        "ignore_eos",
+        "skip_special_tokens",
+        "include_stop_str_in_output",
+    }
+)
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def forward_params(params: Mapping[str, Any] | None, logprobs: bool) -> dict[str, Any]:
+    """The client's parameters an upstream may see (None values dropped), n forced to 1, and
+    `logprobs: true, top_logprobs: 1` when the model is configured to return logprobs."""
+    out = {k: v for k, v in (params or {}).items() if k in FORWARDED_PARAMS and v is not None}
+    if params and "n" in params:
+        out["n"] = 1
+    if logprobs:
+        out["logprobs"] = True
+        out["top_logprobs"] = 1
+    return out
+
+
+def message_text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def last_user_text(messages: list[dict]) -> str | None:
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            return message_text(m.get("content"))
+    return None
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms`, else `Retry-After` (seconds or an HTTP date);
+    None when absent or unreadable. `headers` must be case-insensitive (as aiohttp's)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000.0
+            if value >= 0:
+                return value
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        value = float(ra)
+        return value if value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+async def count_usage(
+    messages: list[dict], text: str | None, tokens_in: int | None, tokens_out: int | None
+) -> tuple[int, int]:
+    """Fill missing token counts with tiktoken (in a thread: the first use loads litellm)."""
+    if tokens_in is not None and tokens_out is not None:
+        return tokens_in, tokens_out
+
+    def count() -> tuple[int, int]:
+        tin = tokens_in if tokens_in is not None else count_message_tokens(messages)
+        tout = tokens_out if tokens_out is not None else count_tokens(text)
+        return tin, tout
+
+    return await asyncio.to_thread(count)
+
+
+_UNRESOLVED = object()
+
+
+class Pricer:
+    """USD per token for one model: the configured prices per million tokens, else litellm's
+    offline price map under any of `names`; None (never 0) when unknown."""
+
+    def __init__(self, cfg: ModelConfig, names: list[str]):
+        self.names = names
+        self.price_in = None if cfg.price_in_per_mtok is None else cfg.price_in_per_mtok / 1e6
+        self.price_out = None if cfg.price_out_per_mtok is None else cfg.price_out_per_mtok / 1e6
+        self._looked_up: Any = _UNRESOLVED
+
+    @property
+    def configured(self) -> bool:
+        return self.price_in is not None and self.price_out is not None
+
+    def _lookup(self) -> tuple[float, float] | None:
+        for name in self.names:
+            try:
+                _, pin, pout = lookup_price(name)
+                return pin, pout
+            except PricingError:
+                continue
+        return None
+
+    async def prices(self) -> tuple[float, float] | None:
+        if self.price_in is not None and self.price_out is not None:
+            return self.price_in, self.price_out
+        if self._looked_up is _UNRESOLVED:
+            # litellm's import takes seconds: keep it off the event loop
+            self._looked_up = await asyncio.to_thread(self._lookup)
+        found = self._looked_up
+        if found is None:
+            return None
+        pin = self.price_in if self.price_in is not None else found[0]
+        pout = self.price_out if self.price_out is not None else found[1]
+        return pin, pout
+
+    async def cost(self, tokens_in: int | None, tokens_out: int | None) -> float | None:
+        if tokens_in is None or tokens_out is None:
+            return None
+        prices = await self.prices()
+        if prices is None:
+            return None
+        return tokens_in * prices[0] + tokens_out * prices[1]

@@ -1,0 +1,473 @@
+"""The `openai` backend: any OpenAI-compatible chat server (vLLM, SGLang, llama.cpp, ...).
+
+One pooled aiohttp session per backend, created lazily inside the running loop (connector
+limit = `max_concurrency`). The hot path encodes the request once, decodes the response once,
+and logs nothing.
+
+Faults never raise; they come back as `CallResult(error=KIND, error_detail=...)`:
+  timeout       no complete response within `timeout_s` (per attempt; not retried)
+  http_<status> an error status (429, 500, 502, 503, 504 are retried; 4xx never are)
+  connection    refused, reset or dropped connection (retried before any streamed byte)
+  malformed     a 200 whose body (or stream event) is not a chat completion (not retried)
+  upstream_error an error object inside a 200 stream
+  ttft_timeout  streams: no first token within `ttft_timeout_s`
+  circuit_open  the circuit breaker is open: no call was made (attempts == 0)
+Retries back off exponentially with jitter and wait at least what `retry-after-ms` or
+`Retry-After` asks (capped at `max_retry_after_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from proxy.backends.base import CallResult, StreamChunk
+from proxy.backends.circuit import CircuitBreaker
+from proxy.backends.common import (
+    RETRY_STATUSES,
+    Pricer,
+    count_usage,
+    forward_params,
+    parse_retry_after,
+)
+from proxy.config import ModelConfig
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_NO_TIMEOUT = aiohttp.ClientTimeout()
+_DATA = b"data:"
+_DONE = b"[DONE]"
+
+
+def _error_message(raw: bytes) -> str:
+    """The `error.message` of an OpenAI error body, else the start of the body."""
+    try:
+        err = json.loads(raw)["error"]
+        msg = err.get("message") if isinstance(err, dict) else err
+        if msg:
+            return str(msg)[:300]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return raw[:200].decode("utf-8", "replace") or "(empty body)"
+
+
+def _token_logprobs(choice: dict) -> list[tuple[str, float]] | None:
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not content:
+        return None
+    try:
+        return [(t["token"], float(t["logprob"])) for t in content]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class _Deadlines:
+    """Loop-time deadlines of one stream attempt: the whole stream, and its first token."""
+
+    __slots__ = ("first", "total", "ttft_binds")
+
+    def __init__(self, total: float, ttft: float | None) -> None:
+        self.total = total
+        self.ttft_binds = ttft is not None and ttft < total
+        self.first = ttft if ttft is not None and self.ttft_binds else total
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible upstream at `cfg.base_url` (e.g. http://127.0.0.1:8000/v1)."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg: ModelConfig,
+        *,
+        breaker: CircuitBreaker | None = None,
+        backoff_base_s: float = 0.25,
+        backoff_max_s: float = 8.0,
+        max_retry_after_s: float = 30.0,
+        health_timeout_s: float = 2.0,
+    ) -> None:
+        if not cfg.base_url:
+            raise ValueError(f"model {name!r}: backend 'openai' needs base_url")
+        self.name = name
+        self.cfg = cfg
+        self.model = cfg.model or name
+        base = cfg.base_url.rstrip("/")
+        self.base_url = base
+        self.url = base + "/chat/completions"
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.max_retry_after_s = max_retry_after_s
+        self.health_timeout_s = health_timeout_s
+        self.pricer = Pricer(cfg, [self.model])
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._headers = headers
+        self._timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------------ plumbing
+
+    def _client(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is None or session.closed or self._loop is not loop:
+            connector = aiohttp.TCPConnector(limit=self.cfg.max_concurrency)
+            session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, timeout=_NO_TIMEOUT
+            )
+            self._session, self._loop = session, loop
+        return session
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    def _body(self, messages: list[dict], params: dict, stream: bool) -> bytes:
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        body.update(forward_params(params, self.cfg.logprobs))
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return _encode(body).encode("utf-8")
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds before attempt `attempt + 1`: jittered exponential backoff, at least the
+        upstream's Retry-After (capped)."""
+        delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        delay *= random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_retry_after_s))
+        return delay
+
+    def _fail(
+        self,
+        kind: str,
+        detail: str,
+        start: float,
+        status: int | None = None,
+        attempts: int = 1,
+        **extra: Any,
+    ) -> CallResult:
+        return CallResult(
+            model=self.name,
+            text=None,
+            error=kind,
+            error_detail=f"{self.name}: {detail}",
+            latency_ms=(time.perf_counter() - start) * 1000.0,
+            status=status,
+            attempts=attempts,
+            served_model=None,
+            extra=extra,
+        )
+
+    def _circuit_open(self, start: float) -> CallResult:
+        b = self.breaker
+        return self._fail(
+            "circuit_open",
+            f"circuit open after {b.failures} consecutive failed calls; "
+            f"next trial in {b.retry_in():.1f}s",
+            start,
+            attempts=0,
+        )
+
+    def _record(self, result: CallResult) -> None:
+        """Tell the breaker: answers and client errors (the upstream is up) close it."""
+        status = result.status
+        if result.error is None or (
+            status is not None and 400 <= status < 500 and status not in (408, 429)
+        ):
+            self.breaker.success()
+        else:
+            self.breaker.failure()
+
+    # ------------------------------------------------------------------------ complete
+
+    async def complete(self, messages: list[dict], params: dict) -> CallResult:
+        start = time.perf_counter()
+        if not self.breaker.allow():
+            return self._circuit_open(start)
+        try:
+            result = await self._complete(messages, params, start)
+        except BaseException:
+            self.breaker.release()
+            raise
+        self._record(result)
+        return result
+
+    async def _complete(self, messages: list[dict], params: dict, start: float) -> CallResult:
+        body = self._body(messages, params, stream=False)
+        session = self._client()
+        max_attempts = self.cfg.max_retries + 1
+        attempts = 0
+        while True:
+            attempts += 1
+            status: int | None = None
+            retry_after = None
+            try:
+                async with session.post(self.url, data=body, timeout=self._timeout) as resp:
+                    status = resp.status
+                    raw = await resp.read()
+                    headers = resp.headers
+            except TimeoutError:
+                return self._fail(
+                    "timeout", f"no response within {self.cfg.timeout_s}s", start, status, attempts
+                )
+            except (aiohttp.ClientError, OSError) as exc:
+                kind, detail = "connection", f"{type(exc).__name__}: {exc}"
+                status = None
+            else:
+                if status == 200:
+                    return await self._parse(raw, messages, start, attempts)
+                kind, detail = f"http_{status}", _error_message(raw)
+                if status in RETRY_STATUSES:
+                    retry_after = parse_retry_after(headers)
+            if attempts >= max_attempts or not (kind == "connection" or status in RETRY_STATUSES):
+                return self._fail(kind, detail, start, status, attempts)
+            await asyncio.sleep(self._backoff(attempts, retry_after))
+
+    async def _parse(
+        self, raw: bytes, messages: list[dict], start: float, attempts: int
+    ) -> CallResult:
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            message = choice["message"]
+            text = message.get("content")
+            usage = data.get("usage") or {}
+            tokens_in = usage.get("prompt_tokens")
+            tokens_out = usage.get("completion_tokens")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            detail = (
+                f"200 body is not a chat completion ({type(exc).__name__}: {exc}): {raw[:80]!r}"
+            )
+            return self._fail("malformed", detail, start, 200, attempts)
+        if text is not None and not isinstance(text, str):
+            return self._fail("malformed", "message.content is not a string", start, 200, attempts)
+        extra: dict[str, Any] = {}
+        if message.get("tool_calls"):
+            extra["tool_calls"] = message["tool_calls"]
+        text = text or ""
+        latency_ms = (time.perf_counter() - start) * 1000.0  # before any counting or pricing
+        tokens_in, tokens_out = await count_usage(messages, text, tokens_in, tokens_out)
+        return CallResult(
+            model=self.name,
+            text=text,
+            token_logprobs=_token_logprobs(choice),
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cost_usd=await self.pricer.cost(tokens_in, tokens_out),
+            latency_ms=latency_ms,
+            finish_reason=choice.get("finish_reason"),
+            status=200,
+            attempts=attempts,
+            served_model=data.get("model"),
+            extra=extra,
+        )
+
+    # ------------------------------------------------------------------------ stream
+
+    async def stream(self, messages: list[dict], params: dict) -> AsyncIterator[StreamChunk]:
+        start = time.perf_counter()
+        if not self.breaker.allow():
+            yield StreamChunk(done=self._circuit_open(start))
+            return
+        recorded = False
+        try:
+            async with contextlib.aclosing(self._stream(messages, params, start)) as chunks:
+                async for chunk in chunks:
+                    if chunk.done is not None:
+                        self._record(chunk.done)
+                        recorded = True
+                    yield chunk
+        finally:
+            if not recorded:
+                self.breaker.release()
+
+    async def _stream(
+        self, messages: list[dict], params: dict, start: float
+    ) -> AsyncIterator[StreamChunk]:
+        cfg = self.cfg
+        body = self._body(messages, params, stream=True)
+        session = self._client()
+        loop = asyncio.get_running_loop()
+        ttft_deadline = loop.time() + cfg.ttft_timeout_s if cfg.ttft_timeout_s else None
+        attempts = 0
+        while True:
+            attempts += 1
+            deadlines = _Deadlines(loop.time() + cfg.timeout_s, ttft_deadline)
+            status: int | None = None
+            retry_after = None
+            kind = detail = None
+            resp: aiohttp.ClientResponse | None = None
+            try:
+                try:
+                    async with asyncio.timeout_at(deadlines.first):
+                        resp = await session.post(self.url, data=body, timeout=_NO_TIMEOUT)
+                        status = resp.status
+                        raw = b"" if status == 200 else await resp.read()
+                except TimeoutError:
+                    kind, detail = self._timeout_kind(deadlines, first=True)
+                    yield StreamChunk(done=self._fail(kind, detail, start, status, attempts))
+                    return
+                except (aiohttp.ClientError, OSError) as exc:
+                    kind, detail = "connection", f"{type(exc).__name__}: {exc}"
+                else:
+                    if status != 200:
+                        kind, detail = f"http_{status}", _error_message(raw)
+                        if status in RETRY_STATUSES:
+                            retry_after = parse_retry_after(resp.headers)
+                    else:
+                        events = self._events(resp, messages, start, attempts, deadlines)
+                        async with contextlib.aclosing(events) as chunks:
+                            async for chunk in chunks:
+                                if chunk is None:  # broke before its first token: retry?
+                                    kind, detail = "connection", "stream broke before any token"
+                                    break
+                                yield chunk
+                        if kind is None:
+                            return  # the closing chunk went out
+            finally:
+                if resp is not None:
+                    resp.release()
+            retryable = kind == "connection" or status in RETRY_STATUSES
+            delay = self._backoff(attempts, retry_after)
+            too_late = ttft_deadline is not None and loop.time() + delay >= ttft_deadline
+            if attempts > cfg.max_retries or not retryable or too_late:
+                yield StreamChunk(done=self._fail(kind, detail, start, status, attempts))
+                return
+            await asyncio.sleep(delay)
+
+    def _timeout_kind(self, deadlines: _Deadlines, first: bool) -> tuple[str, str]:
+        if first and deadlines.ttft_binds:
+            return "ttft_timeout", f"no first token within {self.cfg.ttft_timeout_s}s"
+        return "timeout", f"stream not finished within {self.cfg.timeout_s}s"
+
+    async def _events(
+        self,
+        resp: aiohttp.ClientResponse,
+        messages: list[dict],
+        start: float,
+        attempts: int,
+        deadlines: _Deadlines,
+    ) -> AsyncIterator[StreamChunk | None]:
+        """Read one 200 event stream: content deltas, then the closing chunk. Yields None
+        (and stops) when the stream breaks before its first token, so the caller may retry.
+        The response is released before the closing chunk goes out."""
+        parts: list[str] = []
+        logprobs: list[tuple[str, float]] = []
+        ttft_ms: float | None = None
+        finish_reason = served = tokens_in = tokens_out = None
+        buf = b""
+
+        def fail(kind: str, detail: str) -> StreamChunk:
+            resp.release()
+            extra = {"partial_text": "".join(parts)} if parts else {}
+            result = self._fail(kind, detail, start, 200, attempts, **extra)
+            result.ttft_ms = ttft_ms
+            result.served_model = served
+            return StreamChunk(done=result)
+
+        finished = False
+        while not finished:
+            first = ttft_ms is None
+            try:
+                async with asyncio.timeout_at(deadlines.first if first else deadlines.total):
+                    data = await resp.content.readany()
+            except TimeoutError:
+                yield fail(*self._timeout_kind(deadlines, first))
+                return
+            except (aiohttp.ClientError, OSError) as exc:
+                yield None if first else fail("connection", f"stream broke: {exc!r}")
+                return
+            if not data:  # EOF without [DONE]
+                if finish_reason is not None:
+                    break
+                yield None if first else fail("connection", "stream ended before its finish")
+                return
+            lines = (buf + data).split(b"\n")
+            buf = lines.pop()
+            for line in lines:
+                if not line.startswith(_DATA):
+                    continue
+                payload = line[5:].strip()
+                if payload == _DONE:
+                    finished = True
+                    break
+                try:
+                    event = json.loads(payload)
+                    choices = event.get("choices")
+                    if "error" in event and not choices:
+                        err = event["error"]
+                        msg = err.get("message") if isinstance(err, dict) else err
+                        yield fail("upstream_error", f"error event in the stream: {msg}")
+                        return
+                    usage = event.get("usage")
+                    if usage:
+                        tokens_in = usage.get("prompt_tokens")
+                        tokens_out = usage.get("completion_tokens")
+                    if served is None:
+                        served = event.get("model")
+                    choice = choices[0] if choices else None
+                    content = (choice.get("delta") or {}).get("content") if choice else None
+                    if choice and choice.get("logprobs"):
+                        logprobs.extend(_token_logprobs(choice) or ())
+                    if choice and choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+                except (ValueError, AttributeError, TypeError, IndexError) as exc:
+                    detail = f"stream event is not a chat chunk ({exc}): {payload[:80]!r}"
+                    yield fail("malformed", detail)
+                    return
+                if content and isinstance(content, str):
+                    if ttft_ms is None:
+                        ttft_ms = (time.perf_counter() - start) * 1000.0
+                    parts.append(content)
+                    yield StreamChunk(delta=content)
+        resp.release()
+        now_ms = (time.perf_counter() - start) * 1000.0  # before any counting or pricing
+        text = "".join(parts)
+        tokens_in, tokens_out = await count_usage(messages, text, tokens_in, tokens_out)
+        yield StreamChunk(
+            done=CallResult(
+                model=self.name,
+                text=text,
+                token_logprobs=logprobs or None,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                cost_usd=await self.pricer.cost(tokens_in, tokens_out),
+                latency_ms=now_ms,
+                ttft_ms=now_ms if ttft_ms is None else ttft_ms,
+                finish_reason=finish_reason,
+                status=200,
+                attempts=attempts,
+                served_model=served,
+            )
+        )
+
+    # ------------------------------------------------------------------------ health
+
+    async def health(self) -> bool:
+        """GET {base_url}/models, else the server root's /health (vLLM, llama.cpp, SGLang)."""
+        session = self._client()
+        timeout = aiohttp.ClientTimeout(total=min(self.health_timeout_s, self.cfg.timeout_s))
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        for url in (self.base_url + "/models", root + "/health"):
+            try:
+                async with session.get(url, timeout=timeout) as resp:
+                    if resp.status == 200:
+                        return True
+            except (aiohttp.ClientError, OSError):  # TimeoutError is an OSError
+                continue
+        return False

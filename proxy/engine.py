@@ -1,0 +1,216 @@
+"""The cascade engine: walk the nodes the policy picks, read the signals, return the best answer.
+
+Per request: the prompt's difficulty picks the root state; each call's answer is extracted and
+its confidence read (policies/answers.py, policies/signals.py: the same code calibration
+uses); the fitted index policy (policies/policy.py) says whether to stop or which node to pay
+for next, and which answer explored so far is most likely right (recall). A failed call is
+an explored node with no answer: the policy goes on, and if it would stop with nothing
+answered the engine tries the remaining nodes in order. Nothing here does I/O except
+through the backends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from policies.answers import extract_answer
+from policies.policy import CascadePolicy, Step, policy_from_artifact
+from policies.signals import answer_confidence
+from proxy.backends.base import Backend, CallResult
+
+POLICIES = ("index", "single")
+
+
+class OverrideError(ValueError):
+    """A per-request `cascade` override is invalid; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The request's optional `cascade` object."""
+
+    policy: str = "index"
+    max_cost_usd: float | None = None
+
+    @classmethod
+    def parse(cls, raw: object) -> Overrides:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise OverrideError("'cascade' must be an object", "cascade")
+        unknown = sorted(set(raw) - {"policy", "max_cost_usd", "lambda"})
+        if unknown:
+            raise OverrideError(f"unknown field(s) {unknown} in 'cascade'", "cascade")
+        if "lambda" in raw:
+            raise OverrideError(
+                "per-request 'lambda' needs a policy artifact fitted for it: refit with "
+                "`cascade fit --lambda L` and name that artifact in the cascade's config",
+                "cascade.lambda",
+            )
+        policy = raw.get("policy", "index")
+        if policy not in POLICIES:
+            raise OverrideError(
+                f"'cascade.policy' must be one of {list(POLICIES)}, got {policy!r}",
+                "cascade.policy",
+            )
+        cap = raw.get("max_cost_usd")
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int | float) or cap < 0
+        ):
+            raise OverrideError(
+                "'cascade.max_cost_usd' must be a non-negative number", "cascade.max_cost_usd"
+            )
+        return cls(policy=policy, max_cost_usd=None if cap is None else float(cap))
+
+
+@dataclass
+class NodeCall:
+    """One explored node: the call, the signals read from it, and the decision after it."""
+
+    node: int
+    model: str
+    result: CallResult
+    extracted: str | None
+    confidence: float | None
+    p_correct: float | None = None
+    decision: str = "stop"  # "stop" or "continue:<model>"
+
+
+@dataclass
+class CascadeRun:
+    """What the engine did for one request."""
+
+    cascade: str
+    calls: list[NodeCall] = field(default_factory=list)
+    answer: NodeCall | None = None
+    reason: str = ""
+    policy_hash: str | None = None
+    overhead_ms: float = 0.0  # time spent deciding, not waiting for upstreams
+
+    @property
+    def cost_usd(self) -> float | None:
+        costs = [c.result.cost_usd for c in self.calls]
+        return None if any(c is None for c in costs) else float(sum(costs))
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        return (
+            sum(c.result.tokens_in or 0 for c in self.calls),
+            sum(c.result.tokens_out or 0 for c in self.calls),
+        )
+
+
+class CascadeEngine:
+    """One configured cascade over live backends."""
+
+    def __init__(
+        self,
+        name: str,
+        nodes: list[str],
+        backends: dict[str, Backend],
+        reference: str,
+        artifact: dict | None = None,
+    ) -> None:
+        self.name = name
+        self.backends = backends
+        self.reference = reference
+        self.policy: CascadePolicy | None = None
+        self.policy_hash: str | None = None
+        self.kind = "text"
+        self.nodes = list(nodes)
+        self.node_cost = [None] * len(self.nodes)
+        if artifact is not None:
+            self.load(artifact)
+
+    def load(self, artifact: dict) -> None:
+        """Adopt a policy artifact: its nodes (by model name) must be configured models."""
+        names = [n["model"] for n in artifact["nodes"]]
+        missing = [m for m in names if m not in self.backends]
+        if missing:
+            raise ValueError(
+                f"cascade {self.name}: the policy's node(s) {missing} are not configured models "
+                f"(have {sorted(self.backends)})"
+            )
+        self.nodes = names
+        self.node_cost = [float(n["cost_usd"]) for n in artifact["nodes"]]
+        self.kind = artifact.get("answer_kind") or "text"
+        self.policy = policy_from_artifact(artifact)
+        self.policy_hash = artifact["hash"]
+
+    async def run(self, messages: list[dict], params: dict, overrides: Overrides) -> CascadeRun:
+        run = CascadeRun(cascade=self.name, policy_hash=self.policy_hash)
+        if self.policy is None or overrides.policy == "single":
+            call = await self._call(len(self.nodes), self.reference, messages, params)
+            run.calls.append(call)
+            run.answer = call if call.result.ok else None
+            run.reason = "single: the reference model answers"
+            return run
+        decide = 0.0
+        t0 = time.perf_counter()
+        policy = self.policy
+        n = len(self.nodes)
+        extracted: list[str | None] = [None] * n
+        confidence: list[float | None] = [None] * n
+        explored: list[int] = []
+        step: Step = policy.first(policy.root_state(_prompt_text(messages)))
+        decide += time.perf_counter() - t0
+        spent = 0.0
+        while True:
+            k = step.next_node
+            if k is None and not any(c.result.ok for c in run.calls):
+                k = next((j for j in range(n) if j not in explored), None)  # nothing answered
+                if k is None:
+                    run.reason = "every node failed"
+                    break
+            if k is None:
+                run.reason = "policy stopped"
+                break
+            if overrides.max_cost_usd is not None and spent + self.node_cost[k] > (
+                overrides.max_cost_usd
+            ):
+                run.reason = f"max_cost_usd: {self.nodes[k]} would exceed the cap"
+                break
+            if run.calls:
+                run.calls[-1].decision = f"continue:{self.nodes[k]}"
+            call = await self._call(k, self.nodes[k], messages, params)
+            t0 = time.perf_counter()
+            run.calls.append(call)
+            spent += call.result.cost_usd if call.result.cost_usd is not None else self.node_cost[k]
+            explored.append(k)
+            extracted[k], confidence[k] = call.extracted, call.confidence
+            step = policy.step(explored, extracted, confidence)
+            call.p_correct = step.p_correct
+            decide += time.perf_counter() - t0
+        run.answer = self._answer(run, step)
+        run.overhead_ms = decide * 1000.0
+        return run
+
+    def _answer(self, run: CascadeRun, step: Step) -> NodeCall | None:
+        """The policy's recalled answer if that call answered, else the last that did."""
+        answered = [c for c in run.calls if c.result.ok]
+        if not answered:
+            return None
+        if step.answer_node is not None:
+            chosen = next((c for c in answered if c.node == step.answer_node), None)
+            if chosen is not None:
+                return chosen
+        return answered[-1]
+
+    async def _call(self, node: int, model: str, messages: list[dict], params: dict) -> NodeCall:
+        result = await self.backends[model].complete(messages, params)
+        extracted = confidence = None
+        if result.ok:
+            extracted = extract_answer(result.text, self.kind)
+            confidence = result.confidence
+            if confidence is None:
+                confidence = answer_confidence(result.text, result.token_logprobs, self.kind)
+        return NodeCall(node, model, result, extracted, confidence)
+
+
+def _prompt_text(messages: list[dict]) -> str:
+    return "\n".join(str(m.get("content") or "") for m in messages)

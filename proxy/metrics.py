@@ -1,0 +1,53 @@
+"""Prometheus metrics: requests, calls per model, cost, latency, decision overhead, escalations."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from proxy.backends.base import CallResult
+from proxy.engine import CascadeRun
+
+REQUESTS = Counter("cascade_requests_total", "Cascade requests", ["cascade", "status"])
+CALLS = Counter("cascade_upstream_calls_total", "Upstream calls", ["model", "outcome"])
+UPSTREAM_ERRORS = Counter(
+    "cascade_upstream_errors_total", "Failed upstream calls", ["model", "kind"]
+)
+COST = Counter("cascade_cost_usd_total", "Spend on upstream calls (priced calls only)", ["model"])
+ESCALATIONS = Counter(
+    "cascade_escalations_total", "Cascade requests that called more than one model", ["cascade"]
+)
+CLIENT_DISCONNECTS = Counter("cascade_client_disconnects_total", "Clients gone before the answer")
+CALL_LATENCY = Histogram(
+    "cascade_upstream_latency_seconds",
+    "Upstream call latency",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+OVERHEAD = Histogram(
+    "cascade_decision_overhead_seconds",
+    "Time the proxy spends deciding per request (upstream waits excluded)",
+    ["cascade"],
+    buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
+)
+
+
+def record_call(model: str, result: CallResult) -> None:
+    CALLS.labels(model, "ok" if result.ok else "error").inc()
+    CALL_LATENCY.labels(model).observe(result.latency_ms / 1000.0)
+    if result.cost_usd is not None:
+        COST.labels(model).inc(result.cost_usd)
+    if not result.ok:
+        UPSTREAM_ERRORS.labels(model, result.error or "unknown").inc()
+
+
+def record_run(run: CascadeRun, status: int) -> None:
+    REQUESTS.labels(run.cascade, str(status)).inc()
+    OVERHEAD.labels(run.cascade).observe(run.overhead_ms / 1000.0)
+    if len(run.calls) > 1:
+        ESCALATIONS.labels(run.cascade).inc()
+    for call in run.calls:
+        record_call(call.model, call.result)
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,374 @@
+"""The proxy end to end: a real `cascade serve` process in front of a real local upstream.
+
+The upstream is proxy/fake_upstream.py (OpenAI/vLLM protocol, logprobs, streaming, faults),
+the caller the official `openai` client or httpx for raw bodies. The policy is fitted on real
+MMLU traces whose two models are renamed to the upstream's `small` and `large`, so the
+decisions come from the confidence the upstream reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from calibration.artifact import build_artifact, save_artifact
+from calibration.fit import FittedIndex
+from calibration.traces import load_traces
+
+CASCADE = Path(sys.executable).with_name("cascade")
+KEY = "sk-test-client"
+QUESTION = "Which letter? (A) one (B) two"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.fake_upstream", "--port", "0", "--models", "small,large"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    url = line.split()[-1].strip()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def policy(traces_dir: Path, tmp_path_factory) -> Path:
+    """A policy over `small` -> `large`, fitted on real MMLU traces (1b and 405b renamed)."""
+    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
+        ["llama3.2-1b", "llama3.1-405b"]
+    )
+    train = dataclasses.replace(train, models=("small", "large"))
+    fitted = FittedIndex(train, recall=True, models=["small", "large"])
+    art = build_artifact(fitted, 0.2, train_path="mmlu-llama-train.jsonl", answer_kind="choice")
+    path = tmp_path_factory.mktemp("policy") / "policy.json"
+    save_artifact(art, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: str, policy: Path, tmp_path_factory):
+    port = _free_port()
+    folder = tmp_path_factory.mktemp("proxy")
+    config = {
+        "models": {
+            name: {
+                "backend": "openai",
+                "base_url": f"{upstream}/v1",
+                "price_in_per_mtok": price,
+                "price_out_per_mtok": price,
+                "timeout_s": 2.0,
+                "max_retries": 1,
+            }
+            for name, price in (("small", 0.1), ("large", 10.0))
+        },
+        "cascades": {
+            "qa": {"nodes": ["small", "large"], "reference": "large", "policy": str(policy)}
+        },
+        "server": {"api_keys": [KEY], "max_body_bytes": 20000},
+    }
+    path = folder / "cascade.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{folder / 'ledger.db'}"}
+    proc = subprocess.Popen(
+        [str(CASCADE), "serve", "--config", str(path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(f"{url}/health", proc)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def up(upstream: str):
+    """Admin handle on the upstream: set answers and faults; everything reset after a test."""
+    client = httpx.Client(base_url=upstream, timeout=5.0)
+
+    def answer(model: str, text: str, confidence: float) -> None:
+        r = client.post(
+            "/admin/answers", json={"model": model, "answer": text, "confidence": confidence}
+        )
+        r.raise_for_status()
+
+    client.answer = answer  # type: ignore[attr-defined]
+    client.delete("/admin/faults").raise_for_status()
+    client.delete("/admin/stats").raise_for_status()
+    answer("small", "B", -0.01)
+    answer("large", "B", -0.01)
+    yield client
+    client.delete("/admin/faults")
+    client.close()
+
+
+@pytest.fixture()
+def client(proxy: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy}/v1", api_key=KEY, max_retries=0, timeout=20.0)
+
+
+def ask(client: openai.OpenAI, **kw):
+    return client.chat.completions.with_raw_response.create(
+        model=kw.pop("model", "qa"), messages=[{"role": "user", "content": QUESTION}], **kw
+    )
+
+
+def calls_of(up: httpx.Client) -> dict[str, int]:
+    stats = up.get("/admin/stats").json()["models"]
+    return {m: s["calls"] for m, s in stats.items()}
+
+
+# ---------------------------------------------------------------- happy paths
+
+
+def test_a_confident_small_model_answers_alone(client, up) -> None:
+    raw = ask(client)
+    completion = raw.parse()
+    assert completion.model == "small"
+    assert completion.choices[0].message.content == "B"
+    assert raw.headers["x-cascade-model"] == "small"
+    assert raw.headers["x-cascade-calls"] == "1"
+    assert float(raw.headers["x-cascade-cost-usd"]) > 0
+    assert float(raw.headers["x-cascade-overhead-ms"]) >= 0
+    assert raw.headers["x-request-id"].startswith("chatcmpl-")
+    extra = completion.model_extra["cascade"]
+    assert extra["policy_hash"].startswith("sha256:")
+    assert [c["model"] for c in extra["calls"]] == ["small"]
+    assert 0.0 < extra["calls"][0]["p_correct"] <= 1.0
+    assert extra["reference_cost_usd"] > extra["cost_usd"]  # large is 100x the price
+    assert completion.usage.total_tokens > 0
+    assert calls_of(up) == {"small": 1, "large": 0}
+
+
+def test_an_unconfident_small_model_escalates_and_usage_sums_both(client, up) -> None:
+    up.answer("small", "C", -2.5)
+    up.answer("large", "B", -0.05)
+    raw = ask(client)
+    completion = raw.parse()
+    extra = completion.model_extra["cascade"]
+    assert [c["model"] for c in extra["calls"]] == ["small", "large"]
+    assert extra["calls"][0]["decision"] == "continue:large"
+    assert completion.model == "large" and completion.choices[0].message.content == "B"
+    assert raw.headers["x-cascade-calls"] == "2"
+    one = client.chat.completions.create(
+        model="large", messages=[{"role": "user", "content": QUESTION}]
+    )
+    assert completion.usage.prompt_tokens == 2 * one.usage.prompt_tokens
+    assert calls_of(up)["small"] == 1 and calls_of(up)["large"] == 2
+
+
+def test_streaming_a_cascade_sends_the_decided_answer_and_usage(client, up) -> None:
+    up.answer("small", "The answer is (B) because two.", -0.01)
+    stream = client.chat.completions.create(
+        model="qa",
+        messages=[{"role": "user", "content": QUESTION}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "The answer is (B) because two."
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    assert {c.model for c in chunks} == {"small"}
+
+
+def test_passthrough_streams_the_upstream_live(client, up) -> None:
+    up.answer("large", "one two three four five", -0.1)
+    stream = client.chat.completions.create(
+        model="large",
+        messages=[{"role": "user", "content": QUESTION}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    deltas = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert "".join(deltas) == "one two three four five"
+    assert len(deltas) > 1  # tokens arrive as the upstream sends them
+    assert chunks[-1].usage.completion_tokens > 0
+    assert up.get("/admin/stats").json()["models"]["large"]["stream"] == 1
+
+
+def test_models_health_and_metrics(proxy: str, client, up) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"qa", "small", "large"} <= ids
+    health = httpx.get(f"{proxy}/health").json()
+    assert health["upstreams"] == {"small": True, "large": True}
+    assert health["cascades"]["qa"]["nodes"] == ["small", "large"]
+    ask(client)
+    text = httpx.get(f"{proxy}/metrics").text
+    assert 'cascade_requests_total{cascade="qa",status="200"}' in text
+    assert "cascade_decision_overhead_seconds_bucket" in text
+    assert 'cascade_upstream_calls_total{model="small",outcome="ok"}' in text
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_a_failing_node_is_skipped_and_the_next_answers(client, up) -> None:
+    up.post("/admin/faults", json={"model": "small", "error_rate": 1.0, "error_status": 500})
+    completion = ask(client).parse()
+    extra = completion.model_extra["cascade"]
+    assert [c["status"] for c in extra["calls"]] == ["http_500", "ok"]
+    assert extra["calls"][0]["attempts"] == 2  # one retry on 5xx
+    assert completion.model == "large"
+
+
+def test_every_node_failing_is_a_502_listing_the_attempts(client, up) -> None:
+    up.post("/admin/faults", json={"drop": True})
+    with pytest.raises(openai.APIStatusError) as err:
+        ask(client)
+    assert err.value.status_code == 502
+    body = err.value.response.json()["error"]
+    assert body["code"] == "upstream_failed" and body["type"] == "upstream_error"
+    assert [a["model"] for a in body["attempts"]] == ["small", "large"]
+    assert all(a["error"] == "connection" for a in body["attempts"])
+
+
+def test_rate_limits_are_retried_after_the_retry_after_delay(client, up) -> None:
+    up.post(
+        "/admin/faults", json={"model": "small", "rate_limit": True, "retry_after": 1, "count": 1}
+    )
+    start = time.monotonic()
+    completion = ask(client).parse()
+    assert time.monotonic() - start >= 1.0
+    assert completion.model == "small"
+    assert completion.model_extra["cascade"]["calls"][0]["attempts"] == 2
+
+
+def test_a_malformed_upstream_body_or_a_timeout_moves_on(client, up) -> None:
+    up.post("/admin/faults", json={"model": "small", "malformed": True})
+    assert ask(client).parse().model_extra["cascade"]["calls"][0]["status"] == "malformed"
+    up.post("/admin/faults", json={"model": "small", "latency_ms": 3000})
+    start = time.monotonic()
+    completion = ask(client).parse()
+    assert completion.model_extra["cascade"]["calls"][0]["status"] == "timeout"
+    assert completion.model == "large"
+    assert time.monotonic() - start < 2 * 2.0 + 2.0  # per-attempt timeout 2 s, one retry
+
+
+def test_a_client_that_disconnects_cancels_the_upstream_call(proxy: str, up) -> None:
+    up.post("/admin/faults", json={"latency_ms": 4000})
+    start = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{proxy}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "small", "messages": [{"role": "user", "content": QUESTION}]},
+            timeout=0.5,
+        )
+    while up.get("/admin/stats").json()["models"]["small"]["in_flight"] and (
+        time.monotonic() - start < 5.0
+    ):
+        time.sleep(0.02)
+    # freed long before the proxy's own 2 s timeout would have ended the call
+    assert time.monotonic() - start < 1.5
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - start)))
+    assert up.get("/admin/stats").json()["models"]["small"]["calls"] == 1  # and no retry
+
+
+# ---------------------------------------------------------------- bad requests
+
+
+def _post(proxy: str, body: bytes | dict, key: str | None = KEY) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{proxy}/v1/chat/completions", content=content, headers=headers)
+
+
+def body_of(content: object = "x", role: str = "user", model: object = "qa", **extra) -> dict:
+    return {"model": model, "messages": [{"role": role, "content": content}], **extra}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        (b"{not json", 400, None, "invalid_json"),
+        ({"model": "qa"}, 400, "messages", None),
+        (body_of(model=7), 400, "model", None),
+        (body_of(role="robot"), 400, "messages[0]", None),
+        (body_of(content=5), 400, "messages[0].content", None),
+        (body_of(temperature="hot"), 400, "temperature", None),
+        (body_of(max_tokens=-3), 400, "max_tokens", None),
+        (body_of(cascade={"policy": "magic"}), 400, "cascade.policy", "invalid_cascade_override"),
+        (body_of(cascade={"lambda": 0.5}), 400, "cascade.lambda", "invalid_cascade_override"),
+        (body_of(model="gpt-9"), 404, "model", "model_not_found"),
+        (body_of(content="x" * 30000), 413, None, "request_too_large"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_call_nobody(
+    proxy, up, body, status, param, code
+) -> None:
+    r = _post(proxy, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["param"] == param
+    if code:
+        assert error["code"] == code
+    assert calls_of(up) == {"small": 0, "large": 0}
+
+
+def test_missing_or_wrong_api_keys_are_401(proxy, up) -> None:
+    body = {"model": "qa", "messages": [{"role": "user", "content": QUESTION}]}
+    missing = _post(proxy, body, key=None)
+    wrong = _post(proxy, body, key="sk-wrong")
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json()["error"]["code"] == "missing_api_key"
+    assert wrong.json()["error"]["type"] == "authentication_error"
+    assert calls_of(up) == {"small": 0, "large": 0}
+
+
+def test_a_max_cost_cap_stops_before_the_expensive_model(client, up) -> None:
+    up.answer("small", "C", -2.5)  # unconfident: the policy would escalate
+    completion = ask(client, extra_body={"cascade": {"max_cost_usd": 1e-4}}).parse()
+    extra = completion.model_extra["cascade"]
+    assert [c["model"] for c in extra["calls"]] == ["small"]
+    assert "max_cost_usd" in extra["reason"]
+    assert calls_of(up) == {"small": 1, "large": 0}
+
+
+def test_a_cap_below_every_model_is_a_400(client, up) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, extra_body={"cascade": {"max_cost_usd": 1e-9}})
+    assert err.value.response.json()["error"]["param"] == "cascade.max_cost_usd"
+    assert calls_of(up) == {"small": 0, "large": 0}
