@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.fit import FittedIndex, lambda_of
+from calibration.fit import DEFAULT_MUS, FittedIndex, lambda_of
 from calibration.replay import Outcome
 from policies.artifact import SCHEMA, ArtifactError, content_hash, parse_artifact
 
@@ -47,6 +47,19 @@ def bootstrap_interval(outcome: Outcome, n: int = 300, seed: int = 0) -> dict:
     }
 
 
+def _sweep(fitted: FittedIndex) -> list[dict]:
+    """Decision tables for every lambda of the fit grid (bins and values are shared), so the
+    proxy can honour a per-request `lambda` without refitting."""
+    out, seen = [], set()
+    for mu in DEFAULT_MUS:
+        decision = [d.tolist() for d in fitted.tables(mu).decision]
+        key = json.dumps(decision)
+        if key not in seen:
+            seen.add(key)
+            out.append({"lambda": lambda_of(mu), "decision": decision})
+    return out
+
+
 def build_artifact(
     fitted: FittedIndex,
     mu: float,
@@ -77,6 +90,7 @@ def build_artifact(
         "posterior": fitted.posterior.to_dict(),
         "difficulty": None if fitted.difficulty is None else fitted.difficulty.to_dict(),
         "tables": tables.to_dict(),
+        "sweep": _sweep(fitted),
         "training": {
             "path": train_path,
             "rows": len(train),

@@ -122,11 +122,27 @@ class CascadePolicy:
         )
 
 
-def policy_from_artifact(art: dict) -> CascadePolicy:
-    """The online policy described by a loaded artifact dict (see calibration/artifact.py)."""
+def nearest_lambda(art: dict, lam: float) -> float:
+    """The lambda of the artifact's sweep closest to `lam` (the artifact's own if no sweep)."""
+    sweep = art.get("sweep") or [{"lambda": art["lambda"]}]
+    return min((entry["lambda"] for entry in sweep), key=lambda x: (abs(x - lam), -x))
+
+
+def policy_from_artifact(art: dict, lam: float | None = None) -> CascadePolicy:
+    """The online policy described by a loaded artifact dict (see calibration/artifact.py).
+
+    With `lam`, the decisions are those the artifact's sweep holds for the nearest lambda
+    (bins, values and the answer posterior do not depend on lambda).
+    """
+    tables = StateTables.from_dict(art["tables"])
+    if lam is not None and art.get("sweep"):
+        chosen = nearest_lambda(art, lam)
+        entry = next(e for e in art["sweep"] if e["lambda"] == chosen)
+        decision = [np.asarray(d, dtype=int) for d in entry["decision"]]
+        tables = StateTables(tables.edges, tables.values, decision, tables.sigma)
     return CascadePolicy(
         PosteriorModel.from_dict(art["posterior"]),
-        StateTables.from_dict(art["tables"]),
+        tables,
         bool(art["recall"]),
         float(art.get("recall_margin", 0.0)),
         DifficultyModel.from_dict(art["difficulty"]) if art.get("difficulty") else None,

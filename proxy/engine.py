@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from policies.answers import extract_answer
-from policies.policy import CascadePolicy, Step, policy_from_artifact
+from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_artifact
 from policies.signals import answer_confidence
 from proxy.backends.base import Backend, CallResult
 
@@ -36,6 +36,7 @@ class Overrides:
 
     policy: str = "index"
     max_cost_usd: float | None = None
+    lam: float | None = None  # per-request lambda: the artifact's nearest swept setting
 
     @classmethod
     def parse(cls, raw: object) -> Overrides:
@@ -46,10 +47,13 @@ class Overrides:
         unknown = sorted(set(raw) - {"policy", "max_cost_usd", "lambda"})
         if unknown:
             raise OverrideError(f"unknown field(s) {unknown} in 'cascade'", "cascade")
-        if "lambda" in raw:
+        lam = raw.get("lambda")
+        if lam is not None and (
+            isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 < lam <= 1
+        ):
             raise OverrideError(
-                "per-request 'lambda' needs a policy artifact fitted for it: refit with "
-                "`cascade fit --lambda L` and name that artifact in the cascade's config",
+                "'cascade.lambda' must be a number in (0, 1]: the weight of accuracy against "
+                "cost (1 = accuracy only)",
                 "cascade.lambda",
             )
         policy = raw.get("policy", "index")
@@ -65,7 +69,11 @@ class Overrides:
             raise OverrideError(
                 "'cascade.max_cost_usd' must be a non-negative number", "cascade.max_cost_usd"
             )
-        return cls(policy=policy, max_cost_usd=None if cap is None else float(cap))
+        return cls(
+            policy=policy,
+            max_cost_usd=None if cap is None else float(cap),
+            lam=None if lam is None else float(lam),
+        )
 
 
 @dataclass
@@ -141,6 +149,17 @@ class CascadeEngine:
         self.kind = artifact.get("answer_kind") or "text"
         self.policy = policy_from_artifact(artifact)
         self.policy_hash = artifact["hash"]
+        self._artifact = artifact
+        self._by_lambda: dict[float, CascadePolicy] = {}
+
+    def policy_for(self, lam: float | None) -> CascadePolicy | None:
+        """The policy for a per-request lambda (the artifact's nearest swept setting)."""
+        if lam is None or self.policy is None:
+            return self.policy
+        key = nearest_lambda(self._artifact, lam)
+        if key not in self._by_lambda:
+            self._by_lambda[key] = policy_from_artifact(self._artifact, key)
+        return self._by_lambda[key]
 
     async def run(self, messages: list[dict], params: dict, overrides: Overrides) -> CascadeRun:
         run = CascadeRun(cascade=self.name, policy_hash=self.policy_hash)
@@ -152,7 +171,8 @@ class CascadeEngine:
             return run
         decide = 0.0
         t0 = time.perf_counter()
-        policy = self.policy
+        policy = self.policy_for(overrides.lam)
+        assert policy is not None
         n = len(self.nodes)
         extracted: list[str | None] = [None] * n
         confidence: list[float | None] = [None] * n

@@ -330,7 +330,7 @@ def body_of(content: object = "x", role: str = "user", model: object = "qa", **e
         (body_of(temperature="hot"), 400, "temperature", None),
         (body_of(max_tokens=-3), 400, "max_tokens", None),
         (body_of(cascade={"policy": "magic"}), 400, "cascade.policy", "invalid_cascade_override"),
-        (body_of(cascade={"lambda": 0.5}), 400, "cascade.lambda", "invalid_cascade_override"),
+        (body_of(cascade={"lambda": 2}), 400, "cascade.lambda", "invalid_cascade_override"),
         (body_of(model="gpt-9"), 404, "model", "model_not_found"),
         (body_of(content="x" * 30000), 413, None, "request_too_large"),
     ],
@@ -372,3 +372,13 @@ def test_a_cap_below_every_model_is_a_400(client, up) -> None:
         ask(client, extra_body={"cascade": {"max_cost_usd": 1e-9}})
     assert err.value.response.json()["error"]["param"] == "cascade.max_cost_usd"
     assert calls_of(up) == {"small": 0, "large": 0}
+
+
+def test_a_per_request_lambda_trades_cost_for_accuracy(client, up) -> None:
+    accurate = ask(client, extra_body={"cascade": {"lambda": 1.0}}).parse()  # cost ignored
+    assert [c["model"] for c in accurate.model_extra["cascade"]["calls"]] == ["small", "large"]
+    up.answer("small", "C", -2.5)  # unconfident: the default setting would escalate
+    thrifty = ask(client, extra_body={"cascade": {"lambda": 0.01}}).parse()
+    assert [c["model"] for c in thrifty.model_extra["cascade"]["calls"]] == ["small"]
+    default = ask(client).parse()
+    assert [c["model"] for c in default.model_extra["cascade"]["calls"]] == ["small", "large"]
