@@ -156,6 +156,19 @@ async def test_cost_falls_back_to_the_price_map_and_is_none_when_unknown(fake, m
     assert unknown.ok and unknown.cost_usd is None  # never a silent 0
 
 
+async def test_a_gpu_hourly_rate_prices_the_busy_time(fake, made):
+    fake.state.set_faults({"latency_ms": 200})
+    r = await openai(made, fake, model="fake-small", gpu_hourly_usd=3.6).complete(MSGS, {})
+    assert r.ok and r.latency_ms >= 200
+    assert r.cost_usd == pytest.approx(3.6 * r.latency_ms / 3_600_000.0)
+    priced = await openai(
+        made, fake, model="fake-small", gpu_hourly_usd=3.6, price_in_per_mtok=1.0,
+        price_out_per_mtok=2.0,
+    ).complete(MSGS, {})  # fmt: skip
+    expected = (priced.tokens_in * 1.0 + priced.tokens_out * 2.0) / 1e6
+    assert priced.cost_usd == pytest.approx(expected)  # per-token prices win
+
+
 async def test_missing_usage_is_counted_with_tiktoken(made):
     async def handler(_request: web.Request) -> web.Response:
         body = {"model": "bare", "choices": [{"message": {"content": "Paris"}}]}

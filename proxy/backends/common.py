@@ -122,11 +122,13 @@ _UNRESOLVED = object()
 
 
 class Pricer:
-    """USD per token for one model: the configured prices per million tokens, else litellm's
+    """What one call costs: the configured prices per million tokens; else, for a self-hosted
+    model with a GPU hourly rate, that rate times the call's busy time; else litellm's
     offline price map under any of `names`; None (never 0) when unknown."""
 
     def __init__(self, cfg: ModelConfig, names: list[str]):
         self.names = names
+        self.gpu_hourly_usd = cfg.gpu_hourly_usd
         self.price_in = None if cfg.price_in_per_mtok is None else cfg.price_in_per_mtok / 1e6
         self.price_out = None if cfg.price_out_per_mtok is None else cfg.price_out_per_mtok / 1e6
         self._looked_up: Any = _UNRESOLVED
@@ -157,7 +159,11 @@ class Pricer:
         pout = self.price_out if self.price_out is not None else found[1]
         return pin, pout
 
-    async def cost(self, tokens_in: int | None, tokens_out: int | None) -> float | None:
+    async def cost(
+        self, tokens_in: int | None, tokens_out: int | None, busy_ms: float | None = None
+    ) -> float | None:
+        if not self.configured and self.gpu_hourly_usd is not None and busy_ms is not None:
+            return self.gpu_hourly_usd * busy_ms / 3_600_000.0
         if tokens_in is None or tokens_out is None:
             return None
         prices = await self.prices()
