@@ -8,6 +8,7 @@ objects. A client that disconnects cancels the upstream calls in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -105,7 +106,14 @@ def build_state(config: Config) -> ProxyState:
 
 
 def create_app(state: ProxyState) -> FastAPI:
-    app = FastAPI(title="cascade", version="0.1.0", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.gather(*(b.aclose() for b in state.backends.values()))
+
+    app = FastAPI(
+        title="cascade", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan
+    )
     app.state.proxy = state
     max_body = state.config.server.max_body_bytes
 
@@ -126,13 +134,8 @@ def create_app(state: ProxyState) -> FastAPI:
     async def _unexpected(_: Request, exc: Exception) -> Response:
         return ApiError(500, "internal error in the proxy", code="internal_error").response()
 
-    @app.on_event("shutdown")
-    async def _close() -> None:
-        await asyncio.gather(*(b.aclose() for b in state.backends.values()))
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        started = time.perf_counter()
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         _authenticate(request, state)
         body = await _read_json(request, max_body)
@@ -156,7 +159,7 @@ def create_app(state: ProxyState) -> FastAPI:
                 raise _all_failed(run)
             metrics.record_run(run, status=200)
             payload = _completion(request_id, run.answer.result, run, state)
-            headers = _headers(request_id, run, started)
+            headers = _headers(request_id, run)
             if stream:
                 return _stream_text(request_id, payload, include_usage, headers)
             return JSONResponse(payload, headers=headers)
@@ -408,7 +411,7 @@ def _cascade_object(run: CascadeRun, answer: CallResult, state: ProxyState) -> d
     }
 
 
-def _headers(request_id: str, run: CascadeRun, started: float) -> dict[str, str]:
+def _headers(request_id: str, run: CascadeRun) -> dict[str, str]:
     cost = run.cost_usd
     return {
         "x-request-id": request_id,
