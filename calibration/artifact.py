@@ -14,6 +14,7 @@ import numpy as np
 
 from calibration.fit import DEFAULT_MUS, FittedIndex, lambda_of
 from calibration.replay import Outcome
+from calibration.traces import TraceSet
 from policies.artifact import SCHEMA, ArtifactError, content_hash, parse_artifact
 
 __all__ = [
@@ -60,6 +61,37 @@ def _sweep(fitted: FittedIndex) -> list[dict]:
     return out
 
 
+BASELINE_MAX_ROWS = 2000
+
+
+def _encode_threshold(t: float) -> float | str:
+    return "always" if t == -np.inf else "never" if t == np.inf else float(t)
+
+
+def baseline_settings(train: TraceSet) -> dict:
+    """The threshold and agreement baselines, tuned on train for every cost price, so the
+    proxy can run them per request (`cascade.policy`). Past BASELINE_MAX_ROWS rows a random
+    subset tunes them (the search is per row and they are references, not the product)."""
+    from calibration.baselines import AgreementFamily, ThresholdFamily
+
+    if len(train) > BASELINE_MAX_ROWS:
+        rng = np.random.default_rng(0)
+        train = train.subset(np.sort(rng.choice(len(train), BASELINE_MAX_ROWS, replace=False)))
+    threshold = [
+        {
+            "lambda": lambda_of(s.knob),
+            "chain": s.params["chain"],
+            "thresholds": [_encode_threshold(t) for t in s.params["thresholds"]],
+        }
+        for s in ThresholdFamily().fit_sweep(train)
+    ]
+    agreement = [
+        {"lambda": lambda_of(s.knob), "tiers": s.params["tiers"], "theta": s.params["theta"]}
+        for s in AgreementFamily().fit_sweep(train)
+    ]
+    return {"threshold": threshold, "agreement": agreement}
+
+
 def build_artifact(
     fitted: FittedIndex,
     mu: float,
@@ -91,6 +123,7 @@ def build_artifact(
         "difficulty": None if fitted.difficulty is None else fitted.difficulty.to_dict(),
         "tables": tables.to_dict(),
         "sweep": _sweep(fitted),
+        "baselines": baseline_settings(train),
         "training": {
             "path": train_path,
             "rows": len(train),

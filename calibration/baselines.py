@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +39,7 @@ class FixedSetting:
     name: str
     knob: float
     run: Callable[[TraceSet], Outcome]
+    params: dict = field(default_factory=dict)  # what the proxy needs to run it live
 
     def replay(self, traces: TraceSet) -> Outcome:
         return self.run(traces)
@@ -199,6 +200,7 @@ class ThresholdFamily:
                     self.name,
                     float(mu),
                     lambda traces, th=thresholds: threshold_outcome(traces, chain, th),
+                    {"chain": chain, "thresholds": thresholds.tolist()},
                 )
             )
         return settings
@@ -313,6 +315,7 @@ class AgreementFamily:
                 self.name,
                 mu,
                 lambda traces, s=setting: agreement_outcome(traces, s[0], s[1]),
+                {"tiers": setting[0], "theta": setting[1]},
             )
             for mu, setting in priced_selection(candidates, ref)
         ]

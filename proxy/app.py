@@ -143,9 +143,14 @@ def create_app(state: ProxyState) -> FastAPI:
         params = {k: body[k] for k in FORWARDED if k in body}
         if model in state.engines:
             overrides = _overrides(body.get("cascade"))
-            run = await _until_disconnect(
-                request, state.engines[model].run(messages, params, overrides)
-            )
+            try:
+                run = await _until_disconnect(
+                    request, state.engines[model].run(messages, params, overrides)
+                )
+            except OverrideError as exc:
+                raise ApiError(
+                    400, str(exc), param=exc.param, code="invalid_cascade_override"
+                ) from None
             if not run.calls:
                 raise ApiError(
                     400,

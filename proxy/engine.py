@@ -11,6 +11,8 @@ through the backends.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +21,7 @@ from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_art
 from policies.signals import answer_confidence
 from proxy.backends.base import Backend, CallResult
 
-POLICIES = ("index", "single")
+POLICIES = ("index", "threshold", "agreement", "single")
 
 
 class OverrideError(ValueError):
@@ -129,6 +131,8 @@ class CascadeEngine:
         self.reference = reference
         self.policy: CascadePolicy | None = None
         self.policy_hash: str | None = None
+        self._artifact: dict | None = None
+        self._expected_cost: dict[str, float] = {}
         self.kind = "text"
         self.nodes = list(nodes)
         self.node_cost = [None] * len(self.nodes)
@@ -151,6 +155,16 @@ class CascadeEngine:
         self.policy_hash = artifact["hash"]
         self._artifact = artifact
         self._by_lambda: dict[float, CascadePolicy] = {}
+        self._expected_cost = {n["model"]: float(n["cost_usd"]) for n in artifact["nodes"]}
+        for kind, settings in (artifact.get("baselines") or {}).items():
+            for setting in settings:
+                names = setting.get("chain") or [m for tier in setting["tiers"] for m in tier]
+                missing = sorted(set(names) - set(self.backends))
+                if missing:
+                    raise ValueError(
+                        f"cascade {self.name}: the policy's {kind} baseline uses model(s) "
+                        f"{missing} that are not configured"
+                    )
 
     def policy_for(self, lam: float | None) -> CascadePolicy | None:
         """The policy for a per-request lambda (the artifact's nearest swept setting)."""
@@ -161,6 +175,15 @@ class CascadeEngine:
             self._by_lambda[key] = policy_from_artifact(self._artifact, key)
         return self._by_lambda[key]
 
+    def baseline(self, kind: str, lam: float | None) -> dict | None:
+        """The artifact's `kind` baseline setting for the lambda nearest `lam` (default: the
+        artifact's own), or None when the artifact has none."""
+        settings = ((self._artifact or {}).get("baselines") or {}).get(kind) or []
+        if not settings:
+            return None
+        target = self._artifact["lambda"] if lam is None else lam
+        return min(settings, key=lambda e: (abs(e["lambda"] - target), -e["lambda"]))
+
     async def run(self, messages: list[dict], params: dict, overrides: Overrides) -> CascadeRun:
         run = CascadeRun(cascade=self.name, policy_hash=self.policy_hash)
         if self.policy is None or overrides.policy == "single":
@@ -168,6 +191,19 @@ class CascadeEngine:
             run.calls.append(call)
             run.answer = call if call.result.ok else None
             run.reason = "single: the reference model answers"
+            return run
+        if overrides.policy in ("threshold", "agreement"):
+            setting = self.baseline(overrides.policy, overrides.lam)
+            if setting is None:
+                raise OverrideError(
+                    f"the policy artifact of cascade {self.name} holds no {overrides.policy} "
+                    "setting: refit it with this version of `cascade fit`",
+                    "cascade.policy",
+                )
+            if overrides.policy == "threshold":
+                await self._run_threshold(run, setting, messages, params, overrides)
+            else:
+                await self._run_agreement(run, setting, messages, params)
             return run
         decide = 0.0
         t0 = time.perf_counter()
@@ -209,6 +245,68 @@ class CascadeEngine:
         run.answer = self._answer(run, step)
         run.overhead_ms = decide * 1000.0
         return run
+
+    async def _run_threshold(
+        self,
+        run: CascadeRun,
+        setting: dict,
+        messages: list[dict],
+        params: dict,
+        overrides: Overrides,
+    ) -> None:
+        """Confidence-threshold cascade without recall: stop at the first model whose raw
+        confidence reaches its threshold and return its answer (bench's `threshold`)."""
+        chain, thresholds = setting["chain"], setting["thresholds"]
+        spent = 0.0
+        for i, model in enumerate(chain):
+            expected = self._expected_cost.get(model, 0.0)
+            cap = overrides.max_cost_usd
+            if cap is not None and spent + expected > cap and run.calls:
+                run.reason = f"max_cost_usd: {model} would exceed the cap"
+                break
+            if run.calls:
+                run.calls[-1].decision = f"continue:{model}"
+            call = await self._call(i, model, messages, params)
+            run.calls.append(call)
+            spent += call.result.cost_usd if call.result.cost_usd is not None else expected
+            if not call.result.ok:
+                continue
+            limit = "always" if i == len(chain) - 1 else thresholds[i]
+            conf = -math.inf if call.confidence is None else call.confidence
+            if limit == "always" or (limit != "never" and conf >= limit):
+                run.answer, run.reason = call, f"threshold: confident enough at {model}"
+                return
+        answered = [c for c in run.calls if c.result.ok]
+        run.answer = answered[-1] if answered else None
+        run.reason = run.reason or "threshold: the last model that answered"
+
+    async def _run_agreement(
+        self, run: CascadeRun, setting: dict, messages: list[dict], params: dict
+    ) -> None:
+        """Cascade of Ensembles: call each tier's models in parallel; stop when the majority's
+        vote fraction reaches theta (bench's `agreement`); answer with the majority."""
+        tiers, theta = setting["tiers"], float(setting["theta"])
+        for t, tier in enumerate(tiers):
+            calls = await asyncio.gather(
+                *(self._call(k, model, messages, params) for k, model in enumerate(tier))
+            )
+            if run.calls:
+                run.calls[-1].decision = f"continue:{','.join(tier)}"
+            run.calls.extend(calls)
+            votes: dict[str, list[NodeCall]] = {}
+            for call in calls:  # tier order is cheapest first: the last voter is the priciest
+                if call.result.ok and call.extracted is not None:
+                    votes.setdefault(call.extracted, []).append(call)
+            last = t == len(tiers) - 1
+            if votes:
+                top = max(votes, key=lambda a: (len(votes[a]), tier.index(votes[a][-1].model)))
+                if len(votes[top]) / len(tier) >= theta - 1e-9 or last:
+                    run.answer = votes[top][-1]
+                    run.reason = f"agreement: {len(votes[top])} of {len(tier)} agree"
+                    return
+        answered = [c for c in run.calls if c.result.ok]
+        run.answer = answered[-1] if answered else None
+        run.reason = "agreement: no majority; the last model that answered"
 
     def _answer(self, run: CascadeRun, step: Step) -> NodeCall | None:
         """The policy's recalled answer if that call answered, else the last that did."""

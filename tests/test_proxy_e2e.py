@@ -382,3 +382,24 @@ def test_a_per_request_lambda_trades_cost_for_accuracy(client, up) -> None:
     assert [c["model"] for c in thrifty.model_extra["cascade"]["calls"]] == ["small"]
     default = ask(client).parse()
     assert [c["model"] for c in default.model_extra["cascade"]["calls"]] == ["small", "large"]
+
+
+def test_the_threshold_baseline_runs_live_without_recall(client, up) -> None:
+    confident = ask(client, extra_body={"cascade": {"policy": "threshold"}}).parse()
+    assert [c["model"] for c in confident.model_extra["cascade"]["calls"]] == ["small"]
+    assert confident.model_extra["cascade"]["reason"].startswith("threshold")
+    up.answer("small", "C", -2.5)
+    unsure = ask(client, extra_body={"cascade": {"policy": "threshold"}}).parse()
+    assert [c["model"] for c in unsure.model_extra["cascade"]["calls"]] == ["small", "large"]
+    assert unsure.model == "large"
+
+
+def test_the_agreement_baseline_calls_a_tier_in_parallel(client, up) -> None:
+    up.post("/admin/faults", json={"latency_ms": 600})
+    start = time.monotonic()
+    reply = ask(client, extra_body={"cascade": {"policy": "agreement", "lambda": 1.0}}).parse()
+    elapsed = time.monotonic() - start
+    extra = reply.model_extra["cascade"]
+    assert sorted(c["model"] for c in extra["calls"]) == ["large", "small"]
+    assert elapsed < 1.1  # two 0.6 s calls side by side, not one after the other
+    assert extra["reason"] == "agreement: 2 of 2 agree" and reply.model == "large"
