@@ -89,6 +89,7 @@ class NodeCall:
     confidence: float | None
     p_correct: float | None = None
     decision: str = "stop"  # "stop" or "continue:<model>"
+    signal_ms: float = 0.0  # time spent extracting the answer and reading its confidence
 
 
 @dataclass
@@ -204,6 +205,7 @@ class CascadeEngine:
                 await self._run_threshold(run, setting, messages, params, overrides)
             else:
                 await self._run_agreement(run, setting, messages, params)
+            run.overhead_ms = sum(c.signal_ms for c in run.calls)
             return run
         decide = 0.0
         t0 = time.perf_counter()
@@ -243,7 +245,7 @@ class CascadeEngine:
             call.p_correct = step.p_correct
             decide += time.perf_counter() - t0
         run.answer = self._answer(run, step)
-        run.overhead_ms = decide * 1000.0
+        run.overhead_ms = decide * 1000.0 + sum(c.signal_ms for c in run.calls)
         return run
 
     async def _run_threshold(
@@ -321,13 +323,15 @@ class CascadeEngine:
 
     async def _call(self, node: int, model: str, messages: list[dict], params: dict) -> NodeCall:
         result = await self.backends[model].complete(messages, params)
+        t0 = time.perf_counter()
         extracted = confidence = None
         if result.ok:
             extracted = extract_answer(result.text, self.kind)
             confidence = result.confidence
             if confidence is None:
                 confidence = answer_confidence(result.text, result.token_logprobs, self.kind)
-        return NodeCall(node, model, result, extracted, confidence)
+        signal_ms = (time.perf_counter() - t0) * 1000.0
+        return NodeCall(node, model, result, extracted, confidence, signal_ms=signal_ms)
 
 
 def _prompt_text(messages: list[dict]) -> str:
