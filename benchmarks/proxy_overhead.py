@@ -91,6 +91,13 @@ PROMPT = (
     "anything else.\n\nQuestion: What is 2 + 3?\n\nChoices:\nA: 4\nB: 5\nC: 6\nD: 7\n\nAnswer: "
 )
 MAX_TOKENS = 8
+# what `litellm[proxy]` brings that its proxy needs to start (litellm 1.110's extra also
+# pins `litellm-proxy`, which not every package index serves)
+LITELLM_PROXY_DEPS = (
+    "orjson backoff apscheduler fastapi-sso pyjwt python-multipart cryptography rq gunicorn "
+    "litellm-proxy-extras litellm-enterprise restrictedpython tomlkit semver backports-zstd "
+    "pynacl expression mcp soundfile polars inquirerpy azure-identity azure-storage-blob hiredis"
+)
 READY_S = 120.0  # deadline for a server to answer its health check
 PROXY_ENV_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY")
 
@@ -109,6 +116,30 @@ def _cpu_seconds(pids: list[int]) -> float | None:
         fields = text[text.rindex(")") + 2 :].split()
         total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks() -> dict[str, list[int]]:
+    """Per-CPU jiffies from /proc/stat: user nice system idle iowait irq softirq steal."""
+    out: dict[str, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, *values = line.split()
+                out[name] = [int(v) for v in values[:8]]
+    return out
+
+
+def _cpu_use(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, list[float]]:
+    """Per CPU: [busy, steal] as fractions of the elapsed jiffies."""
+    out: dict[str, list[float]] = {}
+    for name, b in before.items():
+        a = after.get(name)
+        if a is None:
+            continue
+        d = [x - y for x, y in zip(a, b, strict=True)]
+        total = sum(d) or 1
+        out[name] = [(d[0] + d[1] + d[2] + d[5] + d[6]) / total, d[7] / total]
+    return out
 
 
 async def _drive(
@@ -189,7 +220,9 @@ async def _phase(sessions: dict, cmd: dict[str, Any]) -> dict[str, Any]:
     groups: dict[str, list[int]] = cmd.get("cpu_pids", {})
     before = {name: _cpu_seconds(pids) for name, pids in groups.items()}
     self_before = time.process_time()
+    ticks = _cpu_ticks()
     run = await _drive(session, cmd["url"], data, headers, cmd["requests"], c, deadline, collect)
+    run["cpus"] = _cpu_use(ticks, _cpu_ticks())
     self_cpu = time.process_time() - self_before
     after = {name: _cpu_seconds(pids) for name, pids in groups.items()}
     run["cpu_s"] = {
@@ -391,6 +424,17 @@ def proc_status_mb(pid: int, key: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def cpus_of(pid: int) -> str:
+    """The CPUs a process may run on (Cpus_allowed_list of /proc/PID/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
 
 
 def child_pids(pid: int) -> list[int]:
@@ -625,6 +669,7 @@ class Target:
     key: str
     server: Server | None  # None: the upstream itself (direct)
     note: str
+    own_header: str | None = None  # the proxy's self-reported overhead header, if any
 
     def body(self) -> str:
         return json.dumps(
@@ -643,11 +688,14 @@ class Phase:
     ok: int
     errors: int
     proxy_cpu_s: float | None
+    others_cpu_s: float | None  # the idle servers (they share CPU 0 with the proxy)
     upstream_cpu_s: float | None
     loadgen_cpu_s: float
     wall_s: float
     truncated: bool
     first_error: str | None
+    own_ms: list[float] = dataclasses.field(default_factory=list)  # self-reported overhead
+    cpus: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # [busy, steal]
 
 
 class LoadGen:
@@ -673,6 +721,8 @@ class LoadGen:
         cpu_pids: dict[str, list[int]],
         collect: tuple[str, ...] = (),
     ) -> tuple[Phase, dict]:
+        if target.own_header and target.own_header not in collect:
+            collect = (*collect, target.own_header)
         cmd = {
             "op": "phase",
             "url": target.url,
@@ -695,18 +745,43 @@ class LoadGen:
             ok=raw["ok"],
             errors=raw["errors"] + raw["warmup_errors"],
             proxy_cpu_s=cpu.get("proxy"),
+            others_cpu_s=cpu.get("others"),
             upstream_cpu_s=cpu.get("upstream"),
             loadgen_cpu_s=cpu["loadgen"],
             wall_s=raw["wall_s"],
             truncated=raw["truncated"],
             first_error=raw["first_error"],
+            cpus=raw.get("cpus", {}),
         )
+        if target.own_header:
+            got = raw["headers"].get(target.own_header, [])
+            phase.own_ms = [float(v) for v in got if v is not None]
         return phase, raw["headers"]
 
     def quit(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.stdin.write('{"op": "quit"}\n')
             self.stdin.flush()
+
+
+def usage(phase: Phase) -> str:
+    """CPU use during a phase: each CPU's busy share (steal if any), and the proxy's."""
+    parts = []
+    for cpu in ("cpu0", "cpu1"):
+        busy, steal = phase.cpus.get(cpu, (float("nan"), 0.0))
+        parts.append(f"{cpu} {busy:4.0%}" + (f" (steal {steal:.0%})" if steal >= 0.01 else ""))
+    if phase.proxy_cpu_s is not None and phase.wall_s > 0:
+        parts.append(f"proxy {phase.proxy_cpu_s / phase.wall_s:4.0%}")
+    if phase.others_cpu_s and phase.wall_s > 0 and phase.others_cpu_s / phase.wall_s >= 0.02:
+        parts.append(f"idle servers {phase.others_cpu_s / phase.wall_s:.0%}")
+    return "  ".join(parts)
+
+
+def flags(phase: Phase) -> str:
+    out = " TRUNCATED (phase time cap)" if phase.truncated else ""
+    if phase.errors:
+        out += f" {phase.errors} errors, first: {phase.first_error}"
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -812,14 +887,15 @@ def run(args: argparse.Namespace) -> int:
 
         # ---- LiteLLM's proxy boots slowly: start it first, fit while it boots
         litellm: Server | None = None
-        litellm_note = "skipped (--no-litellm)"
+        litellm_note = "skipped (--no-litellm)"  # short form for the tables
+        litellm_detail = ""  # printed once
         if not args.no_litellm:
             from importlib.util import find_spec
 
             if find_spec("litellm") is None:
-                litellm_note = (
-                    "skipped: litellm is not installed (pip install 'litellm[proxy]' into the "
-                    "venv to measure it)"
+                litellm_note = "skipped: litellm is not installed"
+                litellm_detail = (
+                    "install it with `.venv/bin/pip install 'litellm[proxy]'` to measure it"
                 )
             else:
                 cfg = tmp / "litellm.yaml"
@@ -901,32 +977,44 @@ def run(args: argparse.Namespace) -> int:
             servers[name] = Server(name, proc, log, f"http://127.0.0.1:{port}")
 
         print("servers")
-        print(f"  upstream        pid {up.pid:>7}  {upstream}  (proxy.fake_upstream, CPU 1)")
+        print(
+            f"  upstream        pid {up.pid:>7}  CPUs {cpus_of(up.pid):<4} {upstream}  "
+            "(python -m proxy.fake_upstream)"
+        )
         for name, server in servers.items():
             took = wait_ready(server, "/health")
-            print(f"  {name:<15} pid {server.pid:>7}  {server.url}  ready in {took:.1f} s")
+            print(
+                f"  {name:<15} pid {server.pid:>7}  CPUs {cpus_of(server.pid):<4} {server.url}  "
+                f"ready in {took:.1f} s (cascade serve)"
+            )
         if litellm is not None:
             try:
                 took = wait_ready(litellm, "/health/liveliness")
             except RuntimeError as exc:
                 missing = litellm_missing_reason(litellm.log)
                 if missing:
-                    litellm_note = (
-                        f"skipped: the LiteLLM proxy extra is missing ({missing}); install it "
-                        "with `.venv/bin/pip install 'litellm[proxy]'`"
+                    litellm_note = "skipped: the LiteLLM proxy extra is missing"
+                    litellm_detail = (
+                        f"{missing}\n    install it with `.venv/bin/pip install "
+                        "'litellm[proxy]'` (where that extra does not resolve, install its "
+                        f"dependencies by name:\n    {LITELLM_PROXY_DEPS})"
                     )
                 else:
-                    litellm_note = f"skipped: LiteLLM's proxy did not start: {exc}"
+                    litellm_note = "skipped: LiteLLM's proxy did not start"
+                    litellm_detail = str(exc)
                 procs.stop(litellm.proc)
                 litellm = None
             else:
                 kids = child_pids(litellm.pid)
                 print(
-                    f"  {'litellm':<15} pid {litellm.pid:>7}  {litellm.url}  ready in "
-                    f"{took:.1f} s (litellm --config; child processes: {kids or 'none'})"
+                    f"  {'litellm':<15} pid {litellm.pid:>7}  CPUs {cpus_of(litellm.pid):<4} "
+                    f"{litellm.url}  ready in {took:.1f} s (litellm --config; child "
+                    f"processes: {kids or 'none'})"
                 )
         if litellm is None:
             print(f"  litellm         {litellm_note}")
+            if litellm_detail:
+                print(f"    {litellm_detail}")
         print()
 
         chat = "/v1/chat/completions"
@@ -939,6 +1027,7 @@ def run(args: argparse.Namespace) -> int:
                 client_key,
                 servers["cascade-single"],
                 "cascade serve, 1-model cascade, no policy",
+                "x-cascade-overhead-ms",
             ),
             Target(
                 "cascade-policy",
@@ -947,6 +1036,7 @@ def run(args: argparse.Namespace) -> int:
                 client_key,
                 servers["cascade-policy"],
                 "cascade serve, 1-model cascade + fitted policy",
+                "x-cascade-overhead-ms",
             ),
         ]
         if litellm is not None:
@@ -958,6 +1048,7 @@ def run(args: argparse.Namespace) -> int:
                     master_key,
                     litellm,
                     "LiteLLM proxy, openai/m1",
+                    "x-litellm-overhead-duration-ms",
                 )
             )
         five = Target(
@@ -976,7 +1067,7 @@ def run(args: argparse.Namespace) -> int:
                 if target.name != "litellm":
                     raise
                 print(f"  litellm         failed: {exc}; skipping the litellm column")
-                litellm_note = f"skipped: its first request failed ({exc})"
+                litellm_note = "skipped: its first request failed"
                 targets = [t for t in targets if t.name != "litellm"]
         print()
 
@@ -985,10 +1076,15 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, {1})  # keep this (idle) process off the proxy's CPU
         loadgen = LoadGen(procs, tmp / "loadgen.log", env)
+        all_servers = [*servers.values(), *([litellm] if litellm else [])]
+        print(
+            f"load generator pid {loadgen.proc.pid}, CPUs {cpus_of(loadgen.proc.pid)} (aiohttp, "
+            "uvloop, one pooled session per target and concurrency)"
+        )
         warmup = warmup_of(args)
         results: dict[tuple[int, str], list[Phase]] = {}
         budget_hit = False
-        print("rounds (per phase: req/s, p50/p99 ms, CPU use of the proxy and the driver cores)")
+        print("rounds (per phase: req/s, p50/p99 ms; busy share of each CPU, and of the proxy)")
         for conc in args.concurrency:
             for r in range(args.rounds):
                 if time.monotonic() - wall0 > args.budget_s:
@@ -999,23 +1095,16 @@ def run(args: argparse.Namespace) -> int:
                     pids = {"upstream": [up.pid]}
                     if target.server is not None:
                         pids["proxy"] = [target.server.pid, *child_pids(target.server.pid)]
+                    others = [s.pid for s in all_servers if s is not target.server]
+                    pids["others"] = [p for p in others if Path(f"/proc/{p}").exists()]
                     phase, _ = loadgen.phase(
                         target, args.requests, warmup, conc, args.phase_timeout_s, pids
                     )
                     results.setdefault((conc, target.name), []).append(phase)
-                    proxy_busy = (
-                        f"{phase.proxy_cpu_s / phase.wall_s:4.0%}"
-                        if phase.proxy_cpu_s is not None and phase.wall_s > 0
-                        else "   -"
-                    )
-                    driver = (phase.upstream_cpu_s or 0.0) + phase.loadgen_cpu_s
-                    flags = " TRUNCATED (phase time cap)" if phase.truncated else ""
-                    if phase.errors:
-                        flags += f" {phase.errors} errors, first: {phase.first_error}"
                     print(
                         f"  c={conc:<3} round {r + 1}  {target.name:<15} {phase.rps:8.1f} req/s  "
                         f"p50 {pct(phase.lat_ms, 50):7.2f}  p99 {pct(phase.lat_ms, 99):7.2f}  "
-                        f"proxy core {proxy_busy}  driver core {driver / phase.wall_s:4.0%}{flags}",
+                        f"{usage(phase)}{flags(phase)}",
                         flush=True,
                     )
             if budget_hit:
@@ -1096,7 +1185,7 @@ def report(
         )
         print(
             f"  {'target':<15} {'req/s':>8} {'[min-max]':>17} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/req':>10} {'errors':>6}"
+            f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/req':>10} {'own ms':>7} {'errors':>6}"
         )
         base = None
         for target in targets:
@@ -1126,13 +1215,24 @@ def report(
             add50 = "-" if target.name == "direct" else f"{s['add50']:+8.2f}"
             add99 = "-" if target.name == "direct" else f"{s['add99']:+8.2f}"
             cpu_txt = "-" if target.server is None else f"{cpu_ms:10.3f}"
+            own = [x for p in phases for x in p.own_ms]
+            own_txt = f"{median(own):7.3f}" if own else "-"
             print(
                 f"  {target.name:<15} {s['rps']:8.1f} {spread:>17} {s['p50']:8.2f} "
-                f"{s['p99']:8.2f} {add50:>8} {add99:>8} {cpu_txt:>10} {int(s['errors']):>6}"
+                f"{s['p99']:8.2f} {add50:>8} {add99:>8} {cpu_txt:>10} {own_txt:>7} "
+                f"{int(s['errors']):>6}"
             )
         if not any(t.name == "litellm" for t in targets):
             print(f"  {'litellm':<15} {litellm_note}")
 
+    print()
+    print(
+        "  CPU ms/req: the proxy process's utime+stime over the measured requests / requests. "
+        "own ms: median of\n  the proxy's self-reported overhead header (cascade: "
+        "x-cascade-overhead-ms, deciding and reading signals;\n  LiteLLM: "
+        "x-litellm-overhead-duration-ms, its own processing). A proxy whose core is ~100% busy "
+        "in the\n  round lines above is CPU-bound: its req/s is its ceiling on one core."
+    )
     print()
     print("memory after the run (/proc/PID/status; summed over the process and its children)")
     print(f"  {'server':<15} {'VmRSS MB':>9} {'VmHWM MB (peak)':>16}")
@@ -1291,6 +1391,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}): every child process was stopped", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -82,10 +82,17 @@ class CascadePolicy:
         self.n_nodes = len(tables.edges)
         self._edges = [e.tolist() for e in tables.edges]  # plain lists: fast bisect
         self._decision = [[int(x) for x in d] for d in tables.decision]
+        self._root_matters = len(set(self._decision[ROOT + 1])) > 1
 
     def root_state(self, prompt: str) -> int:
-        """The root state of a query: its prompt-difficulty bin (0 without a model)."""
-        return 0 if self.difficulty is None else self.difficulty.root_state(prompt)
+        """The root state of a query: its prompt-difficulty bin (0 without a model).
+
+        The root state only chooses the first node; when every root state chooses the same
+        one, the prompt is not read at all (saves the hashing on every request).
+        """
+        if self.difficulty is None or not self._root_matters:
+            return 0
+        return self.difficulty.root_state(prompt)
 
     def first(self, root_state: int = 0) -> Step:
         nxt = int(self.tables.decision[ROOT + 1][root_state])

@@ -192,6 +192,7 @@ class CascadeEngine:
             run.calls.append(call)
             run.answer = call if call.result.ok else None
             run.reason = "single: the reference model answers"
+            run.overhead_ms = call.signal_ms
             return run
         if overrides.policy in ("threshold", "agreement"):
             setting = self.baseline(overrides.policy, overrides.lam)
