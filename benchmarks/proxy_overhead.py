@@ -967,6 +967,10 @@ def run(args: argparse.Namespace) -> int:
             path.write_text(json.dumps(config, indent=1))
             port = _free_port()
             cenv = dict(env, CASCADE_DATABASE_URL=f"sqlite:///{tmp / (name + '.db')}")
+            # the ledger is on, as in production: create its schema first
+            subprocess.run(
+                [*cascade_cmd, "db", "upgrade"], env=cenv, check=True, capture_output=True
+            )
             log = tmp / f"{name}.log"
             proc = procs.spawn(
                 [*cascade_cmd, "serve", "--config", str(path), "--port", str(port)],

@@ -28,6 +28,8 @@ from proxy.backends.base import Backend, CallResult, StreamChunk
 from proxy.config import Config, ModelConfig
 from proxy.engine import CascadeEngine, CascadeRun, OverrideError, Overrides
 from proxy.errors import ApiError
+from proxy.ledger.writer import LedgerWriter
+from proxy.recording import LedgerEntry
 
 # OpenAI parameters forwarded to upstreams (everything else in the body is ours or ignored)
 FORWARDED = (
@@ -54,6 +56,7 @@ class ProxyState:
     reference_prices: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     client_keys: set[str] = field(default_factory=set)
     admin_key: str | None = None
+    ledger: LedgerWriter | None = None
 
 
 def load_policy(path: str) -> dict:
@@ -102,14 +105,32 @@ def build_state(config: Config) -> ProxyState:
         reference_prices=prices,
         client_keys=config.client_keys(),
         admin_key=config.admin_key(),
+        ledger=make_ledger(config.database_url),
     )
+
+
+def make_ledger(url: str) -> LedgerWriter:
+    """The ledger writer, after checking the database schema is current (else it says which
+    command to run). Records spool beside a SQLite file, or in the working directory."""
+    from proxy.ledger.db import check_schema
+
+    check_schema(url)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        spool = Path(url.removeprefix("sqlite:///")).with_suffix(".spool.jsonl")
+    else:
+        spool = Path("cascade-ledger.spool.jsonl")
+    return LedgerWriter(url, spool)
 
 
 def create_app(state: ProxyState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if state.ledger is not None:
+            state.ledger.start()
         yield
         await asyncio.gather(*(b.aclose() for b in state.backends.values()))
+        if state.ledger is not None:  # SIGTERM ends here too: flush every record
+            await asyncio.to_thread(state.ledger.close)
 
     app = FastAPI(
         title="cascade", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan
@@ -118,8 +139,9 @@ def create_app(state: ProxyState) -> FastAPI:
     max_body = state.config.server.max_body_bytes
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> Response:
-        return exc.response()
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        request_id = getattr(request.state, "request_id", None)
+        return exc.response({"x-request-id": request_id} if request_id else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
@@ -136,21 +158,25 @@ def create_app(state: ProxyState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        _authenticate(request, state)
+        request_id = request.state.request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        key = _authenticate(request, state)
         body = await _read_json(request, max_body)
         model, messages, stream, include_usage = _validate(body)
         params = {k: body[k] for k in FORWARDED if k in body}
+        entry = LedgerEntry(state, request_id, key, model, stream)
         if model in state.engines:
             overrides = _overrides(body.get("cascade"))
+            engine = state.engines[model]
+            run = engine.new_run()
             try:
-                run = await _until_disconnect(
-                    request, state.engines[model].run(messages, params, overrides)
-                )
+                await _until_disconnect(request, engine.run(messages, params, overrides, run))
             except OverrideError as exc:
                 raise ApiError(
                     400, str(exc), param=exc.param, code="invalid_cascade_override"
                 ) from None
+            except ApiError as exc:  # the client hung up: keep what was spent
+                entry.cascade_done(run, exc.status, exc.code)
+                raise
             if not run.calls:
                 raise ApiError(
                     400,
@@ -161,8 +187,11 @@ def create_app(state: ProxyState) -> FastAPI:
                 )
             if run.answer is None:
                 metrics.record_run(run, status=502)
-                raise _all_failed(run)
+                error = _all_failed(run)
+                entry.cascade_done(run, error.status, error.code)
+                raise error
             metrics.record_run(run, status=200)
+            entry.cascade_done(run, 200, None)
             payload = _completion(request_id, run.answer.result, run, state)
             headers = _headers(request_id, run)
             if stream:
@@ -171,11 +200,21 @@ def create_app(state: ProxyState) -> FastAPI:
         if model in state.backends:
             backend = state.backends[model]
             if stream:
-                return _stream_live(request_id, model, backend, messages, params, include_usage)
-            result = await _until_disconnect(request, backend.complete(messages, params))
+                return _stream_live(
+                    request_id, model, backend, messages, params, include_usage, entry
+                )
+            try:
+                result = await _until_disconnect(request, backend.complete(messages, params))
+            except ApiError as exc:  # the client hung up while the call was in flight
+                gone = CallResult(model=model, text=None, error="client_disconnected")
+                entry.call_done(model, gone, exc.status, exc.code)
+                raise
             metrics.record_call(model, result)
             if not result.ok:
-                raise _call_failed(model, result)
+                error = _call_failed(model, result)
+                entry.call_done(model, result, error.status, error.code)
+                raise error
+            entry.call_done(model, result, 200, None)
             headers = {"x-request-id": request_id, "x-cascade-model": model}
             if result.cost_usd is not None:
                 headers["x-cascade-cost-usd"] = f"{result.cost_usd:.8f}"
@@ -215,7 +254,7 @@ def create_app(state: ProxyState) -> FastAPI:
             {
                 "status": status,
                 "upstreams": upstreams,
-                "database": "not configured (the ledger comes with the ledger issue)",
+                "database": _ledger_status(state),
                 "cascades": {
                     n: {"policy_hash": e.policy_hash, "nodes": e.nodes}
                     for n, e in state.engines.items()
@@ -231,14 +270,29 @@ def create_app(state: ProxyState) -> FastAPI:
     return app
 
 
+def _ledger_status(state: ProxyState) -> dict:
+    if state.ledger is None:
+        return {"status": "off"}
+    stats = state.ledger.stats()
+    return {
+        "status": "unreachable (records spool to disk)"
+        if stats.get("connected") is False
+        else "ok",
+        "written": stats.get("written"),
+        "pending": stats.get("pending"),
+        "spooled": stats.get("spool_backlog"),
+    }
+
+
 # ---------------------------------------------------------------- request checks
 
 
-def _authenticate(request: Request, state: ProxyState) -> None:
-    if not state.client_keys:
-        return
+def _authenticate(request: Request, state: ProxyState) -> str | None:
+    """The client's API key (None when the proxy requires none); 401 when it is wrong."""
     header = request.headers.get("authorization", "")
     key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if not state.client_keys:
+        return key or None
     if not key:
         raise ApiError(
             401,
@@ -247,6 +301,7 @@ def _authenticate(request: Request, state: ProxyState) -> None:
         )
     if key not in state.client_keys and key != state.admin_key:
         raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+    return key
 
 
 async def _read_json(request: Request, max_body: int) -> dict:
@@ -479,11 +534,21 @@ def _stream_live(
     messages: list[dict],
     params: dict,
     include_usage: bool,
+    entry: LedgerEntry,
 ) -> StreamingResponse:
     """Passthrough streaming: upstream deltas as they arrive; an upstream failure after the
     stream started ends it with an error event (the status line is already sent)."""
 
     async def events() -> AsyncIterator[bytes]:
+        try:
+            async for event in _live_events():
+                yield event
+        finally:  # the client hung up mid-stream: still one ledger record
+            if not entry.written:
+                gone = CallResult(model=model, text=None, error="client_disconnected")
+                entry.call_done(model, gone, 499, "client_disconnected")
+
+    async def _live_events() -> AsyncIterator[bytes]:
         yield _sse(_chunk(request_id, model, {"role": "assistant", "content": ""}))
         done: CallResult | None = None
         chunk: StreamChunk
@@ -496,11 +561,17 @@ def _stream_live(
         if done is None or not done.ok:
             if done is not None:
                 metrics.record_call(model, done)
-            error = _call_failed(model, done).body() if done else {"error": "stream ended"}
-            yield _sse(error)
+                failure = _call_failed(model, done)
+                entry.call_done(model, done, failure.status, failure.code)
+                yield _sse(failure.body())
+            else:
+                ended = CallResult(model=model, text=None, error="stream_ended")
+                entry.call_done(model, ended, 502, "stream_ended")
+                yield _sse({"error": {"message": "the upstream stream ended", "code": None}})
             yield _sse("[DONE]")
             return
         metrics.record_call(model, done)
+        entry.call_done(model, done, 200, None)
         yield _sse(_chunk(request_id, model, {}, done.finish_reason or "stop"))
         if include_usage:
             last = _chunk(request_id, model, {})

@@ -246,11 +246,12 @@ def serve(
     Also serves GET /v1/models, GET /health and GET /metrics (Prometheus).
     """
     from proxy.config import ConfigError, load_config
+    from proxy.ledger.db import DatabaseUnavailable, SchemaError
 
     try:
         cfg = load_config(config)
         state = _build_state(cfg)
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, SchemaError, DatabaseUnavailable, ValueError, OSError) as exc:
         fail(str(exc))
     _run_server(state, host, port)
 
@@ -288,7 +289,11 @@ def _demo_state(policy_dir: Path):
     )
     path = policy_dir / "gsm8k-demo-policy.json"
     save_artifact(art, path)
-    return _build_state(demo.demo_config(path)), art
+    config = demo.demo_config(path)
+    from proxy.ledger.db import upgrade
+
+    upgrade(config.database_url)  # the demo's own SQLite ledger, in the working directory
+    return _build_state(config), art
 
 
 @app.command()
@@ -397,6 +402,64 @@ def _print_demo_banner(host: str, port: int, example: str, art: dict) -> None:
         "  print(r.model, r.choices[0].message.content, r.model_extra['cascade'])",
     ]
     typer.echo("\n".join(lines))
+
+
+db_app = typer.Typer(help="The ledger database: apply or inspect its migrations.")
+app.add_typer(db_app, name="db")
+
+
+def _database_url(config: Path | None, url: str | None) -> str:
+    """--database-url, else $CASCADE_DATABASE_URL, else the config's, else SQLite in ."""
+    from proxy.config import DEFAULT_DATABASE_URL, load_config
+
+    if url:
+        return url
+    if os.environ.get("CASCADE_DATABASE_URL"):
+        return os.environ["CASCADE_DATABASE_URL"]
+    if config or os.environ.get("CASCADE_CONFIG"):
+        return load_config(config).database_url
+    return DEFAULT_DATABASE_URL
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: Annotated[Path | None, typer.Option(help="Cascade config (YAML).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the ledger.")] = None,
+) -> None:
+    """Apply every ledger migration (SQLite or PostgreSQL); safe to run again."""
+    from proxy.config import ConfigError
+    from proxy.ledger.db import current_revision, upgrade
+
+    try:
+        url = _database_url(config, database_url)
+        upgrade(url)
+        typer.echo(f"ledger at revision {current_revision(url)} ({_redact(url)})")
+    except (ConfigError, ValueError, OSError) as exc:
+        fail(str(exc))
+    except Exception as exc:  # the database itself: unreachable, refused, ...
+        fail(f"cannot upgrade the ledger at {_redact(url)}: {exc}")
+
+
+@db_app.command("current")
+def db_current(
+    config: Annotated[Path | None, typer.Option(help="Cascade config (YAML).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the ledger.")] = None,
+) -> None:
+    """Print the ledger's migration revision and the newest one this version knows."""
+    from proxy.ledger.db import current_revision, head_revision
+
+    url = _database_url(config, database_url)
+    try:
+        typer.echo(f"current {current_revision(url)}; head {head_revision()} ({_redact(url)})")
+    except Exception as exc:
+        fail(f"cannot read the ledger at {_redact(url)}: {exc}")
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def main() -> None:  # pragma: no cover - console entry point

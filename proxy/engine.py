@@ -185,8 +185,19 @@ class CascadeEngine:
         target = self._artifact["lambda"] if lam is None else lam
         return min(settings, key=lambda e: (abs(e["lambda"] - target), -e["lambda"]))
 
-    async def run(self, messages: list[dict], params: dict, overrides: Overrides) -> CascadeRun:
-        run = CascadeRun(cascade=self.name, policy_hash=self.policy_hash)
+    def new_run(self) -> CascadeRun:
+        return CascadeRun(cascade=self.name, policy_hash=self.policy_hash)
+
+    async def run(
+        self,
+        messages: list[dict],
+        params: dict,
+        overrides: Overrides,
+        run: CascadeRun | None = None,
+    ) -> CascadeRun:
+        """Answer one request. Pass `run` (from new_run) to keep what was done so far even
+        if this coroutine is cancelled (a client that hung up is still ledgered)."""
+        run = run if run is not None else self.new_run()
         if self.policy is None or overrides.policy == "single":
             call = await self._call(len(self.nodes), self.reference, messages, params)
             run.calls.append(call)

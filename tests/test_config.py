@@ -107,3 +107,23 @@ def test_serve_refuses_a_bad_config_or_a_missing_policy(tmp_path: Path, data, me
     )  # fmt: skip
     assert res.returncode == 2
     assert res.stderr.startswith("error:") and message in res.stderr
+
+
+def test_serve_refuses_a_ledger_without_the_current_schema(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    cascade = Path(sys.executable).with_name("cascade")
+    env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
+    res = subprocess.run(
+        [str(cascade), "serve", "--config", str(path), "--port", "1"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert res.returncode == 2 and "cascade db upgrade" in res.stderr
+    up = subprocess.run(
+        [str(cascade), "db", "upgrade"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert up.returncode == 0 and "ledger at revision" in up.stdout

@@ -28,6 +28,7 @@ from calibration.traces import load_traces
 CASCADE = Path(sys.executable).with_name("cascade")
 KEY = "sk-test-client"
 QUESTION = "Which letter? (A) one (B) two"
+LEDGER: dict[str, Path] = {}  # where the running proxy's SQLite ledger is
 
 
 def _free_port() -> int:
@@ -102,7 +103,12 @@ def proxy(upstream: str, policy: Path, tmp_path_factory):
     }
     path = folder / "cascade.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
+    LEDGER["path"] = folder / "ledger.db"
     env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{folder / 'ledger.db'}"}
+    upgrade = subprocess.run(
+        [str(CASCADE), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert upgrade.returncode == 0, upgrade.stderr
     proc = subprocess.Popen(
         [str(CASCADE), "serve", "--config", str(path), "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -231,6 +237,7 @@ def test_models_health_and_metrics(proxy: str, client, up) -> None:
     assert {"qa", "small", "large"} <= ids
     health = httpx.get(f"{proxy}/health").json()
     assert health["upstreams"] == {"small": True, "large": True}
+    assert health["database"]["status"] == "ok"
     assert health["cascades"]["qa"]["nodes"] == ["small", "large"]
     ask(client)
     text = httpx.get(f"{proxy}/metrics").text
@@ -302,6 +309,15 @@ def test_a_client_that_disconnects_cancels_the_upstream_call(proxy: str, up) -> 
     assert time.monotonic() - start < 1.5
     time.sleep(max(0.0, 2.5 - (time.monotonic() - start)))
     assert up.get("/admin/stats").json()["models"]["small"]["calls"] == 1  # and no retry
+    import sqlite3
+
+    with sqlite3.connect(LEDGER["path"]) as db:  # the hung-up request is ledgered too
+        row = db.execute(
+            "SELECT r.status, c.status FROM ledger_requests r JOIN ledger_calls c"
+            " ON c.request_id = r.request_id WHERE r.model_requested = 'small'"
+            " ORDER BY r.ts DESC LIMIT 1"
+        ).fetchone()
+    assert row == (499, "client_disconnected")
 
 
 # ---------------------------------------------------------------- bad requests
@@ -403,3 +419,58 @@ def test_the_agreement_baseline_calls_a_tier_in_parallel(client, up) -> None:
     assert sorted(c["model"] for c in extra["calls"]) == ["large", "small"]
     assert elapsed < 1.1  # two 0.6 s calls side by side, not one after the other
     assert extra["reason"] == "agreement: 2 of 2 agree" and reply.model == "large"
+
+
+def _ledger_rows(request_id: str, deadline_s: float = 5.0) -> tuple[tuple, list[tuple]]:
+    """The ledger's request row and call rows of one request (the writer is asynchronous)."""
+    import sqlite3
+
+    end = time.monotonic() + deadline_s
+    while True:
+        with sqlite3.connect(LEDGER["path"]) as db:
+            request = db.execute(
+                "SELECT status, cascade, chosen_model, n_calls, cost_usd, reference_cost_usd,"
+                " policy_hash, error FROM ledger_requests WHERE request_id = ?",
+                (request_id,),
+            ).fetchone()
+            calls = db.execute(
+                "SELECT c.call_order, c.model, c.status, c.cost_usd, c.decision"
+                " FROM ledger_calls c JOIN ledger_requests r ON c.request_id = r.request_id"
+                " WHERE r.request_id = ? ORDER BY c.call_order",
+                (request_id,),
+            ).fetchall()
+        if request is not None or time.monotonic() > end:
+            return request, calls
+        time.sleep(0.05)
+
+
+def test_every_request_lands_in_the_ledger_with_its_calls(client, up) -> None:
+    up.answer("small", "C", -2.5)
+    raw = ask(client)
+    request, calls = _ledger_rows(raw.headers["x-request-id"])
+    extra = raw.parse().model_extra["cascade"]
+    assert request[:4] == (200, "qa", "large", 2)
+    assert request[4] == pytest.approx(extra["cost_usd"])
+    assert request[5] == pytest.approx(extra["reference_cost_usd"])
+    assert request[6] == extra["policy_hash"]
+    assert [(c[1], c[2], c[4]) for c in calls] == [
+        ("small", "ok", "continue:large"),
+        ("large", "ok", "stop"),
+    ]
+    assert sum(c[3] for c in calls) == pytest.approx(request[4])
+
+
+def test_failed_and_passthrough_requests_are_ledgered_too(proxy: str, client, up) -> None:
+    up.post("/admin/faults", json={"error_rate": 1.0, "error_status": 500})
+    failed = _post(proxy, body_of())
+    assert failed.status_code == 502
+    assert failed.headers["x-request-id"].startswith("chatcmpl-")
+    request, calls = _ledger_rows(failed.headers["x-request-id"])
+    assert request[0] == 502 and request[2] is None and request[7] == "upstream_failed"
+    assert [c[2] for c in calls] == ["http_500", "http_500"]
+    up.delete("/admin/faults")
+    raw = client.chat.completions.with_raw_response.create(
+        model="small", messages=[{"role": "user", "content": QUESTION}]
+    )
+    request, calls = _ledger_rows(raw.headers["x-request-id"])
+    assert request[:4] == (200, None, "small", 1) and request[4] > 0

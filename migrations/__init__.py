@@ -1,0 +1,1 @@
+"""Alembic migrations of the cascade ledger; driven by :mod:`proxy.ledger.db`."""

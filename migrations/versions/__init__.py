@@ -1,0 +1,1 @@
+"""Ledger schema revisions (Alembic skips this file)."""

@@ -1,0 +1,181 @@
+"""Ledger database plumbing: engines, Alembic migrations driven from code, schema checks.
+
+``cascade db upgrade`` calls :func:`upgrade`; the proxy calls :func:`check_schema` at
+startup and refuses to serve when it raises :class:`SchemaError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util.exc import CommandError
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+VERSION_TABLE = "cascade_alembic_version"
+UPGRADE_HINT = "run `cascade db upgrade`"
+
+
+class SchemaError(RuntimeError):
+    """The ledger database's schema is missing, behind, or unknown to this version."""
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The ledger database could not be reached."""
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url``; ``postgres://`` and ``postgresql://`` select the psycopg 3 driver."""
+    u = make_url(str(url)) if not isinstance(url, URL) else url
+    if u.drivername in ("postgres", "postgresql"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL with its password masked, for messages and logs."""
+    try:
+        return normalize_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database url>"
+
+
+def make_engine(url: str | URL, *, foreign_keys: bool = True, **kwargs: Any) -> Engine:
+    """An engine for the ledger.
+
+    SQLite: WAL journal, ``synchronous=NORMAL``, foreign keys on (off for migrations, which
+    copy tables in batch mode), a 30 s busy timeout; the file's directory is created.
+    PostgreSQL: psycopg 3, ``pool_pre_ping`` and a 10 s connect timeout unless the URL says
+    otherwise.
+    """
+    u = normalize_url(url)
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        connect_args.setdefault("timeout", 30.0)
+        database = u.database or ""
+        in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+        if not in_memory and "mode=memory" not in str(u.query):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(u, connect_args=connect_args, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:
+            cur = dbapi_conn.cursor()
+            try:
+                if not in_memory:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+            finally:
+                cur.close()
+
+        return engine
+    if backend == "postgresql":
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        if "connect_timeout" not in u.query:
+            connect_args.setdefault("connect_timeout", 10)
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(u, connect_args=connect_args, **kwargs)
+    return create_engine(u, **kwargs)
+
+
+def _config(url: str | URL | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        rendered = normalize_url(url).render_as_string(hide_password=False)
+        cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    return cfg
+
+
+def _migrate(url: str | URL, fn, *args: Any) -> None:
+    engine = make_engine(url, foreign_keys=False)
+    try:
+        with engine.begin() as conn:
+            cfg = _config(url)
+            cfg.attributes["connection"] = conn
+            fn(cfg, *args)
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str | URL, revision: str = "head") -> str | None:
+    """Apply migrations up to ``revision`` (default: the newest). Returns the new revision."""
+    _migrate(url, command.upgrade, revision)
+    return current_revision(url)
+
+
+def downgrade(url: str | URL, revision: str) -> str | None:
+    """Revert migrations down to ``revision`` (``"base"`` removes the ledger tables)."""
+    _migrate(url, command.downgrade, revision)
+    return current_revision(url)
+
+
+def revision(url: str | URL, message: str, *, autogenerate: bool = True) -> None:
+    """Write a new revision file into ``migrations/versions`` (a development helper)."""
+    _migrate(url, command.revision, message, autogenerate)
+
+
+def head_revision() -> str:
+    """The newest revision this version of cascade knows."""
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    if head is None:
+        raise SchemaError(f"no ledger migrations found under {MIGRATIONS_DIR}")
+    return head
+
+
+def current_revision(url: str | URL) -> str | None:
+    """The database's ledger revision, or ``None`` when it has no ledger schema."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            return ctx.get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def check_schema(url: str | URL) -> str:
+    """Return the current revision if the ledger schema is up to date; raise otherwise.
+
+    Raises :class:`SchemaError` (whose message says to run ``cascade db upgrade``) when the
+    database has no ledger schema or an older one, :class:`SchemaError` when its revision is
+    unknown to this version of cascade (written by a newer one), and
+    :class:`DatabaseUnavailable` when it cannot be reached.
+    """
+    where = safe_url(url)
+    try:
+        current = current_revision(url)
+    except DBAPIError as exc:
+        raise DatabaseUnavailable(
+            f"ledger database {where} is unreachable: {exc.orig or exc}"
+        ) from exc
+    head = head_revision()
+    if current == head:
+        return current
+    if current is None:
+        raise SchemaError(f"ledger database {where} has no ledger schema; {UPGRADE_HINT}")
+    script = ScriptDirectory.from_config(_config())
+    try:
+        known = script.get_revision(current) is not None
+    except (CommandError, RevisionError):
+        known = False
+    if not known:
+        raise SchemaError(
+            f"ledger database {where} is at revision {current}, which this version of "
+            f"cascade does not know (its newest is {head}); upgrade cascade, or downgrade "
+            "the database with the version that wrote it"
+        )
+    raise SchemaError(
+        f"ledger database {where} is at revision {current} but this version of cascade "
+        f"needs {head}; {UPGRADE_HINT}"
+    )

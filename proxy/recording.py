@@ -1,0 +1,128 @@
+"""Turn what a request did into ledger records and hand them to the writer (never blocks).
+
+Every request that reached an upstream is recorded once, whatever its ending: answered,
+every node failed, or the client hung up (the calls already made are kept, status 499).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from proxy.backends.base import CallResult
+from proxy.engine import CascadeRun, NodeCall
+from proxy.ledger.records import CallRecord, RequestRecord
+
+if TYPE_CHECKING:
+    from proxy.app import ProxyState
+
+
+def _call_record(order: int, model: str, backend: str | None, call: NodeCall | None,
+                 result: CallResult) -> CallRecord:  # fmt: skip
+    answered = [call] if call is not None else []
+    return CallRecord(
+        order=order,
+        model=model,
+        backend=backend,
+        status="ok" if result.ok else (result.error or "error"),
+        http_status=result.status,
+        tokens_in=result.tokens_in,
+        tokens_out=result.tokens_out,
+        cost_usd=result.cost_usd,
+        latency_ms=result.latency_ms,
+        ttft_ms=result.ttft_ms,
+        confidence=call.confidence if answered else result.confidence,
+        p_correct=call.p_correct if answered else None,
+        agreement=None,
+        decision=call.decision if answered else None,
+        error=result.error_detail or result.error,
+        node=call.node if answered else None,
+    )
+
+
+class LedgerEntry:
+    """One request's ledger record, written at most once."""
+
+    def __init__(
+        self, state: ProxyState, request_id: str, key: str | None, model: str, stream: bool
+    ) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.key = key
+        self.model = model
+        self.stream = stream
+        self.ts = time.time()
+        self.started = time.perf_counter()
+        self.written = False
+
+    def _submit(self, record: RequestRecord) -> None:
+        if self.written or self.state.ledger is None:
+            return
+        self.written = True
+        self.state.ledger.submit(record)
+
+    def _backend(self, model: str) -> str | None:
+        cfg = self.state.config.models.get(model)
+        return cfg.backend if cfg else None
+
+    def cascade_done(self, run: CascadeRun, status: int, error: str | None) -> None:
+        calls = [
+            _call_record(i, c.model, self._backend(c.model), c, c.result)
+            for i, c in enumerate(run.calls)
+        ]
+        tokens_in, tokens_out = run.tokens
+        answer = run.answer
+        reference = self.state.reference_prices.get(run.cascade)
+        prompt_tokens = max((c.result.tokens_in or 0 for c in run.calls), default=0)
+        reference_cost = None
+        if reference is not None and answer is not None:
+            reference_cost = (
+                prompt_tokens * reference[0] + (answer.result.tokens_out or 0) * (reference[1])
+            )
+        self._submit(
+            RequestRecord(
+                request_id=self.request_id,
+                ts=self.ts,
+                api_key=self.key,
+                cascade=run.cascade,
+                model_requested=self.model,
+                policy_hash=run.policy_hash,
+                status=status,
+                chosen_model=answer.model if answer else None,
+                n_calls=len(run.calls),
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                cost_usd=run.cost_usd,
+                reference_cost_usd=reference_cost,
+                latency_ms=(time.perf_counter() - self.started) * 1000.0,
+                overhead_ms=run.overhead_ms,
+                error=error,
+                stream=self.stream,
+                calls=calls,
+            )
+        )
+
+    def call_done(self, model: str, result: CallResult, status: int, error: str | None) -> None:
+        """A passthrough request: one model, no cascade."""
+        self._submit(
+            RequestRecord(
+                request_id=self.request_id,
+                ts=self.ts,
+                api_key=self.key,
+                cascade=None,
+                model_requested=self.model,
+                policy_hash=None,
+                status=status,
+                chosen_model=model if result.ok else None,
+                n_calls=1,
+                tokens_in=result.tokens_in or 0,
+                tokens_out=result.tokens_out or 0,
+                cost_usd=result.cost_usd,
+                reference_cost_usd=result.cost_usd,
+                latency_ms=(time.perf_counter() - self.started) * 1000.0,
+                overhead_ms=0.0,
+                error=error,
+                stream=self.stream,
+                calls=[_call_record(0, model, self._backend(model), None, result)],
+            )
+        )
