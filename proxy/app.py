@@ -131,6 +131,8 @@ def create_app(state: ProxyState) -> FastAPI:
         await asyncio.gather(*(b.aclose() for b in state.backends.values()))
         if state.ledger is not None:  # SIGTERM ends here too: flush every record
             await asyncio.to_thread(state.ledger.close)
+        for engine in reports_engine:
+            engine.dispose()
 
     app = FastAPI(
         title="cascade", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan
@@ -262,6 +264,29 @@ def create_app(state: ProxyState) -> FastAPI:
             }
         )
 
+    reports_engine: list[Any] = []  # made on first use, then shared
+
+    @app.get("/v1/cascade/reports/{name}")
+    async def ledger_report(request: Request, name: str) -> Response:
+        from proxy.ledger.reports import REPORTS, ReportError, run_report
+
+        _authenticate_admin(request, state)
+        if name not in REPORTS:
+            raise ApiError(
+                404, f"Unknown report {name!r}; one of {', '.join(REPORTS)}", code="not_found"
+            )
+        if not reports_engine:
+            from proxy.ledger.db import make_engine
+
+            reports_engine.append(make_engine(state.config.database_url))
+        since = request.query_params.get("since", "7d")
+        by = request.query_params.get("by") or None
+        try:
+            report = await asyncio.to_thread(run_report, reports_engine[0], name, since, by)
+        except ReportError as exc:
+            raise ApiError(400, str(exc), code="invalid_report_option") from None
+        return JSONResponse(report.to_dict())
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.exposition()
@@ -302,6 +327,21 @@ def _authenticate(request: Request, state: ProxyState) -> str | None:
     if key not in state.client_keys and key != state.admin_key:
         raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
     return key
+
+
+def _authenticate_admin(request: Request, state: ProxyState) -> None:
+    """Admin endpoints: 401 without a valid key, 403 with a key that is not the admin key."""
+    header = request.headers.get("authorization", "")
+    key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if not key:
+        raise ApiError(
+            401, "Missing API key: send 'Authorization: Bearer <admin key>'", code="missing_api_key"
+        )
+    if state.admin_key is not None and key == state.admin_key:
+        return
+    if key in state.client_keys:
+        raise ApiError(403, "This endpoint needs the admin key", code="admin_key_required")
+    raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
 
 async def _read_json(request: Request, max_body: int) -> dict:

@@ -455,6 +455,139 @@ def db_current(
         fail(f"cannot read the ledger at {_redact(url)}: {exc}")
 
 
+report_app = typer.Typer(
+    help="Reports over the ledger: spend, savings, exits, latency, errors.",
+    no_args_is_help=True,
+)
+app.add_typer(report_app, name="report")
+
+REPORT_FORMATS = ("table", "csv", "json")
+
+
+def _report(
+    name: str, since: str, by: str | None, fmt: str, config: Path | None, url: str | None
+) -> None:
+    from proxy.config import ConfigError
+    from proxy.ledger.db import DatabaseUnavailable, SchemaError, check_schema, make_engine
+    from proxy.ledger.reports import ReportError, parse_since, run_report
+
+    if fmt not in REPORT_FORMATS:
+        fail(f"--format {fmt!r} is not one of {', '.join(REPORT_FORMATS)}")
+    db_url = url or ""
+    try:
+        parse_since(since)
+        db_url = _database_url(config, url)
+        check_schema(db_url)
+        engine = make_engine(db_url)
+        try:
+            report = run_report(engine, name, since, by)
+        finally:
+            engine.dispose()
+    except (SchemaError, DatabaseUnavailable, ReportError, ConfigError, ValueError, OSError) as exc:
+        fail(str(exc))
+    except Exception as exc:  # the database itself: refused, dropped, ...
+        fail(f"cannot read the ledger at {_redact(db_url)}: {exc}")
+    if fmt == "json":
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+        return
+    if fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=report.columns, lineterminator="\n")
+        writer.writeheader()
+        for row in report.rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in report.columns})
+        for note in report.notes:
+            typer.echo(note, err=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"cascade {name} since {report.since:%Y-%m-%d %H:%M} UTC by {report.by} "
+        f"({report.source})"
+    )
+    for col in report.columns:
+        table.add_column(col, overflow="fold")
+    for row in report.rows:
+        table.add_row(*("n/a" if row[c] is None else str(row[c]) for c in report.columns))
+    console = Console()
+    console.print(table)
+    if not report.rows:
+        console.print("no requests in the window")
+    for note in report.notes:
+        console.print(note)
+
+
+SinceOpt = Annotated[str, typer.Option(help="Window start: 7d, 24h, 30m or an ISO date (UTC).")]
+ByOpt = Annotated[
+    str | None, typer.Option(help="Group by day, model, cascade or key (default per report).")
+]
+FormatOpt = Annotated[str, typer.Option("--format", help="table, csv or json.")]
+ConfigOpt = Annotated[Path | None, typer.Option(help="Cascade config (YAML).")]
+UrlOpt = Annotated[str | None, typer.Option(help="SQLAlchemy URL of the ledger.")]
+
+
+@report_app.command("spend")
+def report_spend(
+    since: SinceOpt = "7d",
+    by: ByOpt = None,
+    fmt: FormatOpt = "table",
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+) -> None:
+    """Requests, calls, tokens and cost per model (default), day, cascade or key."""
+    _report("spend", since, by, fmt, config, database_url)
+
+
+@report_app.command("savings")
+def report_savings(
+    since: SinceOpt = "7d",
+    by: ByOpt = None,
+    fmt: FormatOpt = "table",
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+) -> None:
+    """Actual cost against always calling the reference model, per cascade (default)."""
+    _report("savings", since, by, fmt, config, database_url)
+
+
+@report_app.command("exits")
+def report_exits(
+    since: SinceOpt = "7d",
+    by: ByOpt = None,
+    fmt: FormatOpt = "table",
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+) -> None:
+    """Where queries stop: calls per request, the model returned, and the recall rate."""
+    _report("exits", since, by, fmt, config, database_url)
+
+
+@report_app.command("latency")
+def report_latency(
+    since: SinceOpt = "7d",
+    by: ByOpt = None,
+    fmt: FormatOpt = "table",
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+) -> None:
+    """p50/p95/p99 latency of requests overall and per model (from the calls)."""
+    _report("latency", since, by, fmt, config, database_url)
+
+
+@report_app.command("errors")
+def report_errors(
+    since: SinceOpt = "7d",
+    by: ByOpt = None,
+    fmt: FormatOpt = "table",
+    config: ConfigOpt = None,
+    database_url: UrlOpt = None,
+) -> None:
+    """Failure rates of calls per model and the requests' HTTP statuses."""
+    _report("errors", since, by, fmt, config, database_url)
+
+
 def _redact(url: str) -> str:
     """The URL without its password, for messages."""
     import re
