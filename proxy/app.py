@@ -25,24 +25,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from policies.artifact import ArtifactError, parse_artifact
 from proxy import metrics
 from proxy.backends.base import Backend, CallResult, StreamChunk
+from proxy.backends.common import FORWARDED_PARAMS
 from proxy.config import Config, ModelConfig
 from proxy.engine import CascadeEngine, CascadeRun, OverrideError, Overrides
 from proxy.errors import ApiError
 from proxy.ledger.writer import LedgerWriter
 from proxy.recording import LedgerEntry
 
-# OpenAI parameters forwarded to upstreams (everything else in the body is ours or ignored)
-FORWARDED = (
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "user",
-)
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -164,7 +153,7 @@ def create_app(state: ProxyState) -> FastAPI:
         key = _authenticate(request, state)
         body = await _read_json(request, max_body)
         model, messages, stream, include_usage = _validate(body)
-        params = {k: body[k] for k in FORWARDED if k in body}
+        params = {k: v for k, v in body.items() if k in FORWARDED_PARAMS}
         entry = LedgerEntry(state, request_id, key, model, stream)
         if model in state.engines:
             overrides = _overrides(body.get("cascade"))
