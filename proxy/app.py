@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -78,6 +79,14 @@ def build_state(config: Config) -> ProxyState:
         from proxy.backends.pricing import warm_up
 
         warm_up()  # litellm's price map and tokenizer now, not on the first request
+    for name, cfg in config.models.items():
+        if cfg.gpu_hourly_usd is None and model_price(name, cfg) is None:
+            print(
+                f"warning: model {name!r} has no known price (set price_in_per_mtok/"
+                "price_out_per_mtok or gpu_hourly_usd): its cost is ledgered as NULL and "
+                "flagged in every report",
+                file=sys.stderr,
+            )
     backends = {name: make_backend(name, cfg) for name, cfg in config.models.items()}
     engines = {}
     prices = {}
