@@ -528,64 +528,31 @@ ConfigOpt = Annotated[Path | None, typer.Option(help="Cascade config (YAML).")]
 UrlOpt = Annotated[str | None, typer.Option(help="SQLAlchemy URL of the ledger.")]
 
 
-@report_app.command("spend")
-def report_spend(
-    since: SinceOpt = "7d",
-    by: ByOpt = None,
-    fmt: FormatOpt = "table",
-    config: ConfigOpt = None,
-    database_url: UrlOpt = None,
-) -> None:
-    """Requests, calls, tokens and cost per model (default), day, cascade or key."""
-    _report("spend", since, by, fmt, config, database_url)
+REPORTS = {
+    "spend": "Requests, calls, tokens and cost per model (default), day, cascade or key.",
+    "savings": "Actual cost against always calling the reference model, per cascade (default).",
+    "exits": "Where queries stop: calls per request, the model returned, and the recall rate.",
+    "latency": "p50/p95/p99 latency of requests overall and per model (from the calls).",
+    "errors": "Failure rates of calls per model and the requests' HTTP statuses.",
+}
 
 
-@report_app.command("savings")
-def report_savings(
-    since: SinceOpt = "7d",
-    by: ByOpt = None,
-    fmt: FormatOpt = "table",
-    config: ConfigOpt = None,
-    database_url: UrlOpt = None,
-) -> None:
-    """Actual cost against always calling the reference model, per cascade (default)."""
-    _report("savings", since, by, fmt, config, database_url)
+def _add_report_command(name: str, doc: str) -> None:
+    def command(
+        since: SinceOpt = "7d",
+        by: ByOpt = None,
+        fmt: FormatOpt = "table",
+        config: ConfigOpt = None,
+        database_url: UrlOpt = None,
+    ) -> None:
+        _report(name, since, by, fmt, config, database_url)
+
+    command.__doc__ = doc
+    report_app.command(name)(command)
 
 
-@report_app.command("exits")
-def report_exits(
-    since: SinceOpt = "7d",
-    by: ByOpt = None,
-    fmt: FormatOpt = "table",
-    config: ConfigOpt = None,
-    database_url: UrlOpt = None,
-) -> None:
-    """Where queries stop: calls per request, the model returned, and the recall rate."""
-    _report("exits", since, by, fmt, config, database_url)
-
-
-@report_app.command("latency")
-def report_latency(
-    since: SinceOpt = "7d",
-    by: ByOpt = None,
-    fmt: FormatOpt = "table",
-    config: ConfigOpt = None,
-    database_url: UrlOpt = None,
-) -> None:
-    """p50/p95/p99 latency of requests overall and per model (from the calls)."""
-    _report("latency", since, by, fmt, config, database_url)
-
-
-@report_app.command("errors")
-def report_errors(
-    since: SinceOpt = "7d",
-    by: ByOpt = None,
-    fmt: FormatOpt = "table",
-    config: ConfigOpt = None,
-    database_url: UrlOpt = None,
-) -> None:
-    """Failure rates of calls per model and the requests' HTTP statuses."""
-    _report("errors", since, by, fmt, config, database_url)
+for _name, _doc in REPORTS.items():
+    _add_report_command(_name, _doc)
 
 
 def _redact(url: str) -> str:
