@@ -69,6 +69,16 @@ class CircuitBreaker:
             self.opened_at = self._clock()
         self._trial = False
 
+    def record(self, error: str | None, status: int | None) -> None:
+        """The verdict of one finished call: answers and client errors (the upstream is up,
+        the request was wrong) count as success; timeouts, 408, 429 and 5xx as failure."""
+        if error is None or (
+            status is not None and 400 <= status < 500 and status not in (408, 429)
+        ):
+            self.success()
+        else:
+            self.failure()
+
     def release(self) -> None:
         """The call ended without a verdict (cancelled, or a client error): free the trial."""
         self._trial = False

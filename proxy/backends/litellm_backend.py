@@ -131,15 +131,6 @@ class LiteLLMBackend:
             extra=extra,
         )
 
-    def _record(self, result: CallResult) -> None:
-        status = result.status
-        if result.error is None or (
-            status is not None and 400 <= status < 500 and status not in (408, 429)
-        ):
-            self.breaker.success()
-        else:
-            self.breaker.failure()
-
     def _circuit_open(self, start: float) -> CallResult:
         return CallResult(
             model=self.name,
@@ -178,7 +169,7 @@ class LiteLLMBackend:
         except BaseException:
             self.breaker.release()
             raise
-        self._record(result)
+        self.breaker.record(result.error, result.status)
         return result
 
     async def _complete(self, messages: list[dict], params: dict) -> CallResult:
@@ -219,7 +210,7 @@ class LiteLLMBackend:
             async with contextlib.aclosing(self._stream(messages, params)) as chunks:
                 async for chunk in chunks:
                     if chunk.done is not None:
-                        self._record(chunk.done)
+                        self.breaker.record(chunk.done.error, chunk.done.status)
                         recorded = True
                     yield chunk
         finally:

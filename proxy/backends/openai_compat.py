@@ -183,16 +183,6 @@ class OpenAIBackend:
             attempts=0,
         )
 
-    def _record(self, result: CallResult) -> None:
-        """Tell the breaker: answers and client errors (the upstream is up) close it."""
-        status = result.status
-        if result.error is None or (
-            status is not None and 400 <= status < 500 and status not in (408, 429)
-        ):
-            self.breaker.success()
-        else:
-            self.breaker.failure()
-
     # ------------------------------------------------------------------------ complete
 
     async def complete(self, messages: list[dict], params: dict) -> CallResult:
@@ -204,7 +194,7 @@ class OpenAIBackend:
         except BaseException:
             self.breaker.release()
             raise
-        self._record(result)
+        self.breaker.record(result.error, result.status)
         return result
 
     async def _complete(self, messages: list[dict], params: dict, start: float) -> CallResult:
@@ -289,7 +279,7 @@ class OpenAIBackend:
             async with contextlib.aclosing(self._stream(messages, params, start)) as chunks:
                 async for chunk in chunks:
                     if chunk.done is not None:
-                        self._record(chunk.done)
+                        self.breaker.record(chunk.done.error, chunk.done.status)
                         recorded = True
                     yield chunk
         finally:
