@@ -5,20 +5,17 @@ Every problem is reported with file and line; nothing is silently dropped.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from policies.answers import detect_kind, extract_answer
+from policies.traceformat import TraceError, parse_trace_text
+
+__all__ = ["RECORDED_COSTS", "TraceError", "TraceSet", "load_traces"]
 
 RECORDED_COSTS = "recorded in the traces (cost_usd)"  # cost_source of untouched traces
-
-
-class TraceError(ValueError):
-    """A trace file is malformed; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -105,80 +102,6 @@ class TraceSet:
         )
 
 
-MODEL_FIELDS = (
-    "answer",
-    "correct",
-    "confidence",
-    "cost_usd",
-    "latency_ms",
-    "tokens_in",
-    "tokens_out",
-)
-_NUMERIC = ("confidence", "cost_usd", "latency_ms", "tokens_in", "tokens_out")
-MAX_REPORTED = 20  # errors listed in one TraceError; the rest are counted
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_row(row: object, models: tuple[str, ...] | None) -> list[str]:
-    """Everything wrong with one parsed line (empty if it is valid)."""
-    if not isinstance(row, dict):
-        return [f"expected a JSON object, got {type(row).__name__}"]
-    errors = []
-    if not isinstance(row.get("id"), str) or not row.get("id"):
-        errors.append("missing or non-string field 'id'")
-    if "task" in row and row["task"] is not None and not isinstance(row["task"], str):
-        errors.append("field 'task' must be a string")
-    if row.get("reference") is not None and not isinstance(row["reference"], str):
-        errors.append("field 'reference' must be a string or null")
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        errors.append("missing or empty field 'messages' (a list of {role, content})")
-    else:
-        for k, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                errors.append(f"messages[{k}] must be an object with a string 'role'")
-            elif m.get("content") is not None and not isinstance(m["content"], str):
-                errors.append(f"messages[{k}].content must be a string or null")
-    entries = row.get("models")
-    if not isinstance(entries, dict) or not entries:
-        errors.append("missing or empty field 'models' (an object keyed by model name)")
-        return errors
-    if models is not None:
-        missing = [m for m in models if m not in entries]
-        extra = [m for m in entries if m not in models]
-        if missing:
-            errors.append(f"model(s) {missing} missing (every row must have {list(models)})")
-        if extra:
-            errors.append(f"model(s) {extra} not in the first row's models {list(models)}")
-    for name, entry in entries.items():
-        if not isinstance(entry, dict):
-            errors.append(f"models.{name} must be an object")
-            continue
-        absent = [f for f in MODEL_FIELDS if f not in entry]
-        if absent:
-            errors.append(f"models.{name}: missing field(s) {absent}")
-        if (
-            "answer" in entry
-            and entry["answer"] is not None
-            and not isinstance(entry["answer"], str)
-        ):
-            errors.append(f"models.{name}.answer must be a string or null")
-        if "correct" in entry and not isinstance(entry["correct"], bool):
-            errors.append(f"models.{name}.correct must be true or false")
-        for f in _NUMERIC:
-            v = entry.get(f)
-            if v is not None and not _number(v):
-                errors.append(f"models.{name}.{f} must be a finite number or null, got {v!r}")
-        for f in ("cost_usd", "latency_ms", "tokens_in", "tokens_out"):
-            v = entry.get(f)
-            if _number(v) and v < 0:
-                errors.append(f"models.{name}.{f} must not be negative, got {v!r}")
-    return errors
-
-
 def load_traces(path: str | Path, kind: str | None = None) -> TraceSet:
     """Read and validate one trace JSONL file. Raises TraceError naming file:line.
 
@@ -193,37 +116,7 @@ def load_traces(path: str | Path, kind: str | None = None) -> TraceSet:
         raise TraceError(f"{path}: no such trace file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TraceError(f"{path}: cannot read: {exc}") from None
-    rows: list[dict] = []
-    lines: list[int] = []
-    errors: list[str] = []
-    models: tuple[str, ...] | None = None
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})")
-            continue
-        problems = _check_row(row, models)
-        if models is None and not problems:
-            models = tuple(row["models"])
-        if not problems:
-            first = seen.setdefault(row["id"], lineno)
-            if first != lineno:
-                problems.append(f"duplicate id {row['id']!r} (first on line {first})")
-        errors.extend(f"{path}:{lineno}: {p}" for p in problems)
-        if not problems:
-            rows.append(row)
-            lines.append(lineno)
-    if errors:
-        shown = "\n".join(errors[:MAX_REPORTED])
-        more = len(errors) - MAX_REPORTED
-        tail = f"\n... and {more} more error(s)" if more > 0 else ""
-        raise TraceError(f"{len(errors)} error(s) in {path}:\n{shown}{tail}")
-    if not rows or models is None:
-        raise TraceError(f"{path}: no trace rows (the file is empty)")
+    models, rows = parse_trace_text(text, str(path))
     return _build(str(path), models, rows, kind)
 
 

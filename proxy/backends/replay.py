@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
+from policies.traceformat import TraceError, parse_trace_text
 from proxy.backends.base import CallResult, StreamChunk
 from proxy.backends.common import Pricer, count_usage, last_user_text, message_text
 from proxy.config import ModelConfig
@@ -37,12 +38,15 @@ class Recorded:
     latency_ms: float | None
 
 
-def _opt(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
-def _opt_int(value: float) -> int | None:
-    return None if math.isnan(value) else int(value)
+def _read_traces(path: str) -> tuple[tuple[str, ...], list[dict]]:
+    """The validated rows of one trace file (the same format check calibration uses)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such trace file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: cannot read: {exc}") from None
+    return parse_trace_text(text, path)
 
 
 def messages_key(messages: list[dict]) -> str:
@@ -58,8 +62,6 @@ class ReplayBackend:
     """Answers the prompts of `cfg.traces` as model column `cfg.model` (default: `name`)."""
 
     def __init__(self, name: str, cfg: ModelConfig, *, simulate_latency: bool = False) -> None:
-        from calibration.traces import load_traces  # lazy: numpy and policies
-
         if not cfg.traces:
             raise ValueError(f"replay model {name!r}: no trace files (traces: [...])")
         self.name = name
@@ -72,27 +74,27 @@ class ReplayBackend:
         self._by_prompt: dict[str, Recorded] = {}
         for path in self.files:
             try:
-                ts = load_traces(path)
+                models, rows = _read_traces(path)
             except ValueError as exc:  # TraceError: names file and line
                 raise ValueError(f"replay model {name!r}: bad trace file {path}: {exc}") from exc
-            if self.model not in ts.models:
+            if self.model not in models:
                 raise ValueError(
                     f"replay model {name!r}: trace file {path} has no model column "
-                    f"{self.model!r} (it has {list(ts.models)}); set `model:` to one of them"
+                    f"{self.model!r} (it has {list(models)}); set `model:` to one of them"
                 )
-            j = ts.models.index(self.model)
-            for i in range(len(ts)):
+            for row in rows:
+                entry = row["models"][self.model]
                 rec = Recorded(
-                    trace_id=ts.ids[i],
-                    answer=ts.answers[i][j],
-                    confidence=_opt(ts.confidence[i, j]),
-                    tokens_in=_opt_int(ts.tokens_in[i, j]),
-                    tokens_out=_opt_int(ts.tokens_out[i, j]),
-                    cost_usd=_opt(ts.cost_usd[i, j]),
-                    latency_ms=_opt(ts.latency_ms[i, j]),
+                    trace_id=row["id"],
+                    answer=entry["answer"],
+                    confidence=entry["confidence"],
+                    tokens_in=None if entry["tokens_in"] is None else int(entry["tokens_in"]),
+                    tokens_out=None if entry["tokens_out"] is None else int(entry["tokens_out"]),
+                    cost_usd=entry["cost_usd"],
+                    latency_ms=entry["latency_ms"],
                 )
-                self._by_messages.setdefault(messages_key(ts.messages[i]), rec)
-                prompt = last_user_text(ts.messages[i])
+                self._by_messages.setdefault(messages_key(row["messages"]), rec)
+                prompt = last_user_text(row["messages"])
                 if prompt is not None:
                     self._by_prompt.setdefault(prompt, rec)
 
