@@ -16,6 +16,7 @@ from calibration.fit import DEFAULT_MUS, FittedIndex, lambda_of
 from calibration.replay import Outcome
 from calibration.traces import TraceSet
 from policies.artifact import SCHEMA, ArtifactError, content_hash, parse_artifact
+from policies.transitions import describe
 
 __all__ = [
     "SCHEMA",
@@ -121,6 +122,7 @@ def build_artifact(
         "cost_price_mu": mu,
         "posterior": fitted.posterior.to_dict(),
         "difficulty": None if fitted.difficulty is None else fitted.difficulty.to_dict(),
+        "transitions": describe(fitted.allowed, [train.models[j] for j in fitted.nodes]),
         "tables": tables.to_dict(),
         "sweep": _sweep(fitted),
         "baselines": baseline_settings(train),
@@ -132,6 +134,7 @@ def build_artifact(
             "reference_accuracy": float(train.correct[:, ref].mean()),
             "bins": [len(v) for v in tables.values],
             "shrinkage_kappa": fitted.kappa,  # chosen by cross-validation (fit.HeldOutCurve)
+            "warnings": fitted.warnings,
             "target": target,
         },
         "expected": {

@@ -13,6 +13,7 @@ Steps (research/ttamer.md §6, with the fixes reference-numbers.md calls for):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,7 @@ from policies.posterior import (
     confidence_feature,
     subset_members,
 )
+from policies.transitions import START, TransitionSpec, allowed_edges
 
 DEFAULT_MUS = (0.0, *np.geomspace(0.005, 50.0, 48).tolist())
 MAX_NODES = 6
@@ -252,7 +254,10 @@ def fit_states(
     kappa: float = 5.0,
     max_set: int = 4,
     root_state: np.ndarray | None = None,
+    allowed: frozenset[tuple[int, int]] | None = None,
 ) -> StateModel:
+    """Bins and values per node and the transition kernels of the `allowed` edges (all
+    skips when None): a kernel that is absent is a transition the policy cannot take."""
     n_rows, n = correct.shape
     n_bins = n_bins or n_bins_for(n_rows)
     loss = scores.loss(recall)
@@ -301,6 +306,8 @@ def fit_states(
             marg = counts.sum(axis=0) + 1e-9
             marg = marg / marg.sum()
             kernels[(i, j)] = (counts + kappa * marg) / (counts.sum(axis=1, keepdims=True) + kappa)
+    if allowed is not None:
+        kernels = {pair: k for pair, k in kernels.items() if pair in allowed}
     return StateModel(edges, values, kernels, recall)
 
 
@@ -328,7 +335,9 @@ class HeldOutCurve:
         root_state: np.ndarray | None,
         folds: int = 5,
         seed: int = 1,
+        allowed: frozenset[tuple[int, int]] | None = None,
     ) -> None:
+        self.allowed = allowed
         rng = np.random.default_rng(seed)
         self.keep = np.arange(len(train))
         if len(train) > CV_MAX_ROWS:
@@ -361,6 +370,7 @@ class HeldOutCurve:
                 n_bins=n_bins,
                 kappa=kappa,
                 root_state=None if self.root is None else self.root[fit_rows],
+                allowed=self.allowed,
             )
             for k, mu in enumerate(CV_MUS):
                 o = replay_tables(
@@ -380,14 +390,47 @@ class HeldOutCurve:
         return area_under(pareto_envelope(points))
 
 
-def choose_resolution(cv: HeldOutCurve, scores: SetScores, n_rows: int) -> tuple[float, int]:
+def choose_resolution(
+    cv: HeldOutCurve, scores: SetScores, n_rows: int, n_bins: int | None = None
+) -> tuple[float, int]:
     """Shrinkage (pseudo-rows toward pooled estimates) and bins per node with the largest
     held-out curve area. Few calibration rows call for strong shrinkage and coarse bins,
-    many for little and fine: the data decide, not a constant."""
+    many for little and fine: the data decide, not a constant. A given `n_bins` is kept
+    and only the shrinkage is chosen."""
     base = n_bins_for(n_rows)
-    grid = [(k, max(2, round(scale * base))) for k in KAPPAS for scale in BIN_SCALES]
+    scales = BIN_SCALES if n_bins is None else (1.0,)
+    base = base if n_bins is None else n_bins
+    grid = [(k, max(2, round(scale * base))) for k in KAPPAS for scale in scales]
     areas = [cv.area(scores, kappa, n_bins) for kappa, n_bins in grid]
     return grid[int(np.argmax(areas))]
+
+
+MIN_ROWS_PER_BIN = 20  # fewer calibration rows per state bin and its estimates are noise
+MIN_ROWS = 200  # below this the fitted policy is a guess, whatever the resolution
+
+
+def resolution_warnings(n_rows: int, n_bins: int, root_state: np.ndarray | None) -> list[str]:
+    """What is too thin about the calibration set for the state resolution in use."""
+    out = []
+    if n_rows < MIN_ROWS:
+        out.append(
+            f"only {n_rows} calibration rows: expect wide intervals; collect at least "
+            f"{MIN_ROWS} (`cascade collect`)"
+        )
+    if n_rows / n_bins < MIN_ROWS_PER_BIN:
+        out.append(
+            f"{n_bins} loss bins per node over {n_rows} rows leave about "
+            f"{n_rows // n_bins} rows per bin (want {MIN_ROWS_PER_BIN}+): use at most "
+            f"{max(2, n_rows // MIN_ROWS_PER_BIN)} bins or collect more rows"
+        )
+    if root_state is not None:
+        n_root = int(root_state.max()) + 1
+        if n_rows / (n_root * n_bins) < MIN_ROWS_PER_BIN / 2:
+            out.append(
+                f"{n_root} prompt-difficulty states x {n_bins} bins over {n_rows} rows are "
+                "thinly estimated (kernels are shrunk toward the pooled one)"
+            )
+    return out
 
 
 def _rows_of(scores: SetScores, rows: np.ndarray) -> SetScores:
@@ -473,7 +516,11 @@ class FittedIndex:
         folds: int = 5,
         seed: int = 0,
         use_difficulty: bool = True,
+        transitions: TransitionSpec | None = None,
+        n_bins: int | None = None,
     ) -> None:
+        if models is None and isinstance(transitions, Mapping):  # the map names the nodes
+            models = sorted({m for src, dst in transitions.items() for m in [src, *dst]} - {START})
         if models:
             missing = [m for m in models if m not in train.models]
             if missing:
@@ -487,6 +534,8 @@ class FittedIndex:
             self.nodes = select_nodes(train)
         self.recall = recall
         self.train = train
+        self.transitions = transitions
+        self.allowed = allowed_edges(transitions, [train.models[j] for j in self.nodes])
         sig = Signals.of(train, self.nodes)
         oof = out_of_fold_scores(sig, folds=folds, seed=seed)
         self.recall_margin = choose_recall_margin(oof, sig.correct) if recall else 0.0
@@ -501,8 +550,9 @@ class FittedIndex:
         self.reference_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
         self.node_cost_usd = np.nanmean(train.cost_usd[:, self.nodes], axis=0)
         self.costs = self.node_cost_usd / self.reference_cost
-        cv = HeldOutCurve(train, self.nodes, self.costs, recall, root_train)
-        self.kappa, self.n_bins = choose_resolution(cv, self.oof, len(train))
+        cv = HeldOutCurve(train, self.nodes, self.costs, recall, root_train, allowed=self.allowed)
+        self.kappa, self.n_bins = choose_resolution(cv, self.oof, len(train), n_bins)
+        self.warnings = resolution_warnings(len(train), self.n_bins, root_train)
         self.states = fit_states(
             self.oof,
             sig.correct,
@@ -510,6 +560,7 @@ class FittedIndex:
             n_bins=self.n_bins,
             kappa=self.kappa,
             root_state=root_train,
+            allowed=self.allowed,
         )
         self._scores: dict = {}
 

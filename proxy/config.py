@@ -6,7 +6,7 @@ models:
           price_in_per_mtok: 0.05, price_out_per_mtok: 0.08, timeout_s: 30}
   gpt4o: {backend: litellm, model: openai/gpt-4o, api_key_env: OPENAI_API_KEY}
 cascades:
-  default: {nodes: [small, gpt4o], reference: gpt4o, policy: policy.json}
+  default: {nodes: [small, gpt4o], transitions: skips, reference: gpt4o, policy: policy.json}
 server: {api_keys_env: CASCADE_API_KEYS, admin_key_env: CASCADE_ADMIN_KEY}
 database_url: sqlite:///cascade.db
 ```
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policies.transitions import TransitionError, allowed_edges
 
 DEFAULT_DATABASE_URL = "sqlite:///cascade.db"
 
@@ -61,12 +63,23 @@ class ModelConfig(_Strict):
 
 
 class CascadeConfig(_Strict):
-    """A named cascade: its nodes (cheapest first), reference model and policy artifact."""
+    """A named cascade: its nodes (cheapest first), the transitions allowed between them
+    (`skips`, `line`, or a map such as {start: [small], small: [medium, large]}; see
+    policies/transitions.py), reference model and policy artifact."""
 
     nodes: list[str] = Field(min_length=1)
+    transitions: Literal["skips", "line"] | dict[str, list[str]] = "skips"
     reference: str
     policy: str | None = None  # artifact path; None: always call the reference model
     explore_rate: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _transitions(self) -> CascadeConfig:
+        try:
+            allowed_edges(self.transitions, self.nodes)
+        except TransitionError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class ServerConfig(_Strict):

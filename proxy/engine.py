@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
 from policies.answers import extract_answer
 from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_artifact
 from policies.signals import answer_confidence
+from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
 from proxy.backends.base import Backend, CallResult
 
 POLICIES = ("index", "threshold", "agreement", "single")
@@ -65,11 +67,14 @@ class Overrides:
                 "cascade.policy",
             )
         cap = raw.get("max_cost_usd")
-        if cap is not None and (
-            isinstance(cap, bool) or not isinstance(cap, int | float) or cap < 0
+        if cap is not None and (  # NaN, Infinity and ints past a float's range fail too
+            isinstance(cap, bool)
+            or not isinstance(cap, int | float)
+            or not 0 <= cap <= sys.float_info.max
         ):
             raise OverrideError(
-                "'cascade.max_cost_usd' must be a non-negative number", "cascade.max_cost_usd"
+                "'cascade.max_cost_usd' must be a finite non-negative number",
+                "cascade.max_cost_usd",
             )
         return cls(
             policy=policy,
@@ -126,8 +131,13 @@ class CascadeEngine:
         backends: dict[str, Backend],
         reference: str,
         artifact: dict | None = None,
+        transitions: TransitionSpec = "skips",
     ) -> None:
         self.name = name
+        self.transitions = transitions
+        names = allowed_edges(transitions, nodes)
+        self._allowed_names = {(_start_or(nodes, i), nodes[j]) for i, j in names}
+        self._allowed: set[tuple[int, int]] = set()  # the same, by the policy's node index
         self.backends = backends
         self.reference = reference
         self.policy: CascadePolicy | None = None
@@ -149,7 +159,14 @@ class CascadeEngine:
                 f"cascade {self.name}: the policy's node(s) {missing} are not configured models "
                 f"(have {sorted(self.backends)})"
             )
+        self._check_transitions(artifact, names)
         self.nodes = names
+        self._allowed = {
+            (i, j)
+            for i in range(-1, len(names))
+            for j in range(len(names))
+            if (_start_or(names, i), names[j]) in self._allowed_names
+        }
         self.node_cost = [float(n["cost_usd"]) for n in artifact["nodes"]]
         self.kind = artifact.get("answer_kind") or "text"
         self.policy = policy_from_artifact(artifact)
@@ -166,6 +183,20 @@ class CascadeEngine:
                         f"cascade {self.name}: the policy's {kind} baseline uses model(s) "
                         f"{missing} that are not configured"
                     )
+
+    def _check_transitions(self, artifact: dict, names: list[str]) -> None:
+        """Refuse a policy that can take a transition the cascade's config forbids."""
+        tables = [artifact["tables"]["decision"]]
+        tables += [entry["decision"] for entry in artifact.get("sweep") or []]
+        taken = {(_start_or(names, i), names[j]) for t in tables for i, j in taken_edges(t)}
+        forbidden = sorted(taken - self._allowed_names)
+        if forbidden:
+            shown = ", ".join(f"{a}>{b}" for a, b in forbidden)
+            raise ValueError(
+                f"cascade {self.name}: the policy artifact can take transition(s) {shown}, "
+                f"which `transitions: {self.transitions}` forbids; refit it with `cascade fit "
+                "--transitions ...` matching the config"
+            )
 
     def policy_for(self, lam: float | None) -> CascadePolicy | None:
         """The policy for a per-request lambda (the artifact's nearest swept setting)."""
@@ -233,7 +264,11 @@ class CascadeEngine:
         while True:
             k = step.next_node
             if k is None and not any(c.result.ok for c in run.calls):
-                k = next((j for j in range(n) if j not in explored), None)  # nothing answered
+                last = explored[-1] if explored else -1  # nothing answered: next allowed node
+                k = next(
+                    (j for j in range(n) if j not in explored and (last, j) in self._allowed),
+                    None,
+                )
                 if k is None:
                     run.reason = "every node failed"
                     break
@@ -344,6 +379,10 @@ class CascadeEngine:
                 confidence = answer_confidence(result.text, result.token_logprobs, self.kind)
         signal_ms = (time.perf_counter() - t0) * 1000.0
         return NodeCall(node, model, result, extracted, confidence, signal_ms=signal_ms)
+
+
+def _start_or(nodes: list[str], i: int) -> str:
+    return START if i < 0 else nodes[i]
 
 
 def _prompt_text(messages: list[dict]) -> str:
