@@ -10,6 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import math
+import os
+import random
+import re
 import sys
 import time
 import uuid
@@ -21,19 +26,107 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from policies.artifact import ArtifactError, parse_artifact
 from proxy import metrics
 from proxy.backends.base import Backend, CallResult, StreamChunk
 from proxy.backends.common import FORWARDED_PARAMS
 from proxy.config import Config, ModelConfig
-from proxy.engine import CascadeEngine, CascadeRun, OverrideError, Overrides
-from proxy.errors import ApiError
+from proxy.engine import POLICIES, CascadeEngine, CascadeRun, OverrideError, Overrides
+from proxy.errors import ApiError, error_responses
+from proxy.exploration import TraceAppender, trace_row
 from proxy.ledger.writer import LedgerWriter
 from proxy.recording import LedgerEntry
+from proxy.reload import PolicyFiles, ReloadError
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+NUMBER_PARAMS = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_p",
+    "repetition_penalty",
+)
+COUNT_PARAMS = ("max_tokens", "max_completion_tokens", "n")
+
+_NUMBER = {"type": ["number", "null"]}
+_COUNT = {"type": ["integer", "null"], "minimum": 1}
+# The request body as the handler validates it (documentation only: the handler parses the
+# raw JSON itself, so this costs nothing per request). Other OpenAI fields are accepted.
+CHAT_REQUEST_SCHEMA: dict = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "description": "a cascade or a model"},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {"enum": sorted(ROLES)},
+                    "content": {
+                        "anyOf": [
+                            {"type": "string"},
+                            {"type": "null"},
+                            {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["type"],
+                                    "properties": {
+                                        "type": {"type": "string"},
+                                        "text": {"type": "string"},
+                                    },
+                                },
+                            },
+                        ]
+                    },
+                },
+            },
+        },
+        "stream": {"type": "boolean"},
+        "stream_options": {
+            "type": ["object", "null"],
+            "properties": {"include_usage": {"type": ["boolean", "null"]}},
+        },
+        **dict.fromkeys(NUMBER_PARAMS, _NUMBER),
+        **dict.fromkeys(COUNT_PARAMS, _COUNT),
+        "cascade": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                "policy": {"enum": list(POLICIES)},
+                "max_cost_usd": {"type": ["number", "null"], "minimum": 0},
+                "lambda": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+            },
+        },
+    },
+}
+_CHAT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}},
+    }
+}
+_SSE_EVENT = {  # each event of a stream (OpenAPI 3.1: `schema` describes one event)
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a chunk as JSON, or [DONE]"}},
+}
+_CHAT_RESPONSES: dict[int | str, dict] = {
+    200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+    **error_responses(400, 401, 404, 413, 502),
+}
+_REPORT_OPENAPI = {
+    "parameters": [
+        {"name": "since", "in": "query", "schema": {"type": "string"}},
+        {"name": "by", "in": "query", "schema": {"type": "string"}},
+    ]
+}
 
 
 @dataclass
@@ -47,6 +140,9 @@ class ProxyState:
     client_keys: set[str] = field(default_factory=set)
     admin_key: str | None = None
     ledger: LedgerWriter | None = None
+    secrets: frozenset[str] = frozenset()  # keys never to echo in an error body
+    policy_files: PolicyFiles | None = None  # reloaded on POST /admin/reload or file change
+    explorers: dict[str, TraceAppender] = field(default_factory=dict)  # cascade -> traces
 
 
 def load_policy(path: str) -> dict:
@@ -93,17 +189,33 @@ def build_state(config: Config) -> ProxyState:
     for name, cascade in config.cascades.items():
         artifact = load_policy(cascade.policy) if cascade.policy else None
         engines[name] = CascadeEngine(
-            name, cascade.nodes, backends, cascade.reference, artifact=artifact
+            name,
+            cascade.nodes,
+            backends,
+            cascade.reference,
+            artifact=artifact,
+            transitions=cascade.transitions,
         )
         prices[name] = model_price(cascade.reference, config.models[cascade.reference])
+    explorers = {
+        name: TraceAppender(cascade.explore_out or f"explore-{name}.jsonl")
+        for name, cascade in config.cascades.items()
+        if cascade.explore_rate > 0
+    }
+    policy_paths = {name: cascade.policy for name, cascade in config.cascades.items()}
+    upstream_keys = {os.environ.get(m.api_key_env) for m in config.models.values() if m.api_key_env}
+    admin_key = config.admin_key()
     return ProxyState(
         config=config,
         backends=backends,
         engines=engines,
         reference_prices=prices,
         client_keys=config.client_keys(),
-        admin_key=config.admin_key(),
+        admin_key=admin_key,
         ledger=make_ledger(config.database_url),
+        secrets=frozenset(k for k in {*upstream_keys, *config.client_keys(), admin_key} if k),
+        policy_files=PolicyFiles.of(engines, policy_paths),
+        explorers=explorers,
     )
 
 
@@ -120,12 +232,27 @@ def make_ledger(url: str) -> LedgerWriter:
     return LedgerWriter(url, spool)
 
 
+def create_app_from_env() -> FastAPI:
+    """The app of one `cascade serve --workers N` worker (uvicorn's factory, run in each
+    worker process): state cannot cross processes, so every worker loads $CASCADE_CONFIG
+    itself and owns its backends and its ledger writer (its own spool slot)."""
+    from proxy.config import load_config
+
+    return create_app(build_state(load_config()))
+
+
 def create_app(state: ProxyState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if state.ledger is not None:
             state.ledger.start()
+        watch_s = state.config.server.policy_watch_s
+        watcher = None
+        if state.policy_files is not None and state.policy_files.paths and watch_s > 0:
+            watcher = asyncio.create_task(state.policy_files.watch(watch_s))
         yield
+        if watcher is not None:
+            watcher.cancel()
         await asyncio.gather(*(b.aclose() for b in state.backends.values()))
         if state.ledger is not None:  # SIGTERM ends here too: flush every record
             await asyncio.to_thread(state.ledger.close)
@@ -141,35 +268,40 @@ def create_app(state: ProxyState) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         request_id = getattr(request.state, "request_id", None)
-        return exc.response({"x-request-id": request_id} if request_id else None)
+        return exc.response({"x-request-id": request_id} if request_id else None, state.secrets)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
         code = "not_found" if exc.status_code == 404 else None
-        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+        return ApiError(exc.status_code, str(exc.detail), code=code).response(exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return ApiError(400, str(exc.errors()[:3]), code="invalid_request").response()
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+        return ApiError(400, where, code="invalid_request").response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
         return ApiError(500, "internal error in the proxy", code="internal_error").response()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_CHAT_OPENAPI, responses=_CHAT_RESPONSES)
     async def chat_completions(request: Request) -> Response:
         request_id = request.state.request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         key = _authenticate(request, state)
         body = await _read_json(request, max_body)
         model, messages, stream, include_usage = _validate(body)
         params = {k: v for k, v in body.items() if k in FORWARDED_PARAMS}
+        overrides = _overrides(body.get("cascade"))  # checked for every model, as documented
         entry = LedgerEntry(state, request_id, key, model, stream)
         if model in state.engines:
-            overrides = _overrides(body.get("cascade"))
             engine = state.engines[model]
             run = engine.new_run()
+            rate = state.config.cascades[model].explore_rate
+            explore = rate > 0 and random.random() < rate
             try:
-                await _until_disconnect(request, engine.run(messages, params, overrides, run))
+                await _until_disconnect(
+                    request, engine.run(messages, params, overrides, run, explore=explore)
+                )
             except OverrideError as exc:
                 raise ApiError(
                     400, str(exc), param=exc.param, code="invalid_cascade_override"
@@ -192,6 +324,8 @@ def create_app(state: ProxyState) -> FastAPI:
                 raise error
             metrics.record_run(run, status=200)
             entry.cascade_done(run, 200, None)
+            if run.explored_all:
+                await _write_trace(state, request_id, model, messages, run)
             payload = _completion(request_id, run.answer.result, run, state)
             headers = _headers(request_id, run)
             if stream:
@@ -228,7 +362,7 @@ def create_app(state: ProxyState) -> FastAPI:
             code="model_not_found",
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def list_models(request: Request) -> Response:
         _authenticate(request, state)
         now = int(time.time())
@@ -264,7 +398,11 @@ def create_app(state: ProxyState) -> FastAPI:
 
     reports_engine: list[Any] = []  # made on first use, then shared
 
-    @app.get("/v1/cascade/reports/{name}")
+    @app.get(
+        "/v1/cascade/reports/{name}",
+        openapi_extra=_REPORT_OPENAPI,
+        responses=error_responses(400, 401, 403, 404),
+    )
     async def ledger_report(request: Request, name: str) -> Response:
         from proxy.ledger.reports import REPORTS, ReportError, run_report
 
@@ -283,14 +421,48 @@ def create_app(state: ProxyState) -> FastAPI:
             report = await asyncio.to_thread(run_report, reports_engine[0], name, since, by)
         except ReportError as exc:
             raise ApiError(400, str(exc), code="invalid_report_option") from None
+        except OverflowError:  # since=99999999d, or an ISO date at the edge of time
+            raise ApiError(
+                400, f"--since {since!r} is out of range", code="invalid_report_option"
+            ) from None
         return JSONResponse(report.to_dict())
 
-    @app.get("/metrics")
+    @app.post("/admin/reload", responses=error_responses(400, 401, 403))
+    async def reload_policies(request: Request) -> Response:
+        """Re-read every cascade's policy artifact; all or nothing, no request dropped."""
+        _authenticate_admin(request, state)
+        if state.policy_files is None:
+            return JSONResponse({"reloaded": {}})
+        try:
+            done = await asyncio.to_thread(state.policy_files.reload)
+        except ReloadError as exc:
+            raise ApiError(400, str(exc), code="reload_failed") from None
+        return JSONResponse({"reloaded": done})
+
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
     return app
+
+
+async def _write_trace(
+    state: ProxyState, request_id: str, cascade: str, messages: list[dict], run: CascadeRun
+) -> None:
+    """Append an explored request to its cascade's trace file (off the event loop); a
+    failure to write is logged, never the client's problem."""
+    appender = state.explorers.get(cascade)
+    reference = state.config.cascades[cascade].reference
+    row = trace_row(request_id, cascade, messages, run, reference)
+    if appender is None or row is None:
+        return
+    try:
+        await asyncio.to_thread(appender.append, row)
+    except OSError as exc:
+        logging.getLogger("cascade.explore").warning(
+            "cannot write the explored trace to %s: %s", appender.path, exc
+        )
 
 
 def _ledger_status(state: ProxyState) -> dict:
@@ -354,14 +526,58 @@ async def _read_json(request: Request, max_body: int) -> dict:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = _DECODER.decode(raw.decode("utf-8").removeprefix("\ufeff"))  # strict UTF-8
+    except UnicodeDecodeError:
+        raise ApiError(400, "The request body is not valid UTF-8", code="invalid_json") from None
+    except json.JSONDecodeError as exc:
         raise ApiError(
-            400, f"The request body is not valid JSON: {exc}", code="invalid_json"
+            400,
+            f"The request body is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})",
+            code="invalid_json",
+        ) from None
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
+    except ValueError:  # NaN/Infinity (_reject_constant), or an integer of > 4300 digits
+        raise ApiError(
+            400,
+            "The request body is not valid JSON: NaN, Infinity and integers of more than "
+            "4300 digits are not numbers",
+            code="invalid_json",
         ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        raise ApiError(
+            400, "The request body holds an unpaired UTF-16 surrogate", code="invalid_json"
+        )
     return body
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(body: dict) -> bool:
+    """True if a string of `body` cannot be sent on as UTF-8 (a lone \\udXXX escape)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return True
+    return False
+
+
+def _is_number(value: object) -> bool:
+    """A finite JSON number (not a boolean, not an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _too_large(limit: int) -> ApiError:
@@ -378,36 +594,57 @@ def _validate(body: dict) -> tuple[str, list[dict], bool, bool]:
             400, "'messages' is required and must be a non-empty array", param="messages"
         )
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(
                 400,
                 f"messages[{i}] must be an object with a role in {sorted(ROLES)}",
                 param=f"messages[{i}]",
             )
         content = m.get("content")
-        if content is not None and not isinstance(content, str | list):
+        if content is not None and not (
+            isinstance(content, str) or (isinstance(content, list) and _parts_ok(content))
+        ):
             raise ApiError(
                 400,
-                f"messages[{i}].content must be a string or an array of parts",
+                f"messages[{i}].content must be a string or an array of parts (objects with "
+                "a string 'type' and, if any, a string 'text')",
                 param=f"messages[{i}].content",
             )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise ApiError(
+            400, "'stream_options.include_usage' must be a boolean", param="stream_options"
+        )
+    for key in NUMBER_PARAMS:
         value = body.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ApiError(400, f"'{key}' must be a number", param=key)
-    for key in ("max_tokens", "max_completion_tokens"):
+        if value is not None and not _is_number(value):
+            raise ApiError(400, f"'{key}' must be a finite number", param=key)
+    for key in COUNT_PARAMS:
         value = body.get(key)
+        if isinstance(value, float) and value.is_integer():  # 16.0 is an integer in JSON
+            value = body[key] = int(value)
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise ApiError(400, f"'{key}' must be a positive integer", param=key)
-    return model, messages, stream, bool(options.get("include_usage"))
+    return model, messages, stream, bool(include_usage)
+
+
+def _parts_ok(parts: list) -> bool:
+    return all(
+        isinstance(p, dict)
+        and isinstance(p.get("type"), str)
+        and isinstance(p.get("text", ""), str)
+        for p in parts
+    )
 
 
 def _overrides(raw: object) -> Overrides:
@@ -601,7 +838,7 @@ def _stream_live(
                 metrics.record_call(model, done)
                 failure = _call_failed(model, done)
                 entry.call_done(model, done, failure.status, failure.code)
-                yield _sse(failure.body())
+                yield _sse(failure.to_json(entry.state.secrets))
             else:
                 ended = CallResult(model=model, text=None, error="stream_ended")
                 entry.call_done(model, ended, 502, "stream_ended")

@@ -75,6 +75,17 @@ def fit(
     recall: Annotated[
         bool, typer.Option(help="Return the best answer explored (--no-recall: the last).")
     ] = True,
+    transitions: Annotated[
+        str,
+        typer.Option(
+            help="Allowed transitions: 'skips' (any node to any pricier one), 'line' (each "
+            "node to the next), or edges such as 'start>small,small>large,start>large'."
+        ),
+    ] = "skips",
+    bins: Annotated[
+        int | None,
+        typer.Option(min=2, max=50, help="Loss bins per node (default: chosen by CV on train)."),
+    ] = None,
 ) -> None:
     """Fit the index policy on training traces and write a versioned policy artifact.
 
@@ -85,6 +96,7 @@ def fit(
     try:
         from calibration.artifact import build_artifact, choose_mu, save_artifact
         from calibration.fit import DEFAULT_MUS, FittedIndex
+        from policies.transitions import parse_spec_text
 
         if sum(x is not None for x in (lam, target_accuracy, max_cost_usd)) != 1:
             fail("give exactly one of --lambda, --target-accuracy, --max-cost-usd")
@@ -93,7 +105,13 @@ def fit(
         start = time.perf_counter()
         traces = _load_with_costs(train)
         names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-        fitted = FittedIndex(traces, recall=recall, models=names)
+        fitted = FittedIndex(
+            traces,
+            recall=recall,
+            models=names,
+            transitions=parse_spec_text(transitions),
+            n_bins=bins,
+        )
         mu, target = choose_mu(
             fitted,
             lam=lam,
@@ -110,7 +128,9 @@ def fit(
     exp = art["expected"]
     nodes = " -> ".join(n["model"] for n in art["nodes"])
     typer.echo(f"wrote {out} ({art['hash'][:19]}) in {time.perf_counter() - start:.1f} s")
-    typer.echo(f"nodes (cheapest first, any may be skipped): {nodes}")
+    typer.echo(f"nodes (cheapest first): {nodes}; transitions: {art['transitions']}")
+    for warning in fitted.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"lambda {art['lambda']:.4f}; recall {'on' if art['recall'] else 'off'}")
     typer.echo(
         f"expected on train (out-of-fold): accuracy {exp['accuracy']:.3f} "
@@ -234,25 +254,146 @@ def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
 
 
 @app.command()
+def collect(
+    cascade: Annotated[str, typer.Option(help="Cascade whose models (nodes + reference) to call.")],
+    dataset: Annotated[
+        Path, typer.Option(help='JSONL items: {"id", "messages", "reference", "task"?}.')
+    ],
+    out: Annotated[Path, typer.Option(help="Trace JSONL to append to (existing ids skipped).")],
+    config: Annotated[
+        Path | None, typer.Option(help="Cascade config (YAML); default: $CASCADE_CONFIG.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 8,
+    grader: Annotated[
+        str | None,
+        typer.Option(
+            help="mc | numeric | exact | regex:PATTERN | judge:MODEL (default: from the data)."
+        ),
+    ] = None,
+    max_cost_usd: Annotated[
+        float | None, typer.Option(help="Stop starting items once this run would spend more.")
+    ] = None,
+) -> None:
+    """Call every model of a cascade on a dataset and write full-information traces.
+
+    Each item goes to every model; answers are graded and written with confidence, cost,
+    latency and tokens in the trace format `cascade fit` reads. Resumable: run it again and
+    only missing items are collected. Upstream failures are recorded in the rows.
+    """
+    import asyncio
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from calibration.collect import CollectError
+    from calibration.collect import collect as run_collect
+    from calibration.graders import GraderError
+    from proxy.config import ConfigError, load_config
+
+    progress = Progress(
+        TextColumn("collect"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.2f} items/s  ${task.fields[spent]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=not sys.stderr.isatty(),
+        disable=bool(os.environ.get("CASCADE_NO_PROGRESS")),
+    )
+    bar = {}
+
+    def on_start(status, models: list[str]) -> None:
+        typer.echo(f"models (cheapest first): {', '.join(models)}", err=True)
+        bar["task"] = progress.add_task("collect", total=status.total, rate=0.0, spent=0.0)
+
+    def on_row(status) -> None:
+        progress.update(
+            bar["task"],
+            completed=status.written,
+            rate=status.items_per_s,
+            spent=status.cost_usd,
+        )
+
+    try:
+        cfg = load_config(config)
+        with progress:
+            summary = asyncio.run(
+                run_collect(
+                    cfg,
+                    cascade,
+                    dataset,
+                    out,
+                    concurrency=concurrency,
+                    grader=grader,
+                    max_cost_usd=max_cost_usd,
+                    on_start=on_start,
+                    on_row=on_row,
+                )
+            )
+    except (ConfigError, CollectError, GraderError, ValueError, OSError) as exc:
+        fail(str(exc))  # ValueError: a replay model's bad trace file
+    for note in summary.notes:
+        typer.echo(f"note: {note}", err=True)
+    s = summary
+    typer.echo(
+        f"wrote {s.written} row(s) to {s.out} in {s.elapsed_s:.1f} s "
+        f"({s.already} already there, grader {s.grader}, answers as {s.kind})"
+    )
+    judge = f" (grading ${s.grader_cost_usd:.4f})" if s.grader_cost_usd else ""
+    typer.echo(f"spent ${s.cost_usd:.4f} this run{judge}; ${s.prior_cost_usd:.4f} before")
+    if s.failed_calls:
+        failed = ", ".join(f"{m} {n}" for m, n in s.failed_calls.items())
+        typer.echo(f"failed calls (recorded in the rows): {failed}")
+    if s.ungraded:
+        typer.echo(f"{len(s.ungraded)} item(s) not written: the judge gave no verdict; run again")
+    if s.stopped_by_budget:
+        typer.echo(
+            f"stopped at the budget cap (--max-cost-usd {max_cost_usd}): {s.not_started} "
+            "item(s) left; run again to continue"
+        )
+
+
+@app.command()
 def serve(
     config: Annotated[
         Path | None, typer.Option(help="Cascade config (YAML); default: $CASCADE_CONFIG.")
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes sharing the port (uvicorn workers), each with its own "
+            "ledger writer and spool file; about one per core.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the OpenAI-compatible proxy: POST /v1/chat/completions with a cascade or model name.
 
-    Also serves GET /v1/models, GET /health and GET /metrics (Prometheus).
+    Also serves GET /v1/models, GET /health and GET /metrics (Prometheus; per worker process).
     """
     from proxy.config import ConfigError, load_config
     from proxy.ledger.db import DatabaseUnavailable, SchemaError
 
     try:
         cfg = load_config(config)
-        state = _build_state(cfg)
+        state = _build_state(cfg)  # with --workers too: a bad config fails here, once
     except (ConfigError, SchemaError, DatabaseUnavailable, ValueError, OSError) as exc:
         fail(str(exc))
+    if workers > 1:
+        del state  # each worker builds its own from the same file
+        path = config if config is not None else Path(os.environ["CASCADE_CONFIG"])
+        _run_server(None, host, port, workers=workers, config_path=path.resolve())
+        return
     _run_server(state, host, port)
 
 
@@ -262,12 +403,21 @@ def _build_state(cfg):
     return build_state(cfg)
 
 
-def _run_server(state, host: str, port: int) -> None:
+def _run_server(
+    state, host: str, port: int, workers: int = 1, config_path: Path | None = None
+) -> None:
+    """Serve `state` in this process; or, with workers > 1, spawn uvicorn workers that each
+    build their state from `config_path` (handed over as $CASCADE_CONFIG)."""
     import uvicorn
 
     from proxy.app import create_app
 
-    uvicorn.run(create_app(state), host=host, port=port, log_level="warning", access_log=False)
+    options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
+    if workers > 1:
+        os.environ["CASCADE_CONFIG"] = str(config_path)  # inherited by the spawned workers
+        uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
+        return
+    uvicorn.run(create_app(state), **options)
 
 
 DEMO_TARGET = 0.8  # of gpt-4's accuracy: Mixtral answers most questions, some escalate
@@ -404,7 +554,7 @@ def _print_demo_banner(host: str, port: int, example: str, art: dict) -> None:
     typer.echo("\n".join(lines))
 
 
-db_app = typer.Typer(help="The ledger database: apply or inspect its migrations.")
+db_app = typer.Typer(help="The ledger database: migrations and retention.")
 app.add_typer(db_app, name="db")
 
 
@@ -453,6 +603,61 @@ def db_current(
         typer.echo(f"current {current_revision(url)}; head {head_revision()} ({_redact(url)})")
     except Exception as exc:
         fail(f"cannot read the ledger at {_redact(url)}: {exc}")
+
+
+@db_app.command("prune")
+def db_prune(
+    before: Annotated[
+        str,
+        typer.Option(
+            help="Delete requests (and their calls) older than this: an ISO date or datetime "
+            "(UTC), or Nd for N days ago."
+        ),
+    ],
+    config: Annotated[Path | None, typer.Option(help="Cascade config (YAML).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the ledger.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests deleted per transaction.")] = 5000,
+    dry_run: Annotated[
+        bool, typer.Option(help="Count what would be deleted; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete old request and call rows in batches; the daily rollups are kept.
+
+    Spend by day, model, cascade and key stays available from the rollups (`cascade report
+    spend --since DATE`); the other reports only see the requests that remain.
+    """
+    from proxy.config import ConfigError
+    from proxy.ledger.db import DatabaseUnavailable, SchemaError, check_schema, make_engine
+    from proxy.ledger.retention import RetentionError, parse_before, prune
+
+    url = database_url or ""
+    try:
+        cutoff = parse_before(before)
+        if batch_size < 1:
+            raise RetentionError(f"--batch-size must be at least 1, not {batch_size}")
+        url = _database_url(config, database_url)
+        check_schema(url)
+        engine = make_engine(url)
+        try:
+            result = prune(engine, cutoff, batch_size=batch_size, dry_run=dry_run)
+        finally:
+            engine.dispose()
+    except (RetentionError, SchemaError, DatabaseUnavailable, ConfigError, OSError) as exc:
+        fail(str(exc))
+    except Exception as exc:  # the database itself: refused, dropped, ...
+        fail(f"cannot prune the ledger at {_redact(url)}: {exc}")
+    when = cutoff.isoformat()
+    if result.dry_run:
+        typer.echo(
+            f"would remove {result.rows} rows: {result.requests} requests and {result.calls} "
+            f"calls recorded before {when} ({_redact(url)}); nothing deleted"
+        )
+        return
+    typer.echo(
+        f"removed {result.rows} rows: {result.requests} requests and {result.calls} calls "
+        f"recorded before {when}, in {result.batches} batch(es) ({_redact(url)}); "
+        "ledger_daily rollups kept"
+    )
 
 
 report_app = typer.Typer(

@@ -71,7 +71,8 @@ class CascadeConfig(_Strict):
     transitions: Literal["skips", "line"] | dict[str, list[str]] = "skips"
     reference: str
     policy: str | None = None  # artifact path; None: always call the reference model
-    explore_rate: float = Field(default=0.0, ge=0, le=1)
+    explore_rate: float = Field(default=0.0, ge=0, le=1)  # share of requests calling every model
+    explore_out: str | None = None  # trace JSONL of explored requests (default explore-NAME.jsonl)
 
     @model_validator(mode="after")
     def _transitions(self) -> CascadeConfig:
@@ -87,6 +88,7 @@ class ServerConfig(_Strict):
     api_keys_env: str | None = None  # comma-separated keys in this env var
     admin_key_env: str | None = None
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    policy_watch_s: float = Field(default=2.0, ge=0)  # reload changed artifacts; 0: never
     request_timeout_s: float = Field(default=300.0, gt=0)
 
 
@@ -164,7 +166,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         for name, m in config.models.items()
     }
     cascades = {
-        name: c.model_copy(update={"policy": resolve(c.policy) if c.policy else None})
+        name: c.model_copy(
+            update={
+                "policy": resolve(c.policy) if c.policy else None,
+                "explore_out": resolve(c.explore_out) if c.explore_out else None,
+            }
+        )
         for name, c in config.cascades.items()
     }
     return config.model_copy(update={"models": models, "cascades": cascades})

@@ -1,0 +1,76 @@
+"""Explored requests as traces: a live request that called every model becomes one row of
+the DESIGN.md trace format, so the policy can be refitted on current traffic without the
+selection bias of only seeing the models the policy chose.
+
+Live traffic has no reference answer. A row is labelled by agreement with the cascade's
+reference model (the model a user would otherwise always call): a model is "correct" when
+its extracted answer equals the reference model's. The row says so in `label`, and rows
+whose reference call failed are not written (they could not be labelled).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import threading
+from pathlib import Path
+
+from proxy.engine import CascadeRun
+
+LABEL_AGREEMENT = "agreement"
+
+
+def trace_row(
+    request_id: str, cascade: str, messages: list[dict], run: CascadeRun, reference: str
+) -> dict | None:
+    """The trace row of an explored request, or None when the reference model gave no answer."""
+    by_model = {c.model: c for c in run.calls}
+    ref = by_model.get(reference)
+    if ref is None or not ref.result.ok:
+        return None
+    models = {}
+    for name, call in by_model.items():
+        result = call.result
+        entry = {
+            "answer": result.text if result.ok else None,
+            "correct": bool(result.ok and call.extracted == ref.extracted),
+            "confidence": call.confidence,
+            "cost_usd": result.cost_usd,
+            "latency_ms": result.latency_ms,
+            "tokens_in": result.tokens_in,
+            "tokens_out": result.tokens_out,
+        }
+        if not result.ok:
+            entry["error"] = result.error or "error"
+        models[name] = entry
+    return {
+        "id": request_id,
+        "task": cascade,
+        "messages": messages,
+        "reference": ref.extracted,
+        "label": {"grader": LABEL_AGREEMENT, "against": reference},
+        "policy_hash": run.policy_hash,
+        "chosen": run.answer.model if run.answer else None,
+        "models": models,
+    }
+
+
+class TraceAppender:
+    """Appends rows to a trace JSONL file; whole lines only, also across worker processes
+    (an exclusive lock around each write)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self.written = 0
+
+    def append(self, row: dict) -> None:
+        line = (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        with self._lock, open(self.path, "ab") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                f.write(line)
+                f.flush()
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+            self.written += 1

@@ -1,0 +1,102 @@
+"""Hot reload of policy artifacts: on `POST /admin/reload` or when an artifact file changes.
+
+A reload never drops or fails a request: every artifact is read and checked against its
+cascade first, and only if all pass is each engine's policy swapped, in one assignment per
+cascade; a request in flight finishes with the policy it started with (engine.run takes a
+snapshot), and every ledger row carries the hash of the policy that decided it. A bad file
+changes nothing: the endpoint answers with an error naming it, the watcher logs it and keeps
+serving the old policy until the file is fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+from policies.artifact import ArtifactError, parse_artifact
+from proxy.engine import CascadeEngine, LoadedPolicy
+
+log = logging.getLogger("cascade.reload")
+
+
+class ReloadError(ValueError):
+    """An artifact could not be read or does not fit its cascade; nothing was changed."""
+
+
+@dataclass
+class PolicyFiles:
+    """The cascades whose policy comes from a file, and what each file looked like when
+    last loaded (mtime and size: a changed file is reloaded by the watcher)."""
+
+    engines: dict[str, CascadeEngine]
+    paths: dict[str, str]  # cascade -> artifact path
+    seen: dict[str, tuple[float, int] | None]
+
+    @classmethod
+    def of(cls, engines: dict[str, CascadeEngine], paths: dict[str, str | None]) -> PolicyFiles:
+        files = {name: p for name, p in paths.items() if p}
+        return cls(engines, files, {name: _stamp(p) for name, p in files.items()})
+
+    def reload(self, names: list[str] | None = None) -> dict[str, dict]:
+        """Reload the artifacts of `names` (default: every cascade with a policy file), all
+        or nothing. Returns per cascade the old and new hash."""
+        names = list(self.paths) if names is None else names
+        prepared: dict[str, tuple[LoadedPolicy, tuple[float, int] | None]] = {}
+        for name in names:
+            path = self.paths[name]
+            stamp = _stamp(path)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    artifact = parse_artifact(f.read(), path)
+                prepared[name] = (self.engines[name].prepare(artifact), stamp)
+            except FileNotFoundError:
+                raise ReloadError(f"cascade {name}: policy artifact {path} is missing") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ReloadError(f"cascade {name}: cannot read {path}: {exc}") from None
+            except (ArtifactError, ValueError, KeyError, TypeError) as exc:
+                raise ReloadError(f"cascade {name}: {exc}") from None
+        out = {}
+        for name, (loaded, stamp) in prepared.items():
+            engine = self.engines[name]
+            old = engine.policy_hash
+            engine.current = loaded
+            self.seen[name] = stamp
+            out[name] = {"old_hash": old, "policy_hash": loaded.policy_hash}
+        return out
+
+    def changed(self) -> list[str]:
+        """Cascades whose artifact file differs from the one last loaded."""
+        return [name for name, path in self.paths.items() if _stamp(path) != self.seen[name]]
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll the artifact files; reload a cascade whose file changed (and parses)."""
+        failed: dict[str, tuple[float, int] | None] = {}
+        while True:
+            await asyncio.sleep(interval_s)
+            for name in self.changed():
+                stamp = _stamp(self.paths[name])
+                if failed.get(name) == stamp:
+                    continue  # already reported this broken version
+                try:
+                    done = self.reload([name])[name]
+                except ReloadError as exc:
+                    failed[name] = stamp
+                    log.warning("policy reload skipped, still serving the old policy: %s", exc)
+                    continue
+                failed.pop(name, None)
+                log.warning(
+                    "cascade %s: policy reloaded (%s -> %s)",
+                    name,
+                    (done["old_hash"] or "none")[:19],
+                    (done["policy_hash"] or "none")[:19],
+                )
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size

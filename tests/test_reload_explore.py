@@ -1,0 +1,269 @@
+"""Hot reload and exploration, end to end: a real `cascade serve` process, the fake upstream,
+two policy artifacts fitted on real traces; requests under load while the policy changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from calibration.artifact import build_artifact, save_artifact
+from calibration.fit import FittedIndex
+from calibration.traces import load_traces
+from tests.test_proxy_e2e import CASCADE, QUESTION, _free_port, _wait_ready, upstream  # noqa: F401
+
+ADMIN = "sk-admin-reload-test"
+KEY = "sk-client-reload-test"
+
+
+@pytest.fixture(scope="module")
+def artifacts(traces_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """Two policies over small -> large from real MMLU traces: cheap (lambda 0.2) and
+    accurate (lambda 0.95): different tables, different hashes."""
+    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
+        ["llama3.2-1b", "llama3.1-405b"]
+    )
+    train = dataclasses.replace(train, models=("small", "large"))
+    fitted = FittedIndex(train, recall=True, models=["small", "large"])
+    folder = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for name, mu in (("cheap", 0.2), ("accurate", 0.01)):
+        art = build_artifact(fitted, mu, train_path="mmlu", answer_kind="choice")
+        out[name] = folder / f"{name}.json"
+        save_artifact(art, out[name])
+    return out
+
+
+def _hash(path: Path) -> str:
+    return json.loads(path.read_text())["hash"]
+
+
+@pytest.fixture(scope="module")
+def served(upstream: str, artifacts: dict[str, Path], tmp_path_factory):  # noqa: F811
+    folder = tmp_path_factory.mktemp("served")
+    live = folder / "policy.json"
+    shutil.copy(artifacts["cheap"], live)
+    models = {
+        name: {
+            "backend": "openai",
+            "base_url": f"{upstream}/v1",
+            "price_in_per_mtok": price,
+            "price_out_per_mtok": price,
+            "timeout_s": 5.0,
+        }
+        for name, price in (("small", 0.1), ("large", 10.0))
+    }
+    config = {
+        "models": models,
+        "cascades": {
+            "qa": {"nodes": ["small", "large"], "reference": "large", "policy": "policy.json"},
+            "qx": {
+                "nodes": ["small", "large"],
+                "reference": "large",
+                "policy": str(artifacts["cheap"]),
+                "explore_rate": 1.0,
+                "explore_out": "explored.jsonl",
+            },
+        },
+        "server": {"api_keys": [KEY], "admin_key_env": "RELOAD_TEST_ADMIN", "policy_watch_s": 0.2},
+    }
+    (folder / "cascade.yaml").write_text(json.dumps(config))
+    ledger = folder / "ledger.db"
+    env = {
+        **os.environ,
+        "CASCADE_DATABASE_URL": f"sqlite:///{ledger}",
+        "RELOAD_TEST_ADMIN": ADMIN,
+    }
+    subprocess.run([str(CASCADE), "db", "upgrade"], env=env, check=True, capture_output=True)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(CASCADE), "serve", "--config", str(folder / "cascade.yaml"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=folder,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(f"{url}/health", proc)
+    yield {"url": url, "live": live, "folder": folder, "ledger": ledger}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def up(upstream: str):  # noqa: F811
+    client = httpx.Client(base_url=upstream, timeout=5.0)
+    client.delete("/admin/faults").raise_for_status()
+    client.delete("/admin/stats").raise_for_status()
+    yield client
+    client.close()
+
+
+def _answer(up: httpx.Client, model: str, text: str, confidence: float) -> None:
+    r = up.post("/admin/answers", json={"model": model, "answer": text, "confidence": confidence})
+    r.raise_for_status()
+
+
+def _chat(url: str, cascade: str = "qa") -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": cascade, "messages": [{"role": "user", "content": QUESTION}]},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=20.0,
+    )
+
+
+def _served_hash(url: str, cascade: str = "qa") -> str:
+    return httpx.get(f"{url}/health", timeout=5.0).json()["cascades"][cascade]["policy_hash"]
+
+
+def _reload(url: str, key: str = ADMIN) -> httpx.Response:
+    return httpx.post(
+        f"{url}/admin/reload", headers={"Authorization": f"Bearer {key}"}, timeout=10.0
+    )
+
+
+def _replace(path: Path, source: Path | str) -> None:
+    """Write a file the way a deploy should: a temporary beside it, then an atomic rename."""
+    tmp = path.with_suffix(".tmp")
+    if isinstance(source, Path):
+        shutil.copy(source, tmp)
+    else:
+        tmp.write_text(source)
+    os.replace(tmp, path)
+
+
+def _ledger_hashes(ledger: Path, request_ids: list[str], deadline_s: float = 10.0) -> dict:
+    end = time.monotonic() + deadline_s
+    while True:
+        with sqlite3.connect(ledger) as db:
+            marks = ",".join("?" * len(request_ids))
+            rows = dict(
+                db.execute(
+                    f"SELECT request_id, policy_hash FROM ledger_requests "
+                    f"WHERE request_id IN ({marks})",
+                    request_ids,
+                ).fetchall()
+            )
+        if len(rows) == len(request_ids) or time.monotonic() > end:
+            return rows
+        time.sleep(0.1)
+
+
+def test_a_reload_under_load_fails_no_request_and_the_ledger_sees_the_new_hash(
+    served, artifacts, up
+) -> None:
+    _answer(up, "small", "B", -0.3)
+    _answer(up, "large", "B", -0.01)
+    url, live = served["url"], served["live"]
+    cheap, accurate = _hash(artifacts["cheap"]), _hash(artifacts["accurate"])
+    assert cheap != accurate
+    if _served_hash(url) != cheap:  # a previous test may have left the other one
+        _replace(live, artifacts["cheap"])
+        assert _reload(url).status_code == 200
+    responses: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            responses.append(_chat(url))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    _replace(live, artifacts["accurate"])
+    reload = _reload(url)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert reload.status_code == 200, reload.text
+    assert reload.json()["reloaded"]["qa"]["policy_hash"] == accurate
+    assert _served_hash(url) == accurate
+    assert len(responses) > 20
+    assert [r.status_code for r in responses if r.status_code != 200] == []
+    served_hashes = [r.json()["cascade"]["policy_hash"] for r in responses]
+    assert set(served_hashes) == {cheap, accurate}, "the load must straddle the reload"
+    ids = [r.headers["x-request-id"] for r in responses]
+    ledgered = _ledger_hashes(served["ledger"], ids)
+    assert ledgered == dict(zip(ids, served_hashes, strict=True))
+    after = _chat(url)
+    assert after.json()["cascade"]["policy_hash"] == accurate
+
+
+def test_a_changed_file_is_picked_up_without_a_call(served, artifacts) -> None:
+    url, live = served["url"], served["live"]
+    target = (
+        artifacts["cheap"]
+        if _served_hash(url) != _hash(artifacts["cheap"])
+        else (artifacts["accurate"])
+    )
+    _replace(live, target)
+    deadline = time.monotonic() + 10
+    while _served_hash(url) != _hash(target) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _served_hash(url) == _hash(target)
+
+
+def test_a_bad_artifact_changes_nothing(served, artifacts) -> None:
+    url, live = served["url"], served["live"]
+    before = _served_hash(url)
+    _replace(live, '{"schema": "cascade.policy/v1", "truncated')
+    bad = _reload(url)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["code"] == "reload_failed"
+    assert "policy.json" in bad.json()["error"]["message"]
+    time.sleep(0.5)  # the watcher also sees the broken file and must keep the old policy
+    assert _served_hash(url) == before
+    assert _chat(url).status_code == 200
+    assert _reload(url, key=KEY).status_code == 403
+    assert _reload(url, key="sk-wrong").status_code == 401
+    _replace(live, artifacts["cheap"])
+    assert _reload(url).status_code == 200
+
+
+def test_explored_requests_call_every_model_and_become_traces(served, up) -> None:
+    _answer(up, "small", "B", -0.01)  # confident: the policy stops at small
+    _answer(up, "large", "B", -0.01)
+    agree = _chat(served["url"], "qx")
+    _answer(up, "small", "C", -0.01)
+    disagree = _chat(served["url"], "qx")
+    for r in (agree, disagree):
+        assert r.status_code == 200
+        body = r.json()
+        assert body["model"] == "small", "the response is still the policy's choice"
+        assert [c["model"] for c in body["cascade"]["calls"]] == ["small", "large"]
+        assert body["cascade"]["calls"][1]["decision"] == "explore"
+    stats = up.get("/admin/stats").json()["models"]
+    assert stats["small"]["calls"] == 2 and stats["large"]["calls"] == 2
+    path = served["folder"] / "explored.jsonl"
+    traces = load_traces(path)
+    rows = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert set(traces.ids) >= {agree.headers["x-request-id"], disagree.headers["x-request-id"]}
+    first, second = rows[agree.headers["x-request-id"]], rows[disagree.headers["x-request-id"]]
+    assert first["label"] == {"grader": "agreement", "against": "large"}
+    assert first["models"]["small"]["correct"] is True
+    assert second["models"]["small"]["correct"] is False
+    assert second["models"]["large"]["correct"] is True
+    assert second["policy_hash"] == disagree.json()["cascade"]["policy_hash"]
+    with sqlite3.connect(served["ledger"]) as db:
+        deadline = time.monotonic() + 10
+        calls: list = []
+        while len(calls) < 2 and time.monotonic() < deadline:
+            calls = db.execute(
+                "SELECT model, decision FROM ledger_calls WHERE request_id = ? ORDER BY call_order",
+                (agree.headers["x-request-id"],),
+            ).fetchall()
+            time.sleep(0.1)
+    assert calls == [("small", "stop"), ("large", "explore")]
