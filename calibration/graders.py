@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from policies.answers import extract_answer, extract_choice, extract_number, normalise_text
+from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
 
 if TYPE_CHECKING:
     from proxy.backends.base import Backend
@@ -152,26 +153,6 @@ def _is_number(text: str) -> bool:
     return bool(_NUMBER_ONLY.match(text))
 
 
-JUDGE_SYSTEM = (
-    "You grade answers to questions. Reply with one word: yes if the candidate answer is "
-    "correct, no if it is not."
-)
-JUDGE_PARAMS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 16}
-_VERDICT = re.compile(r"^\W*(yes|no|correct|incorrect|true|false)\b", re.IGNORECASE)
-_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
-
-
-def parse_verdict(text: str | None) -> bool | None:
-    """yes/no (or correct/incorrect, true/false) at the start, else a lone yes or no."""
-    if not text:
-        return None
-    match = _VERDICT.match(text)
-    if match:
-        return match.group(1).lower() in ("yes", "correct", "true")
-    words = {w.lower() for w in _YES_NO.findall(text)}
-    return words == {"yes"} if len(words) == 1 else None
-
-
 class JudgeGrader(Grader):
     """Ask a configured model whether the answer is right (with the reference when known)."""
 
@@ -190,16 +171,7 @@ class JudgeGrader(Grader):
     def prompt(self, text: str, reference: str | None, messages: list[dict] | None) -> list[dict]:
         from proxy.backends.common import last_user_text
 
-        question = (last_user_text(messages or []) or "").strip() or "(no question given)"
-        parts = [f"Question:\n{question}"]
-        if reference is not None:
-            parts.append(f"Reference answer:\n{reference}")
-        parts.append(f"Candidate answer:\n{text}")
-        parts.append("Is the candidate answer correct? Answer yes or no.")
-        return [
-            {"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": "\n\n".join(parts)},
-        ]
+        return judge_messages(last_user_text(messages or []), text, reference)
 
     async def grade(
         self,

@@ -35,7 +35,7 @@ from proxy.backends.common import FORWARDED_PARAMS
 from proxy.config import Config, ModelConfig
 from proxy.engine import POLICIES, CascadeEngine, CascadeRun, OverrideError, Overrides
 from proxy.errors import ApiError, error_responses
-from proxy.exploration import TraceAppender, trace_row
+from proxy.exploration import TraceAppender, judge_row, trace_row
 from proxy.ledger.writer import LedgerWriter
 from proxy.recording import LedgerEntry
 from proxy.reload import PolicyFiles, ReloadError
@@ -143,6 +143,7 @@ class ProxyState:
     secrets: frozenset[str] = frozenset()  # keys never to echo in an error body
     policy_files: PolicyFiles | None = None  # reloaded on POST /admin/reload or file change
     explorers: dict[str, TraceAppender] = field(default_factory=dict)  # cascade -> traces
+    background: set[asyncio.Task] = field(default_factory=set)  # judge runs, awaited at exit
 
 
 def load_policy(path: str) -> dict:
@@ -253,6 +254,8 @@ def create_app(state: ProxyState) -> FastAPI:
         yield
         if watcher is not None:
             watcher.cancel()
+        if state.background:  # judge calls in flight: let them land in the ledger
+            await asyncio.wait(state.background, timeout=30.0)
         await asyncio.gather(*(b.aclose() for b in state.backends.values()))
         if state.ledger is not None:  # SIGTERM ends here too: flush every record
             await asyncio.to_thread(state.ledger.close)
@@ -325,7 +328,7 @@ def create_app(state: ProxyState) -> FastAPI:
             metrics.record_run(run, status=200)
             entry.cascade_done(run, 200, None)
             if run.explored_all:
-                await _write_trace(state, request_id, model, messages, run)
+                await _write_trace(state, request_id, key, model, messages, run)
             payload = _completion(request_id, run.answer.result, run, state)
             headers = _headers(request_id, run)
             if stream:
@@ -448,15 +451,48 @@ def create_app(state: ProxyState) -> FastAPI:
 
 
 async def _write_trace(
-    state: ProxyState, request_id: str, cascade: str, messages: list[dict], run: CascadeRun
+    state: ProxyState,
+    request_id: str,
+    key: str | None,
+    cascade: str,
+    messages: list[dict],
+    run: CascadeRun,
 ) -> None:
-    """Append an explored request to its cascade's trace file (off the event loop); a
-    failure to write is logged, never the client's problem."""
+    """Append an explored request to its cascade's trace file. Agreement labels are written
+    at once (off the event loop); an LLM judge runs in the background after the response,
+    each of its calls ledgered as a request of its own. Failures are logged, never the
+    client's problem."""
     appender = state.explorers.get(cascade)
-    reference = state.config.cascades[cascade].reference
-    row = trace_row(request_id, cascade, messages, run, reference)
+    config = state.config.cascades[cascade]
+    row = trace_row(request_id, cascade, messages, run, config.reference)
     if appender is None or row is None:
         return
+    if config.explore_grader.startswith("judge:"):
+        judge = config.explore_grader.removeprefix("judge:")
+        task = asyncio.create_task(_judge_and_write(state, appender, row, messages, judge, key))
+        state.background.add(task)
+        task.add_done_callback(state.background.discard)
+        return
+    await _append(appender, row)
+
+
+async def _judge_and_write(
+    state: ProxyState,
+    appender: TraceAppender,
+    row: dict,
+    messages: list[dict],
+    judge: str,
+    key: str | None,
+) -> None:
+    results = await judge_row(row, messages, judge, state.backends[judge])
+    for i, result in enumerate(results):
+        entry = LedgerEntry(state, f"{row['id']}-judge-{i}", key, f"judge:{judge}", False)
+        entry.call_done(judge, result, 200 if result.ok else 502, result.error)
+    if row["label"] is not None:
+        await _append(appender, row)
+
+
+async def _append(appender: TraceAppender, row: dict) -> None:
     try:
         await asyncio.to_thread(appender.append, row)
     except OSError as exc:

@@ -73,6 +73,9 @@ class CascadeConfig(_Strict):
     policy: str | None = None  # artifact path; None: always call the reference model
     explore_rate: float = Field(default=0.0, ge=0, le=1)  # share of requests calling every model
     explore_out: str | None = None  # trace JSONL of explored requests (default explore-NAME.jsonl)
+    # how explored (unlabelled) traffic is labelled: agreement with the reference model, or
+    # an LLM judge (any configured model; its calls are ledgered and counted)
+    explore_grader: str = Field(default="agreement", pattern=r"^(agreement|judge:.+)$")
 
     @model_validator(mode="after")
     def _transitions(self) -> CascadeConfig:
@@ -107,6 +110,11 @@ class Config(_Strict):
             unknown = [n for n in [*cascade.nodes, cascade.reference] if n not in self.models]
             if unknown:
                 raise ValueError(f"cascades.{name}: unknown model(s) {unknown}")
+            judge = cascade.explore_grader.removeprefix("judge:")
+            if cascade.explore_grader.startswith("judge:") and judge not in self.models:
+                raise ValueError(
+                    f"cascades.{name}.explore_grader: judge model {judge!r} is not configured"
+                )
         return self
 
     def client_keys(self) -> set[str]:

@@ -2,22 +2,29 @@
 the DESIGN.md trace format, so the policy can be refitted on current traffic without the
 selection bias of only seeing the models the policy chose.
 
-Live traffic has no reference answer. A row is labelled by agreement with the cascade's
-reference model (the model a user would otherwise always call): a model is "correct" when
-its extracted answer equals the reference model's. The row says so in `label`, and rows
-whose reference call failed are not written (they could not be labelled).
+Live traffic has no reference answer. By default a row is labelled by agreement with the
+cascade's reference model (the model a user would otherwise always call): a model is
+"correct" when its extracted answer equals the reference model's. With `explore_grader:
+judge:MODEL` an LLM judge labels each answer instead (policies/judging.py, the protocol
+`cascade collect` uses). The row says which in `label`; rows that could not be labelled
+(reference call failed, judge gave no verdict) are not written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import threading
 from pathlib import Path
 
+from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
+from proxy.backends.base import Backend
+from proxy.backends.common import last_user_text
 from proxy.engine import CascadeRun
 
 LABEL_AGREEMENT = "agreement"
+LABEL_JUDGE = "judge"
 
 
 def trace_row(
@@ -53,6 +60,32 @@ def trace_row(
         "chosen": run.answer.model if run.answer else None,
         "models": models,
     }
+
+
+async def judge_row(row: dict, messages: list[dict], judge: str, backend: Backend) -> list:
+    """Relabel a trace row with an LLM judge's verdict on every model's answer (the
+    question and, as a hint, the reference model's answer are in the prompt). Returns the
+    judge's CallResults (to be ledgered); sets row["label"] to None when a verdict is
+    missing, so the row is not written with a guessed label."""
+    question = last_user_text(messages)
+    names = [m for m, e in row["models"].items() if e["answer"] is not None]
+    results = await asyncio.gather(
+        *(
+            backend.complete(
+                judge_messages(question, row["models"][m]["answer"], None), JUDGE_PARAMS
+            )
+            for m in names
+        )
+    )
+    verdicts = [parse_verdict(r.text) if r.ok else None for r in results]
+    row["label"] = {"grader": LABEL_JUDGE, "model": judge}
+    for name, result, verdict in zip(names, results, verdicts, strict=True):
+        row["models"][name]["correct"] = bool(verdict)
+        row["models"][name]["grader_cost_usd"] = result.cost_usd
+    if any(v is None for v in verdicts):
+        row["label"] = None
+    row["reference"] = None  # the judge decided, not agreement with a reference answer
+    return results
 
 
 class TraceAppender:

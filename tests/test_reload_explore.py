@@ -19,6 +19,7 @@ import pytest
 from calibration.artifact import build_artifact, save_artifact
 from calibration.fit import FittedIndex
 from calibration.traces import load_traces
+from policies.judging import judge_messages
 from tests.test_proxy_e2e import CASCADE, QUESTION, _free_port, _wait_ready, upstream  # noqa: F401
 
 ADMIN = "sk-admin-reload-test"
@@ -60,7 +61,7 @@ def served(upstream: str, artifacts: dict[str, Path], tmp_path_factory):  # noqa
             "price_out_per_mtok": price,
             "timeout_s": 5.0,
         }
-        for name, price in (("small", 0.1), ("large", 10.0))
+        for name, price in (("small", 0.1), ("large", 10.0), ("judge", 1.0))
     }
     config = {
         "models": models,
@@ -72,6 +73,14 @@ def served(upstream: str, artifacts: dict[str, Path], tmp_path_factory):  # noqa
                 "policy": str(artifacts["cheap"]),
                 "explore_rate": 1.0,
                 "explore_out": "explored.jsonl",
+            },
+            "qj": {
+                "nodes": ["small", "large"],
+                "reference": "large",
+                "policy": str(artifacts["cheap"]),
+                "explore_rate": 1.0,
+                "explore_out": "judged.jsonl",
+                "explore_grader": "judge:judge",
             },
         },
         "server": {"api_keys": [KEY], "admin_key_env": "RELOAD_TEST_ADMIN", "policy_watch_s": 0.2},
@@ -267,3 +276,42 @@ def test_explored_requests_call_every_model_and_become_traces(served, up) -> Non
             ).fetchall()
             time.sleep(0.1)
     assert calls == [("small", "stop"), ("large", "explore")]
+
+
+def test_an_llm_judge_can_label_explored_traffic(served, up) -> None:
+    _answer(up, "small", "C", -0.01)
+    _answer(up, "large", "B", -0.01)
+    _answer(up, "judge", "yes", -0.01)
+    wrong = judge_messages(QUESTION, "C", None)[1]["content"]
+    r = up.post(
+        "/admin/answers",
+        json={"model": "judge", "answer": "no", "confidence": -0.01, "prompt": wrong},
+    )
+    r.raise_for_status()
+    reply = _chat(served["url"], "qj")
+    assert reply.status_code == 200 and reply.json()["model"] == "small"
+    rid = reply.headers["x-request-id"]
+    path = served["folder"] / "judged.jsonl"
+    deadline = time.monotonic() + 10
+    while not (path.exists() and rid in path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row = json.loads(path.read_text().splitlines()[-1])
+    assert row["id"] == rid
+    assert row["label"] == {"grader": "judge", "model": "judge"}
+    assert row["models"]["small"]["correct"] is False
+    assert row["models"]["large"]["correct"] is True
+    assert row["models"]["small"]["grader_cost_usd"] > 0
+    assert load_traces(path).ids[-1] == rid
+    assert up.get("/admin/stats").json()["models"]["judge"]["calls"] == 2
+    with sqlite3.connect(served["ledger"]) as db:
+        deadline = time.monotonic() + 10
+        rows: list = []
+        while len(rows) < 2 and time.monotonic() < deadline:
+            rows = db.execute(
+                "SELECT model_requested, status, cost_usd FROM ledger_requests "
+                "WHERE request_id LIKE ?",
+                (f"{rid}-judge-%",),
+            ).fetchall()
+            time.sleep(0.1)
+    assert sorted(r[:2] for r in rows) == [("judge:judge", 200), ("judge:judge", 200)]
+    assert all(r[2] > 0 for r in rows)
