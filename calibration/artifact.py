@@ -104,7 +104,7 @@ def build_artifact(
     tables = fitted.tables(mu)
     train = fitted.train
     outcome = fitted.replay(tables, train)  # out-of-fold posteriors: an honest estimate
-    ref = int(np.nanargmax(np.nanmean(train.cost_usd, axis=0)))
+    ref = train.reference
     art = {
         "schema": SCHEMA,
         "hash": "",
@@ -184,7 +184,7 @@ def choose_mu(
             raise ValueError(f"--lambda must be in (0, 1], got {lam}")
         return (1.0 - lam) / lam, {"lambda": lam}
     train = fitted.train
-    ref = int(np.nanargmax(np.nanmean(train.cost_usd, axis=0)))
+    ref = train.reference
     ref_acc = float(train.correct[:, ref].mean())
     points = []
     for mu in mus:

@@ -47,7 +47,7 @@ class FixedSetting:
 
 def reference_cost(traces: TraceSet) -> float:
     """Mean cost of the most expensive model: the unit of every cost fraction."""
-    return float(np.nanmax(np.nanmean(traces.cost_usd, axis=0)))
+    return traces.reference_cost
 
 
 def priced_selection(

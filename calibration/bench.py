@@ -81,7 +81,7 @@ def run_pair(pair: Pair, on_policy: Callable[[str], None] | None = None) -> Pair
     start = time.perf_counter()
     train, test = load_pair(pair)
     mean_cost = np.nanmean(test.cost_usd, axis=0)
-    ref = int(np.nanargmax(mean_cost))
+    ref = test.reference
     ref_cost = float(mean_cost[ref])
     accuracy = test.correct.mean(axis=0)
     best = int(np.argmax(accuracy))

@@ -6,14 +6,27 @@ import numpy as np
 
 from calibration.fit import Signals, replay_tables, score_sets
 from calibration.replay import Outcome
+from calibration.tiers import add_tiers
 from calibration.traces import TraceError, TraceSet
 from policies.difficulty import DifficultyModel
 from policies.policy import StateTables
 from policies.posterior import PosteriorModel
+from policies.tiers import tier_members
+
+
+def with_artifact_tiers(art: dict, traces: TraceSet) -> TraceSet:
+    """`traces` plus a column for every tier node of the artifact (from its members)."""
+    tiers = [
+        members
+        for n in art["nodes"]
+        if (members := tier_members(n["model"])) is not None and n["model"] not in traces.models
+    ]
+    return add_tiers(traces, tiers) if tiers else traces
 
 
 def replay_artifact(art: dict, traces: TraceSet) -> Outcome:
-    """Decisions of the artifact's tables on every row of `traces` (same code as fitting)."""
+    """Decisions of the artifact's tables on every row of `traces` (same code as fitting);
+    `traces` must hold the artifact's tier columns (with_artifact_tiers)."""
     names = [n["model"] for n in art["nodes"]]
     missing = [m for m in names if m not in traces.models]
     if missing:
@@ -34,6 +47,7 @@ def replay_artifact(art: dict, traces: TraceSet) -> Outcome:
 
 
 def evaluate_artifact(art: dict, traces: TraceSet) -> dict:
+    traces = with_artifact_tiers(art, traces)
     o = replay_artifact(art, traces)
     n = len(traces)
     stops = {
@@ -46,8 +60,8 @@ def evaluate_artifact(art: dict, traces: TraceSet) -> dict:
         for j, m in enumerate(traces.models)
         if (o.answer_model == j).any()
     }
-    ref_cost = float(np.nanmax(np.nanmean(traces.cost_usd, axis=0)))
-    ref = int(np.nanargmax(np.nanmean(traces.cost_usd, axis=0)))
+    ref_cost = traces.reference_cost
+    ref = traces.reference
     return {
         "policy_hash": art["hash"],
         "traces": traces.path,

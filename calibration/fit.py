@@ -49,7 +49,7 @@ def select_nodes(train: TraceSet, max_nodes: int = MAX_NODES) -> list[int]:
     """
     acc = train.correct.mean(axis=0)
     cost = np.nanmean(train.cost_usd, axis=0)
-    reference = int(np.nanargmax(cost))
+    reference = train.reference
     keep = []
     for j in range(train.n_models):
         dominated = any(
@@ -347,7 +347,7 @@ class HeldOutCurve:
         self.n_rows = len(train)
         self.nodes, self.costs, self.recall = nodes, costs, recall
         self.correct = train.correct[:, nodes]
-        self.ref_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
+        self.ref_cost = train.reference_cost
         fold = rng.permutation(self.n_rows) % folds
         self.parts = [
             (np.flatnonzero(fold != f), held, train.subset(held))
@@ -547,7 +547,7 @@ class FittedIndex:
             prompts = [train.prompt(i) for i in range(len(train))]
             self.difficulty, root_train = fit_difficulty(prompts, sig.correct.mean(axis=1))
         self._root_train = root_train
-        self.reference_cost = float(np.nanmax(np.nanmean(train.cost_usd, axis=0)))
+        self.reference_cost = train.reference_cost
         self.node_cost_usd = np.nanmean(train.cost_usd[:, self.nodes], axis=0)
         self.costs = self.node_cost_usd / self.reference_cost
         cv = HeldOutCurve(train, self.nodes, self.costs, recall, root_train, allowed=self.allowed)

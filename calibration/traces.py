@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from policies.answers import detect_kind, extract_answer
+from policies.tiers import TIER_PREFIX
 from policies.traceformat import TraceError, parse_trace_text
 
 __all__ = ["RECORDED_COSTS", "TraceError", "TraceSet", "load_traces"]
@@ -46,6 +47,19 @@ class TraceSet:
     @property
     def n_models(self) -> int:
         return len(self.models)
+
+    @property
+    def reference(self) -> int:
+        """Column of the reference model: the most expensive single model (the one a user
+        would otherwise always call; a tier column is never the reference)."""
+        cost = np.nanmean(self.cost_usd, axis=0)
+        singles = [j for j, m in enumerate(self.models) if not m.startswith(TIER_PREFIX)]
+        return max(singles, key=lambda j: (np.nan_to_num(cost[j], nan=-np.inf), -j))
+
+    @property
+    def reference_cost(self) -> float:
+        """Mean cost per query of the reference model: the unit of every cost fraction."""
+        return float(np.nanmean(self.cost_usd[:, self.reference]))
 
     def prompt(self, row: int) -> str:
         """The text of every message of one row, joined (input of the difficulty estimate)."""

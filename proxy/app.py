@@ -33,7 +33,7 @@ from proxy import metrics
 from proxy.backends.base import Backend, CallResult, StreamChunk
 from proxy.backends.common import FORWARDED_PARAMS
 from proxy.config import Config, ModelConfig
-from proxy.engine import POLICIES, CascadeEngine, CascadeRun, OverrideError, Overrides
+from proxy.engine import POLICIES, CascadeEngine, CascadeRun, NodeCall, OverrideError, Overrides
 from proxy.errors import ApiError, error_responses
 from proxy.exploration import TraceAppender, judge_row, trace_row
 from proxy.ledger.writer import LedgerWriter
@@ -752,7 +752,7 @@ def _completion(
 
 def _cascade_object(run: CascadeRun, answer: CallResult, state: ProxyState) -> dict:
     price = state.reference_prices.get(run.cascade)
-    tokens_in = max((c.result.tokens_in or 0 for c in run.calls), default=0)
+    tokens_in = max((c.result.tokens_in or 0 for c in run.model_calls), default=0)
     reference_cost = (
         None if price is None else tokens_in * price[0] + (answer.tokens_out or 0) * price[1]
     )
@@ -769,16 +769,31 @@ def _cascade_object(run: CascadeRun, answer: CallResult, state: ProxyState) -> d
                 "p_correct": None if c.p_correct is None else round(c.p_correct, 6),
                 "decision": c.decision,
                 "attempts": c.result.attempts,
+                **({"members": [_member(m) for m in c.members]} if c.members else {}),
             }
             for c in run.calls
         ],
         "answer_from": run.answer.model if run.answer else None,
-        "answer_is_last": bool(run.answer is run.calls[-1]) if run.answer else None,
+        "answer_is_last": any(run.answer is m for m in run.calls[-1].model_calls())
+        if run.answer
+        else None,
         "reason": run.reason,
         "cost_usd": run.cost_usd,
         "reference_model": state.engines[run.cascade].reference,
         "reference_cost_usd": reference_cost,
         "overhead_ms": round(run.overhead_ms, 3),
+    }
+
+
+def _member(call: NodeCall) -> dict:
+    """One model of a tier node, as listed under that node in the `cascade` object."""
+    return {
+        "model": call.model,
+        "status": "ok" if call.result.ok else call.result.error,
+        "latency_ms": round(call.result.latency_ms, 3),
+        "cost_usd": call.result.cost_usd,
+        "confidence": call.confidence,
+        "answer": call.extracted,
     }
 
 
@@ -788,7 +803,7 @@ def _headers(request_id: str, run: CascadeRun) -> dict[str, str]:
         "x-request-id": request_id,
         "x-cascade-model": run.answer.model if run.answer else "",
         "x-cascade-cost-usd": "unknown" if cost is None else f"{cost:.8f}",
-        "x-cascade-calls": str(len(run.calls)),
+        "x-cascade-calls": str(len(run.model_calls)),
         "x-cascade-overhead-ms": f"{run.overhead_ms:.3f}",
     }
 
@@ -922,7 +937,7 @@ def _all_failed(run: CascadeRun) -> ApiError:
         502,
         f"Every model of cascade '{run.cascade}' failed ({run.reason})",
         code="upstream_failed",
-        extra={"attempts": [_attempt(c.model, c.result) for c in run.calls]},
+        extra={"attempts": [_attempt(c.model, c.result) for c in run.model_calls]},
     )
 
 

@@ -86,6 +86,14 @@ def fit(
         int | None,
         typer.Option(min=2, max=50, help="Loss bins per node (default: chosen by CV on train)."),
     ] = None,
+    tiers: Annotated[
+        str | None,
+        typer.Option(
+            help="Tiers to offer as nodes, e.g. 'a+b+c,d+e': models called in parallel, "
+            "answered by majority vote; each becomes node 'tier:a+b+c' (name it in --models "
+            "or --transitions, or let node selection consider it)."
+        ),
+    ] = None,
 ) -> None:
     """Fit the index policy on training traces and write a versioned policy artifact.
 
@@ -104,6 +112,10 @@ def fit(
             fail(f"output folder {out.parent} does not exist")
         start = time.perf_counter()
         traces = _load_with_costs(train)
+        if tiers:
+            from calibration.tiers import add_tiers, parse_tiers
+
+            traces = add_tiers(traces, parse_tiers(tiers))
         names = [m.strip() for m in models.split(",") if m.strip()] if models else None
         fitted = FittedIndex(
             traces,

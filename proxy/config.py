@@ -21,8 +21,16 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from policies.tiers import tier_members, tier_name
 from policies.transitions import TransitionError, allowed_edges
 
 DEFAULT_DATABASE_URL = "sqlite:///cascade.db"
@@ -67,7 +75,7 @@ class CascadeConfig(_Strict):
     (`skips`, `line`, or a map such as {start: [small], small: [medium, large]}; see
     policies/transitions.py), reference model and policy artifact."""
 
-    nodes: list[str] = Field(min_length=1)
+    nodes: list[str | list[str]] = Field(min_length=1)  # a list is a tier: [a, b, c]
     transitions: Literal["skips", "line"] | dict[str, list[str]] = "skips"
     reference: str
     policy: str | None = None  # artifact path; None: always call the reference model
@@ -76,6 +84,12 @@ class CascadeConfig(_Strict):
     # how explored (unlabelled) traffic is labelled: agreement with the reference model, or
     # an LLM judge (any configured model; its calls are ledgered and counted)
     explore_grader: str = Field(default="agreement", pattern=r"^(agreement|judge:.+)$")
+
+    @field_validator("nodes", mode="after")
+    @classmethod
+    def _tiers(cls, nodes: list[str | list[str]]) -> list[str]:
+        """A tier (models called in parallel, majority answer) becomes node `tier:a+b+c`."""
+        return [n if isinstance(n, str) else tier_name(n) for n in nodes]
 
     @model_validator(mode="after")
     def _transitions(self) -> CascadeConfig:
@@ -107,7 +121,8 @@ class Config(_Strict):
         if clash:
             raise ValueError(f"names used for both a model and a cascade: {clash}")
         for name, cascade in self.cascades.items():
-            unknown = [n for n in [*cascade.nodes, cascade.reference] if n not in self.models]
+            named = [m for n in cascade.nodes for m in tier_members(n) or [n]]
+            unknown = [n for n in [*named, cascade.reference] if n not in self.models]
             if unknown:
                 raise ValueError(f"cascades.{name}: unknown model(s) {unknown}")
             judge = cascade.explore_grader.removeprefix("judge:")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from policies.answers import extract_answer
 from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_artifact
 from policies.signals import answer_confidence
+from policies.tiers import tier_members, tier_vote
 from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
 from proxy.backends.base import Backend, CallResult
 
@@ -95,6 +96,11 @@ class NodeCall:
     p_correct: float | None = None
     decision: str = "stop"  # "stop" or "continue:<model>"
     signal_ms: float = 0.0  # time spent extracting the answer and reading its confidence
+    members: list[NodeCall] = field(default_factory=list)  # a tier node: its models' calls
+
+    def model_calls(self) -> list[NodeCall]:
+        """The upstream calls behind this node: itself, or a tier's members."""
+        return self.members or [self]
 
 
 @dataclass
@@ -108,6 +114,11 @@ class CascadeRun:
     policy_hash: str | None = None
     explored_all: bool = False  # every model was called (exploration): a trace can be written
     overhead_ms: float = 0.0  # time spent deciding, not waiting for upstreams
+
+    @property
+    def model_calls(self) -> list[NodeCall]:
+        """Every upstream call, a tier's members one by one (what the ledger records)."""
+        return [m for c in self.calls for m in c.model_calls()]
 
     @property
     def cost_usd(self) -> float | None:
@@ -196,7 +207,7 @@ class CascadeEngine:
         """Check an artifact against this cascade (its nodes and baselines must be configured
         models, its transitions allowed) and build what `load` swaps in; ValueError if not."""
         names = [n["model"] for n in artifact["nodes"]]
-        missing = [m for m in names if m not in self.backends]
+        missing = [m for m in _models_of(names) if m not in self.backends]
         if missing:
             raise ValueError(
                 f"cascade {self.name}: the policy's node(s) {missing} are not configured models "
@@ -249,7 +260,7 @@ class CascadeEngine:
         """Every model an explored request calls: the policy's nodes, the configured nodes
         and the reference model (the one unlabelled traffic is graded against)."""
         names = [*self.current.nodes, *self.config_nodes, self.reference]
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys(_models_of(names)))
 
     async def run(
         self,
@@ -422,15 +433,17 @@ async def _run_agreement(caller: _Caller, run: CascadeRun, setting: dict) -> Non
 
 
 def _answer(run: CascadeRun, step: Step) -> NodeCall | None:
-    """The policy's recalled answer if that call answered, else the last that did."""
+    """The policy's recalled answer if that call answered, else the last that did; for a
+    tier node, the member whose answer the tier gives (the model that is credited)."""
     answered = [c for c in run.calls if c.result.ok]
     if not answered:
         return None
+    chosen = answered[-1]
     if step.answer_node is not None:
-        chosen = next((c for c in answered if c.node == step.answer_node), None)
-        if chosen is not None:
-            return chosen
-    return answered[-1]
+        chosen = next((c for c in answered if c.node == step.answer_node), chosen)
+    if chosen.members:
+        return next(m for m in chosen.members if m.model == chosen.result.served_model)
+    return chosen
 
 
 class _Caller:
@@ -451,6 +464,9 @@ class _Caller:
         }
 
     async def call(self, node: int, model: str) -> NodeCall:
+        members = tier_members(model)
+        if members is not None:
+            return await self._call_tier(node, model, members)
         task = self.prefetched.get(model)
         if task is not None:
             self.used.add(model)
@@ -467,6 +483,34 @@ class _Caller:
         signal_ms = (time.perf_counter() - t0) * 1000.0
         return NodeCall(node, model, result, extracted, confidence, signal_ms=signal_ms)
 
+    async def _call_tier(self, node: int, name: str, members: list[str]) -> NodeCall:
+        """A tier: its models called in parallel, answered by majority (policies/tiers.py)."""
+        calls = await asyncio.gather(*(self.call(node, m) for m in members))
+        t0 = time.perf_counter()
+        k, confidence = tier_vote([c.extracted for c in calls], [c.confidence for c in calls])
+        costs = [c.result.cost_usd for c in calls]
+        chosen = calls[k].result if k is not None else None
+        result = CallResult(
+            model=name,
+            text=chosen.text if chosen else None,
+            tokens_in=sum(c.result.tokens_in or 0 for c in calls),
+            tokens_out=sum(c.result.tokens_out or 0 for c in calls),
+            cost_usd=None if any(c is None for c in costs) else float(sum(costs)),
+            latency_ms=max(c.result.latency_ms for c in calls),
+            finish_reason=chosen.finish_reason if chosen else None,
+            error=None if chosen else "tier_failed",
+            error_detail=None if chosen else f"no model of {name} answered",
+            attempts=sum(c.result.attempts for c in calls),
+            served_model=calls[k].model if k is not None else None,
+        )
+        for c in calls:
+            c.decision = f"member:{name}"
+        signal_ms = (time.perf_counter() - t0) * 1000.0 + sum(c.signal_ms for c in calls)
+        extracted = calls[k].extracted if k is not None else None
+        return NodeCall(
+            node, name, result, extracted, confidence, signal_ms=signal_ms, members=list(calls)
+        )
+
     async def rest(self, run: CascadeRun, nodes: list[str], reference: str) -> None:
         """The prefetched calls the policy did not make, appended as "explore" calls."""
         run.explored_all = True
@@ -481,6 +525,11 @@ class _Caller:
     def cancel(self) -> None:
         for task in self.prefetched.values():
             task.cancel()
+
+
+def _models_of(names: list[str]) -> list[str]:
+    """The models behind node names: a tier's members, or the model itself."""
+    return [m for name in names for m in (tier_members(name) or [name])]
 
 
 def _start_or(nodes: list[str], i: int) -> str:

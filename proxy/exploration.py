@@ -31,7 +31,7 @@ def trace_row(
     request_id: str, cascade: str, messages: list[dict], run: CascadeRun, reference: str
 ) -> dict | None:
     """The trace row of an explored request, or None when the reference model gave no answer."""
-    by_model = {c.model: c for c in run.calls}
+    by_model = {c.model: c for c in run.model_calls}  # a tier's members, one by one
     ref = by_model.get(reference)
     if ref is None or not ref.result.ok:
         return None

@@ -45,7 +45,7 @@ def record_run(run: CascadeRun, status: int) -> None:
     OVERHEAD.labels(run.cascade).observe(run.overhead_ms / 1000.0)
     if len(run.calls) > 1:
         ESCALATIONS.labels(run.cascade).inc()
-    for call in run.calls:
+    for call in run.model_calls:
         record_call(call.model, call.result)
 
 

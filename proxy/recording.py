@@ -18,8 +18,11 @@ if TYPE_CHECKING:
 
 
 def _call_record(order: int, model: str, backend: str | None, call: NodeCall | None,
-                 result: CallResult) -> CallRecord:  # fmt: skip
+                 result: CallResult, tier: NodeCall | None = None) -> CallRecord:  # fmt: skip
+    """One upstream call's row; a tier member carries its tier's p_correct and decision,
+    and in `agreement` whether it voted for the tier's answer."""
     answered = [call] if call is not None else []
+    node = tier or call
     return CallRecord(
         order=order,
         model=model,
@@ -32,11 +35,13 @@ def _call_record(order: int, model: str, backend: str | None, call: NodeCall | N
         latency_ms=result.latency_ms,
         ttft_ms=result.ttft_ms,
         confidence=call.confidence if answered else result.confidence,
-        p_correct=call.p_correct if answered else None,
-        agreement=None,
-        decision=call.decision if answered else None,
+        p_correct=node.p_correct if node is not None else None,
+        agreement=None
+        if tier is None or call is None or call.extracted is None
+        else float(call.extracted == tier.extracted),
+        decision=node.decision if node is not None else None,
         error=result.error_detail or result.error,
-        node=call.node if answered else None,
+        node=node.node if node is not None else None,
     )
 
 
@@ -67,13 +72,13 @@ class LedgerEntry:
 
     def cascade_done(self, run: CascadeRun, status: int, error: str | None) -> None:
         calls = [
-            _call_record(i, c.model, self._backend(c.model), c, c.result)
-            for i, c in enumerate(run.calls)
+            _call_record(i, m.model, self._backend(m.model), m, m.result, c if c.members else None)
+            for i, (c, m) in enumerate((c, m) for c in run.calls for m in c.model_calls())
         ]
         tokens_in, tokens_out = run.tokens
         answer = run.answer
         reference = self.state.reference_prices.get(run.cascade)
-        prompt_tokens = max((c.result.tokens_in or 0 for c in run.calls), default=0)
+        prompt_tokens = max((c.result.tokens_in or 0 for c in run.model_calls), default=0)
         reference_cost = None
         if reference is not None and answer is not None:
             reference_cost = (

@@ -1,0 +1,86 @@
+"""Tier columns for traces: each tier (models called in parallel, answered by majority vote)
+becomes one more column of a TraceSet, so fitting, replay and the bench treat it as one
+node. The vote rule is policies/tiers.py, the one the proxy applies to live calls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from calibration.traces import TraceError, TraceSet
+from policies.tiers import tier_name, tier_vote
+
+
+def parse_tiers(text: str) -> list[list[str]]:
+    """`a+b+c,d+e` (the command-line form) -> [[a, b, c], [d, e]]."""
+    tiers = [[m.strip() for m in part.split("+") if m.strip()] for part in text.split(",")]
+    tiers = [t for t in tiers if t]
+    bad = [t for t in tiers if len(t) < 2]
+    if bad or not tiers:
+        raise TraceError(f"bad --tiers {text!r}: give tiers as a+b[+c...], comma-separated")
+    return tiers
+
+
+def add_tiers(traces: TraceSet, tiers: Sequence[Sequence[str]]) -> TraceSet:
+    """`traces` with one column per tier appended, then every column ordered by mean cost
+    (cheapest first). A tier's cost and tokens are its members' sums (null if any is null),
+    its latency the slowest member's."""
+    models = list(traces.models)
+    n = len(traces)
+    answers = [list(r) for r in traces.answers]
+    extracted = [list(r) for r in traces.extracted]
+    cols = {
+        f: [getattr(traces, f)]
+        for f in ("correct", "confidence", "cost_usd", "latency_ms", "tokens_in", "tokens_out")
+    }
+    for members in tiers:
+        missing = [m for m in members if m not in traces.models]
+        if missing:
+            raise TraceError(f"tier {list(members)}: unknown model(s) {missing}")
+        name = tier_name(members)
+        if name in models:
+            continue
+        idx = [traces.models.index(m) for m in members]
+        chosen = np.full(n, -1)
+        conf = np.full(n, np.nan)
+        for i in range(n):
+            k, c = tier_vote(
+                [traces.extracted[i][j] for j in idx],
+                [_opt(traces.confidence[i, j]) for j in idx],
+            )
+            if k is not None:
+                chosen[i], conf[i] = idx[k], c
+        rows = np.arange(n)
+        answered = chosen >= 0
+        pick = np.maximum(chosen, 0)
+        for i in range(n):
+            answers[i].append(traces.answers[i][chosen[i]] if answered[i] else None)
+            extracted[i].append(traces.extracted[i][chosen[i]] if answered[i] else None)
+        cols["correct"].append((traces.correct[rows, pick] & answered)[:, None])
+        cols["confidence"].append(conf[:, None])
+        for f in ("cost_usd", "tokens_in", "tokens_out"):
+            cols[f].append(getattr(traces, f)[:, idx].sum(axis=1)[:, None])  # nan if any nan
+        cols["latency_ms"].append(traces.latency_ms[:, idx].max(axis=1)[:, None])
+        models.append(name)
+    arrays = {f: np.hstack(parts) for f, parts in cols.items()}
+    mean_cost = np.nan_to_num(np.nanmean(arrays["cost_usd"], axis=0), nan=0.0)
+    order = np.argsort(mean_cost, kind="stable")
+    return TraceSet(
+        path=traces.path,
+        models=tuple(models[j] for j in order),
+        ids=traces.ids,
+        tasks=traces.tasks,
+        messages=traces.messages,
+        references=traces.references,
+        answers=[[r[j] for j in order] for r in answers],
+        extracted=[[r[j] for j in order] for r in extracted],
+        **{f: a[:, order] for f, a in arrays.items()},
+        cost_source=traces.cost_source,
+        kind=traces.kind,
+        notes=[*traces.notes, f"tiers added: {[tier_name(t) for t in tiers]}"],
+    )
+
+
+def _opt(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
