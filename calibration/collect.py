@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from calibration.graders import Grade, Grader, default_grader, parse_grader
 from policies.answers import detect_kind
 from policies.signals import answer_confidence
+from policies.traceformat import messages_problems
 
 if TYPE_CHECKING:
     from proxy.backends.base import Backend, CallResult
@@ -68,15 +69,7 @@ def _item_problems(row: object, needs_reference: bool) -> list[str]:
     rid = row.get("id")
     if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
         errors.append("missing field 'id' (a non-empty string or an integer)")
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        errors.append("missing or empty field 'messages' (a list of {role, content})")
-    else:
-        for k, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                errors.append(f"messages[{k}] must be an object with a string 'role'")
-            elif m.get("content") is not None and not isinstance(m["content"], str):
-                errors.append(f"messages[{k}].content must be a string")
+    errors.extend(messages_problems(row.get("messages")))
     ref = row.get("reference")
     if isinstance(ref, bool) or (ref is not None and not isinstance(ref, str | int | float)):
         errors.append("field 'reference' must be a string, a number or null")

@@ -32,6 +32,19 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def messages_problems(msgs: object) -> list[str]:
+    """What is wrong with a row's `messages` (traces and collect datasets share the form)."""
+    if not isinstance(msgs, list) or not msgs:
+        return ["missing or empty field 'messages' (a list of {role, content})"]
+    errors = []
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            errors.append(f"messages[{k}] must be an object with a string 'role'")
+        elif m.get("content") is not None and not isinstance(m["content"], str):
+            errors.append(f"messages[{k}].content must be a string or null")
+    return errors
+
+
 def check_row(row: object, models: tuple[str, ...] | None) -> list[str]:
     """Everything wrong with one parsed line (empty if it is valid)."""
     if not isinstance(row, dict):
@@ -43,15 +56,7 @@ def check_row(row: object, models: tuple[str, ...] | None) -> list[str]:
         errors.append("field 'task' must be a string")
     if row.get("reference") is not None and not isinstance(row["reference"], str):
         errors.append("field 'reference' must be a string or null")
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        errors.append("missing or empty field 'messages' (a list of {role, content})")
-    else:
-        for k, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                errors.append(f"messages[{k}] must be an object with a string 'role'")
-            elif m.get("content") is not None and not isinstance(m["content"], str):
-                errors.append(f"messages[{k}].content must be a string or null")
+    errors.extend(messages_problems(row.get("messages")))
     entries = row.get("models")
     if not isinstance(entries, dict) or not entries:
         errors.append("missing or empty field 'models' (an object keyed by model name)")
