@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from starlette.responses import Response
+
+REDACTED = "[redacted]"
 
 TYPES = {
     400: "invalid_request_error",
@@ -50,10 +53,46 @@ class ApiError(Exception):
         }
         return {"error": error}
 
-    def response(self, headers: dict[str, str] | None = None) -> Response:
+    def to_json(self, redact: Iterable[str] = ()) -> str:
+        """The body as JSON text, every string of `redact` (secrets an upstream may have
+        echoed into its error message) masked."""
+        text = json.dumps(self.body())
+        for secret in redact:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def response(
+        self, headers: dict[str, str] | None = None, redact: Iterable[str] = ()
+    ) -> Response:
         return Response(
-            json.dumps(self.body()),
+            self.to_json(redact),
             status_code=self.status,
             media_type="application/json",
             headers=headers,
         )
+
+
+# The error object as an OpenAPI schema, for the documented error responses.
+ERROR_SCHEMA: dict = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` entries: each status answers an OpenAI error object."""
+    content = {"application/json": {"schema": ERROR_SCHEMA}}
+    return {s: {"description": TYPES.get(s, "error"), "content": content} for s in statuses}
