@@ -18,9 +18,11 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -757,3 +759,12 @@ def test_the_proxy_still_serves_and_printed_no_secret_or_traceback(
     assert "Invalid HTTP request received" in output  # the capture works: garbage was logged
     assert MARKER not in output
     assert "Traceback" not in output, output[-3000:]
+    ledger = proxy.stdout.parent / "ledger.db"  # the upstream's echoed key never lands there
+    deadline = time.monotonic() + 10
+    errors: list[str] = []
+    while not any("[redacted]" in e for e in errors) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with sqlite3.connect(ledger) as db:
+            errors = [r[0] for r in db.execute("SELECT error FROM ledger_calls") if r[0]]
+    assert any("Bearer [redacted]" in e for e in errors), errors[:5]
+    assert not [e for e in errors if MARKER in e]

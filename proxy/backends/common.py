@@ -45,6 +45,18 @@ FORWARDED_PARAMS = frozenset(
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
+DETAIL_CHARS = 300  # an upstream's error text kept in a result (and the ledger)
+
+
+def error_detail(name: str, detail: str, secret: str | None) -> str:
+    """`name: detail` with the upstream key masked, then cut: an upstream that echoes the
+    key it was sent (some do, in 401s) must not put it in the ledger or a client's error.
+    Masking comes first so that a key cut in half by the length limit is not half kept."""
+    if secret:
+        detail = detail.replace(secret, "[redacted]")
+    return f"{name}: {detail[:DETAIL_CHARS]}"
+
+
 def forward_params(params: Mapping[str, Any] | None, logprobs: bool) -> dict[str, Any]:
     """The client's parameters an upstream may see (None values dropped), n forced to 1, and
     `logprobs: true, top_logprobs: 1` when the model is configured to return logprobs."""

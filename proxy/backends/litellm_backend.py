@@ -22,7 +22,7 @@ from typing import Any
 
 from proxy.backends.base import CallResult, StreamChunk
 from proxy.backends.circuit import CircuitBreaker
-from proxy.backends.common import Pricer, count_usage, forward_params
+from proxy.backends.common import Pricer, count_usage, error_detail, forward_params
 from proxy.config import ModelConfig
 
 
@@ -55,7 +55,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def map_exception(exc: BaseException, litellm: Any) -> tuple[str, int | None, str]:
     """(error kind, HTTP status or None, detail) for an exception litellm raised."""
-    detail = f"{type(exc).__name__}: {str(exc)[:300]}"
+    detail = f"{type(exc).__name__}: {str(exc)[:4096]}"
     chain = _chain(exc)
     if any(isinstance(e, litellm.Timeout | TimeoutError) for e in chain):
         return "timeout", None, detail
@@ -90,6 +90,7 @@ class LiteLLMBackend:
         if "/" in self.model:
             names.append(self.model.split("/", 1)[1])  # "openai/gpt-4o" -> "gpt-4o"
         self.pricer = Pricer(cfg, names)
+        self._secret = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         self._litellm: Any = None
 
     async def _lib(self) -> Any:
@@ -124,7 +125,7 @@ class LiteLLMBackend:
             model=self.name,
             text=None,
             error=kind,
-            error_detail=f"{self.name}: {detail}",
+            error_detail=error_detail(self.name, detail, self._secret),
             latency_ms=(time.perf_counter() - start) * 1000.0,
             status=status,
             attempts=1 + retried if isinstance(retried, int) else 1,

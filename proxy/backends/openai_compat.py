@@ -35,6 +35,7 @@ from proxy.backends.common import (
     RETRY_STATUSES,
     Pricer,
     count_usage,
+    error_detail,
     forward_params,
     parse_retry_after,
 )
@@ -52,10 +53,10 @@ def _error_message(raw: bytes) -> str:
         err = json.loads(raw)["error"]
         msg = err.get("message") if isinstance(err, dict) else err
         if msg:
-            return str(msg)[:300]
+            return str(msg)[:4096]
     except (ValueError, KeyError, TypeError):
         pass
-    return raw[:200].decode("utf-8", "replace") or "(empty body)"
+    return raw[:4096].decode("utf-8", "replace") or "(empty body)"
 
 
 def _token_logprobs(choice: dict) -> list[tuple[str, float]] | None:
@@ -110,6 +111,7 @@ class OpenAIBackend:
         self.pricer = Pricer(cfg, [self.model])
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        self._secret = key
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
@@ -165,7 +167,7 @@ class OpenAIBackend:
             model=self.name,
             text=None,
             error=kind,
-            error_detail=f"{self.name}: {detail}",
+            error_detail=error_detail(self.name, detail, self._secret),
             latency_ms=(time.perf_counter() - start) * 1000.0,
             status=status,
             attempts=attempts,
