@@ -94,7 +94,7 @@ class LedgerEntry:
                 policy_hash=run.policy_hash,
                 status=status,
                 chosen_model=answer.model if answer else None,
-                n_calls=len(run.calls),
+                n_calls=len(calls),  # upstream calls: a tier counts each of its models
                 tokens_in=tokens_in,
                 tokens_out=tokens_out,
                 cost_usd=run.cost_usd,

@@ -28,7 +28,9 @@ from tests.test_ledger import D1, call, known_set, pg_db, request  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = "2025-01-01"  # a UTC midnight: spend reads ledger_daily
-ALL_DETAIL = "2025-01-01T00:00:01"  # not a midnight: spend reads the detail tables
+# not a midnight: spend reads 2025-03-01 from the detail rows (every D1 request, from 10:00)
+# and the later days (D2) from ledger_daily
+ALL_DETAIL = "2025-03-01T09:00:00"
 ALICE, BOB, CAROL = key_id("sk-alice"), key_id("sk-bob"), key_id("sk-carol")
 
 
@@ -90,7 +92,7 @@ def by_group(report) -> dict:
 def test_spend_by_model_cascade_key_day(filled, since):
     engine, _ = filled
     rep = spend(engine, since, "model")
-    assert rep.source == ("ledger_daily" if since == ALL else "detail")
+    assert rep.source == ("ledger_daily" if since == ALL else "ledger_daily+detail")
     rows = by_group(rep)
     assert set(rows) == {"big", "small", "(none)"}
     big, small, none = rows["big"], rows["small"], rows["(none)"]
@@ -185,6 +187,39 @@ def test_exits_and_recall_rate(filled):
     assert rows[("qa", "recalled", "yes")]["requests"] == 1
     assert rows[("qa", "recalled", "yes")]["share"] == pytest.approx(1.0)
     assert rep.unpriced_models == ["small"]
+
+
+def test_exits_recall_is_judged_against_the_last_call_row(filled, tmp_path):
+    """The last call is the one with the highest call_order, whatever n_calls says (a tier's
+    members are one node but several call rows) and however often a model was called."""
+    engine, url = filled
+    edge = [
+        # small, big, small again, answered by small: its last call; not recalled
+        request("E1", D1, "sk-dave", "edge", "small",
+                [call(0, "small", 0.001), call(1, "big", 0.002), call(2, "small", 0.001)]),
+        # answered by a model it never called: not the last one called
+        request("E2", D1, "sk-dave", "edge", "other", [call(0, "small", 0.001),
+                                                       call(1, "big", 0.002)]),
+        # big first, then small; big's answer returned
+        request("E3", D1, "sk-dave", "edge", "big", [call(0, "big", 0.002),
+                                                     call(1, "small", 0.001)]),
+        # one node, a tier of two members: two call rows; the first member's answer
+        request("E4", D1, "sk-dave", "edge", "small", [call(0, "small", 0.001),
+                                                       call(1, "big", 0.002)]),
+    ]  # fmt: skip
+    edge[3].n_calls = 1
+    writer = LedgerWriter(url, tmp_path / "edge-spool.jsonl", flush_interval_s=0.05).start()
+    for r in edge:
+        writer.submit(r)
+    assert writer.flush(10.0)
+    writer.close()
+    rows = {(r["group"], r["kind"], r["value"]): r for r in exits(engine, ALL, "cascade").rows}
+    assert rows[("edge", "recalled", "yes")]["requests"] == 3
+    assert rows[("edge", "recalled", "yes")]["share"] == pytest.approx(0.75)
+    assert rows[("edge", "n_calls", "1")]["requests"] == 1
+    assert rows[("edge", "n_calls", "2")]["requests"] == 2
+    assert rows[("qa", "recalled", "yes")]["requests"] == 1  # the others are unchanged
+    assert rows[("math", "recalled", "yes")]["requests"] == 0
 
 
 def test_latency_percentiles(filled):

@@ -171,6 +171,18 @@ class Pricer:
         pout = self.price_out if self.price_out is not None else found[1]
         return pin, pout
 
+    def failed_cost(self, busy_ms: float) -> float | None:
+        """What a failed call cost: nothing for a token-priced model (no tokens were
+        billed), the busy time for a GPU-hourly one, None when the price is unknown (a
+        failure must not make a priced model look unpriced in the reports)."""
+        if not self.configured and self.gpu_hourly_usd is not None:
+            return self.gpu_hourly_usd * busy_ms / 3_600_000.0
+        if self.configured:
+            return 0.0
+        if self._looked_up is _UNRESOLVED:
+            self._looked_up = self._lookup()  # litellm was imported at startup (warm_up)
+        return None if self._looked_up is None else 0.0
+
     async def cost(
         self, tokens_in: int | None, tokens_out: int | None, busy_ms: float | None = None
     ) -> float | None:

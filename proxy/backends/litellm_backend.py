@@ -121,12 +121,14 @@ class LiteLLMBackend:
     def _fail(self, exc: BaseException, lib: Any, start: float, **extra: Any) -> CallResult:
         kind, status, detail = map_exception(exc, lib)
         retried = getattr(exc, "num_retries", None)
+        latency_ms = (time.perf_counter() - start) * 1000.0
         return CallResult(
             model=self.name,
             text=None,
             error=kind,
             error_detail=error_detail(self.name, detail, self._secret),
-            latency_ms=(time.perf_counter() - start) * 1000.0,
+            cost_usd=self.pricer.failed_cost(latency_ms),
+            latency_ms=latency_ms,
             status=status,
             attempts=1 + retried if isinstance(retried, int) else 1,
             extra=extra,
@@ -139,6 +141,7 @@ class LiteLLMBackend:
             error="circuit_open",
             error_detail=f"{self.name}: circuit open after {self.breaker.failures} consecutive "
             f"failed calls; next trial in {self.breaker.retry_in():.1f}s",
+            cost_usd=0.0,  # nothing was called
             latency_ms=(time.perf_counter() - start) * 1000.0,
             attempts=0,
         )
@@ -246,6 +249,7 @@ class LiteLLMBackend:
                     text=None,
                     error=kind,
                     error_detail=f"{self.name}: {detail}",
+                    cost_usd=self.pricer.failed_cost((time.perf_counter() - start) * 1000.0),
                     latency_ms=(time.perf_counter() - start) * 1000.0,
                     ttft_ms=ttft_ms,
                     extra=extra,

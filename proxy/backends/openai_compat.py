@@ -163,12 +163,14 @@ class OpenAIBackend:
         attempts: int = 1,
         **extra: Any,
     ) -> CallResult:
+        latency_ms = (time.perf_counter() - start) * 1000.0
         return CallResult(
             model=self.name,
             text=None,
             error=kind,
             error_detail=error_detail(self.name, detail, self._secret),
-            latency_ms=(time.perf_counter() - start) * 1000.0,
+            cost_usd=self.pricer.failed_cost(latency_ms),
+            latency_ms=latency_ms,
             status=status,
             attempts=attempts,
             served_model=None,

@@ -121,6 +121,7 @@ class ReplayBackend:
                     f"{self.name}: the replay backend only answers the prompts of its traces "
                     f"({', '.join(self.files)}); this one is not among them: {prompt[:80]!r}"
                 ),
+                cost_usd=0.0,  # nothing was called
                 attempts=0,
             )
         if rec.answer is None:
@@ -130,6 +131,7 @@ class ReplayBackend:
                 error="no_answer",
                 error_detail=f"{self.name}: trace {rec.trace_id} records no answer from "
                 f"{self.model}",
+                cost_usd=0.0,  # the recorded model gave nothing to bill
                 latency_ms=rec.latency_ms or 0.0,
                 served_model=self.model,
                 extra={"trace_id": rec.trace_id},

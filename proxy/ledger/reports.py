@@ -3,14 +3,18 @@
 Every function takes an engine, a window start (``since``: ``'7d'``, ``'24h'``, ``'30m'``, an
 ISO date or datetime, or a datetime) and a grouping (``by``: day, model, cascade or key) and
 returns a :class:`Report`: column names, a list of dict rows, and notes. Queries are
-SQLAlchemy Core and run unchanged on SQLite and PostgreSQL; percentiles are computed in
-Python from the window's values (linear interpolation, as ``percentile_cont``).
+SQLAlchemy Core and run on SQLite and PostgreSQL; latency percentiles are computed by
+PostgreSQL (``percentile_cont``) or, on SQLite, in Python with the same linear interpolation.
 
 Unknown costs are never shown as zero: every report lists the models that had a call without
 a known price in the window (``unpriced_models``) and marks their rows ``unpriced``.
 
-Spend reads ``ledger_daily`` (kept when detail rows are pruned) when the window starts on a
-UTC midnight; otherwise, and for every other report, it reads the detail tables.
+Speed at volume (``benchmarks/ledger_reports.py``: 1M requests, 3M calls): whole UTC days are
+read from ``ledger_daily`` wherever the rollups hold the figure (spend, and the list of
+unpriced models), so only the window's first, partial day touches the detail tables; the
+rollups are also what survives ``cascade db prune``. Calls are filtered on their own ``ts``
+(the writer stores the request's time on each call) so a join with the requests never scans
+more than the window's calls.
 """
 
 from __future__ import annotations
@@ -18,11 +22,25 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, exists, func, select
+from sqlalchemy import (
+    Connection,
+    Date,
+    Engine,
+    and_,
+    case,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql
 
 from proxy.ledger.schema import calls_table, daily_table, requests_table
 
@@ -124,9 +142,46 @@ def _calls_in_window():
     return calls_table.join(requests_table, _CALL.request_id == _REQ.request_id)
 
 
-def _unpriced_models(conn, since: dt.datetime) -> list[str]:
-    q = select(_CALL.model).where(_CALL.ts >= since, _CALL.cost_usd.is_(None)).distinct()
-    return sorted(r[0] for r in conn.execute(q))
+def _in_window(col, lo: dt.datetime, hi: dt.datetime | None = None):
+    return col >= lo if hi is None else and_(col >= lo, col < hi)
+
+
+def _calls_of_window(lo: dt.datetime, hi: dt.datetime | None = None):
+    """Calls joined to their requests, both bounded by the window: a call's ``ts`` is its
+    request's, and bounding it too lets the database read only the window's calls."""
+    return and_(_in_window(_REQ.ts, lo, hi), _in_window(_CALL.ts, lo, hi))
+
+
+def _first_midnight(start: dt.datetime) -> dt.datetime:
+    """``start`` if it is a UTC midnight, else the next one: where whole days begin."""
+    midnight = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight if midnight == start else midnight + dt.timedelta(days=1)
+
+
+@contextmanager
+def _connect(engine: Engine) -> Iterator[Connection]:
+    """A read connection. On PostgreSQL, for this transaction only: no JIT (compiling costs
+    more than these sub-second queries take) and enough work_mem for the window's hashes and
+    sorts to stay in memory."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET LOCAL jit = off"))
+            conn.execute(text("SET LOCAL work_mem = '32MB'"))
+        yield conn
+
+
+def _unpriced_models(conn: Connection, since: dt.datetime) -> list[str]:
+    """Models with a call of unknown cost since ``since``: the rollups for whole days, the
+    detail rows for the partial first day (the same answer as the detail rows alone)."""
+    midnight = _first_midnight(since)
+    daily = select(_DAY.model).where(_DAY.day >= midnight.date(), _DAY.unpriced_calls > 0)
+    found = {r[0] for r in conn.execute(daily.distinct())}
+    if since < midnight:
+        q = select(_CALL.model).where(
+            _in_window(_CALL.ts, since, midnight), _CALL.cost_usd.is_(None)
+        )
+        found.update(r[0] for r in conn.execute(q.distinct()))
+    return sorted(found)
 
 
 def _round(x: float | None, digits: int = 10) -> float | None:
@@ -170,7 +225,10 @@ SPEND_COLUMNS = [
 
 def spend(engine: Engine, since=None, by: str | None = None) -> Report:
     """Requests, calls, tokens and cost per group. A request counts under the model whose
-    answer was returned; a call under the model it called (so totals add up)."""
+    answer was returned; a call under the model it called (so totals add up).
+
+    Whole UTC days come from ``ledger_daily``, which holds exactly these sums; a window that
+    starts mid-day reads that first partial day from the detail rows."""
     start = parse_since(since)
     by = _check_by(by, "model")
     acc: dict[Any, dict[str, Any]] = defaultdict(
@@ -183,82 +241,12 @@ def spend(engine: Engine, since=None, by: str | None = None) -> Report:
             "unpriced_calls": 0,
         }
     )
-    use_daily = start == start.replace(hour=0, minute=0, second=0, microsecond=0)
-    with engine.connect() as conn:
-        if use_daily:
-            key = {
-                "day": _DAY.day,
-                "model": _DAY.model,
-                "cascade": _DAY.cascade,
-                "key": _DAY.api_key,
-            }[by]
-            q = (
-                select(
-                    key,
-                    func.sum(_DAY.requests),
-                    func.sum(_DAY.calls),
-                    func.sum(_DAY.tokens_in),
-                    func.sum(_DAY.tokens_out),
-                    func.sum(_DAY.cost_usd),
-                    func.sum(_DAY.unpriced_calls),
-                )
-                .where(_DAY.day >= start.date())
-                .group_by(key)
-            )
-            for g, n_req, n_calls, t_in, t_out, cost, unpriced in conn.execute(q):
-                a = acc[_label(g)]
-                a["requests"] += int(n_req or 0)
-                a["calls"] += int(n_calls or 0)
-                a["tokens_in"] += int(t_in or 0)
-                a["tokens_out"] += int(t_out or 0)
-                a["cost_usd"] = _add(a["cost_usd"], cost)
-                a["unpriced_calls"] += int(unpriced or 0)
-            uq = (
-                select(_DAY.model)
-                .where(_DAY.day >= start.date(), _DAY.unpriced_calls > 0)
-                .distinct()
-            )
-            unpriced = sorted(r[0] for r in conn.execute(uq))
-        else:
-            rg = _req_group(by)
-            for g, n in conn.execute(select(rg, func.count()).where(_REQ.ts >= start).group_by(rg)):
-                acc[_label(g)]["requests"] += int(n)
-            cg = _call_group(by)
-            q = (
-                select(
-                    cg,
-                    func.count(),
-                    func.sum(_CALL.tokens_in),
-                    func.sum(_CALL.tokens_out),
-                    func.sum(_CALL.cost_usd),
-                    func.sum(case((_CALL.cost_usd.is_(None), 1), else_=0)),
-                )
-                .select_from(_calls_in_window())
-                .where(_REQ.ts >= start)
-                .group_by(cg)
-            )
-            for g, n_calls, t_in, t_out, cost, n_unpriced in conn.execute(q):
-                a = acc[_label(g)]
-                a["calls"] += int(n_calls)
-                a["tokens_in"] += int(t_in or 0)
-                a["tokens_out"] += int(t_out or 0)
-                a["cost_usd"] = _add(a["cost_usd"], cost)
-                a["unpriced_calls"] += int(n_unpriced or 0)
-            # Requests recorded without call rows carry their own tokens and cost.
-            no_calls = ~exists().where(_CALL.request_id == _REQ.request_id)
-            q = (
-                select(
-                    rg, func.sum(_REQ.tokens_in), func.sum(_REQ.tokens_out), func.sum(_REQ.cost_usd)
-                )
-                .where(_REQ.ts >= start, no_calls)
-                .group_by(rg)
-            )
-            for g, t_in, t_out, cost in conn.execute(q):
-                a = acc[_label(g)]
-                a["tokens_in"] += int(t_in or 0)
-                a["tokens_out"] += int(t_out or 0)
-                a["cost_usd"] = _add(a["cost_usd"], cost)
-            unpriced = _unpriced_models(conn, start)
+    midnight = _first_midnight(start)
+    with _connect(engine) as conn:
+        _spend_daily(conn, midnight.date(), by, acc)
+        if start < midnight:
+            _spend_detail(conn, start, midnight, by, acc)
+        unpriced = _unpriced_models(conn, start)
     rows = []
     for g in sorted(acc):
         a = acc[g]
@@ -278,8 +266,75 @@ def spend(engine: Engine, since=None, by: str | None = None) -> Report:
         rows,
         unpriced,
         _unpriced_note(unpriced),
-        "ledger_daily" if use_daily else "detail",
+        "ledger_daily" if start == midnight else "ledger_daily+detail",
     )
+
+
+def _spend_daily(conn: Connection, first_day: dt.date, by: str, acc: dict) -> None:
+    """Add the rollups of ``first_day`` and later days to ``acc``."""
+    key = {"day": _DAY.day, "model": _DAY.model, "cascade": _DAY.cascade, "key": _DAY.api_key}[by]
+    q = (
+        select(
+            key,
+            func.sum(_DAY.requests),
+            func.sum(_DAY.calls),
+            func.sum(_DAY.tokens_in),
+            func.sum(_DAY.tokens_out),
+            func.sum(_DAY.cost_usd),
+            func.sum(_DAY.unpriced_calls),
+        )
+        .where(_DAY.day >= first_day)
+        .group_by(key)
+    )
+    for g, n_req, n_calls, t_in, t_out, cost, unpriced in conn.execute(q):
+        a = acc[_label(g)]
+        a["requests"] += int(n_req or 0)
+        a["calls"] += int(n_calls or 0)
+        a["tokens_in"] += int(t_in or 0)
+        a["tokens_out"] += int(t_out or 0)
+        a["cost_usd"] = _add(a["cost_usd"], cost)
+        a["unpriced_calls"] += int(unpriced or 0)
+
+
+def _spend_detail(conn: Connection, lo: dt.datetime, hi: dt.datetime, by: str, acc: dict) -> None:
+    """Add the detail rows of requests made in [lo, hi) to ``acc``."""
+    rg = _req_group(by)
+    in_window = _in_window(_REQ.ts, lo, hi)
+    for g, n in conn.execute(select(rg, func.count()).where(in_window).group_by(rg)):
+        acc[_label(g)]["requests"] += int(n)
+    cg = _call_group(by)
+    q = (
+        select(
+            cg,
+            func.count(),
+            func.sum(_CALL.tokens_in),
+            func.sum(_CALL.tokens_out),
+            func.sum(_CALL.cost_usd),
+            func.sum(case((_CALL.cost_usd.is_(None), 1), else_=0)),
+        )
+        .select_from(_calls_in_window())
+        .where(_calls_of_window(lo, hi))
+        .group_by(cg)
+    )
+    for g, n_calls, t_in, t_out, cost, n_unpriced in conn.execute(q):
+        a = acc[_label(g)]
+        a["calls"] += int(n_calls)
+        a["tokens_in"] += int(t_in or 0)
+        a["tokens_out"] += int(t_out or 0)
+        a["cost_usd"] = _add(a["cost_usd"], cost)
+        a["unpriced_calls"] += int(n_unpriced or 0)
+    # Requests recorded without call rows carry their own tokens and cost.
+    no_calls = ~exists().where(_CALL.request_id == _REQ.request_id)
+    q = (
+        select(rg, func.sum(_REQ.tokens_in), func.sum(_REQ.tokens_out), func.sum(_REQ.cost_usd))
+        .where(in_window, no_calls)
+        .group_by(rg)
+    )
+    for g, t_in, t_out, cost in conn.execute(q):
+        a = acc[_label(g)]
+        a["tokens_in"] += int(t_in or 0)
+        a["tokens_out"] += int(t_out or 0)
+        a["cost_usd"] = _add(a["cost_usd"], cost)
 
 
 # --------------------------------------------------------------------------- savings
@@ -319,7 +374,7 @@ def savings(engine: Engine, since=None, by: str | None = None) -> Report:
     )
     rows = []
     total_noref = 0
-    with engine.connect() as conn:
+    with _connect(engine) as conn:
         result = sorted(conn.execute(q).all(), key=lambda r: _label(r[0]))
         unpriced = _unpriced_models(conn, start)
     for g, n, compared, cost, ref, noref, n_unpriced in result:
@@ -361,58 +416,51 @@ def exits(engine: Engine, since=None, by: str | None = None) -> Report:
     start = parse_since(since)
     by = _check_by(by, "cascade")
     rg = _req_group(by)
-    last = (
-        select(_CALL.request_id.label("rid"), func.max(_CALL.call_order).label("last_order"))
-        .where(_CALL.ts >= start)
-        .group_by(_CALL.request_id)
+    # Per answered request with call rows: its last call's order, and the last order at which
+    # the returned model was called; the answer was recalled unless the two are the same.
+    # One pass over the window's calls, without a self-join to find each last call.
+    per_request = (
+        select(
+            rg.label("g"),
+            func.max(_CALL.call_order).label("last_order"),
+            func.max(case((_CALL.model == _REQ.chosen_model, _CALL.call_order))).label(
+                "chosen_order"
+            ),
+        )
+        .select_from(_calls_in_window())
+        .where(_calls_of_window(start), _REQ.chosen_model.is_not(None))
+        .group_by(rg, _REQ.request_id)
         .subquery()
     )
-    last_call = calls_table.alias("last_call")
-    recall_q = (
-        select(
-            rg,
-            func.count(),
-            func.sum(case((last_call.c.model != _REQ.chosen_model, 1), else_=0)),
-        )
-        .select_from(
-            requests_table.join(last, last.c.rid == _REQ.request_id).join(
-                last_call,
-                and_(
-                    last_call.c.request_id == last.c.rid,
-                    last_call.c.call_order == last.c.last_order,
-                ),
-            )
-        )
-        .where(_REQ.ts >= start, _REQ.chosen_model.is_not(None))
-        .group_by(rg)
-    )
-    with engine.connect() as conn:
-        totals = dict(
-            (_label(g), int(n))
-            for g, n in conn.execute(select(rg, func.count()).where(_REQ.ts >= start).group_by(rg))
-        )
-        ncalls = conn.execute(
-            select(rg, _REQ.n_calls, func.count())
+    p = per_request.c
+    recalled = or_(p.chosen_order.is_(None), p.chosen_order < p.last_order)
+    recall_q = select(p.g, func.count(), func.sum(case((recalled, 1), else_=0))).group_by(p.g)
+    totals: Counter = Counter()
+    ncalls: Counter = Counter()
+    chosen: Counter = Counter()
+    with _connect(engine) as conn:
+        q = (
+            select(rg, _REQ.n_calls, _REQ.chosen_model, func.count())
             .where(_REQ.ts >= start)
-            .group_by(rg, _REQ.n_calls)
-        ).all()
-        chosen = conn.execute(
-            select(rg, _REQ.chosen_model, func.count())
-            .where(_REQ.ts >= start)
-            .group_by(rg, _REQ.chosen_model)
-        ).all()
+            .group_by(rg, _REQ.n_calls, _REQ.chosen_model)
+        )
+        for g, n, model, count in conn.execute(q):
+            g = _label(g)
+            totals[g] += int(count)
+            ncalls[g, str(n)] += int(count)
+            chosen[g, _label(model)] += int(count)
         recall = conn.execute(recall_q).all()
         unpriced = _unpriced_models(conn, start)
     rows: list[dict[str, Any]] = []
-    for g, n, count in ncalls:
-        g = _label(g)
-        rows.append(_exit_row(g, "n_calls", str(n), count, totals[g], ""))
-    for g, model, count in chosen:
-        g = _label(g)
+    for (g, n), count in ncalls.items():
+        rows.append(_exit_row(g, "n_calls", n, count, totals[g], ""))
+    for (g, model), count in chosen.items():
         flag = UNPRICED if model in unpriced else ""
-        rows.append(_exit_row(g, "chosen_model", _label(model), count, totals[g], flag))
-    for g, answered, recalled in recall:
-        rows.append(_exit_row(_label(g), "recalled", "yes", int(recalled or 0), int(answered), ""))
+        rows.append(_exit_row(g, "chosen_model", model, count, totals[g], flag))
+    for g, answered, n_recalled in recall:
+        rows.append(
+            _exit_row(_label(g), "recalled", "yes", int(n_recalled or 0), int(answered), "")
+        )
     order = {"n_calls": 0, "chosen_model": 1, "recalled": 2}
     rows.sort(key=lambda r: (r["group"], order[r["kind"]], r["value"]))
     notes = _unpriced_note(unpriced)
@@ -450,17 +498,51 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _latency_row(scope: str, group: str, values: list[float], flag: str) -> dict:
+def _latency_stats(
+    scope: str, group: str, n: int, qs: list[float | None], mean: float | None, flag: str
+) -> dict:
     return {
         "scope": scope,
         "group": group,
-        "n": len(values),
-        "p50_ms": _round(percentile(values, 0.5), 3),
-        "p95_ms": _round(percentile(values, 0.95), 3),
-        "p99_ms": _round(percentile(values, 0.99), 3),
-        "mean_ms": _round(sum(values) / len(values), 3) if values else None,
+        "n": int(n),
+        "p50_ms": _round(qs[0], 3),
+        "p95_ms": _round(qs[1], 3),
+        "p99_ms": _round(qs[2], 3),
+        "mean_ms": _round(mean, 3),
         "flag": flag,
     }
+
+
+PERCENTILES = (0.5, 0.95, 0.99)
+
+
+def _latency_sql(conn: Connection, group, value, where) -> dict[str, tuple]:
+    """PostgreSQL: (n, [p50, p95, p99], mean) per group label, computed by the database
+    (one ``percentile_cont`` sort per group instead of shipping every value to Python)."""
+    pct = func.percentile_cont(postgresql.array([literal(q) for q in PERCENTILES]))
+    stats = (func.count(value), pct.within_group(value), func.avg(value))
+    if group is None:
+        q = select(literal("(all)"), *stats).where(where)
+    else:
+        if not isinstance(group.type, Date):  # None and '' both read "(none)": one group
+            group = func.coalesce(group, "")
+        q = select(group, *stats).where(where).group_by(group)
+    out = {}
+    for g, n, qs, mean in conn.execute(q):
+        out[_label(g)] = (int(n), list(qs) if qs is not None else [None] * 3, mean)
+    return out
+
+
+def _latency_python(conn: Connection, group, value, where) -> dict[str, tuple]:
+    """SQLite (no percentile functions): the same figures from the window's values."""
+    cols = [literal("(all)") if group is None else group, value]
+    values: dict[str, list[float]] = defaultdict(list)
+    for g, v in conn.execute(select(*cols).where(where)):
+        values[_label(g)].append(float(v))
+    out = {}
+    for g, xs in values.items():
+        out[g] = (len(xs), [percentile(xs, q) for q in PERCENTILES], sum(xs) / len(xs))
+    return out
 
 
 def latency(engine: Engine, since=None, by: str | None = None) -> Report:
@@ -468,27 +550,22 @@ def latency(engine: Engine, since=None, by: str | None = None) -> Report:
     latency (``by=model``), else of request latency per day, cascade or key."""
     start = parse_since(since)
     by = _check_by(by, "model")
-    groups: dict[str, list[float]] = defaultdict(list)
-    with engine.connect() as conn:
-        overall = [
-            float(v) for (v,) in conn.execute(select(_REQ.latency_ms).where(_REQ.ts >= start))
-        ]
+    with _connect(engine) as conn:
+        stats = _latency_sql if conn.dialect.name == "postgresql" else _latency_python
+        overall = stats(conn, None, _REQ.latency_ms, _REQ.ts >= start).get("(all)")
         if by == "model":
-            q = select(_CALL.model, _CALL.latency_ms).where(
-                _CALL.ts >= start, _CALL.latency_ms.is_not(None)
-            )
+            where = and_(_CALL.ts >= start, _CALL.latency_ms.is_not(None))
+            groups = stats(conn, _CALL.model, _CALL.latency_ms, where)
             scope = "call"
         else:
-            rg = _req_group(by)
-            q = select(rg, _REQ.latency_ms).where(_REQ.ts >= start)
+            groups = stats(conn, _req_group(by), _REQ.latency_ms, _REQ.ts >= start)
             scope = "request"
-        for g, v in conn.execute(q):
-            groups[_label(g)].append(float(v))
         unpriced = _unpriced_models(conn, start)
-    rows = [_latency_row("request", "(all)", overall, "")]
+    n, qs, mean = overall if overall and overall[0] else (0, [None] * 3, None)
+    rows = [_latency_stats("request", "(all)", n, qs, mean, "")]
     for g in sorted(groups):
         flag = UNPRICED if by == "model" and g in unpriced else ""
-        rows.append(_latency_row(scope, g, groups[g], flag))
+        rows.append(_latency_stats(scope, g, *groups[g], flag))
     return Report("latency", start, by, LATENCY_COLUMNS, rows, unpriced, _unpriced_note(unpriced))
 
 
@@ -510,13 +587,16 @@ def errors(engine: Engine, since=None, by: str | None = None) -> Report:
     rg = _req_group(by)
     call_counts: dict[str, Counter] = defaultdict(Counter)
     req_counts: dict[str, Counter] = defaultdict(Counter)
-    with engine.connect() as conn:
-        q = (
-            select(cg, _CALL.status, func.count())
-            .select_from(_calls_in_window())
-            .where(_REQ.ts >= start)
-            .group_by(cg, _CALL.status)
-        )
+    with _connect(engine) as conn:
+        if by == "model":  # the model called: no need for the requests
+            q = select(cg, _CALL.status, func.count()).where(_CALL.ts >= start)
+        else:
+            q = (
+                select(cg, _CALL.status, func.count())
+                .select_from(_calls_in_window())
+                .where(_calls_of_window(start))
+            )
+        q = q.group_by(cg, _CALL.status)
         for g, status, n in conn.execute(q):
             call_counts[_label(g)][status] += int(n)
         q = select(rg, _REQ.status, func.count()).where(_REQ.ts >= start).group_by(rg, _REQ.status)
