@@ -1,0 +1,139 @@
+"""Issue 5's loop end to end on 127.0.0.1, each step by its console command: collect traces
+from an OpenAI-compatible upstream (answering with real recorded MMLU outputs), fit to an
+accuracy target and to a cost cap, serve the first policy, swap in the second under load
+(no failed request), and find the new hash in the ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.test_collect import CASCADE, PRICES, REPO, upstream  # noqa: F401
+from tests.test_proxy_e2e import _free_port, _wait_ready
+
+
+def _cascade(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(CASCADE), *args], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_collect_fit_to_a_target_serve_and_reload_under_load(
+    upstream: str,  # noqa: F811
+    traces_dir: Path,
+    tmp_path: Path,
+) -> None:
+    rows = [
+        json.loads(line)
+        for line in (traces_dir / "mmlu-llama-train.jsonl").read_text().split("\n")
+        if line
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": r["id"], "messages": r["messages"], "reference": r["reference"]})
+            + "\n"
+            for r in rows
+        )
+    )
+    models = "\n".join(
+        f"  {name}: {{backend: openai, base_url: '{upstream}/v1', max_retries: 0, "
+        f"price_in_per_mtok: {pin}, price_out_per_mtok: {pout}}}"
+        for name, (pin, pout) in PRICES.items()
+    )
+    cascade = "{nodes: [llama3.2-1b, llama3.1-8b, llama3.1-405b], reference: llama3.1-405b"
+    config = tmp_path / "cascade.yaml"
+    config.write_text(
+        f"models:\n{models}\ncascades:\n  mmlu: {cascade}, policy: policy.json}}\n"
+        "server: {admin_key_env: LOOP_ADMIN, policy_watch_s: 0}\n"
+    )
+    traces = tmp_path / "traces.jsonl"
+    _cascade("collect", "--config", str(config), "--cascade", "mmlu", "--dataset", str(data),
+             "--out", str(traces), "--concurrency", "8")  # fmt: skip
+    assert len([x for x in traces.read_text().split("\n") if x]) == len(rows)
+
+    accurate, cheap = tmp_path / "accurate.json", tmp_path / "cheap.json"
+    fit = _cascade(
+        "fit", "--train", str(traces), "--target-accuracy", "0.97", "--out", str(accurate)
+    )
+    assert "expected on train" in fit.stdout and "lambda" in fit.stdout
+    art = json.loads(accurate.read_text())
+    assert art["training"]["target"]["target_accuracy"] == 0.97
+    low, high = art["expected"]["accuracy_95"]
+    assert low <= art["expected"]["accuracy"] <= high
+    budget = 0.5 * art["expected"]["mean_cost_usd"]
+    _cascade("fit", "--train", str(traces), "--max-cost-usd", f"{budget:.10f}", "--out", str(cheap))
+    cheap_art = json.loads(cheap.read_text())
+    assert cheap_art["expected"]["mean_cost_usd"] <= budget + 1e-12
+    assert cheap_art["hash"] != art["hash"]
+
+    shutil.copy(accurate, tmp_path / "policy.json")
+    env = {
+        **os.environ,
+        "CASCADE_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "LOOP_ADMIN": "sk-loop-admin",
+    }
+    _cascade("db", "upgrade", env=env)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(CASCADE), "serve", "--config", str(config), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    replies: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def load(offset: int) -> None:
+        with httpx.Client(timeout=30.0) as client:
+            k = offset
+            while not stop.is_set():
+                messages = rows[k % len(rows)]["messages"]
+                replies.append(
+                    client.post(
+                        f"{url}/v1/chat/completions", json={"model": "mmlu", "messages": messages}
+                    )
+                )
+                k += 3
+
+    try:
+        _wait_ready(f"{url}/health", proc)
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        shutil.copy(cheap, tmp_path / "policy.tmp")
+        os.replace(tmp_path / "policy.tmp", tmp_path / "policy.json")
+        reload = httpx.post(
+            f"{url}/admin/reload", headers={"Authorization": "Bearer sk-loop-admin"}, timeout=30
+        )
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        proc.terminate()  # SIGTERM flushes the ledger
+        proc.wait(timeout=30)
+    assert reload.status_code == 200, reload.text
+    assert reload.json()["reloaded"]["mmlu"] == {
+        "old_hash": art["hash"],
+        "policy_hash": cheap_art["hash"],
+    }
+    assert len(replies) > 20 and {r.status_code for r in replies} == {200}
+    hashes = [r.json()["cascade"]["policy_hash"] for r in replies]
+    assert set(hashes) == {art["hash"], cheap_art["hash"]}
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        ledgered = dict(db.execute("SELECT request_id, policy_hash FROM ledger_requests"))
+    assert ledgered == {r.headers["x-request-id"]: h for r, h in zip(replies, hashes, strict=True)}
