@@ -231,6 +231,7 @@ async def _phase(sessions: dict, cmd: dict[str, Any]) -> dict[str, Any]:
     }
     run["cpu_s"]["loadgen"] = self_cpu
     run["warmup_errors"] = warm["errors"]
+    run["warmup_sent"] = warm["ok"] + warm["errors"]
     if warm["first_error"] and not run["first_error"]:
         run["first_error"] = warm["first_error"]
     run["truncated"] = run["truncated"] or warm["truncated"]
@@ -347,6 +348,7 @@ class Processes:
         stdin: Any = subprocess.DEVNULL,
         stdout: Any = None,
         text: bool = False,
+        cwd: Path | None = None,
     ) -> subprocess.Popen:
         if self.taskset and cpu is not None:
             cmd = [self.taskset, "-c", str(cpu), *cmd]  # taskset execs: same pid
@@ -358,7 +360,7 @@ class Processes:
             stdout=handle if stdout is None else stdout,
             stderr=handle,
             env=env,
-            cwd=REPO,
+            cwd=cwd or REPO,
             preexec_fn=_die_with_parent,
             text=text,
             bufsize=1 if text else -1,
@@ -710,6 +712,7 @@ class LoadGen:
             text=True,
         )
         self.stdin = self.proc.stdin
+        self.last: dict[str, Any] = {}  # the load generator's raw answer to the last phase
 
     def phase(
         self,
@@ -738,6 +741,7 @@ class LoadGen:
         self.stdin.write(json.dumps(cmd) + "\n")
         self.stdin.flush()
         raw = json.loads(read_line(self.proc, timeout_s + 60.0, "the load generator"))
+        self.last = raw
         cpu = raw["cpu_s"]
         phase = Phase(
             rps=raw["ok"] / raw["wall_s"] if raw["wall_s"] > 0 else 0.0,

@@ -582,7 +582,8 @@ async def _read_json(request: Request, max_body: int) -> dict:
         ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
-    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+    # a backslash first (memchr-fast), then a surrogate escape, then whether one is unpaired
+    if b"\\" in raw and _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
         raise ApiError(
             400, "The request body holds an unpaired UTF-16 surrogate", code="invalid_json"
         )

@@ -5,8 +5,8 @@ Events, logprobs and top_logprobs, usage, OpenAI error objects) and answers dete
 from (model, last user message): a canned answer per model, or the answer a recorded trace
 (DESIGN.md trace format) gives for that exact prompt, whose `confidence` becomes the logprob
 of the answer token. Faults (latency, time to first token, 5xx, 429 with Retry-After, dropped
-connections, malformed bodies, stalled streams) are switched at run time through `/admin/faults`;
-per-model call counters are at `/admin/stats`.
+connections, malformed bodies, hung calls, stalled streams) are switched at run time through
+`/admin/faults`; per-model call counters are at `/admin/stats`.
 
 Endpoints:
     POST   /v1/chat/completions   the chat API (stream or not)
@@ -240,7 +240,9 @@ class FaultSpec:
     first that fires wins: `drop` (close the connection, no response), `rate_limit` (429 with
     `Retry-After`: `retry_after` seconds, rounded up, and `retry-after-ms`), `error_rate`
     (`error_status`, default 500), `malformed` (200 whose body is not JSON; for streams, an
-    event that is not JSON). Those four take a probability or true/false. Streams only:
+    event that is not JSON), `hang` (wait `hang_ms`, default 30000, then answer normally: a
+    client with a shorter timeout sees a timeout on a random share of calls, which
+    `latency_ms` cannot give). Those five take a probability or true/false. Streams only:
     `stall_stream_after` N sends the role chunk and N content chunks, then nothing more,
     without closing, until the client goes away; `drop_stream_after` N sends as many, then
     closes the connection.
@@ -257,6 +259,8 @@ class FaultSpec:
     error_rate: float = 0.0
     error_status: int = 500
     malformed: float = 0.0
+    hang: float = 0.0
+    hang_ms: float = 30000.0
     stall_stream_after: int | None = None
     drop_stream_after: int | None = None
     count: int | None = None
@@ -276,10 +280,10 @@ class FaultSpec:
         if unknown:
             raise FaultError(f"unknown fault field(s): {', '.join(unknown)}")
         kw: dict[str, Any] = {}
-        for name in ("latency_ms", "ttft_ms", "inter_token_ms", "retry_after"):
+        for name in ("latency_ms", "ttft_ms", "inter_token_ms", "retry_after", "hang_ms"):
             if name in obj:
                 kw[name] = _nonneg(name, obj[name])
-        for name in ("drop", "rate_limit", "error_rate", "malformed"):
+        for name in ("drop", "rate_limit", "error_rate", "malformed", "hang"):
             if name in obj:
                 kw[name] = _prob(name, obj[name])
         if "error_status" in obj:
@@ -306,13 +310,14 @@ class FaultSpec:
         return self.count is None and self == FaultSpec(seed=self.seed)
 
     def draw(self) -> str | None:
-        """The outcome of one call: drop, rate_limit, error, malformed or None."""
+        """The outcome of one call: drop, rate_limit, error, malformed, hang or None."""
         rng = self.rng
         for outcome, p in (
             ("drop", self.drop),
             ("rate_limit", self.rate_limit),
             ("error", self.error_rate),
             ("malformed", self.malformed),
+            ("hang", self.hang),
         ):
             if p and (p >= 1.0 or rng.random() < p):
                 return outcome
@@ -321,7 +326,7 @@ class FaultSpec:
 
 # ------------------------------------------------------------------------------------ stats
 
-_OUTCOMES = ("error", "rate_limit", "drop", "malformed", "stall", "drop_stream")
+_OUTCOMES = ("error", "rate_limit", "drop", "malformed", "hang", "stall", "drop_stream")
 
 
 class ModelStats:
@@ -691,7 +696,9 @@ class FakeUpstream:
                 outcome = spec.draw()
                 if outcome is not None:
                     st.faults[outcome] += 1
-                    return self._fault(request, outcome, spec, stream)
+                    if outcome != "hang":
+                        return self._fault(request, outcome, spec, stream)
+                    await self._sleep(spec.hang_ms)  # then the normal answer, late
             prompt = last_user_message(messages)
             ans = self.table.get((model, prompt)) or self.canned[model]
             if ans.prompt_tokens is not None:

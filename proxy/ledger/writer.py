@@ -22,6 +22,14 @@ the spool nor be lost silently.
 :meth:`close` (call it from the server's shutdown, which uvicorn runs on SIGTERM) writes
 what is queued to the database or the spool and stops the thread. It is also registered
 with :mod:`atexit` as a safety net.
+
+Several writers may share one spool path (uvicorn workers, or instances started in the same
+folder): each claims a spool *slot* at :meth:`start`, an exclusive ``flock`` held until
+:meth:`close` or process exit: slot 0 is the given path, slot k is ``<stem>-k<suffix>`` beside
+it. Two writers therefore never append to, replay or truncate the same file, and a writer
+restarted after a crash gets a free slot back (usually its own). At start a writer also
+adopts the spool of any slot no live writer holds (a worker that died and was not replaced,
+or a run with more workers than now), so no spooled record is stranded.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -48,7 +57,17 @@ from proxy.ledger.db import make_engine, safe_url
 from proxy.ledger.records import RequestRecord
 from proxy.ledger.schema import calls_table, daily_table, requests_table
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: one writer per spool path, unchecked
+    fcntl = None
+
 log = logging.getLogger("cascade.ledger")
+MAX_SPOOL_SLOTS = 256
+# Rows per multi-row INSERT ... RETURNING. A fixed page bounds the distinct statement texts:
+# with one text per batch size, sqlite3's cache of 128 prepared statements (psycopg prepares
+# repeated ones too) kept growing the proxy's RSS, by ~35 MB in the first minutes of a soak.
+INSERT_PAGE_ROWS = 32
 
 _WAKE = object()
 _DAILY_KEY = ("day", "cascade", "model", "api_key")
@@ -226,8 +245,10 @@ class LedgerWriter:
         retry_interval_s: float = 2.0,
     ) -> None:
         self.url = url
-        self.spool_path = Path(spool_path)
+        self.base_spool_path = Path(spool_path)
+        self.spool_path = self.base_spool_path  # this writer's slot, chosen by start()
         self.rejected_path = self.spool_path.with_name(self.spool_path.name + ".rejected")
+        self._slot_fd: int | None = None
         self.batch_size = max(1, int(batch_size))
         self.flush_interval_s = max(0.0, float(flush_interval_s))
         self.retry_interval_s = max(0.05, float(retry_interval_s))
@@ -266,6 +287,7 @@ class LedgerWriter:
         with self._submit_lock:
             if self._closed or (self._thread is not None and self._thread.is_alive()):
                 return self
+            self._claim_slot()
             self._thread = threading.Thread(
                 target=self._run, name="cascade-ledger-writer", daemon=True
             )
@@ -336,6 +358,8 @@ class LedgerWriter:
                 self._idle.notify_all()
         if not stuck and self._engine is not None:
             self._engine.dispose()
+        if not stuck:  # a stuck thread may still write the spool: keep the slot until exit
+            self._release_slot()
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """:meth:`close` without blocking the event loop."""
@@ -366,6 +390,57 @@ class LedgerWriter:
     def _atexit(self) -> None:
         self.close(timeout=5.0)
 
+    def _claim_slot(self) -> None:
+        """Take the first spool slot no live writer holds (see the module docstring)."""
+        if self._slot_fd is not None or fcntl is None:
+            return
+        try:
+            self.base_spool_path.parent.mkdir(parents=True, exist_ok=True)
+            for slot in range(MAX_SPOOL_SLOTS):
+                path = _slot_path(self.base_spool_path, slot)
+                fd = _try_lock(path)
+                if fd is not None:
+                    self._slot_fd = fd
+                    self.spool_path = path
+                    self.rejected_path = path.with_name(path.name + ".rejected")
+                    return
+            log.error("ledger: every spool slot of %s is taken", self.base_spool_path)
+        except OSError:
+            log.exception("ledger: cannot lock a spool slot beside %s", self.base_spool_path)
+
+    def _release_slot(self) -> None:
+        fd, self._slot_fd = self._slot_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+    def _adopt_orphans(self) -> None:
+        """Move the spools of slots no live writer holds into this writer's spool."""
+        if self._slot_fd is None:
+            return
+        base = self.base_spool_path
+        slot_name = re.compile(rf"{re.escape(base.stem)}-[0-9]+{re.escape(base.suffix)}")
+        others = [base, *(p for p in base.parent.iterdir() if slot_name.fullmatch(p.name))]
+        for other in others:
+            if other == self.spool_path:
+                continue
+            sides = sorted(other.parent.glob(other.name + ".side-*"))
+            if not other.exists() and not sides:
+                continue
+            fd = _try_lock(other)
+            if fd is None:
+                continue  # a live writer owns it
+            try:
+                for path in [*sides, other]:
+                    if path.exists():
+                        data = path.read_bytes()
+                        if data.strip():
+                            _append(self.spool_path, data if data.endswith(b"\n") else data + b"\n")
+                            log.warning("ledger: adopted the orphaned spool %s", path)
+                        path.unlink()  # a crash before this: replayed twice, landing once
+                _fsync_dir(self.spool_path.parent)
+            finally:
+                os.close(fd)
+
     def _drain(self) -> list[RequestRecord]:
         out = []
         while True:
@@ -380,7 +455,7 @@ class LedgerWriter:
 
     def _run(self) -> None:
         try:
-            self._engine = make_engine(self.url)
+            self._engine = make_engine(self.url, insertmanyvalues_page_size=INSERT_PAGE_ROWS)
             name = self._engine.dialect.name
             if name == "postgresql":
                 self._insert = postgresql.insert
@@ -649,6 +724,7 @@ class LedgerWriter:
         """At start: merge side spools left by a stuck close, count the backlog."""
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
         with self._spool_lock:
+            self._adopt_orphans()
             for side in sorted(self.spool_path.parent.glob(self.spool_path.name + ".side-*")):
                 data = side.read_bytes()
                 if data:
@@ -743,6 +819,28 @@ def _append(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _slot_path(base: Path, slot: int) -> Path:
+    """The spool file of `slot`: `base` itself for slot 0, else `<stem>-<slot><suffix>`."""
+    return base if slot == 0 else base.with_name(f"{base.stem}-{slot}{base.suffix}")
+
+
+def _try_lock(spool: Path) -> int | None:
+    """An fd holding the exclusive flock of `spool`'s lock file, or None if another holds it.
+
+    The lock file is never deleted: deleting it could let two writers lock two different
+    files of the same name."""
+    fd = os.open(spool.with_name(spool.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _fsync_dir(path: Path) -> None:

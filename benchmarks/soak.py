@@ -1,0 +1,532 @@
+"""Soak: `cascade serve` at 70% of its measured maximum for N minutes while 5% of upstream
+calls fail, then check that nothing was lost, hung or leaked.
+
+Prints figures and verdicts; asserts nothing (exit status 1 when a check fails). Steps:
+  1. start the fake upstream (proxy/fake_upstream.py, models m1-m3) and `cascade serve`
+     (the three-model cascade of benchmarks/proxy_bench.py, whose index policy calls m1, m2
+     and m3 for every request, or --cascade one; SQLite or a fresh PostgreSQL ledger)
+  2. measure the maximum throughput: --max-seconds of closed-loop load at concurrency
+     --max-concurrency, no faults
+  3. switch faults on at the upstream: --fault-rate (default 5%) of all upstream calls fail,
+     split evenly between dropped connections, 500s, 429s with Retry-After: 1 and calls that
+     hang past the proxy's per-call timeout (--hang-ms > --call-timeout-s), one seeded draw per
+     call through /admin/faults
+  4. open-loop load at --load (default 70%) of that maximum for --minutes (default 10):
+     arrivals at a fixed rate, each request its own task, whatever the answers' latency, over
+     a pool of --connections (256) keep-alive connections, as a load balancer keeps (the
+     warm-up before step 2 opened as many, so the RSS at the start of the soak already holds
+     their buffers); the proxy's RSS sampled every 10 s
+  5. stop the faults, let in-flight requests finish, SIGTERM the proxy (its ledger writer
+     flushes), then read the ledger
+Checks: only 200 or the designed 502 (`upstream_failed`: every node failed) came back; no
+request hung (no answer within --client-timeout-s); every request sent (warm-up and maximum
+included) is in the ledger exactly once, each answered request under the id the client got,
+with the status the client saw, and with its calls; RSS grew less than 10% from the start of
+the soak to its end.
+
+With `taskset`, the proxy runs on CPU 0, the upstream and this load generator on CPU 1 (as in
+proxy_bench.py); with --workers N > 1 nothing is pinned.
+
+Run from the repository root:
+  .venv/bin/python benchmarks/soak.py [--minutes 10] [--db sqlite|pg] [--cascade three|one]
+      [--workers 1] [--fault-rate 0.05] [--load 0.7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import proxy_bench as pb
+import proxy_overhead as po
+
+REPO = po.REPO
+KEY = "sk-soak-client"
+ALLOWED = {(200, None), (502, "upstream_failed")}
+RSS_GROWTH_MAX = 0.10
+
+
+@dataclasses.dataclass
+class Tally:
+    """What the clients saw in one phase."""
+
+    sent: int = 0
+    statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    hung: int = 0
+    client_errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    ids: dict[str, int] = dataclasses.field(default_factory=dict)  # request id -> status
+    lat_ms: list[float] = dataclasses.field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    shed: int = 0  # arrivals not sent: too many requests in flight
+
+
+async def ask(session: Any, url: str, body: bytes, tally: Tally) -> None:
+    """One request; its outcome into `tally` (a client timeout counts as hung)."""
+    import aiohttp
+
+    tally.sent += 1
+    tally.in_flight += 1
+    tally.max_in_flight = max(tally.max_in_flight, tally.in_flight)
+    t0 = time.perf_counter()
+    try:
+        async with session.post(url, data=body) as resp:
+            raw = await resp.read()
+            status, rid = resp.status, resp.headers.get("x-request-id")
+    except TimeoutError:
+        tally.hung += 1
+        return
+    except (aiohttp.ClientError, OSError) as exc:
+        tally.client_errors[type(exc).__name__] += 1
+        return
+    finally:
+        tally.in_flight -= 1
+    tally.lat_ms.append((time.perf_counter() - t0) * 1000.0)
+    code = None
+    if status != 200:
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            code = json.loads(raw)["error"]["code"]
+    tally.statuses[(status, code)] += 1
+    if rid:
+        tally.ids[rid] = status
+
+
+def session_for(timeout_s: float, limit: int) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+        trust_env=False,
+    )
+
+
+async def closed_loop(url: str, body: bytes, conc: int, seconds: float, timeout_s: float) -> Tally:
+    """`conc` clients back to back for `seconds`: the throughput ceiling."""
+    tally = Tally()
+    deadline = time.monotonic() + seconds
+    async with session_for(timeout_s, conc) as session:
+
+        async def client() -> None:
+            while time.monotonic() < deadline:
+                await ask(session, url, body, tally)
+
+        await asyncio.gather(*(client() for _ in range(conc)))
+    return tally
+
+
+async def open_loop(
+    url: str,
+    body: bytes,
+    rate: float,
+    seconds: float,
+    timeout_s: float,
+    max_in_flight: int,
+    connections: int,
+    sample: Any,
+) -> Tally:
+    """Arrivals at `rate` per second for `seconds`, each its own task, over a pool of
+    `connections` keep-alive connections (as a load balancer keeps; a request beyond them waits
+    for one, its clock running); `sample(elapsed, tally)` every second (progress and RSS)."""
+    tally = Tally()
+    tasks: set[asyncio.Task] = set()
+    async with session_for(timeout_s, connections) as session:
+        start = time.monotonic()
+        next_sample = 1.0
+        due = 0
+        while (elapsed := time.monotonic() - start) < seconds:
+            target = int(elapsed * rate)
+            while due < target:
+                due += 1
+                if tally.in_flight >= max_in_flight:
+                    tally.shed += 1
+                    continue
+                task = asyncio.ensure_future(ask(session, url, body, tally))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if elapsed >= next_sample:
+                sample(elapsed, tally)
+                next_sample += 1.0
+            await asyncio.sleep(0.002)
+        if tasks:
+            await asyncio.wait(tasks)
+    return tally
+
+
+def fault_spec(rate: float, retry_after: float, hang_ms: float, seed: int) -> dict:
+    """Equal shares of `rate` for drop, 429, 500 and hang, drawn in the fake upstream's order
+    (drop, rate_limit, error, malformed, hang), each conditional on the earlier not firing."""
+    a = rate / 4.0
+    return {
+        "model": "*",
+        "drop": a,
+        "rate_limit": a / (1 - a),
+        "retry_after": retry_after,
+        "error_rate": a / (1 - 2 * a),
+        "error_status": 500,
+        "hang": a / (1 - 3 * a),
+        "hang_ms": hang_ms,
+        "seed": seed,
+    }
+
+
+def soak_config(upstream: str, kind: str, policy: Path, call_timeout_s: float) -> dict:
+    config = pb.cascade_config(upstream, KEY, kind, policy)
+    for model in config["models"].values():
+        model["timeout_s"] = call_timeout_s
+    return config
+
+
+def rss_mb(pid: int) -> float | None:
+    pids = [pid, *po.child_pids(pid)]
+    values = [po.proc_status_mb(p, "VmRSS") for p in pids]
+    return None if None in values else sum(values)
+
+
+def ledger_rows(url: str) -> tuple[dict[str, int], int, int, int]:
+    """({request_id: status}, rows, sum of n_calls, call rows) of the whole ledger."""
+    queries = (
+        "SELECT request_id, status FROM ledger_requests",
+        "SELECT COUNT(*), COALESCE(SUM(n_calls), 0) FROM ledger_requests",
+        "SELECT COUNT(*) FROM ledger_calls",
+    )
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+            out = [db.execute(q).fetchall() for q in queries]
+    else:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=10) as db:
+            out = [db.execute(q).fetchall() for q in queries]
+    ids = {str(rid): int(status) for rid, status in out[0]}
+    return ids, int(out[1][0][0]), int(out[1][0][1]), int(out[2][0][0])
+
+
+def pct(values: list[float], q: float) -> float:
+    return po.pct(values, q)
+
+
+def run(args: argparse.Namespace) -> int:
+    taskset = shutil.which("taskset") if (os.cpu_count() or 1) >= 2 and args.workers == 1 else None
+    wall0 = time.monotonic()
+    load0 = os.getloadavg()
+    print("cascade soak (benchmarks/soak.py)")
+    print(f"  date        {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
+    print(f"  machine     {platform.platform()}; {po.cpu_model()}; {os.cpu_count()} CPU(s)")
+    print(f"  load avg    {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start")
+    print(f"  command     {' '.join(getattr(sys, 'orig_argv', sys.argv))}")
+    print(
+        f"  setup       {args.cascade}-model cascade, ledger {args.db}, {args.workers} "
+        f"worker(s); per-call timeout {args.call_timeout_s} s, retries 2 (429/5xx/connection, "
+        f"honouring Retry-After); client timeout {args.client_timeout_s} s"
+    )
+    print(
+        "  pinning     "
+        + (f"{taskset}: proxy on CPU 0; upstream + load on CPU 1" if taskset else "none")
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="cascade-soak-"))
+    procs = po.Processes(taskset)
+    env = po._clean_env(PYTHONUNBUFFERED="1")
+    pg_name: str | None = None
+    failures: list[str] = []
+    try:
+        up_proc = procs.spawn(
+            [
+                *(sys.executable, "-m", "proxy.fake_upstream"),
+                *("--host", "127.0.0.1", "--port", "0", "--models", ",".join(pb.MODELS)),
+            ],
+            cpu=1,
+            log=tmp / "upstream.log",
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = po.read_line(up_proc, 30.0, "the fake upstream")
+        upstream = line.split()[-1].strip()
+        answers = [
+            {"model": m, "answer": a, "confidence": c} for m, (a, c) in pb.THREE_ANSWERS.items()
+        ]
+        status, _, raw = po.http("POST", upstream + "/admin/answers", answers)
+        if status != 200:
+            raise RuntimeError(f"POST /admin/answers: HTTP {status}: {raw[:200]!r}")
+
+        path1, path3, _, art3 = pb.fit_policies(args.traces, tmp)
+        policy = path3 if args.cascade == "three" else path1
+        if args.cascade == "three" and pb.walk(art3, pb.THREE_ANSWERS) != list(pb.MODELS):
+            raise RuntimeError("the three-node policy does not call all three nodes")
+        if args.db == "pg":
+            pg_name, url = pb.pg_create()
+        else:
+            url = f"sqlite:///{tmp / 'ledger.db'}"
+        cenv = dict(env, CASCADE_DATABASE_URL=url)
+        cascade_cmd = [str(Path(sys.executable).with_name("cascade"))]
+        done = subprocess.run(
+            [*cascade_cmd, "db", "upgrade"], env=cenv, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"cascade db upgrade: {done.stderr[-500:]}")
+        config = tmp / "cascade.yaml"
+        config.write_text(
+            json.dumps(soak_config(upstream, args.cascade, policy, args.call_timeout_s))
+        )
+        port = po._free_port()
+        serve = [*cascade_cmd, "serve", "--config", str(config), "--port", str(port)]
+        proc = procs.spawn(
+            [*serve, "--workers", str(args.workers)],
+            cpu=0,
+            log=tmp / "serve.log",
+            env=cenv,
+            cwd=tmp,
+        )
+        server = po.Server("cascade", proc, tmp / "serve.log", f"http://127.0.0.1:{port}")
+        po.wait_ready(server, "/health")
+        if taskset:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, {1})
+        chat = server.url + pb.CHAT
+        body = json.dumps(
+            {
+                "model": args.cascade,
+                "messages": [{"role": "user", "content": po.PROMPT}],
+                "max_tokens": po.MAX_TOKENS,
+            }
+        ).encode()
+        print(f"  servers     upstream {upstream}; cascade pid {proc.pid} {server.url}")
+        print()
+
+        runner = asyncio.Runner(loop_factory=_loop_factory())
+        phases: dict[str, Tally] = {}
+        # the warm-up opens as many connections as the soak's pool may: the RSS at the start
+        # of the soak already holds that many connections' buffers
+        phases["warm-up"] = runner.run(
+            closed_loop(chat, body, args.connections, 5.0, args.client_timeout_s)
+        )
+        phases["maximum"] = peak = runner.run(
+            closed_loop(chat, body, args.max_concurrency, args.max_seconds, args.client_timeout_s)
+        )
+        ok_peak = peak.statuses[(200, None)]
+        max_rps = ok_peak / args.max_seconds
+        rate = args.load * max_rps
+        print(
+            f"maximum: {max_rps:.0f} requests/s ({ok_peak} answered in {args.max_seconds:.0f} s "
+            f"at concurrency {args.max_concurrency}, no faults; statuses {dict(peak.statuses)})"
+        )
+        if peak.statuses.keys() - {(200, None)} or peak.hung or not ok_peak:
+            raise RuntimeError(f"the proxy is not healthy without faults: {peak}")
+
+        spec = fault_spec(args.fault_rate, args.retry_after_s, args.hang_ms, args.seed)
+        status, _, raw = po.http("POST", upstream + "/admin/faults", spec)
+        if status != 200:
+            raise RuntimeError(f"POST /admin/faults: HTTP {status}: {raw[:300]!r}")
+        po.http("DELETE", upstream + "/admin/stats")
+        rss: list[tuple[float, float]] = []
+        start_rss = rss_mb(proc.pid)
+        print(
+            f"soak: {rate:.0f} requests/s ({args.load:.0%} of the maximum) for "
+            f"{args.minutes:g} min with faults {json.dumps(spec)}; RSS at start {start_rss:.1f} MB"
+        )
+        proxy_pids = [proc.pid, *po.child_pids(proc.pid)]
+        last: dict[str, Any] = {
+            "t": 0.0,
+            "sent": 0,
+            "cpu": po._cpu_seconds(proxy_pids),
+            "ticks": po._cpu_ticks(),
+        }
+
+        def sample(elapsed: float, tally: Tally) -> None:
+            if int(elapsed) % 10 == 0:
+                now = rss_mb(proc.pid)
+                if now is not None:
+                    rss.append((elapsed, now))
+            if int(elapsed) % args.progress_s == 0:
+                got = dict(collections.Counter({f"{s}": n for (s, _), n in tally.statuses.items()}))
+                span = max(elapsed - last["t"], 1e-9)
+                r = (tally.sent - last["sent"]) / span
+                cpu, ticks = po._cpu_seconds(proxy_pids), po._cpu_ticks()
+                busy = po._cpu_use(last["ticks"], ticks)
+                share = (cpu - last["cpu"]) / span if cpu is not None and last["cpu"] else 0.0
+                last.update(t=elapsed, sent=tally.sent, cpu=cpu, ticks=ticks)
+                cpus = " ".join(f"{c} {b:.0%}" for c, (b, _) in sorted(busy.items()))
+                print(
+                    f"  t={elapsed:5.0f}s sent {tally.sent:>7} ({r:5.0f}/s) statuses {got} "
+                    f"hung {tally.hung} in flight {tally.in_flight:>4}; proxy CPU {share:4.0%} "
+                    f"({cpus}); RSS {rss[-1][1] if rss else float('nan'):.1f} MB",
+                    flush=True,
+                )
+
+        phases["soak"] = soak = runner.run(
+            open_loop(
+                chat,
+                body,
+                rate,
+                args.minutes * 60.0,
+                args.client_timeout_s,
+                args.max_in_flight,
+                args.connections,
+                sample,
+            )
+        )
+        end_rss = rss_mb(proc.pid)
+        runner.close()
+        po.http("DELETE", upstream + "/admin/faults")
+        _, _, raw = po.http("GET", upstream + "/admin/stats")
+        upstream_stats = json.loads(raw)
+        health = po.http("GET", server.url + "/health")[2]
+        procs.stop(proc, wait_s=60.0)  # SIGTERM: the ledger writer flushes
+        ledger, rows, n_calls, call_rows = ledger_rows(url)
+    finally:
+        procs.stop_all()
+        if pg_name is not None and not args.keep:
+            with contextlib.suppress(Exception):
+                pb.pg_drop(pg_name)
+
+    # ---- the report
+    print()
+    print("=" * 100)
+    sent = sum(t.sent for t in phases.values())
+    print(
+        f"SOAK RESULTS ({args.minutes:g} min at {rate:.0f} requests/s = {args.load:.0%} of "
+        f"{max_rps:.0f}; {args.cascade}-model cascade; ledger {args.db}; {args.workers} "
+        "worker(s))"
+    )
+    achieved = soak.sent / (args.minutes * 60.0)
+    print(
+        f"  sent in the soak {soak.sent} ({achieved:.0f}/s), shed {soak.shed}; max in flight "
+        f"{soak.max_in_flight}; latency p50 {pct(soak.lat_ms, 50):.1f} ms, p99 "
+        f"{pct(soak.lat_ms, 99):.1f} ms, max {max(soak.lat_ms, default=float('nan')):.0f} ms"
+    )
+    models = upstream_stats.get("models", {})
+    calls = sum(m["calls"] for m in models.values())
+    faults: collections.Counter = collections.Counter()
+    for m in models.values():
+        faults.update({k: v for k, v in m["faults"].items() if v})
+    print(
+        f"  upstream calls in the soak {calls}; faulted {sum(faults.values())} "
+        f"({sum(faults.values()) / max(calls, 1):.2%}): {dict(faults)}"
+    )
+    statuses = {f"{s} {c or ''}".strip(): n for (s, c), n in soak.statuses.items()}
+    bad = {k: n for k, n in soak.statuses.items() if k not in ALLOWED}
+    print(f"  status codes {statuses}")
+    verdict(failures, not bad, f"only 200 and the designed 502 (other: {bad or 'none'})")
+    verdict(
+        failures,
+        soak.hung == 0 and not soak.client_errors,
+        f"hung requests (no answer in {args.client_timeout_s:g} s) {soak.hung}; client "
+        f"errors {dict(soak.client_errors) or 0}",
+    )
+    known = {rid: s for t in phases.values() for rid, s in t.ids.items()}
+    missing = [rid for rid in known if rid not in ledger]
+    wrong = [rid for rid, s in known.items() if rid in ledger and ledger[rid] != s]
+    verdict(
+        failures,
+        rows == sent and len(ledger) == rows and not missing and not wrong,
+        f"ledger: {rows} requests for {sent} sent (warm-up + maximum + soak), distinct ids "
+        f"{len(ledger)}, duplicates {rows - len(ledger)}; answered ids missing {len(missing)}, "
+        f"with another status {len(wrong)}",
+    )
+    verdict(failures, n_calls == call_rows, f"ledger calls {call_rows} (sum of n_calls {n_calls})")
+    growth = (end_rss - start_rss) / start_rss if start_rss and end_rss else float("nan")
+    peak_rss = max((v for _, v in rss), default=float("nan"))
+    verdict(
+        failures,
+        growth < RSS_GROWTH_MAX,
+        f"RSS start {start_rss:.1f} MB, end {end_rss:.1f} MB, peak {peak_rss:.1f} MB: growth "
+        f"{growth:+.1%} (< {RSS_GROWTH_MAX:.0%})",
+    )
+    if rss:
+        marks = [rss[int(i * (len(rss) - 1) / 5)] for i in range(6)]
+        print("  RSS over the soak " + ", ".join(f"{t:.0f}s {v:.1f}" for t, v in marks))
+    with contextlib.suppress(ValueError, KeyError):
+        print(f"  ledger status before shutdown: {json.loads(health)['database']}")
+    load = os.getloadavg()
+    print(f"  load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"  logs in {tmp}; wall time {time.monotonic() - wall0:.0f} s")
+    print("PASS" if not failures else f"FAIL: {len(failures)} check(s) failed")
+    return 0 if not failures else 1
+
+
+def verdict(failures: list[str], ok: bool, text: str) -> None:
+    print(f"  [{'ok' if ok else 'FAIL'}] {text}")
+    if not ok:
+        failures.append(text)
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
+    parser.add_argument("--db", choices=("sqlite", "pg"), default="sqlite")
+    parser.add_argument("--cascade", choices=("three", "one"), default="three")
+    parser.add_argument("--workers", type=int, default=1, help="cascade serve --workers")
+    parser.add_argument("--fault-rate", type=float, default=0.05, help="share of calls failing")
+    parser.add_argument("--load", type=float, default=0.7, help="share of the maximum rate")
+    parser.add_argument("--max-seconds", type=float, default=10.0, help="maximum's measurement")
+    parser.add_argument("--max-concurrency", type=int, default=64)
+    parser.add_argument("--max-in-flight", type=int, default=2048, help="shed beyond this")
+    parser.add_argument(
+        "--connections", type=int, default=256, help="client keep-alive connections (pool)"
+    )
+    parser.add_argument("--call-timeout-s", type=float, default=2.0, help="per upstream call")
+    parser.add_argument("--hang-ms", type=float, default=10000.0, help="a hung call's wait")
+    parser.add_argument("--retry-after-s", type=float, default=1.0, help="the 429s' Retry-After")
+    parser.add_argument("--client-timeout-s", type=float, default=30.0, help="= hung")
+    parser.add_argument("--progress-s", type=int, default=60, help="progress line every N s")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL database")
+    parser.add_argument(
+        "--traces",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "traces",
+        help="folder of the recorded traces (default: ../shared/data/traces from the repo)",
+    )
+    args = parser.parse_args(argv)
+    if not (args.traces / "mmlu-llama-train.jsonl").is_file():
+        print(f"error: mmlu-llama-train.jsonl not found in {args.traces}", file=sys.stderr)
+        return 2
+    if not (0 < args.fault_rate < 0.8 and 0 < args.load <= 1 and args.minutes > 0):
+        print("error: need 0 < --fault-rate < 0.8, 0 < --load <= 1, --minutes > 0", file=sys.stderr)
+        return 2
+    if args.hang_ms / 1000.0 <= args.call_timeout_s:
+        print("error: --hang-ms must exceed --call-timeout-s", file=sys.stderr)
+        return 2
+    args.progress_s = max(1, args.progress_s)
+    previous = signal.signal(signal.SIGTERM, po._raise_interrupt)
+    try:
+        return run(args)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}): every child process was stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
