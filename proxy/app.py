@@ -267,6 +267,7 @@ def create_app(state: ProxyState) -> FastAPI:
     )
     app.state.proxy = state
     max_body = state.config.server.max_body_bytes
+    deadline_s = state.config.server.request_timeout_s
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -303,13 +304,15 @@ def create_app(state: ProxyState) -> FastAPI:
             explore = rate > 0 and random.random() < rate
             try:
                 await _until_disconnect(
-                    request, engine.run(messages, params, overrides, run, explore=explore)
+                    request,
+                    engine.run(messages, params, overrides, run, explore=explore),
+                    deadline_s,
                 )
             except OverrideError as exc:
                 raise ApiError(
                     400, str(exc), param=exc.param, code="invalid_cascade_override"
                 ) from None
-            except ApiError as exc:  # the client hung up: keep what was spent
+            except ApiError as exc:  # hung up or timed out: keep what was spent
                 entry.cascade_done(run, exc.status, exc.code)
                 raise
             if not run.calls:
@@ -341,9 +344,11 @@ def create_app(state: ProxyState) -> FastAPI:
                     request_id, model, backend, messages, params, include_usage, entry
                 )
             try:
-                result = await _until_disconnect(request, backend.complete(messages, params))
-            except ApiError as exc:  # the client hung up while the call was in flight
-                gone = CallResult(model=model, text=None, error="client_disconnected")
+                result = await _until_disconnect(
+                    request, backend.complete(messages, params), deadline_s
+                )
+            except ApiError as exc:  # the client hung up, or the deadline passed, mid-call
+                gone = CallResult(model=model, text=None, error=exc.code)
                 entry.call_done(model, gone, exc.status, exc.code)
                 raise
             metrics.record_call(model, result)
@@ -691,19 +696,30 @@ def _overrides(raw: object) -> Overrides:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_cascade_override") from None
 
 
-async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`; if the client disconnects first, cancel it (and its upstream calls)."""
+async def _until_disconnect(
+    request: Request, work: Awaitable[Any], deadline_s: float | None = None
+) -> Any:
+    """Run `work`; if the client disconnects first, or `deadline_s` (the server's
+    request_timeout_s) passes, cancel it and its upstream calls: no client waits forever."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {task, watcher}, timeout=deadline_s, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         watcher.cancel()
-    if task not in done:
-        task.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    if watcher in done:
         metrics.CLIENT_DISCONNECTS.inc()
         raise ApiError(499, "client disconnected", code="client_disconnected")
-    return task.result()
+    raise ApiError(
+        504,
+        f"no answer within the proxy's request timeout ({deadline_s:g} s)",
+        code="request_timeout",
+    )
 
 
 async def _disconnected(request: Request) -> None:
