@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from calibration.graders import Grade, Grader, default_grader, parse_grader
 from policies.answers import detect_kind
 from policies.signals import answer_confidence
-from policies.traceformat import messages_problems
+from policies.traceformat import messages_problems, parse_jsonl
 
 if TYPE_CHECKING:
     from proxy.backends.base import Backend, CallResult
@@ -44,9 +44,6 @@ class Config(Protocol):
 
     models: Mapping[str, Any]
     cascades: Mapping[str, Any]
-
-
-MAX_REPORTED = 20
 
 
 class CollectError(ValueError):
@@ -89,38 +86,20 @@ def load_dataset(path: str | Path, needs_reference: bool = True) -> list[Item]:
         raise CollectError(f"{path}: no such dataset file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CollectError(f"{path}: cannot read: {exc}") from None
-    items: list[Item] = []
-    errors: list[str] = []
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})")
-            continue
-        problems = _item_problems(row, needs_reference)
-        if not problems:
-            rid = str(row["id"])
-            first = seen.setdefault(rid, lineno)
-            if first != lineno:
-                problems.append(f"duplicate id {rid!r} (first on line {first})")
-        errors.extend(f"{path}:{lineno}: {p}" for p in problems)
-        if not problems:
-            ref = row.get("reference")
-            items.append(
-                Item(
-                    rid, row["messages"], None if ref is None else str(ref), row.get("task"), lineno
-                )
+    items = []
+    for lineno, row in parse_jsonl(
+        text, str(path), lambda r: _item_problems(r, needs_reference), CollectError, "items"
+    ):
+        ref = row.get("reference")
+        items.append(
+            Item(
+                str(row["id"]),
+                row["messages"],
+                None if ref is None else str(ref),
+                row.get("task"),
+                lineno,
             )
-    if errors:
-        more = len(errors) - MAX_REPORTED
-        tail = f"\n... and {more} more error(s)" if more > 0 else ""
-        shown = "\n".join(errors[:MAX_REPORTED])
-        raise CollectError(f"{len(errors)} error(s) in {path}:\n{shown}{tail}")
-    if not items:
-        raise CollectError(f"{path}: no items (the file is empty)")
+        )
     return items
 
 

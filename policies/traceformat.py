@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 
 class TraceError(ValueError):
@@ -94,17 +95,18 @@ def check_row(row: object, models: tuple[str, ...] | None) -> list[str]:
     return errors
 
 
-def parse_trace_text(text: str, source: str) -> tuple[tuple[str, ...], list[dict]]:
-    """Validate the text of one trace JSONL file: (model names in order, valid rows).
-
-    The first valid row fixes the model set and order; every row must have the same models
-    and a unique id. Blank lines are allowed; any other bad line fails the whole file
-    (TraceError listing the first MAX_REPORTED problems as `source:line: problem`).
-    """
-    path = source
-    rows: list[dict] = []
+def parse_jsonl(
+    text: str,
+    source: str,
+    check: Callable[[object], list[str]],
+    error: type[ValueError] = TraceError,
+    what: str = "rows",
+) -> list[tuple[int, dict]]:
+    """(line number, row) of every line of a JSONL text, each checked by `check` (its
+    problems) and for a unique `id`. Blank lines are allowed; any other bad line fails the
+    whole text: `error` lists the first MAX_REPORTED problems as `source:line: problem`."""
+    rows: list[tuple[int, dict]] = []
     errors: list[str] = []
-    models: tuple[str, ...] | None = None
     seen: dict[str, int] = {}
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -112,23 +114,40 @@ def parse_trace_text(text: str, source: str) -> tuple[tuple[str, ...], list[dict
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            errors.append(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})")
+            errors.append(f"{source}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})")
             continue
-        problems = check_row(row, models)
-        if models is None and not problems:
-            models = tuple(row["models"])
+        problems = check(row)
         if not problems:
-            first = seen.setdefault(row["id"], lineno)
+            first = seen.setdefault(str(row["id"]), lineno)
             if first != lineno:
-                problems.append(f"duplicate id {row['id']!r} (first on line {first})")
-        errors.extend(f"{path}:{lineno}: {p}" for p in problems)
+                problems.append(f"duplicate id {str(row['id'])!r} (first on line {first})")
+        errors.extend(f"{source}:{lineno}: {p}" for p in problems)
         if not problems:
-            rows.append(row)
+            rows.append((lineno, row))
     if errors:
         shown = "\n".join(errors[:MAX_REPORTED])
         more = len(errors) - MAX_REPORTED
         tail = f"\n... and {more} more error(s)" if more > 0 else ""
-        raise TraceError(f"{len(errors)} error(s) in {path}:\n{shown}{tail}")
-    if not rows or models is None:
-        raise TraceError(f"{path}: no trace rows (the file is empty)")
-    return models, rows
+        raise error(f"{len(errors)} error(s) in {source}:\n{shown}{tail}")
+    if not rows:
+        raise error(f"{source}: no {what} (the file is empty)")
+    return rows
+
+
+def parse_trace_text(text: str, source: str) -> tuple[tuple[str, ...], list[dict]]:
+    """Validate the text of one trace JSONL file: (model names in order, valid rows).
+
+    The first valid row fixes the model set and order; every row must have the same models
+    and a unique id. Blank lines are allowed; any other bad line fails the whole file
+    (TraceError listing the first MAX_REPORTED problems as `source:line: problem`).
+    """
+    models: list[tuple[str, ...]] = []  # the first valid row's, once seen
+
+    def check(row: object) -> list[str]:
+        problems = check_row(row, models[0] if models else None)
+        if not problems and not models:
+            models.append(tuple(row["models"]))  # type: ignore[index]
+        return problems
+
+    rows = parse_jsonl(text, source, check, what="trace rows")
+    return models[0], [row for _, row in rows]
