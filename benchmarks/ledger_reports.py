@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import platform
 import statistics
 import sys
@@ -32,16 +31,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable without the editable install too
-    sys.path.insert(0, str(REPO))
+import common
+import numpy as np
+import psycopg
 
-import numpy as np  # noqa: E402
-import psycopg  # noqa: E402
-
-from proxy.ledger.db import make_engine, upgrade  # noqa: E402
-from proxy.ledger.records import key_id  # noqa: E402
-from proxy.ledger.reports import GROUPINGS, REPORTS, run_report  # noqa: E402
+from proxy.ledger.db import make_engine, upgrade
+from proxy.ledger.records import key_id
+from proxy.ledger.reports import GROUPINGS, REPORTS, run_report
 
 TARGET_S = 0.5
 SEED = 4
@@ -364,16 +360,6 @@ def copy_lines(conn: psycopg.Connection, table: str, columns: str, lines) -> Non
 # --------------------------------------------------------------------------- run
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def memory_gb() -> str:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -512,10 +498,8 @@ def header(dsn: str, args: argparse.Namespace) -> None:
             for k in ("shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit")
         }
     print("cascade ledger report benchmark")
-    print(f"  date      {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-    print(
-        f"  machine   {platform.platform()}; {cpu_model()}; {os.cpu_count()} CPU(s); {memory_gb()}"
-    )
+    print(f"  date      {common.now_utc()}")
+    print(f"  machine   {common.machine()}; {memory_gb()}")
     print(f"  python    {platform.python_version()}; psycopg {psycopg.__version__}")
     print(f"  postgres  {version} ({', '.join(f'{k}={v}' for k, v in settings.items())})")
     print(

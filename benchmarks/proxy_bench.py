@@ -40,21 +40,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import os
-import platform
 import secrets
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+import common
 import proxy_overhead as po
 
 REPO = po.REPO
@@ -104,24 +101,6 @@ def fit_policies(traces: Path, folder: Path) -> tuple[Path, Path, dict, dict]:
     save_artifact(art1, path1)
     save_artifact(art3, path3)
     return path1, path3, art1, art3
-
-
-def walk(art: dict, answers: dict[str, tuple[str, float]]) -> list[str]:
-    """The nodes the policy calls for the benchmark prompt under `answers` (no I/O)."""
-    from policies.policy import policy_from_artifact
-
-    policy = policy_from_artifact(art)
-    names = [n["model"] for n in art["nodes"]]
-    step = policy.first(policy.root_state(po.PROMPT))
-    explored: list[int] = []
-    extracted: list[str | None] = [None] * len(names)
-    conf: list[float | None] = [None] * len(names)
-    while step.next_node is not None and step.next_node not in explored:
-        k = step.next_node
-        explored.append(k)
-        extracted[k], conf[k] = answers[names[k]]
-        step = policy.step(explored, extracted, conf)
-    return [names[k] for k in explored]
 
 
 def cascade_config(upstream: str, key: str, kind: str, policy: Path) -> dict:
@@ -201,35 +180,20 @@ class Cascade:
 
 
 def header(args: argparse.Namespace, taskset: str | None) -> None:
-    print("cascade proxy benchmark (benchmarks/proxy_bench.py)")
-    print(f"  date        {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-    print(f"  machine     {platform.platform()}; {po.cpu_model()}; {os.cpu_count()} CPU(s)")
     load = os.getloadavg()
-    print(f"  load avg    {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) at start")
+    top = [("load avg", f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) at start")]
     if load[0] > 1.0:
-        print("  WARNING     the machine is busy with other work: the figures will be noisy")
-    print(f"  python      {platform.python_version()} ({sys.executable})")
-    versions = ", ".join(
-        f"{d} {po.version_of(d)}"
-        for d in ("aiohttp", "fastapi", "starlette", "uvicorn", "uvloop", "litellm")
+        top.append(("WARNING", "the machine is busy with other work: the figures will be noisy"))
+    po.print_header(
+        "cascade proxy benchmark (benchmarks/proxy_bench.py)",
+        taskset,
+        "proxies on CPU 0; upstream + load generator on CPU 1",
+        ("aiohttp", "fastapi", "starlette", "uvicorn", "uvloop", "litellm"),
+        f"{args.rounds} round(s) x {args.requests} requests per target and concurrency "
+        f"{args.concurrency} (LiteLLM: {args.litellm_requests}), after a warm-up of max(20, "
+        "2 x concurrency, requests / 10); targets interleaved, order rotated each round",
+        top=tuple(top),
     )
-    print(f"  packages    {versions}")
-    if taskset:
-        print(f"  pinning     {taskset}: proxies on CPU 0; upstream + load generator on CPU 1")
-    else:
-        print("  pinning     none (taskset missing or fewer than 2 CPUs): figures are noisier")
-    print(
-        f"  load        {args.rounds} round(s) x {args.requests} requests per target and "
-        f"concurrency {args.concurrency} (LiteLLM: {args.litellm_requests}), after a "
-        "warm-up of max(20, 2 x concurrency, requests / 10); targets interleaved, order "
-        "rotated each round"
-    )
-    print(
-        f"  request     non-streaming chat completion, one user message ({len(po.PROMPT)} "
-        f"chars), max_tokens {po.MAX_TOKENS}; the upstream answers one token"
-    )
-    print(f"  command     {' '.join(getattr(sys, 'orig_argv', sys.argv))} (cwd {Path.cwd()})")
-    print()
 
 
 def warmup_of(requests: int, concurrency: int) -> int:
@@ -246,35 +210,10 @@ def run(args: argparse.Namespace) -> int:
     master_key = "sk-bench-" + secrets.token_hex(32)
     env = po._clean_env(PYTHONUNBUFFERED="1")
     pg_name: str | None = None
-    cascade_exe = Path(sys.executable).with_name("cascade")
-    cascade_cmd = [str(cascade_exe)] if cascade_exe.is_file() else [
-        sys.executable, "-c", "from proxy.cli import app; app()",
-    ]  # fmt: skip
     try:
         # ---- the upstream
-        up_proc = procs.spawn(
-            [
-                *(sys.executable, "-m", "proxy.fake_upstream"),
-                *("--host", "127.0.0.1", "--port", "0", "--models", ",".join(MODELS)),
-            ],
-            cpu=1,
-            log=tmp / "upstream.log",
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = po.read_line(up_proc, 30.0, "the fake upstream")
-        if not line.startswith("listening on http://127.0.0.1:"):
-            raise RuntimeError(f"unexpected first line from the fake upstream: {line!r}")
-        upstream = line.split()[-1].strip()
-        up = po.Server("upstream", up_proc, tmp / "upstream.log", upstream)
-        status, _, raw = po.http(
-            "POST",
-            upstream + "/admin/answers",
-            [{"model": m, "answer": a, "confidence": c} for m, (a, c) in THREE_ANSWERS.items()],
-        )
-        if status != 200:
-            raise RuntimeError(f"POST /admin/answers: HTTP {status}: {raw[:200]!r}")
+        up = po.start_upstream(procs, tmp, env, MODELS, THREE_ANSWERS)
+        upstream = up.url
 
         # ---- LiteLLM boots slowly: start it first
         litellm, litellm_note = start_litellm(args, procs, tmp, env, upstream, master_key)
@@ -282,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         # ---- policies
         t = time.perf_counter()
         path1, path3, art1, art3 = fit_policies(args.traces, tmp)
-        walked = walk(art3, THREE_ANSWERS)
+        walked = po.policy_walk(art3, THREE_ANSWERS)
         print(
             f"policies fitted on mmlu-llama-train in {time.perf_counter() - t:.1f} s: one node "
             f"(lambda {art1['lambda']:.3f}, {art1['hash'][:19]}); three nodes "
@@ -320,21 +259,9 @@ def run(args: argparse.Namespace) -> int:
                 folder.mkdir()
                 config = folder / "cascade.yaml"
                 config.write_text(json.dumps(cascade_config(upstream, client_key, kind, policy)))
-                cenv = dict(env, CASCADE_DATABASE_URL=c.url)
-                done = subprocess.run(
-                    [*cascade_cmd, "db", "upgrade"], env=cenv, capture_output=True, text=True
+                c.server = po.start_cascade(
+                    procs, c.name, config, folder / "serve.log", c.url, env, cwd=folder
                 )
-                if done.returncode != 0:
-                    raise RuntimeError(f"cascade db upgrade ({c.name}): {done.stderr[-500:]}")
-                port = po._free_port()
-                proc = procs.spawn(
-                    [*cascade_cmd, "serve", "--config", str(config), "--port", str(port)],
-                    cpu=0,
-                    log=folder / "serve.log",
-                    env=cenv,
-                    cwd=folder,
-                )
-                c.server = po.Server(c.name, proc, folder / "serve.log", f"http://127.0.0.1:{port}")
                 cascades.append(c)
 
         print()
@@ -366,19 +293,10 @@ def run(args: argparse.Namespace) -> int:
                 po.Target("litellm", litellm.url + CHAT, "m1", master_key, litellm, "LiteLLM")
             )
 
-        print("smoke test (one request each)")
-        for target in list(targets):
-            try:
-                print(f"  {target.name:<16} {po.smoke(target)}")
-            except (RuntimeError, OSError, ValueError, KeyError) as exc:
-                if target.name != "litellm":
-                    raise
-                print(f"  litellm          failed: {exc}; skipping LiteLLM")
-                litellm_note = "skipped: its first request failed"
-                targets.remove(target)
-            if target.name in by_name:
-                by_name[target.name].sent += 1
-        print()
+        targets, failed = po.smoke_all(targets, 16, "skipping LiteLLM")
+        litellm_note = failed or litellm_note
+        for c in cascades:  # each answered its smoke request
+            c.sent += 1
 
         # ---- the load
         if taskset:
@@ -386,57 +304,27 @@ def run(args: argparse.Namespace) -> int:
                 os.sched_setaffinity(0, {1})  # keep this (idle) process off the proxies' CPU
         loadgen = po.LoadGen(procs, tmp / "loadgen.log", env)
         servers = [t.server for t in targets if t.server is not None]
-        results: dict[tuple[int, str], list[po.Phase]] = {}
-        budget_hit = False
-        print("rounds (per phase: req/s, p50/p99 ms; busy share of each CPU, and of the proxy)")
-        for conc in args.concurrency:
-            for r in range(args.rounds):
-                if time.monotonic() - wall0 > args.budget_s:
-                    budget_hit = True
-                    break
-                shift = r % len(targets)
-                for target in targets[shift:] + targets[:shift]:
-                    n = args.litellm_requests if target.name == "litellm" else args.requests
-                    pids = {"upstream": [up.pid]}
-                    if target.server is not None:
-                        pids["proxy"] = [target.server.pid, *po.child_pids(target.server.pid)]
-                    others = [s.pid for s in servers if s is not target.server]
-                    pids["others"] = [p for p in others if Path(f"/proc/{p}").exists()]
-                    collect = ("x-cascade-calls",) if target.model == "three" else ()
-                    phase, got = loadgen.phase(
-                        target,
-                        n,
-                        warmup_of(n, conc),
-                        conc,
-                        args.phase_timeout_s,
-                        pids,
-                        collect=collect,
-                    )
-                    results.setdefault((conc, target.name), []).append(phase)
-                    c = by_name.get(target.name)
-                    if c is not None:
-                        c.sent += loadgen.last["warmup_sent"] + phase.ok + phase.errors
-                        c.not_three += sum(v != "3" for v in got.get("x-cascade-calls", []))
-                    print(
-                        f"  c={conc:<3} round {r + 1}  {target.name:<16} {phase.rps:8.1f} "
-                        f"req/s  p50 {po.pct(phase.lat_ms, 50):7.2f}  p99 "
-                        f"{po.pct(phase.lat_ms, 99):7.2f}  {po.usage(phase)}{po.flags(phase)}",
-                        flush=True,
-                    )
-            if budget_hit:
-                print(f"  time budget of {args.budget_s:.0f} s reached: remaining rounds skipped")
-                break
-        print()
-        rss = {}
-        for server in servers:
-            pids = [server.pid, *po.child_pids(server.pid)]
-            now = [po.proc_status_mb(p, "VmRSS") for p in pids]
-            peak = [po.proc_status_mb(p, "VmHWM") for p in pids]
-            rss[server.name] = (
-                None if None in now else sum(now),
-                None if None in peak else sum(peak),
-                len(pids),
-            )
+
+        def tally(target: po.Target, phase: po.Phase, got: dict) -> None:
+            c = by_name.get(target.name)
+            if c is not None:
+                c.sent += loadgen.last["warmup_sent"] + phase.ok + phase.errors
+                c.not_three += sum(v != "3" for v in got.get("x-cascade-calls", []))
+
+        results, budget_hit = po.run_rounds(
+            args,
+            loadgen,
+            targets,
+            up,
+            servers,
+            wall0,
+            16,
+            requests_of=lambda t: args.litellm_requests if t.name == "litellm" else args.requests,
+            warmup_of=warmup_of,
+            collect_of=lambda t: ("x-cascade-calls",) if t.model == "three" else (),
+            on_phase=tally,
+        )
+        rss = po.rss_of(servers)
         loadgen.quit()
         for c in cascades:  # SIGTERM: the ledger writer flushes before the process ends
             procs.stop(c.server.proc, wait_s=30.0)
@@ -474,27 +362,7 @@ def start_litellm(
 
     if find_spec("litellm") is None:
         return None, "skipped: litellm is not installed (pip install 'litellm[proxy]')"
-    cfg = tmp / "litellm.yaml"
-    cfg.write_text(po.litellm_config(upstream, master_key))
-    port = po._free_port()
-    lenv = {k: v for k, v in env.items() if not k.startswith(("DATABASE_", "REDIS_"))}
-    lenv.update(
-        LITELLM_LOCAL_MODEL_COST_MAP="True",
-        LITELLM_TELEMETRY="False",
-        LITELLM_LOG="ERROR",
-        DISABLE_ADMIN_UI="True",
-    )
-    log = tmp / "litellm.log"
-    proc = procs.spawn(
-        [
-            *po.litellm_command(),
-            *("--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)),
-        ],
-        cpu=0,
-        log=log,
-        env=lenv,
-    )
-    return po.Server("litellm", proc, log, f"http://127.0.0.1:{port}"), ""
+    return po.spawn_litellm(procs, tmp, env, upstream, master_key), ""
 
 
 def wait_litellm(litellm: po.Server, procs: po.Processes) -> tuple[po.Server | None, str]:
@@ -541,35 +409,16 @@ def report(
             f"  {'target':<16} {'req/s':>8} {'[min-max]':>15} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/req':>10} {'errors':>6}"
         )
-        base = None
-        for target in targets:
-            phases = results.get((conc, target.name), [])
-            if not phases:
-                continue
-            lat = [x for p in phases for x in p.lat_ms]
-            rps = [p.rps for p in phases]
-            ok = sum(p.ok for p in phases)
-            cpu = [p.proxy_cpu_s for p in phases]
-            cpu_ms = (
-                sum(cpu) / ok * 1000.0 if ok and target.server and None not in cpu else float("nan")
-            )
-            s = {
-                "rps": po.median(rps),
-                "p50": po.pct(lat, 50),
-                "p99": po.pct(lat, 99),
-                "cpu_ms": cpu_ms,
-                "errors": float(sum(p.errors for p in phases)),
-            }
-            base = base or s
-            s["add50"], s["add99"] = s["p50"] - base["p50"], s["p99"] - base["p99"]
+        for target, s, _ in po.summaries(targets, results, conc):
             summary[(conc, target.name)] = s
             direct = target.name == "direct"
+            spread = f"[{s['rps_min']:.0f}-{s['rps_max']:.0f}]"
             print(
-                f"  {target.name:<16} {s['rps']:8.1f} {f'[{min(rps):.0f}-{max(rps):.0f}]':>15} "
+                f"  {target.name:<16} {s['rps']:8.1f} {spread:>15} "
                 f"{s['p50']:8.2f} {s['p99']:8.2f} "
                 f"{'-' if direct else format(s['add50'], '+8.2f'):>8} "
                 f"{'-' if direct else format(s['add99'], '+8.2f'):>8} "
-                f"{'-' if direct else format(cpu_ms, '10.3f'):>10} {int(s['errors']):>6}"
+                f"{'-' if direct else format(s['cpu_ms'], '10.3f'):>10} {int(s['errors']):>6}"
             )
         if not any(t.name == "litellm" for t in targets):
             print(f"  {'litellm':<16} {litellm_note}")
@@ -580,12 +429,7 @@ def report(
     )
     print()
     print("memory after the run (/proc/PID/status, summed over the process and its children)")
-    print(f"  {'server':<16} {'VmRSS MB':>9} {'VmHWM MB (peak)':>16}")
-    for name, (now, peak, n) in rss.items():
-        kids = f"  ({n} processes)" if n > 1 else ""
-        now_txt = "?" if now is None else f"{now:9.1f}"
-        peak_txt = "?" if peak is None else f"{peak:16.1f}"
-        print(f"  {name:<16} {now_txt:>9} {peak_txt:>16}{kids}")
+    po.print_memory(rss, 16)
     return summary
 
 
@@ -690,10 +534,7 @@ def report_targets(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument(
-        "--requests", type=int, default=1000, help="measured requests per target and round"
-    )
+    po.add_round_options(parser)
     parser.add_argument(
         "--litellm-requests",
         type=int,
@@ -711,12 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ledger databases, one pair of cascade servers each (default: sqlite pg)",
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM's proxy")
-    parser.add_argument(
-        "--traces",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "traces",
-        help="folder of the recorded traces (default: ../shared/data/traces from the repo)",
-    )
+    common.add_traces_option(parser)
     parser.add_argument(
         "--phase-timeout-s", type=float, default=60.0, help="cap on one phase (default 60)"
     )
@@ -727,8 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         help="no new round starts after this many seconds (default 900)",
     )
     args = parser.parse_args(argv)
-    if not (args.traces / "mmlu-llama-train.jsonl").is_file():
-        print(f"error: mmlu-llama-train.jsonl not found in {args.traces}", file=sys.stderr)
+    if common.missing_train_traces(args):
         return 2
     if min(args.rounds, args.requests, args.litellm_requests) < 1:
         print("error: --rounds and --*requests must be at least 1", file=sys.stderr)
@@ -737,17 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: each --concurrency must be in 1..1024", file=sys.stderr)
         return 2
     args.db = list(dict.fromkeys(args.db))
-    previous = signal.signal(signal.SIGTERM, po._raise_interrupt)
-    try:
-        return run(args)
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): every child process was stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return common.run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import os
 import platform
@@ -53,12 +52,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable without the editable install too
-    sys.path.insert(0, str(REPO))
+import common
+
+REPO = common.REPO
 
 TARGET_ADDED_P50_MS = 1.0
 TARGET_FRACTION_OF_LITELLM = 0.25
@@ -456,16 +456,6 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def version_of(dist: str) -> str:
     from importlib import metadata
 
@@ -473,6 +463,119 @@ def version_of(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def start_upstream(
+    procs: Processes,
+    tmp: Path,
+    env: dict[str, str],
+    models: tuple[str, ...],
+    answers: dict[str, tuple[str, float]],
+) -> Server:
+    """The fake upstream on CPU 1 serving `models`, its canned `answers` set
+    ({model: (answer, confidence)}); its log is tmp/upstream.log."""
+    log = tmp / "upstream.log"
+    proc = procs.spawn(
+        [
+            *(sys.executable, "-m", "proxy.fake_upstream"),
+            *("--host", "127.0.0.1", "--port", "0", "--models", ",".join(models)),
+        ],
+        cpu=1,
+        log=log,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = read_line(proc, 30.0, "the fake upstream")
+    if not line.startswith("listening on http://127.0.0.1:"):
+        raise RuntimeError(f"unexpected first line from the fake upstream: {line!r}")
+    url = line.split()[-1].strip()
+    status, _, raw = http(
+        "POST",
+        url + "/admin/answers",
+        [{"model": m, "answer": a, "confidence": c} for m, (a, c) in answers.items()],
+    )
+    if status != 200:
+        raise RuntimeError(f"POST /admin/answers: HTTP {status}: {raw[:200]!r}")
+    return Server("upstream", proc, log, url)
+
+
+def cascade_command() -> list[str]:
+    """`cascade` from this Python's environment (or the CLI through `python -c`)."""
+    exe = Path(sys.executable).with_name("cascade")
+    return [str(exe)] if exe.is_file() else [
+        sys.executable, "-c", "from proxy.cli import app; app()",
+    ]  # fmt: skip
+
+
+def start_cascade(
+    procs: Processes,
+    name: str,
+    config: Path,
+    log: Path,
+    db_url: str,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    extra: tuple[str, ...] = (),
+) -> Server:
+    """`cascade serve --config config` on CPU 0 (not yet ready), with its ledger at `db_url`
+    (on, as in production: `cascade db upgrade` creates its schema first)."""
+    cmd = cascade_command()
+    cenv = dict(env, CASCADE_DATABASE_URL=db_url)
+    done = subprocess.run([*cmd, "db", "upgrade"], env=cenv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cascade db upgrade ({name}): {done.stderr[-500:]}")
+    port = _free_port()
+    proc = procs.spawn(
+        [*cmd, "serve", "--config", str(config), "--port", str(port), *extra],
+        cpu=0,
+        log=log,
+        env=cenv,
+        cwd=cwd,
+    )
+    return Server(name, proc, log, f"http://127.0.0.1:{port}")
+
+
+def spawn_litellm(
+    procs: Processes, tmp: Path, env: dict[str, str], upstream: str, master_key: str
+) -> Server:
+    """LiteLLM's proxy (`openai/m1` at the upstream) on CPU 0, not yet ready."""
+    cfg = tmp / "litellm.yaml"
+    cfg.write_text(litellm_config(upstream, master_key))
+    port = _free_port()
+    lenv = {k: v for k, v in env.items() if not k.startswith(("DATABASE_", "REDIS_"))}
+    lenv.update(
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_TELEMETRY="False",
+        LITELLM_LOG="ERROR",  # also silences uvicorn's per-request access log
+        DISABLE_ADMIN_UI="True",
+    )
+    log = tmp / "litellm.log"
+    proc = procs.spawn(
+        [
+            *litellm_command(),
+            *("--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)),
+        ],
+        cpu=0,
+        log=log,
+        env=lenv,
+    )
+    return Server("litellm", proc, log, f"http://127.0.0.1:{port}")
+
+
+def rss_of(servers: list[Server]) -> dict[str, tuple[float | None, float | None, int]]:
+    """{name: (VmRSS MB, VmHWM MB, processes)}, each summed over the server's process tree."""
+    rss: dict[str, tuple[float | None, float | None, int]] = {}
+    for server in servers:
+        pids = [server.pid, *child_pids(server.pid)]
+        now = [proc_status_mb(p, "VmRSS") for p in pids]
+        peak = [proc_status_mb(p, "VmHWM") for p in pids]
+        rss[server.name] = (
+            None if None in now else sum(now),
+            None if None in peak else sum(peak),
+            len(pids),
+        )
+    return rss
 
 
 # ================================================================== policies
@@ -504,12 +607,13 @@ def fit_policies(traces: Path, folder: Path) -> tuple[Path, Path, dict, dict, fl
     return path1, path5, art1, art5, time.perf_counter() - t
 
 
-def simulate_five(art5: dict) -> list[str]:
-    """The nodes the 5-node policy calls for PROMPT under FIVE_ANSWERS (no I/O)."""
+def policy_walk(art: dict, answers: dict[str, tuple[str, float]]) -> list[str]:
+    """The nodes the policy calls for PROMPT under `answers` ({model: (answer, confidence)};
+    no I/O)."""
     from policies.policy import policy_from_artifact
 
-    policy = policy_from_artifact(art5)
-    names = [n["model"] for n in art5["nodes"]]
+    policy = policy_from_artifact(art)
+    names = [n["model"] for n in art["nodes"]]
     step = policy.first(policy.root_state(PROMPT))
     explored: list[int] = []
     extracted: list[str | None] = [None] * len(names)
@@ -517,7 +621,7 @@ def simulate_five(art5: dict) -> list[str]:
     while step.next_node is not None and step.next_node not in explored:
         k = step.next_node
         explored.append(k)
-        extracted[k], conf[k] = FIVE_ANSWERS[names[k]]
+        extracted[k], conf[k] = answers[names[k]]
         step = policy.step(explored, extracted, conf)
     return [names[k] for k in explored]
 
@@ -800,6 +904,146 @@ def median(values: list[float]) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
+def print_header(
+    title: str,
+    taskset: str | None,
+    pinned: str,
+    packages: tuple[str, ...],
+    load: str,
+    top: tuple[tuple[str, str], ...] = (),
+    bottom: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """The run's description, a `label  value` line each; `top` rows follow the machine's,
+    `bottom` rows precede the command's."""
+    if taskset:
+        pinning = f"{taskset}: {pinned}"
+    else:
+        pinning = "none (taskset missing or fewer than 2 CPUs): figures are noisier"
+    rows = (
+        ("date", common.now_utc()),
+        ("machine", common.machine()),
+        *top,
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("packages", ", ".join(f"{d} {version_of(d)}" for d in packages)),
+        ("pinning", pinning),
+        ("load", load),
+        (
+            "request",
+            f"non-streaming chat completion, one user message ({len(PROMPT)} chars), "
+            f"max_tokens {MAX_TOKENS}; the upstream answers one token",
+        ),
+        *bottom,
+        ("command", common.command()),
+    )
+    print(title)
+    for label, value in rows:
+        print(f"  {label:<11} {value}")
+    print()
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    loadgen: LoadGen,
+    targets: list[Target],
+    up: Server,
+    servers: list[Server],
+    wall0: float,
+    width: int,
+    requests_of: Callable[[Target], int],
+    warmup_of: Callable[[int, int], int],
+    collect_of: Callable[[Target], tuple[str, ...]] = lambda target: (),
+    on_phase: Callable[[Target, Phase, dict], None] | None = None,
+) -> tuple[dict[tuple[int, str], list[Phase]], bool]:
+    """Per --concurrency, --rounds rounds of one phase per target (their order rotated each
+    round), a line each; no new round after --budget-s. ({(concurrency, name): phases}, whether
+    the budget cut the rounds short)."""
+    results: dict[tuple[int, str], list[Phase]] = {}
+    budget_hit = False
+    print("rounds (per phase: req/s, p50/p99 ms; busy share of each CPU, and of the proxy)")
+    for conc in args.concurrency:
+        for r in range(args.rounds):
+            if time.monotonic() - wall0 > args.budget_s:
+                budget_hit = True
+                break
+            shift = r % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                n = requests_of(target)
+                pids = {"upstream": [up.pid]}
+                if target.server is not None:
+                    pids["proxy"] = [target.server.pid, *child_pids(target.server.pid)]
+                others = [s.pid for s in servers if s is not target.server]
+                pids["others"] = [p for p in others if Path(f"/proc/{p}").exists()]
+                phase, got = loadgen.phase(
+                    target,
+                    n,
+                    warmup_of(n, conc),
+                    conc,
+                    args.phase_timeout_s,
+                    pids,
+                    collect=collect_of(target),
+                )
+                results.setdefault((conc, target.name), []).append(phase)
+                if on_phase is not None:
+                    on_phase(target, phase, got)
+                print(
+                    f"  c={conc:<3} round {r + 1}  {target.name:<{width}} {phase.rps:8.1f} req/s  "
+                    f"p50 {pct(phase.lat_ms, 50):7.2f}  p99 {pct(phase.lat_ms, 99):7.2f}  "
+                    f"{usage(phase)}{flags(phase)}",
+                    flush=True,
+                )
+        if budget_hit:
+            print(f"  time budget of {args.budget_s:.0f} s reached: remaining rounds skipped")
+            break
+    print()
+    return results, budget_hit
+
+
+def summarize(phases: list[Phase], proxied: bool, base: dict | None) -> dict[str, float]:
+    """One target's figures at one concurrency: req/s (median over rounds, and its min and
+    max), p50/p99 (pooled), added p50/p99 over `base` (direct's; None: this is direct), CPU ms
+    per request of a proxy, errors."""
+    lat = [x for p in phases for x in p.lat_ms]
+    rps = [p.rps for p in phases]
+    ok = sum(p.ok for p in phases)
+    cpu = [p.proxy_cpu_s for p in phases]
+    s = {
+        "rps": median(rps),
+        "rps_min": min(rps),
+        "rps_max": max(rps),
+        "p50": pct(lat, 50),
+        "p99": pct(lat, 99),
+        "cpu_ms": sum(cpu) / ok * 1000.0 if ok and proxied and None not in cpu else float("nan"),
+        "errors": float(sum(p.errors for p in phases)),
+    }
+    base = base or s
+    s["add50"], s["add99"] = s["p50"] - base["p50"], s["p99"] - base["p99"]
+    return s
+
+
+def summaries(
+    targets: list[Target], results: dict[tuple[int, str], list[Phase]], conc: int
+) -> Iterator[tuple[Target, dict[str, float], list[Phase]]]:
+    """(target, its figures, its phases) of each target measured at `conc`, in order; added
+    latency against the first (direct)."""
+    base = None
+    for target in targets:
+        phases = results.get((conc, target.name), [])
+        if not phases:
+            continue
+        s = summarize(phases, target.server is not None, base)
+        base = base or s
+        yield target, s, phases
+
+
+def print_memory(rss: dict[str, tuple[float | None, float | None, int]], width: int) -> None:
+    print(f"  {'server':<{width}} {'VmRSS MB':>9} {'VmHWM MB (peak)':>16}")
+    for name, (now, peak, n) in rss.items():
+        kids = f"  ({n} processes)" if n > 1 else ""
+        now_txt = "?" if now is None else f"{now:9.1f}"
+        peak_txt = "?" if peak is None else f"{peak:16.1f}"
+        print(f"  {name:<{width}} {now_txt:>9} {peak_txt:>16}{kids}")
+
+
 def smoke(target: Target) -> str:
     """One request; a short description of the answer, or RuntimeError."""
     status, headers, raw = http(
@@ -823,31 +1067,37 @@ def smoke(target: Target) -> str:
     return out
 
 
-def header(args: argparse.Namespace, taskset: str | None) -> None:
-    print("cascade proxy overhead benchmark")
-    print(f"  date        {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-    print(f"  machine     {platform.platform()}; {cpu_model()}; {os.cpu_count()} CPU(s)")
-    print(f"  python      {platform.python_version()} ({sys.executable})")
-    versions = ", ".join(
-        f"{d} {version_of(d)}" for d in ("aiohttp", "fastapi", "uvicorn", "uvloop", "litellm")
-    )
-    print(f"  packages    {versions}")
-    if taskset:
-        print(f"  pinning     {taskset}: proxy under test on CPU 0; upstream + load generator 1")
-    else:
-        print("  pinning     none (taskset missing or fewer than 2 CPUs): figures are noisier")
-    print(
-        f"  load        {args.rounds} round(s) x {args.requests} requests per target and "
-        f"concurrency {args.concurrency}, after {warmup_of(args)} warm-up requests; targets "
-        "interleaved, order rotated each round"
-    )
-    print(
-        f"  request     non-streaming chat completion, one user message ({len(PROMPT)} chars), "
-        f"max_tokens {MAX_TOKENS}; the upstream answers one token"
-    )
-    print(f"  traces      {args.traces}")
-    print(f"  command     {' '.join(getattr(sys, 'orig_argv', sys.argv))} (cwd {Path.cwd()})")
+def smoke_all(
+    targets: list[Target], width: int, skipping: str, also: tuple[Target, ...] = ()
+) -> tuple[list[Target], str | None]:
+    """One request to each of `targets` and `also`, a line each. A failing LiteLLM is left out
+    of the targets returned (with the note why); any other failure raises."""
+    kept, note = list(targets), None
+    print("smoke test (one request each)")
+    for target in [*targets, *also]:
+        try:
+            print(f"  {target.name:<{width}} {smoke(target)}")
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            if target.name != "litellm":
+                raise
+            print(f"  {'litellm':<{width}} failed: {exc}; {skipping}")
+            note = "skipped: its first request failed"
+            kept.remove(target)
     print()
+    return kept, note
+
+
+def header(args: argparse.Namespace, taskset: str | None) -> None:
+    print_header(
+        "cascade proxy overhead benchmark",
+        taskset,
+        "proxy under test on CPU 0; upstream + load generator 1",
+        ("aiohttp", "fastapi", "uvicorn", "uvloop", "litellm"),
+        f"{args.rounds} round(s) x {args.requests} requests per target and concurrency "
+        f"{args.concurrency}, after {warmup_of(args)} warm-up requests; targets interleaved, "
+        "order rotated each round",
+        bottom=(("traces", str(args.traces)),),
+    )
 
 
 def warmup_of(args: argparse.Namespace) -> int:
@@ -865,29 +1115,8 @@ def run(args: argparse.Namespace) -> int:
     env = _clean_env(PYTHONUNBUFFERED="1")
     try:
         # ---- the upstream
-        up_proc = procs.spawn(
-            [
-                *(sys.executable, "-m", "proxy.fake_upstream"),
-                *("--host", "127.0.0.1", "--port", "0", "--models", ",".join((MODEL, *FIVE))),
-            ],
-            cpu=1,
-            log=tmp / "upstream.log",
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = read_line(up_proc, 30.0, "the fake upstream")
-        if not line.startswith("listening on http://127.0.0.1:"):
-            raise RuntimeError(f"unexpected first line from the fake upstream: {line!r}")
-        upstream = line.split()[-1].strip()
-        up = Server("upstream", up_proc, tmp / "upstream.log", upstream)
-        status, _, raw = http(
-            "POST",
-            upstream + "/admin/answers",
-            [{"model": m, "answer": a, "confidence": c} for m, (a, c) in FIVE_ANSWERS.items()],
-        )
-        if status != 200:
-            raise RuntimeError(f"POST /admin/answers: HTTP {status}: {raw[:200]!r}")
+        up = start_upstream(procs, tmp, env, (MODEL, *FIVE), FIVE_ANSWERS)
+        upstream = up.url
 
         # ---- LiteLLM's proxy boots slowly: start it first, fit while it boots
         litellm: Server | None = None
@@ -902,27 +1131,7 @@ def run(args: argparse.Namespace) -> int:
                     "install it with `.venv/bin/pip install 'litellm[proxy]'` to measure it"
                 )
             else:
-                cfg = tmp / "litellm.yaml"
-                cfg.write_text(litellm_config(upstream, master_key))
-                port = _free_port()
-                lenv = {k: v for k, v in env.items() if not k.startswith(("DATABASE_", "REDIS_"))}
-                lenv.update(
-                    LITELLM_LOCAL_MODEL_COST_MAP="True",
-                    LITELLM_TELEMETRY="False",
-                    LITELLM_LOG="ERROR",  # also silences uvicorn's per-request access log
-                    DISABLE_ADMIN_UI="True",
-                )
-                log = tmp / "litellm.log"
-                proc = procs.spawn(
-                    [
-                        *litellm_command(),
-                        *("--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)),
-                    ],
-                    cpu=0,
-                    log=log,
-                    env=lenv,
-                )
-                litellm = Server("litellm", proc, log, f"http://127.0.0.1:{port}")
+                litellm = spawn_litellm(procs, tmp, env, upstream, master_key)
 
         print("policies (fitted on mmlu-llama-train, saved with calibration.artifact)")
         path1, path5, art1, art5, fit_s = fit_policies(args.traces, tmp)
@@ -935,16 +1144,12 @@ def run(args: argparse.Namespace) -> int:
             f"  five nodes: {nodes5}; target accuracy 0.97; lambda {art5['lambda']:.4f}; "
             f"{art5['hash'][:19]}"
         )
-        walk = simulate_five(art5)
+        walk = policy_walk(art5, FIVE_ANSWERS)
         print(f"  fitted both in {fit_s:.1f} s; in process, the 5-node policy calls {walk}")
         print(f"  for the benchmark prompt with answers {FIVE_ANSWERS}")
         print()
 
         # ---- cascade serve: single path, one-node policy, five-node policy
-        cascade_exe = Path(sys.executable).with_name("cascade")
-        cascade_cmd = [str(cascade_exe)] if cascade_exe.is_file() else [
-            sys.executable, "-c", "from proxy.cli import app; app()",
-        ]  # fmt: skip
         servers: dict[str, Server] = {}
         configs = {
             "cascade-single": cascade_config(
@@ -969,20 +1174,9 @@ def run(args: argparse.Namespace) -> int:
         for name, config in configs.items():
             path = tmp / f"{name}.yaml"
             path.write_text(json.dumps(config, indent=1))
-            port = _free_port()
-            cenv = dict(env, CASCADE_DATABASE_URL=f"sqlite:///{tmp / (name + '.db')}")
-            # the ledger is on, as in production: create its schema first
-            subprocess.run(
-                [*cascade_cmd, "db", "upgrade"], env=cenv, check=True, capture_output=True
+            servers[name] = start_cascade(
+                procs, name, path, tmp / f"{name}.log", f"sqlite:///{tmp / (name + '.db')}", env
             )
-            log = tmp / f"{name}.log"
-            proc = procs.spawn(
-                [*cascade_cmd, "serve", "--config", str(path), "--port", str(port)],
-                cpu=0,
-                log=log,
-                env=cenv,
-            )
-            servers[name] = Server(name, proc, log, f"http://127.0.0.1:{port}")
 
         print("servers")
         print(
@@ -1067,17 +1261,8 @@ def run(args: argparse.Namespace) -> int:
             servers["cascade-5"],
             "cascade serve, 5-model cascade + fitted policy",
         )
-        print("smoke test (one request each)")
-        for target in [*targets, five]:
-            try:
-                print(f"  {target.name:<15} {smoke(target)}")
-            except (RuntimeError, OSError, ValueError, KeyError) as exc:
-                if target.name != "litellm":
-                    raise
-                print(f"  litellm         failed: {exc}; skipping the litellm column")
-                litellm_note = "skipped: its first request failed"
-                targets = [t for t in targets if t.name != "litellm"]
-        print()
+        targets, failed = smoke_all(targets, 15, "skipping the litellm column", also=(five,))
+        litellm_note = failed or litellm_note
 
         # ---- the load
         if taskset:
@@ -1090,35 +1275,17 @@ def run(args: argparse.Namespace) -> int:
             "uvloop, one pooled session per target and concurrency)"
         )
         warmup = warmup_of(args)
-        results: dict[tuple[int, str], list[Phase]] = {}
-        budget_hit = False
-        print("rounds (per phase: req/s, p50/p99 ms; busy share of each CPU, and of the proxy)")
-        for conc in args.concurrency:
-            for r in range(args.rounds):
-                if time.monotonic() - wall0 > args.budget_s:
-                    budget_hit = True
-                    break
-                shift = r % len(targets)
-                for target in targets[shift:] + targets[:shift]:
-                    pids = {"upstream": [up.pid]}
-                    if target.server is not None:
-                        pids["proxy"] = [target.server.pid, *child_pids(target.server.pid)]
-                    others = [s.pid for s in all_servers if s is not target.server]
-                    pids["others"] = [p for p in others if Path(f"/proc/{p}").exists()]
-                    phase, _ = loadgen.phase(
-                        target, args.requests, warmup, conc, args.phase_timeout_s, pids
-                    )
-                    results.setdefault((conc, target.name), []).append(phase)
-                    print(
-                        f"  c={conc:<3} round {r + 1}  {target.name:<15} {phase.rps:8.1f} req/s  "
-                        f"p50 {pct(phase.lat_ms, 50):7.2f}  p99 {pct(phase.lat_ms, 99):7.2f}  "
-                        f"{usage(phase)}{flags(phase)}",
-                        flush=True,
-                    )
-            if budget_hit:
-                print(f"  time budget of {args.budget_s:.0f} s reached: remaining rounds skipped")
-                break
-        print()
+        results, budget_hit = run_rounds(
+            args,
+            loadgen,
+            targets,
+            up,
+            all_servers,
+            wall0,
+            15,
+            requests_of=lambda target: args.requests,
+            warmup_of=lambda n, conc: warmup,
+        )
 
         # ---- five-model decision overhead, served
         n5 = min(args.requests, 300)
@@ -1135,16 +1302,7 @@ def run(args: argparse.Namespace) -> int:
         calls = [int(v) for v in got["x-cascade-calls"] if v is not None]
         per_decision = [o / (c + 1) for o, c in zip(overhead, calls, strict=True)]
 
-        rss: dict[str, tuple[float | None, float | None, int]] = {}
-        for server in [*servers.values(), *([litellm] if litellm else [])]:
-            pids = [server.pid, *child_pids(server.pid)]
-            now = [proc_status_mb(p, "VmRSS") for p in pids]
-            peak = [proc_status_mb(p, "VmHWM") for p in pids]
-            rss[server.name] = (
-                None if None in now else sum(now),
-                None if None in peak else sum(peak),
-                len(pids),
-            )
+        rss = rss_of(all_servers)
         net = network_attempts(litellm.log) if litellm else []
         loadgen.quit()
     finally:
@@ -1195,34 +1353,12 @@ def report(
             f"  {'target':<15} {'req/s':>8} {'[min-max]':>17} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/req':>10} {'own ms':>7} {'errors':>6}"
         )
-        base = None
-        for target in targets:
-            phases = results.get((conc, target.name), [])
-            if not phases:
-                continue
-            lat = [x for p in phases for x in p.lat_ms]
-            rps = [p.rps for p in phases]
-            ok = sum(p.ok for p in phases)
-            cpu = [p.proxy_cpu_s for p in phases]
-            cpu_ms = (
-                sum(cpu) / ok * 1000.0 if ok and target.server and None not in cpu else float("nan")
-            )
-            s = {
-                "rps": median(rps),
-                "p50": pct(lat, 50),
-                "p99": pct(lat, 99),
-                "cpu_ms": cpu_ms,
-                "errors": float(sum(p.errors for p in phases)),
-            }
-            if base is None:
-                base = s
-            s["add50"] = s["p50"] - base["p50"]
-            s["add99"] = s["p99"] - base["p99"]
+        for target, s, phases in summaries(targets, results, conc):
             summary[(conc, target.name)] = s
-            spread = f"[{min(rps):.0f}-{max(rps):.0f}]"
+            spread = f"[{s['rps_min']:.0f}-{s['rps_max']:.0f}]"
             add50 = "-" if target.name == "direct" else f"{s['add50']:+8.2f}"
             add99 = "-" if target.name == "direct" else f"{s['add99']:+8.2f}"
-            cpu_txt = "-" if target.server is None else f"{cpu_ms:10.3f}"
+            cpu_txt = "-" if target.server is None else f"{s['cpu_ms']:10.3f}"
             own = [x for p in phases for x in p.own_ms]
             own_txt = f"{median(own):7.3f}" if own else "-"
             print(
@@ -1243,12 +1379,7 @@ def report(
     )
     print()
     print("memory after the run (/proc/PID/status; summed over the process and its children)")
-    print(f"  {'server':<15} {'VmRSS MB':>9} {'VmHWM MB (peak)':>16}")
-    for name, (now, peak, n) in rss.items():
-        kids = f"  ({n} processes)" if n > 1 else ""
-        now_txt = "?" if now is None else f"{now:9.1f}"
-        peak_txt = "?" if peak is None else f"{peak:16.1f}"
-        print(f"  {name:<15} {now_txt:>9} {peak_txt:>16}{kids}")
+    print_memory(rss, 15)
 
     print()
     print("decision overhead of a FIVE-model cascade (policy fitted on mmlu-llama-train, 5 nodes)")
@@ -1344,13 +1475,18 @@ def report(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+def add_round_options(parser: argparse.ArgumentParser) -> None:
+    """--rounds and --requests, as this script and proxy_bench.py take them."""
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument(
         "--requests", type=int, default=1000, help="measured requests per target and round"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    add_round_options(parser)
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -1359,12 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
         help="concurrency levels, each run for every round (default: 32 1)",
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM's proxy")
-    parser.add_argument(
-        "--traces",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "traces",
-        help="folder of the recorded traces (default: ../shared/data/traces from the repo)",
-    )
+    common.add_traces_option(parser)
     parser.add_argument(
         "--phase-timeout-s",
         type=float,
@@ -1381,8 +1512,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.loadgen:
         return loadgen_main()
-    if not (args.traces / "mmlu-llama-train.jsonl").is_file():
-        print(f"error: mmlu-llama-train.jsonl not found in {args.traces}", file=sys.stderr)
+    if common.missing_train_traces(args):
         return 2
     if args.rounds < 1 or args.requests < 1 or args.step_reps < 1:
         print("error: --rounds, --requests and --step-reps must be at least 1", file=sys.stderr)
@@ -1393,21 +1523,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests > 100_000:
         print("error: --requests is capped at 100000", file=sys.stderr)
         return 2
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return run(args)
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): every child process was stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return common.run_main(run, args)
 
 
 if __name__ == "__main__":

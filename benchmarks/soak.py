@@ -39,24 +39,20 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import os
-import platform
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import common
 import proxy_bench as pb
 import proxy_overhead as po
 
-REPO = po.REPO
 KEY = "sk-soak-client"
 ALLOWED = {(200, None), (502, "upstream_failed")}
 RSS_GROWTH_MAX = 0.10
@@ -228,10 +224,10 @@ def run(args: argparse.Namespace) -> int:
     wall0 = time.monotonic()
     load0 = os.getloadavg()
     print("cascade soak (benchmarks/soak.py)")
-    print(f"  date        {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-    print(f"  machine     {platform.platform()}; {po.cpu_model()}; {os.cpu_count()} CPU(s)")
+    print(f"  date        {common.now_utc()}")
+    print(f"  machine     {common.machine()}")
     print(f"  load avg    {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start")
-    print(f"  command     {' '.join(getattr(sys, 'orig_argv', sys.argv))}")
+    print(f"  command     {common.command(cwd=False)}")
     print(
         f"  setup       {args.cascade}-model cascade, ledger {args.db}, {args.workers} "
         f"worker(s); per-call timeout {args.call_timeout_s} s, retries 2 (429/5xx/connection, "
@@ -247,55 +243,31 @@ def run(args: argparse.Namespace) -> int:
     pg_name: str | None = None
     failures: list[str] = []
     try:
-        up_proc = procs.spawn(
-            [
-                *(sys.executable, "-m", "proxy.fake_upstream"),
-                *("--host", "127.0.0.1", "--port", "0", "--models", ",".join(pb.MODELS)),
-            ],
-            cpu=1,
-            log=tmp / "upstream.log",
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = po.read_line(up_proc, 30.0, "the fake upstream")
-        upstream = line.split()[-1].strip()
-        answers = [
-            {"model": m, "answer": a, "confidence": c} for m, (a, c) in pb.THREE_ANSWERS.items()
-        ]
-        status, _, raw = po.http("POST", upstream + "/admin/answers", answers)
-        if status != 200:
-            raise RuntimeError(f"POST /admin/answers: HTTP {status}: {raw[:200]!r}")
+        upstream = po.start_upstream(procs, tmp, env, pb.MODELS, pb.THREE_ANSWERS).url
 
         path1, path3, _, art3 = pb.fit_policies(args.traces, tmp)
         policy = path3 if args.cascade == "three" else path1
-        if args.cascade == "three" and pb.walk(art3, pb.THREE_ANSWERS) != list(pb.MODELS):
+        if args.cascade == "three" and po.policy_walk(art3, pb.THREE_ANSWERS) != list(pb.MODELS):
             raise RuntimeError("the three-node policy does not call all three nodes")
         if args.db == "pg":
             pg_name, url = pb.pg_create()
         else:
             url = f"sqlite:///{tmp / 'ledger.db'}"
-        cenv = dict(env, CASCADE_DATABASE_URL=url)
-        cascade_cmd = [str(Path(sys.executable).with_name("cascade"))]
-        done = subprocess.run(
-            [*cascade_cmd, "db", "upgrade"], env=cenv, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"cascade db upgrade: {done.stderr[-500:]}")
         config = tmp / "cascade.yaml"
         config.write_text(
             json.dumps(soak_config(upstream, args.cascade, policy, args.call_timeout_s))
         )
-        port = po._free_port()
-        serve = [*cascade_cmd, "serve", "--config", str(config), "--port", str(port)]
-        proc = procs.spawn(
-            [*serve, "--workers", str(args.workers)],
-            cpu=0,
-            log=tmp / "serve.log",
-            env=cenv,
+        server = po.start_cascade(
+            procs,
+            "cascade",
+            config,
+            tmp / "serve.log",
+            url,
+            env,
             cwd=tmp,
+            extra=("--workers", str(args.workers)),
         )
-        server = po.Server("cascade", proc, tmp / "serve.log", f"http://127.0.0.1:{port}")
+        proc = server.proc
         po.wait_ready(server, "/health")
         if taskset:
             with contextlib.suppress(OSError):
@@ -498,15 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-s", type=int, default=60, help="progress line every N s")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL database")
-    parser.add_argument(
-        "--traces",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "traces",
-        help="folder of the recorded traces (default: ../shared/data/traces from the repo)",
-    )
+    common.add_traces_option(parser)
     args = parser.parse_args(argv)
-    if not (args.traces / "mmlu-llama-train.jsonl").is_file():
-        print(f"error: mmlu-llama-train.jsonl not found in {args.traces}", file=sys.stderr)
+    if common.missing_train_traces(args):
         return 2
     if not (0 < args.fault_rate < 0.8 and 0 < args.load <= 1 and args.minutes > 0):
         print("error: need 0 < --fault-rate < 0.8, 0 < --load <= 1, --minutes > 0", file=sys.stderr)
@@ -515,17 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --hang-ms must exceed --call-timeout-s", file=sys.stderr)
         return 2
     args.progress_s = max(1, args.progress_s)
-    previous = signal.signal(signal.SIGTERM, po._raise_interrupt)
-    try:
-        return run(args)
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): every child process was stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return common.run_main(run, args)
 
 
 if __name__ == "__main__":

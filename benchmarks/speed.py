@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable without the editable install too
-    sys.path.insert(0, str(REPO))
+import common
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from calibration.artifact import build_artifact, choose_mu  # noqa: E402
-from calibration.fit import DEFAULT_MUS, FittedIndex  # noqa: E402
-from calibration.traces import TraceSet, load_traces  # noqa: E402
-from policies.policy import CascadePolicy, policy_from_artifact  # noqa: E402
+from calibration.artifact import build_artifact, choose_mu
+from calibration.fit import DEFAULT_MUS, FittedIndex
+from calibration.traces import TraceSet, load_traces
+from policies.policy import CascadePolicy, policy_from_artifact
 
 FIT_TARGET_S = 20.0
 STEP_TARGET_US = 20.0
@@ -39,27 +34,17 @@ DIFFICULTY_TARGET_MS = 10.0
 SEED = 0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def header(args: argparse.Namespace) -> None:
     import sklearn
 
     print("cascade speed benchmark")
-    print(f"  date      {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-    print(f"  machine   {platform.platform()}; {cpu_model()}; {os.cpu_count()} CPU(s)")
+    print(f"  date      {common.now_utc()}")
+    print(f"  machine   {common.machine()}")
     print(f"  python    {platform.python_version()} ({sys.executable})")
     print(f"  numpy     {np.__version__}; scikit-learn {sklearn.__version__}")
     print(f"  traces    {args.traces}")
     print(f"  rows      {args.rows} (fit benchmark); seed {SEED}")
-    print(f"  command   {' '.join(getattr(sys, 'orig_argv', sys.argv))} (cwd {Path.cwd()})")
+    print(f"  command   {common.command()}")
     print()
 
 
@@ -231,12 +216,7 @@ def bench_difficulty(policy: CascadePolicy, test: TraceSet, reps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--traces",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "traces",
-        help="folder of the recorded traces (default: ../shared/data/traces from the repo)",
-    )
+    common.add_traces_option(parser)
     parser.add_argument("--rows", type=int, default=10_000, help="queries in the fit benchmark")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of b and c")
     args = parser.parse_args(argv)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_collect import CASCADE, PRICES, REPO, upstream  # noqa: F401
-from tests.test_proxy_e2e import _free_port, _wait_ready
+from tests.serving import CASCADE, REPO, TRACE_PRICES, db_upgrade, running_proxy, sqlite_env
 
 
 def _cascade(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -29,9 +28,7 @@ def _cascade(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 
 
 def test_collect_fit_to_a_target_serve_and_reload_under_load(
-    upstream: str,  # noqa: F811
-    traces_dir: Path,
-    tmp_path: Path,
+    traces_upstream: str, traces_dir: Path, tmp_path: Path
 ) -> None:
     rows = [
         json.loads(line)
@@ -47,9 +44,9 @@ def test_collect_fit_to_a_target_serve_and_reload_under_load(
         )
     )
     models = "\n".join(
-        f"  {name}: {{backend: openai, base_url: '{upstream}/v1', max_retries: 0, "
+        f"  {name}: {{backend: openai, base_url: '{traces_upstream}/v1', max_retries: 0, "
         f"price_in_per_mtok: {pin}, price_out_per_mtok: {pout}}}"
-        for name, (pin, pout) in PRICES.items()
+        for name, (pin, pout) in TRACE_PRICES.items()
     )
     cascade = "{nodes: [llama3.2-1b, llama3.1-8b, llama3.1-405b], reference: llama3.1-405b"
     config = tmp_path / "cascade.yaml"
@@ -78,25 +75,12 @@ def test_collect_fit_to_a_target_serve_and_reload_under_load(
     assert cheap_art["hash"] != art["hash"]
 
     shutil.copy(accurate, tmp_path / "policy.json")
-    env = {
-        **os.environ,
-        "CASCADE_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-        "LOOP_ADMIN": "sk-loop-admin",
-    }
-    _cascade("db", "upgrade", env=env)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(CASCADE), "serve", "--config", str(config), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    env = sqlite_env(tmp_path / "ledger.db", LOOP_ADMIN="sk-loop-admin")
+    db_upgrade(env)
     replies: list[httpx.Response] = []
     stop = threading.Event()
 
-    def load(offset: int) -> None:
+    def load(url: str, offset: int) -> None:
         with httpx.Client(timeout=30.0) as client:
             k = offset
             while not stop.is_set():
@@ -108,24 +92,22 @@ def test_collect_fit_to_a_target_serve_and_reload_under_load(
                 )
                 k += 3
 
-    try:
-        _wait_ready(f"{url}/health", proc)
-        threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    with running_proxy(config, env, stop_s=30) as proxy:  # SIGTERM at exit flushes the ledger
+        threads = [threading.Thread(target=load, args=(proxy.url, i)) for i in range(3)]
         for t in threads:
             t.start()
         time.sleep(1.0)
         shutil.copy(cheap, tmp_path / "policy.tmp")
         os.replace(tmp_path / "policy.tmp", tmp_path / "policy.json")
         reload = httpx.post(
-            f"{url}/admin/reload", headers={"Authorization": "Bearer sk-loop-admin"}, timeout=30
+            f"{proxy.url}/admin/reload",
+            headers={"Authorization": "Bearer sk-loop-admin"},
+            timeout=30,
         )
         time.sleep(1.0)
         stop.set()
         for t in threads:
             t.join(timeout=60)
-    finally:
-        proc.terminate()  # SIGTERM flushes the ledger
-        proc.wait(timeout=30)
     assert reload.status_code == 200, reload.text
     assert reload.json()["reloaded"]["mmlu"] == {
         "old_hash": art["hash"],

@@ -5,9 +5,7 @@ fake upstream (a subprocess on 127.0.0.1) answering with real recorded MMLU answ
 from __future__ import annotations
 
 import json
-import selectors
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +16,10 @@ from typer.testing import CliRunner
 
 from calibration.traces import load_traces
 from proxy.cli import app
+from tests.serving import CASCADE, REPO, TRACE_PRICES, upstream_admin
 
-REPO = Path(__file__).resolve().parents[1]
-CASCADE = Path(sys.executable).with_name("cascade")
 # cheapest first by price; listed in another order in the config on purpose
-PRICES = {"llama3.1-405b": (3.0, 3.0), "llama3.2-1b": (0.1, 0.1), "llama3.1-8b": (0.2, 0.4)}
+PRICES = TRACE_PRICES
 CHEAPEST_FIRST = ["llama3.2-1b", "llama3.1-8b", "llama3.1-405b"]
 N_ITEMS = 40
 
@@ -56,35 +53,15 @@ def recorded(traces_dir: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def upstream(traces_dir: Path, tmp_path_factory) -> Iterator[str]:
-    """The fake upstream as a subprocess on a free port; answers from the real traces."""
-    log = tmp_path_factory.mktemp("upstream") / "stderr.txt"
-    cmd = [sys.executable, "-m", "proxy.fake_upstream", "--host", "127.0.0.1", "--port", "0"]
-    cmd += ["--traces", str(traces_dir / "mmlu-llama-train.jsonl"), "--models", "judge"]
-    errors = log.open("w+", encoding="utf-8")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=errors, text=True)
-    try:
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            ready = sel.select(timeout=15)
-        line = proc.stdout.readline() if ready else ""
-        if not line.startswith("listening on http://127.0.0.1:"):
-            proc.kill()
-            pytest.fail(f"fake upstream did not start: {line!r} {log.read_text()!r}")
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        proc.stdout.close()
-        errors.close()
+def upstream(traces_upstream: str) -> str:
+    """The fake upstream answering from the real traces (conftest's `traces_upstream`)."""
+    return traces_upstream
 
 
 @pytest.fixture
 def http(upstream: str) -> Iterator[httpx.Client]:
     """Admin client on a clean upstream: no faults, counters at zero."""
-    with httpx.Client(base_url=upstream, timeout=5.0) as client:
-        client.delete("/admin/faults").raise_for_status()
-        client.delete("/admin/stats").raise_for_status()
+    with upstream_admin(upstream) as client:
         yield client
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import openai
 import pytest
 
 from proxy import demo
-from tests.test_proxy_e2e import _free_port, _wait_ready
-
-CASCADE = Path(sys.executable).with_name("cascade")
+from tests.serving import CASCADE, free_port, wait_ready
 
 
 def _test_row(i: int) -> dict:
@@ -58,14 +55,14 @@ def test_ask_with_an_unrecorded_question_is_a_clear_error(tmp_path: Path) -> Non
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(CASCADE), "demo", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=tmp_path_factory.mktemp("demo"),
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(f"{url}/health", proc, seconds=90)
+    wait_ready(f"{url}/health", proc, seconds=90)
     yield url
     proc.terminate()
     out, _ = proc.communicate(timeout=10)

@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import selectors
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +21,8 @@ from proxy.fake_upstream import (
     serve,
     tokenize,
 )
+from tests.serving import fake_upstream, upstream_admin
 
-REPO = Path(__file__).resolve().parents[1]
 Q_SHORT = "Which planet is largest?\nA) Mars\nB) Venus\nC) Jupiter\nD) Earth\nAnswer:"
 Q_LONG = "Natalia sold 48 clips in April and half as many in May. How many in total?"
 LONG_ANSWER = "She sold 48 / 2 = 24 in May, so 48 + 24 = 72 in total.\n#### 72"
@@ -56,11 +53,6 @@ ROWS = [
 ]
 
 
-def errors_text(f) -> str:
-    f.seek(0)
-    return f.read()
-
-
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
@@ -70,41 +62,19 @@ def upstream(tmp_path_factory) -> Iterator[str]:
     """The server as a subprocess on port 0; yields its base URL (without /v1)."""
     traces = tmp_path_factory.mktemp("fake-upstream") / "traces.jsonl"
     traces.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    cmd = [sys.executable, "-m", "proxy.fake_upstream", "--host", "127.0.0.1", "--port", "0"]
-    cmd += ["--models", "small,large", "--traces", str(traces), "--answer", "B"]
-    cmd += ["--confidence", "-0.5"]
-    errors = traces.with_name("stderr.txt").open("w+", encoding="utf-8")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=errors, text=True)
-    try:
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            ready = sel.select(timeout=15)
-        line = proc.stdout.readline() if ready else ""
-        if not line.startswith("listening on http://127.0.0.1:"):
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"server did not start: {line!r} {errors_text(errors)!r}")
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        stderr = errors_text(errors)
-        errors.close()
-    assert proc.returncode == 0, stderr
+    log = traces.with_name("stderr.txt")
+    args = ["--traces", str(traces), "--answer", "B", "--confidence", "-0.5"]
+    with fake_upstream("small,large", *args, log=log) as server:
+        yield server.url
+    stderr = log.read_text(encoding="utf-8")
+    assert server.proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "Error" not in stderr, stderr  # quiet, even on faults
 
 
 @pytest.fixture
 def http(upstream: str) -> Iterator[httpx.Client]:
     """An httpx client on a clean server: no faults, counters at zero."""
-    with httpx.Client(base_url=upstream, timeout=5.0) as client:
-        client.delete("/admin/faults").raise_for_status()
-        client.delete("/admin/stats").raise_for_status()
+    with upstream_admin(upstream) as client:
         yield client
 
 

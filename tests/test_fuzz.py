@@ -20,7 +20,6 @@ import re
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -40,10 +39,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from calibration.artifact import build_artifact, save_artifact
-from calibration.fit import FittedIndex
-from calibration.traces import load_traces
-from tests.test_proxy_e2e import CASCADE, QUESTION, _free_port, _wait_ready
+from tests.serving import QUESTION, db_upgrade, running_proxy, sqlite_env, write_config
 
 MARKER = "FUZZSECRET"
 UPSTREAM_KEY = f"sk-upstream-{MARKER}-4f1d2c9e"
@@ -103,21 +99,6 @@ class _LeakyUpstream(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.fake_upstream", "--port", "0", "--models", "small,large"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("listening on "), line
-    yield line.split()[-1].strip()
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
 def leaky() -> Iterator[str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _LeakyUpstream)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -125,20 +106,6 @@ def leaky() -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def policy(traces_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A policy over `small` -> `large`, fitted on real MMLU traces (1b and 405b renamed)."""
-    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
-        ["llama3.2-1b", "llama3.1-405b"]
-    )
-    train = dataclasses.replace(train, models=("small", "large"))
-    fitted = FittedIndex(train, recall=True, models=["small", "large"])
-    art = build_artifact(fitted, 0.2, train_path="mmlu-llama-train.jsonl", answer_kind="choice")
-    path = tmp_path_factory.mktemp("policy") / "policy.json"
-    save_artifact(art, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -174,35 +141,19 @@ def proxy(
             "max_body_bytes": MAX_BODY,
         },
     }
-    path = folder / "cascade.yaml"
-    path.write_text(json.dumps(config))
-    env = {
-        **os.environ,
-        "CASCADE_DATABASE_URL": f"sqlite:///{folder / 'ledger.db'}",
-        "FUZZ_UPSTREAM_KEY": UPSTREAM_KEY,
-        "FUZZ_LEAKY_KEY": LEAKY_KEY,
-        "FUZZ_CLIENT_KEYS": CLIENT_KEY,
-        "FUZZ_ADMIN_KEY": ADMIN_KEY,
-        "PYTHONUNBUFFERED": "1",
-    }
-    upgrade = subprocess.run(
-        [str(CASCADE), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
+    path = write_config(folder, config)
+    env = sqlite_env(
+        folder / "ledger.db",
+        FUZZ_UPSTREAM_KEY=UPSTREAM_KEY,
+        FUZZ_LEAKY_KEY=LEAKY_KEY,
+        FUZZ_CLIENT_KEYS=CLIENT_KEY,
+        FUZZ_ADMIN_KEY=ADMIN_KEY,
+        PYTHONUNBUFFERED="1",
     )
-    assert upgrade.returncode == 0, upgrade.stderr
-    port = _free_port()
+    db_upgrade(env)
     out, err = folder / "stdout.log", folder / "stderr.log"
-    with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen(
-            [str(CASCADE), "serve", "--config", str(path), "--port", str(port)],
-            stdout=o,
-            stderr=e,
-            env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(f"{url}/health", proc)
-    yield Proxy(url, proc, out, err)
-    proc.terminate()
-    proc.wait(timeout=10)
+    with running_proxy(path, env, stdout=out, stderr=err) as served:
+        yield Proxy(served.url, served.proc, out, err)
 
 
 @pytest.fixture()
@@ -214,11 +165,17 @@ def http(proxy: Proxy) -> Iterator[httpx.Client]:
 # ---------------------------------------------------------------- the audit of one response
 
 
-def audit(status: int, headers: Mapping[str, str], content: bytes) -> dict | None:
-    """Assert what must hold for any response; the error object when it is an error."""
+def audit(
+    status: int, headers: Mapping[str, str], content: bytes, echoed: tuple[str, ...] = ()
+) -> dict | None:
+    """Assert what must hold for any response; the error object when it is an error.
+    `echoed`: what the client sent that an error may repeat ("Unknown report 'AError'")."""
     text = content.decode("utf-8", "replace") + json.dumps(dict(headers))
     assert MARKER not in text, f"a secret leaked: {text[:500]}"
-    assert not PYTHON_TEXT.search(text), f"Python exception text: {text[:500]}"
+    own = text
+    for value in sorted(echoed, key=len, reverse=True):
+        own = own.replace(value, "").replace(json.dumps(value)[1:-1], "")
+    assert not PYTHON_TEXT.search(own), f"Python exception text: {text[:500]}"
     if status < 400:
         return None
     assert headers.get("content-type", "").startswith("application/json"), (status, text[:300])
@@ -293,7 +250,8 @@ def _call(proxy: Proxy, case: schemathesis.Case, headers: dict[str, str]) -> Any
     response = case.call(base_url=proxy.url, headers=headers, timeout=20)
     case.validate_response(response, checks=CONFORMANCE, headers=headers)
     got = {k: ", ".join(v) for k, v in response.headers.items()}  # lists of values here
-    audit(response.status_code, got, response.content)
+    sent = [*(case.path_parameters or {}).values(), *(case.query or {}).values()]
+    audit(response.status_code, got, response.content, tuple(str(v) for v in sent if v))
     return response
 
 

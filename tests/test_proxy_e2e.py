@@ -8,12 +8,7 @@ decisions come from the confidence the upstream reports.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,68 +16,14 @@ import httpx
 import openai
 import pytest
 
-from calibration.artifact import build_artifact, save_artifact
-from calibration.fit import FittedIndex
-from calibration.traces import load_traces
+from tests.serving import QUESTION, db_upgrade, running_proxy, sqlite_env, write_config
 
-CASCADE = Path(sys.executable).with_name("cascade")
 KEY = "sk-test-client"
-QUESTION = "Which letter? (A) one (B) two"
 LEDGER: dict[str, Path] = {}  # where the running proxy's SQLite ledger is
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {seconds} s")
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.fake_upstream", "--port", "0", "--models", "small,large"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("listening on "), line
-    url = line.split()[-1].strip()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def policy(traces_dir: Path, tmp_path_factory) -> Path:
-    """A policy over `small` -> `large`, fitted on real MMLU traces (1b and 405b renamed)."""
-    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
-        ["llama3.2-1b", "llama3.1-405b"]
-    )
-    train = dataclasses.replace(train, models=("small", "large"))
-    fitted = FittedIndex(train, recall=True, models=["small", "large"])
-    art = build_artifact(fitted, 0.2, train_path="mmlu-llama-train.jsonl", answer_kind="choice")
-    path = tmp_path_factory.mktemp("policy") / "policy.json"
-    save_artifact(art, path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def proxy(upstream: str, policy: Path, tmp_path_factory):
-    port = _free_port()
     folder = tmp_path_factory.mktemp("proxy")
     config = {
         "models": {
@@ -101,26 +42,12 @@ def proxy(upstream: str, policy: Path, tmp_path_factory):
         },
         "server": {"api_keys": [KEY], "max_body_bytes": 20000},
     }
-    path = folder / "cascade.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
+    path = write_config(folder, config)
     LEDGER["path"] = folder / "ledger.db"
-    env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{folder / 'ledger.db'}"}
-    upgrade = subprocess.run(
-        [str(CASCADE), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert upgrade.returncode == 0, upgrade.stderr
-    proc = subprocess.Popen(
-        [str(CASCADE), "serve", "--config", str(path), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(f"{url}/health", proc)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    env = sqlite_env(LEDGER["path"])
+    db_upgrade(env)
+    with running_proxy(path, env) as served:
+        yield served.url
 
 
 @pytest.fixture()

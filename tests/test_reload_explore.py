@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,14 @@ from calibration.artifact import build_artifact, save_artifact
 from calibration.fit import FittedIndex
 from calibration.traces import load_traces
 from policies.judging import judge_messages
-from tests.test_proxy_e2e import CASCADE, QUESTION, _free_port, _wait_ready, upstream  # noqa: F401
+from tests.serving import (
+    QUESTION,
+    db_upgrade,
+    running_proxy,
+    sqlite_env,
+    upstream_admin,
+    write_config,
+)
 
 ADMIN = "sk-admin-reload-test"
 KEY = "sk-client-reload-test"
@@ -49,7 +55,7 @@ def _hash(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(upstream: str, artifacts: dict[str, Path], tmp_path_factory):  # noqa: F811
+def served(upstream: str, artifacts: dict[str, Path], tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     live = folder / "policy.json"
     shutil.copy(artifacts["cheap"], live)
@@ -63,59 +69,28 @@ def served(upstream: str, artifacts: dict[str, Path], tmp_path_factory):  # noqa
         }
         for name, price in (("small", 0.1), ("large", 10.0), ("judge", 1.0))
     }
+    line = {"nodes": ["small", "large"], "reference": "large"}
+    explore = {**line, "policy": str(artifacts["cheap"]), "explore_rate": 1.0}
     config = {
         "models": models,
         "cascades": {
-            "qa": {"nodes": ["small", "large"], "reference": "large", "policy": "policy.json"},
-            "qx": {
-                "nodes": ["small", "large"],
-                "reference": "large",
-                "policy": str(artifacts["cheap"]),
-                "explore_rate": 1.0,
-                "explore_out": "explored.jsonl",
-            },
-            "qj": {
-                "nodes": ["small", "large"],
-                "reference": "large",
-                "policy": str(artifacts["cheap"]),
-                "explore_rate": 1.0,
-                "explore_out": "judged.jsonl",
-                "explore_grader": "judge:judge",
-            },
+            "qa": {**line, "policy": "policy.json"},
+            "qx": {**explore, "explore_out": "explored.jsonl"},
+            "qj": {**explore, "explore_out": "judged.jsonl", "explore_grader": "judge:judge"},
         },
         "server": {"api_keys": [KEY], "admin_key_env": "RELOAD_TEST_ADMIN", "policy_watch_s": 0.2},
     }
-    (folder / "cascade.yaml").write_text(json.dumps(config))
     ledger = folder / "ledger.db"
-    env = {
-        **os.environ,
-        "CASCADE_DATABASE_URL": f"sqlite:///{ledger}",
-        "RELOAD_TEST_ADMIN": ADMIN,
-    }
-    subprocess.run([str(CASCADE), "db", "upgrade"], env=env, check=True, capture_output=True)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(CASCADE), "serve", "--config", str(folder / "cascade.yaml"), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=folder,
-    )
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(f"{url}/health", proc)
-    yield {"url": url, "live": live, "folder": folder, "ledger": ledger}
-    proc.terminate()
-    proc.wait(timeout=10)
+    env = sqlite_env(ledger, RELOAD_TEST_ADMIN=ADMIN)
+    db_upgrade(env)
+    with running_proxy(write_config(folder, config), env, cwd=folder) as proxy:
+        yield {"url": proxy.url, "live": live, "folder": folder, "ledger": ledger}
 
 
 @pytest.fixture()
-def up(upstream: str):  # noqa: F811
-    client = httpx.Client(base_url=upstream, timeout=5.0)
-    client.delete("/admin/faults").raise_for_status()
-    client.delete("/admin/stats").raise_for_status()
-    yield client
-    client.close()
+def up(upstream: str):
+    with upstream_admin(upstream) as client:
+        yield client
 
 
 def _answer(up: httpx.Client, model: str, text: str, confidence: float) -> None:

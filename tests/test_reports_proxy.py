@@ -11,28 +11,30 @@ the admin endpoint `GET /v1/cascade/reports/...` must show exactly those sums.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-from calibration.artifact import build_artifact, save_artifact
-from calibration.fit import FittedIndex
-from calibration.traces import load_traces
 from proxy.ledger.records import key_id
-from tests.test_proxy_e2e import QUESTION, _free_port, _wait_ready
+from tests.serving import (
+    CASCADE,
+    QUESTION,
+    db_upgrade,
+    fake_upstream,
+    running_proxy,
+    sqlite_env,
+    write_config,
+)
 
-CASCADE = Path(sys.executable).with_name("cascade")
 ALICE, BOB, ADMIN = "sk-alice-reports", "sk-bob-reports", "admin-reports-secret"
 PRICES = {"small": (2.0, 8.0), "large": (30.0, 60.0)}  # USD per million tokens, in and out
 UNPRICED = "mystery-7b"  # served by the upstream, priced nowhere
@@ -62,36 +64,16 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.fake_upstream", "--port", "0",
-         "--models", f"small,large,{UNPRICED}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    line = proc.stdout.readline()
-    assert line.startswith("listening on "), line
-    yield line.split()[-1].strip()
-    proc.terminate()
-    proc.wait(timeout=10)
+def upstream() -> Iterator[str]:
+    with fake_upstream(f"small,large,{UNPRICED}") as up:
+        yield up.url
 
 
 @pytest.fixture(scope="module")
-def served(upstream: str, traces_dir: Path, tmp_path_factory) -> Served:
+def served(upstream: str, policy: Path, tmp_path_factory) -> Served:
     """`cascade serve` over `small` -> `large` (policy fitted on real MMLU traces, as in
     test_proxy_e2e), every request of the known set already made and ledgered."""
     folder = tmp_path_factory.mktemp("reports-proxy")
-    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
-        ["llama3.2-1b", "llama3.1-405b"]
-    )
-    train = dataclasses.replace(train, models=("small", "large"))
-    fitted = FittedIndex(train, recall=True, models=["small", "large"])
-    policy = folder / "policy.json"
-    save_artifact(
-        build_artifact(fitted, 0.2, train_path="mmlu-llama-train.jsonl", answer_kind="choice"),
-        policy,
-    )
     models = {
         name: {
             "backend": "openai",
@@ -111,36 +93,14 @@ def served(upstream: str, traces_dir: Path, tmp_path_factory) -> Served:
         },
         "server": {"api_keys": [ALICE, BOB], "admin_key_env": "TEST_REPORTS_PROXY_ADMIN"},
     }
-    path = folder / "cascade.yaml"
-    path.write_text(json.dumps(config))
     ledger = folder / "ledger.db"
-    env = {
-        **os.environ,
-        "CASCADE_DATABASE_URL": f"sqlite:///{ledger}",
-        "TEST_REPORTS_PROXY_ADMIN": ADMIN,
-    }
-    done = subprocess.run(
-        [str(CASCADE), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(CASCADE), "serve", "--config", str(path), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(f"{url}/health", proc)
-        s = Served(url, upstream, ledger)
+    env = sqlite_env(ledger, TEST_REPORTS_PROXY_ADMIN=ADMIN)
+    db_upgrade(env)
+    with running_proxy(write_config(folder, config), env) as proxy:
+        s = Served(proxy.url, upstream, ledger)
         make_the_known_requests(s)
         _wait_ledgered(ledger, len(s.seen))
         yield s
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------- requests

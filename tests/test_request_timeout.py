@@ -3,29 +3,17 @@ error format at the deadline (never a hung client), and the request is still led
 
 from __future__ import annotations
 
-import json
-import os
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.test_proxy_e2e import (  # noqa: F401
-    CASCADE,
-    QUESTION,
-    _free_port,
-    _wait_ready,
-    policy,
-    upstream,
-)
+from tests.serving import QUESTION, db_upgrade, running_proxy, sqlite_env, write_config
 
 
 def test_a_slow_upstream_gets_a_504_at_the_deadline(
-    upstream: str,  # noqa: F811
-    policy: Path,  # noqa: F811
-    tmp_path: Path,
+    upstream: str, policy: Path, tmp_path: Path
 ) -> None:
     models = {
         name: {"backend": "openai", "base_url": f"{upstream}/v1", "timeout_s": 30.0,
@@ -38,42 +26,31 @@ def test_a_slow_upstream_gets_a_504_at_the_deadline(
                             "policy": str(policy)}},
         "server": {"request_timeout_s": 1.0},
     }  # fmt: skip
-    (tmp_path / "cascade.yaml").write_text(json.dumps(config))
-    env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
-    subprocess.run([str(CASCADE), "db", "upgrade"], env=env, check=True, capture_output=True)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(CASCADE), "serve", "--config", str(tmp_path / "cascade.yaml"), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    env = sqlite_env(tmp_path / "ledger.db")
+    db_upgrade(env)
     up = httpx.Client(base_url=upstream, timeout=5.0)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/health", proc)
-        up.delete("/admin/faults").raise_for_status()
-        up.post("/admin/faults", json={"latency_ms": 5000}).raise_for_status()
-        replies = {}
-        for model in ("qa", "small"):
-            start = time.monotonic()
-            r = httpx.post(
+    with running_proxy(write_config(tmp_path, config), env) as proxy:
+        url = f"{proxy.url}/v1/chat/completions"
+        try:
+            up.delete("/admin/faults").raise_for_status()
+            up.post("/admin/faults", json={"latency_ms": 5000}).raise_for_status()
+            replies = {}
+            for model in ("qa", "small"):
+                start = time.monotonic()
+                r = httpx.post(
+                    url,
+                    json={"model": model, "messages": [{"role": "user", "content": QUESTION}]},
+                    timeout=20.0,
+                )
+                replies[model] = (r, time.monotonic() - start)
+            up.delete("/admin/faults").raise_for_status()
+            after = httpx.post(
                 url,
-                json={"model": model, "messages": [{"role": "user", "content": QUESTION}]},
+                json={"model": "qa", "messages": [{"role": "user", "content": QUESTION}]},
                 timeout=20.0,
             )
-            replies[model] = (r, time.monotonic() - start)
-        up.delete("/admin/faults").raise_for_status()
-        after = httpx.post(
-            url,
-            json={"model": "qa", "messages": [{"role": "user", "content": QUESTION}]},
-            timeout=20.0,
-        )
-    finally:
-        up.delete("/admin/faults")
-        proc.terminate()
-        proc.wait(timeout=10)
+        finally:
+            up.delete("/admin/faults")
     for model, (r, seconds) in replies.items():
         assert r.status_code == 504, (model, r.text)
         error = r.json()["error"]

@@ -4,11 +4,8 @@ over a tier, and the real proxy calling a tier's models in parallel and ledgerin
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from calibration.fit import FittedIndex
 from calibration.tiers import add_tiers, parse_tiers
 from calibration.traces import TraceError, load_traces
 from policies.tiers import tier_members, tier_name, tier_vote
-from tests.test_proxy_e2e import CASCADE, QUESTION, _free_port, _wait_ready, upstream  # noqa: F401
+from tests.serving import QUESTION, db_upgrade, running_proxy, sqlite_env, write_config
 
 SMALL = ["llama3.2-1b", "llama3.2-3b", "llama3.1-8b"]
 TIER = tier_name(SMALL)
@@ -83,9 +80,7 @@ def tier_policy(traces_dir: Path, tmp_path_factory) -> Path:
 
 
 def test_the_proxy_calls_a_tier_in_parallel_and_ledgers_each_model(
-    upstream: str,  # noqa: F811
-    tier_policy: Path,
-    tmp_path: Path,
+    upstream: str, tier_policy: Path, tmp_path: Path
 ) -> None:
     up = httpx.Client(base_url=upstream, timeout=5.0)
     up.delete("/admin/faults").raise_for_status()
@@ -113,27 +108,14 @@ def test_the_proxy_calls_a_tier_in_parallel_and_ledgers_each_model(
             }
         },
     }
-    (tmp_path / "cascade.yaml").write_text(json.dumps(config))
-    env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
-    subprocess.run([str(CASCADE), "db", "upgrade"], env=env, check=True, capture_output=True)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(CASCADE), "serve", "--config", str(tmp_path / "cascade.yaml"), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/health", proc)
+    env = sqlite_env(tmp_path / "ledger.db")
+    db_upgrade(env)
+    with running_proxy(write_config(tmp_path, config), env) as proxy:
         reply = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
+            f"{proxy.url}/v1/chat/completions",
             json={"model": "qa", "messages": [{"role": "user", "content": QUESTION}]},
             timeout=20.0,
         )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     assert reply.status_code == 200, reply.text
     body = reply.json()
     first = body["cascade"]["calls"][0]

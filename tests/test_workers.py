@@ -9,14 +9,10 @@ it and whether or not the database was reachable at the time.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,40 +24,17 @@ import pytest
 
 from proxy.ledger import LedgerWriter
 from proxy.ledger.db import upgrade
-from tests.test_ledger import _assert_ledger_holds_exactly, load
+from tests.serving import fake_upstream, start_proxy, stop, write_config
+from tests.test_ledger import _assert_ledger_holds_exactly, _wait, load
 
-CASCADE = Path(sys.executable).with_name("cascade")
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 DEAD_PG = "postgresql://postgres@127.0.0.1:1/ledger?connect_timeout=2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.fake_upstream", "--port", "0", "--models", "small"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("listening on "), line
-    yield line.split()[-1].strip()
-    proc.terminate()
-    proc.wait(timeout=10)
+    with fake_upstream("small") as up:
+        yield up.url
 
 
 def _config(folder: Path, upstream: str) -> Path:
@@ -77,9 +50,7 @@ def _config(folder: Path, upstream: str) -> Path:
         },
         "cascades": {"qa": {"nodes": ["small"], "reference": "small"}},
     }
-    path = folder / "cascade.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
+    return write_config(folder, config)
 
 
 class Serve:
@@ -87,17 +58,12 @@ class Serve:
 
     def __init__(self, config: Path, url: str, folder: Path, workers: int) -> None:
         self.folder = folder
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [str(CASCADE), "serve", "--config", str(config), "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            [*cmd, "--workers", str(workers)],
-            cwd=folder,
-            env={**os.environ, "CASCADE_DATABASE_URL": url},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+        env = {**os.environ, "CASCADE_DATABASE_URL": url}
+        started = start_proxy(
+            config, env, workers=workers, cwd=folder, stdout=self.log, stderr=subprocess.STDOUT
         )
+        self.url, self.proc = started.url, started.proc
 
     def wait_ready(self) -> None:
         def up() -> bool:
@@ -129,8 +95,7 @@ class Serve:
         """SIGTERM, as a process manager would: every worker flushes its ledger writer. True
         if it exited cleanly (uvicorn re-raises the signal after a graceful shutdown, so a
         single process ends "killed by SIGTERM"; a supervisor of workers exits 0)."""
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
+        code = stop(self.proc, 30)
         self.log.close()
         return code in (0, -signal.SIGTERM)
 
