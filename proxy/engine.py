@@ -467,7 +467,9 @@ class _Caller:
         members = tier_members(model)
         if members is not None:
             return await self._call_tier(node, model, members)
-        task = self.prefetched.get(model)
+        # a model's prefetched call serves it once; a second use (a model that is also in a
+        # tier) calls again, as without exploration, so no call is counted twice
+        task = None if model in self.used else self.prefetched.get(model)
         if task is not None:
             self.used.add(model)
             result = await asyncio.shield(task)

@@ -147,3 +147,36 @@ def test_the_proxy_calls_a_tier_in_parallel_and_ledgers_each_model(
     assert [r[0] for r in rows] == models_called
     assert [r[1] for r in rows[:3]] == [1.0, 1.0, 0.0]  # voted with the tier's answer or not
     assert {r[2] for r in rows[:3]} == {0} and len({r[3] for r in rows[:3]}) == 1
+
+
+def test_exploring_never_counts_one_upstream_call_twice() -> None:
+    """A model that is a node and also in a tier: with exploration's prefetch, its first
+    use takes the prefetched call and its second makes a call of its own (as without
+    exploration), so every NodeCall stands for exactly one upstream call."""
+    import asyncio
+
+    from proxy.backends.base import CallResult
+    from proxy.engine import _Caller
+
+    calls: dict[str, int] = {}
+
+    class Counting:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def complete(self, messages: list[dict], params: dict) -> CallResult:
+            calls[self.name] = calls.get(self.name, 0) + 1
+            return CallResult(model=self.name, text="B", cost_usd=1.0)
+
+    async def scenario() -> list:
+        caller = _Caller({m: Counting(m) for m in ("a", "b")}, "choice", [], {})
+        caller.prefetch(["a", "b"])
+        alone = await caller.call(0, "a")
+        tier = await caller.call(1, "tier:a+b")
+        caller.cancel()
+        return [alone, *tier.members]
+
+    made = asyncio.run(scenario())
+    assert calls == {"a": 2, "b": 1}
+    assert len(made) == sum(calls.values())
+    assert len({id(c.result) for c in made}) == len(made)
