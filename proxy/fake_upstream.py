@@ -51,6 +51,8 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.backends.common import last_user_text, message_text
+
 DEFAULT_MODELS = ("fake-small", "fake-large")
 DEFAULT_ANSWER = "A"
 DEFAULT_CONFIDENCE = -0.1
@@ -144,26 +146,6 @@ class Answer:
         return cached
 
 
-def message_text(content: Any) -> str:
-    """The text of a message's content: a string, or the text parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return ""
-
-
-def last_user_message(messages: Iterable[Mapping[str, Any]]) -> str:
-    """The text of the last message whose role is `user` ("" if none)."""
-    text = ""
-    for m in messages:
-        if m.get("role") == "user":
-            text = message_text(m.get("content"))
-    return text
-
-
 def load_trace_answers(
     path: str | os.PathLike[str], default_confidence: float | None = DEFAULT_CONFIDENCE
 ) -> dict[tuple[str, str], Answer]:
@@ -180,7 +162,7 @@ def load_trace_answers(
                 continue
             try:
                 row = json.loads(line)
-                prompt = last_user_message(row["messages"])
+                prompt = last_user_text(row["messages"]) or ""
                 models = row["models"]
                 if not isinstance(models, dict):
                     raise TypeError("models is not an object")
@@ -699,7 +681,7 @@ class FakeUpstream:
                     if outcome != "hang":
                         return self._fault(request, outcome, spec, stream)
                     await self._sleep(spec.hang_ms)  # then the normal answer, late
-            prompt = last_user_message(messages)
+            prompt = last_user_text(messages) or ""
             ans = self.table.get((model, prompt)) or self.canned[model]
             if ans.prompt_tokens is not None:
                 prompt_tokens = ans.prompt_tokens

@@ -9,6 +9,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.backends.base import CallResult
 from proxy.backends.pricing import PricingError, count_message_tokens, count_tokens, lookup_price
 from proxy.config import ModelConfig
 
@@ -48,13 +49,36 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 DETAIL_CHARS = 300  # an upstream's error text kept in a result (and the ledger)
 
 
-def error_detail(name: str, detail: str, secret: str | None) -> str:
-    """`name: detail` with the upstream key masked, then cut: an upstream that echoes the
-    key it was sent (some do, in 401s) must not put it in the ledger or a client's error.
-    Masking comes first so that a key cut in half by the length limit is not half kept."""
+def failed_result(
+    name: str,
+    kind: str,
+    detail: str,
+    *,
+    secret: str | None,
+    pricer: Pricer,
+    start: float,
+    status: int | None = None,
+    attempts: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> CallResult:
+    """A failed call as every backend reports it. The detail has the upstream key masked,
+    then is cut: an upstream that echoes the key it was sent (some do, in 401s) must not put
+    it in the ledger or a client's error, and masking first means a key cut in half by the
+    length limit is not half kept. The cost is what a failure costs (Pricer.failed_cost)."""
     if secret:
         detail = detail.replace(secret, "[redacted]")
-    return f"{name}: {detail[:DETAIL_CHARS]}"
+    latency_ms = (time.perf_counter() - start) * 1000.0
+    return CallResult(
+        model=name,
+        text=None,
+        error=kind,
+        error_detail=f"{name}: {detail[:DETAIL_CHARS]}",
+        cost_usd=pricer.failed_cost(latency_ms),
+        latency_ms=latency_ms,
+        status=status,
+        attempts=attempts,
+        extra=extra or {},
+    )
 
 
 def forward_params(params: Mapping[str, Any] | None, logprobs: bool) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from proxy.backends.base import CallResult, StreamChunk
 from proxy.backends.circuit import CircuitBreaker
-from proxy.backends.common import Pricer, count_usage, error_detail, forward_params
+from proxy.backends.common import Pricer, count_usage, failed_result, forward_params
 from proxy.config import ModelConfig
 
 
@@ -121,14 +121,13 @@ class LiteLLMBackend:
     def _fail(self, exc: BaseException, lib: Any, start: float, **extra: Any) -> CallResult:
         kind, status, detail = map_exception(exc, lib)
         retried = getattr(exc, "num_retries", None)
-        latency_ms = (time.perf_counter() - start) * 1000.0
-        return CallResult(
-            model=self.name,
-            text=None,
-            error=kind,
-            error_detail=error_detail(self.name, detail, self._secret),
-            cost_usd=self.pricer.failed_cost(latency_ms),
-            latency_ms=latency_ms,
+        return failed_result(
+            self.name,
+            kind,
+            detail,
+            secret=self._secret,
+            pricer=self.pricer,
+            start=start,
             status=status,
             attempts=1 + retried if isinstance(retried, int) else 1,
             extra=extra,

@@ -35,7 +35,7 @@ from proxy.backends.common import (
     RETRY_STATUSES,
     Pricer,
     count_usage,
-    error_detail,
+    failed_result,
     forward_params,
     parse_retry_after,
 )
@@ -163,17 +163,15 @@ class OpenAIBackend:
         attempts: int = 1,
         **extra: Any,
     ) -> CallResult:
-        latency_ms = (time.perf_counter() - start) * 1000.0
-        return CallResult(
-            model=self.name,
-            text=None,
-            error=kind,
-            error_detail=error_detail(self.name, detail, self._secret),
-            cost_usd=self.pricer.failed_cost(latency_ms),
-            latency_ms=latency_ms,
+        return failed_result(
+            self.name,
+            kind,
+            detail,
+            secret=self._secret,
+            pricer=self.pricer,
+            start=start,
             status=status,
             attempts=attempts,
-            served_model=None,
             extra=extra,
         )
 
