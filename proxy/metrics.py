@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from proxy.backends.base import CallResult
@@ -31,20 +33,34 @@ OVERHEAD = Histogram(
 )
 
 
+_children: dict[tuple, Any] = {}
+
+
+def _child(metric: Counter | Histogram, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: prometheus-client validates and locks on every
+    `labels` call, and these run several times per request."""
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def record_call(model: str, result: CallResult) -> None:
-    CALLS.labels(model, "ok" if result.ok else "error").inc()
-    CALL_LATENCY.labels(model).observe(result.latency_ms / 1000.0)
+    ok = result.ok
+    _child(CALLS, model, "ok" if ok else "error").inc()
+    _child(CALL_LATENCY, model).observe(result.latency_ms / 1000.0)
     if result.cost_usd is not None:
-        COST.labels(model).inc(result.cost_usd)
-    if not result.ok:
-        UPSTREAM_ERRORS.labels(model, result.error or "unknown").inc()
+        _child(COST, model).inc(result.cost_usd)
+    if not ok:
+        _child(UPSTREAM_ERRORS, model, result.error or "unknown").inc()
 
 
 def record_run(run: CascadeRun, status: int) -> None:
-    REQUESTS.labels(run.cascade, str(status)).inc()
-    OVERHEAD.labels(run.cascade).observe(run.overhead_ms / 1000.0)
+    _child(REQUESTS, run.cascade, str(status)).inc()
+    _child(OVERHEAD, run.cascade).observe(run.overhead_ms / 1000.0)
     if len(run.calls) > 1:
-        ESCALATIONS.labels(run.cascade).inc()
+        _child(ESCALATIONS, run.cascade).inc()
     for call in run.model_calls:
         record_call(call.model, call.result)
 

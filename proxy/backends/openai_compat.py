@@ -40,8 +40,8 @@ from proxy.backends.common import (
     parse_retry_after,
 )
 from proxy.config import ModelConfig
+from proxy.jsonbytes import dumps, loads_lenient
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _NO_TIMEOUT = aiohttp.ClientTimeout()
 _DATA = b"data:"
 _DONE = b"[DONE]"
@@ -143,7 +143,7 @@ class OpenAIBackend:
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        return _encode(body).encode("utf-8")
+        return dumps(body)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds before attempt `attempt + 1`: jittered exponential backoff, at least the
@@ -234,7 +234,7 @@ class OpenAIBackend:
         self, raw: bytes, messages: list[dict], start: float, attempts: int
     ) -> CallResult:
         try:
-            data = json.loads(raw)
+            data = loads_lenient(raw)
             choice = data["choices"][0]
             message = choice["message"]
             text = message.get("content")
@@ -399,7 +399,7 @@ class OpenAIBackend:
                     finished = True
                     break
                 try:
-                    event = json.loads(payload)
+                    event = loads_lenient(payload)
                     choices = event.get("choices")
                     if "error" in event and not choices:
                         err = event["error"]

@@ -259,6 +259,7 @@ class LedgerWriter:
         self._stats_lock = threading.Lock()
         self._idle = threading.Condition(self._stats_lock)
         self._stop = threading.Event()
+        self._hurry = threading.Event()  # flush() and close(): write the batch now
         self._thread: threading.Thread | None = None
         self._closed = False
         self._engine: Engine | None = None
@@ -315,6 +316,7 @@ class LedgerWriter:
         """Block the calling thread until every submitted record was written, spooled or
         rejected (not for the event loop). True if that happened within ``timeout``."""
         deadline = time.monotonic() + timeout
+        self._hurry.set()
         self._queue.put(_WAKE)
         with self._idle:
             while self._pending > 0:
@@ -337,6 +339,7 @@ class LedgerWriter:
             self._closed = True
         atexit.unregister(self._atexit)
         self._stop.set()
+        self._hurry.set()
         self._queue.put(_WAKE)
         thread = self._thread
         if thread is not None:
@@ -504,14 +507,14 @@ class LedgerWriter:
             return batch
         if first is not _WAKE:
             batch.append(first)
-        deadline = time.monotonic() + self.flush_interval_s
+        if not stopping and first is not _WAKE and self._queue.qsize() < self.batch_size:
+            # let the batch fill while this thread sleeps: waiting on the queue instead
+            # would wake it (and take the GIL from the event loop) for every record
+            self._hurry.wait(self.flush_interval_s)
+        self._hurry.clear()
         while len(batch) < self.batch_size:
-            left = deadline - time.monotonic()
             try:
-                if self._stop.is_set() or left <= 0 or not batch:
-                    item = self._queue.get_nowait()
-                else:
-                    item = self._queue.get(timeout=left)
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is not _WAKE:
