@@ -10,6 +10,7 @@ API keys are never stored: a record built with a key keeps only :func:`key_id` o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -21,6 +22,11 @@ def key_id(api_key: str | None) -> str | None:
     """A short, stable, non-reversible identifier of an API key (sha256 hex prefix)."""
     if api_key is None or api_key == "":
         return None
+    return _key_hash(api_key)
+
+
+@functools.lru_cache(maxsize=1024)  # a client sends its key with every request
+def _key_hash(api_key: str) -> str:
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:KEY_ID_HEX]
 
 

@@ -132,55 +132,60 @@ def _when(ts: float) -> dt.datetime:
 
 def _request_row(r: RequestRecord) -> dict[str, Any]:
     when = _when(r.ts)
-    row = {
-        "request_id": str(r.request_id),
+    lim = _REQ_LEN.get
+    return {  # only strings need _clean; each field is converted once, by hand (hot loop)
+        "request_id": _clean(str(r.request_id), None),
         "ts": when,
         "day": when.date(),
-        "api_key": r.api_key,
-        "cascade": r.cascade,
-        "model_requested": r.model_requested or "",
-        "policy_hash": r.policy_hash,
+        "api_key": _clean(r.api_key, lim("api_key")),
+        "cascade": _clean(r.cascade, lim("cascade")),
+        "model_requested": _clean(r.model_requested or "", lim("model_requested")),
+        "policy_hash": _clean(r.policy_hash, lim("policy_hash")),
         "status": int(r.status),
-        "chosen_model": r.chosen_model,
+        "chosen_model": _clean(r.chosen_model, lim("chosen_model")),
         "n_calls": int(r.n_calls if r.n_calls is not None else len(r.calls)),
         "tokens_in": int(r.tokens_in or 0),
         "tokens_out": int(r.tokens_out or 0),
-        "cost_usd": None if r.cost_usd is None else float(r.cost_usd),
-        "reference_cost_usd": None if r.reference_cost_usd is None else float(r.reference_cost_usd),
+        "cost_usd": _float(r.cost_usd),
+        "reference_cost_usd": _float(r.reference_cost_usd),
         "latency_ms": float(r.latency_ms or 0.0),
         "overhead_ms": float(r.overhead_ms or 0.0),
         "stream": bool(r.stream),
-        "error": r.error,
+        "error": _clean(r.error, lim("error")),
     }
-    return {k: _clean(v, _REQ_LEN.get(k)) for k, v in row.items()}
 
 
 def _call_rows(r: RequestRecord) -> list[dict[str, Any]]:
     when = _when(r.ts)
-    rows = []
-    for c in r.calls:
-        row = {
-            "request_id": str(r.request_id),
+    request_id = _clean(str(r.request_id), None)
+    lim = _CALL_LEN.get
+    return [
+        {
+            "request_id": request_id,
             "call_order": int(c.order),
             "ts": when,
             "node": None if c.node is None else int(c.node),
-            "model": c.model or "",
-            "backend": c.backend,
-            "status": c.status or "unknown",
+            "model": _clean(c.model or "", lim("model")),
+            "backend": _clean(c.backend, lim("backend")),
+            "status": _clean(c.status or "unknown", lim("status")),
             "http_status": None if c.http_status is None else int(c.http_status),
             "tokens_in": None if c.tokens_in is None else int(c.tokens_in),
             "tokens_out": None if c.tokens_out is None else int(c.tokens_out),
-            "cost_usd": None if c.cost_usd is None else float(c.cost_usd),
-            "latency_ms": None if c.latency_ms is None else float(c.latency_ms),
-            "ttft_ms": None if c.ttft_ms is None else float(c.ttft_ms),
-            "confidence": None if c.confidence is None else float(c.confidence),
-            "p_correct": None if c.p_correct is None else float(c.p_correct),
+            "cost_usd": _float(c.cost_usd),
+            "latency_ms": _float(c.latency_ms),
+            "ttft_ms": _float(c.ttft_ms),
+            "confidence": _float(c.confidence),
+            "p_correct": _float(c.p_correct),
             "agreement": None if c.agreement is None else bool(c.agreement),
-            "decision": c.decision,
-            "error": c.error,
+            "decision": _clean(c.decision, lim("decision")),
+            "error": _clean(c.error, lim("error")),
         }
-        rows.append({k: _clean(v, _CALL_LEN.get(k)) for k, v in row.items()})
-    return rows
+        for c in r.calls
+    ]
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def rollup_rows(records: Iterable[RequestRecord]) -> list[dict[str, Any]]:
