@@ -172,10 +172,18 @@ class CascadeApp(FastAPI):
 
 
 class FastJSONResponse(JSONResponse):
-    """A JSON response encoded by orjson (a tenth of the stdlib's time; NaN becomes null)."""
+    """A 200 JSON response encoded by orjson (a tenth of the stdlib's time; NaN becomes
+    null), its header list built directly (the handler's headers are ASCII, lower-case)."""
 
-    def render(self, content: Any) -> bytes:
-        return dumps(content)
+    def __init__(self, content: Any, headers: dict[str, str]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = dumps(content)
+        self.raw_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.body)).encode()),
+            *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
+        ]
 
 
 @dataclass
@@ -576,9 +584,18 @@ def _ledger_status(state: ProxyState) -> dict:
 # ---------------------------------------------------------------- request checks
 
 
+def _header(request: Request, name: bytes) -> str:
+    """One request header (`name` lower-case, as ASGI servers give them), "" if absent: a
+    scan of the raw list, cheaper than building Starlette's Headers on the hot path."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
 def _authenticate(request: Request, state: ProxyState) -> str | None:
     """The client's API key (None when the proxy requires none); 401 when it is wrong."""
-    header = request.headers.get("authorization", "")
+    header = _header(request, b"authorization")
     key = header[7:].strip() if header.lower().startswith("bearer ") else ""
     if not state.client_keys:
         return key or None
@@ -595,7 +612,7 @@ def _authenticate(request: Request, state: ProxyState) -> str | None:
 
 def _authenticate_admin(request: Request, state: ProxyState) -> None:
     """Admin endpoints: 401 without a valid key, 403 with a key that is not the admin key."""
-    header = request.headers.get("authorization", "")
+    header = _header(request, b"authorization")
     key = header[7:].strip() if header.lower().startswith("bearer ") else ""
     if not key:
         raise ApiError(
@@ -608,17 +625,28 @@ def _authenticate_admin(request: Request, state: ProxyState) -> None:
     raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
 
-async def _read_json(request: Request, max_body: int) -> dict:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_body:
+async def _read_body(request: Request, max_body: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `max_body`; a client that hangs
+    up while sending it gets the 499 nobody reads."""
+    declared = _header(request, b"content-length")
+    if declared.isdigit() and int(declared) > max_body:
         raise _too_large(max_body)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(499, "client disconnected", code="client_disconnected")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_body:
             raise _too_large(max_body)
         chunks.append(chunk)
-    raw = b"".join(chunks).removeprefix(codecs.BOM_UTF8)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _read_json(request: Request, max_body: int) -> dict:
+    raw = (await _read_body(request, max_body)).removeprefix(codecs.BOM_UTF8)
     try:
         body = orjson.loads(raw)  # strict: UTF-8, no NaN/Infinity, no unpaired surrogate
     except orjson.JSONDecodeError:
