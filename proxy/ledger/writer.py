@@ -39,17 +39,18 @@ import atexit
 import datetime as dt
 import json
 import logging
+import math
 import os
 import queue
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, case
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DataError, DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -64,9 +65,10 @@ except ImportError:  # pragma: no cover - not POSIX: one writer per spool path, 
 
 log = logging.getLogger("cascade.ledger")
 MAX_SPOOL_SLOTS = 256
-# Rows per multi-row INSERT ... RETURNING. A fixed page bounds the distinct statement texts:
-# with one text per batch size, sqlite3's cache of 128 prepared statements (psycopg prepares
-# repeated ones too) kept growing the proxy's RSS, by ~35 MB in the first minutes of a soak.
+# Rows per multi-row INSERT ... RETURNING (pages of 32, 16, ... 1 rows: see _page_sizes). A
+# fixed set of pages bounds the distinct statement texts: with one text per batch size,
+# sqlite3's cache of 128 prepared statements (psycopg prepares repeated ones too) kept growing
+# the proxy's RSS, by ~35 MB in the first minutes of a soak.
 INSERT_PAGE_ROWS = 32
 
 _WAKE = object()
@@ -106,6 +108,39 @@ def _string_lengths(table) -> dict[str, int]:
 
 _REQ_LEN = _string_lengths(requests_table)
 _CALL_LEN = _string_lengths(calls_table)
+_DAILY_CASCADE_LEN = daily_table.c.cascade.type.length
+_DAILY_MODEL_LEN = daily_table.c.model.type.length
+
+
+# The columns the row builders below fill, in the order of their tuples (which is the order
+# of the statements' column lists).
+# fmt: off
+_REQ_COLS = (
+    "request_id", "ts", "day", "api_key", "cascade", "model_requested", "policy_hash",
+    "status", "chosen_model", "n_calls", "tokens_in", "tokens_out", "cost_usd",
+    "reference_cost_usd", "latency_ms", "overhead_ms", "stream", "error",
+)
+_CALL_COLS = (
+    "request_id", "call_order", "ts", "node", "model", "backend", "status", "http_status",
+    "tokens_in", "tokens_out", "cost_usd", "latency_ms", "ttft_ms", "confidence", "p_correct",
+    "agreement", "decision", "error",
+)
+# fmt: on
+_DAILY_COLS = _DAILY_KEY + _DAILY_COUNTS + _DAILY_COSTS
+
+
+def _check_columns() -> None:
+    """Fail at import, not by writing shifted values, if a migration changed the columns."""
+    for table, cols in (
+        (requests_table, _REQ_COLS),
+        (calls_table, _CALL_COLS),
+        (daily_table, _DAILY_COLS),
+    ):
+        if sorted(cols) != sorted(c.name for c in table.columns if c.name != "id"):
+            raise RuntimeError(f"ledger writer: its {table.name} columns differ from the schema")
+
+
+_check_columns()
 
 
 def _clean(value: Any, limit: int | None) -> Any:
@@ -130,107 +165,260 @@ def _when(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(float(ts), dt.UTC)
 
 
-def _request_row(r: RequestRecord) -> dict[str, Any]:
-    when = _when(r.ts)
-    lim = _REQ_LEN.get
-    return {  # only strings need _clean; each field is converted once, by hand (hot loop)
-        "request_id": _clean(str(r.request_id), None),
-        "ts": when,
-        "day": when.date(),
-        "api_key": _clean(r.api_key, lim("api_key")),
-        "cascade": _clean(r.cascade, lim("cascade")),
-        "model_requested": _clean(r.model_requested or "", lim("model_requested")),
-        "policy_hash": _clean(r.policy_hash, lim("policy_hash")),
-        "status": int(r.status),
-        "chosen_model": _clean(r.chosen_model, lim("chosen_model")),
-        "n_calls": int(r.n_calls if r.n_calls is not None else len(r.calls)),
-        "tokens_in": int(r.tokens_in or 0),
-        "tokens_out": int(r.tokens_out or 0),
-        "cost_usd": _float(r.cost_usd),
-        "reference_cost_usd": _float(r.reference_cost_usd),
-        "latency_ms": float(r.latency_ms or 0.0),
-        "overhead_ms": float(r.overhead_ms or 0.0),
-        "stream": bool(r.stream),
-        "error": _clean(r.error, lim("error")),
-    }
+def _stamp_pg(ts: float) -> tuple[dt.datetime, dt.date]:
+    """``(ts, day)`` bound as SQLAlchemy binds them to PostgreSQL: aware UTC, a date."""
+    when = dt.datetime.fromtimestamp(float(ts), dt.UTC)
+    return when, when.date()
 
 
-def _call_rows(r: RequestRecord) -> list[dict[str, Any]]:
-    when = _when(r.ts)
-    request_id = _clean(str(r.request_id), None)
-    lim = _CALL_LEN.get
+_SECOND_TEXT: dict[int, str] = {}  # epoch second -> "YYYY-MM-DD HH:MM:SS" (UTC)
+
+
+def _stamp_sqlite(ts: float) -> tuple[str, str]:
+    """``(ts, day)`` as SQLAlchemy's SQLite DateTime and Date store them: naive UTC text,
+    ``YYYY-MM-DD HH:MM:SS.ffffff`` and ``YYYY-MM-DD``.
+
+    ``isoformat`` cost more than the rest of a row, so the text of the whole second is
+    cached: a batch's records share a few seconds. ``fromtimestamp`` rounds the fraction to
+    microseconds; when that leaves a non-zero microsecond, no carry happened and the whole
+    second is ``floor(ts)``; otherwise (rare) the text is made in full.
+    """
+    ts = float(ts)
+    when = dt.datetime.fromtimestamp(ts, dt.UTC)
+    us = when.microsecond
+    if not us:
+        text = when.isoformat(" ", "microseconds")
+        return text[:26], text[:10]
+    second = math.floor(ts)
+    head = _SECOND_TEXT.get(second)
+    if head is None:
+        if len(_SECOND_TEXT) >= 4096:
+            _SECOND_TEXT.clear()
+        head = _SECOND_TEXT[second] = when.isoformat(" ", "seconds")[:19]
+    return f"{head}.{us:06d}", head[:10]
+
+
+def _request_values(r: RequestRecord, rid: str, when: Any, day: Any) -> tuple:
+    """The ``ledger_requests`` row of ``r`` in ``_REQ_COLS`` order. Each field is converted
+    once, by hand: this runs per record (bools stay bools: sqlite3 binds them as 0/1)."""
+    lim = _REQ_LEN
+    return (
+        rid,
+        when,
+        day,
+        _clean(r.api_key, lim["api_key"]),
+        _clean(r.cascade, lim["cascade"]),
+        _clean(r.model_requested or "", lim["model_requested"]),
+        _clean(r.policy_hash, lim["policy_hash"]),
+        int(r.status),
+        _clean(r.chosen_model, lim["chosen_model"]),
+        int(r.n_calls if r.n_calls is not None else len(r.calls)),
+        int(r.tokens_in or 0),
+        int(r.tokens_out or 0),
+        None if r.cost_usd is None else float(r.cost_usd),
+        None if r.reference_cost_usd is None else float(r.reference_cost_usd),
+        float(r.latency_ms or 0.0),
+        float(r.overhead_ms or 0.0),
+        bool(r.stream),
+        _clean(r.error, None),
+    )
+
+
+def _call_values(r: RequestRecord, rid: str, when: Any) -> list[tuple]:
+    """The ``ledger_calls`` rows of ``r`` in ``_CALL_COLS`` order (see _request_values)."""
+    lim = _CALL_LEN
     return [
-        {
-            "request_id": request_id,
-            "call_order": int(c.order),
-            "ts": when,
-            "node": None if c.node is None else int(c.node),
-            "model": _clean(c.model or "", lim("model")),
-            "backend": _clean(c.backend, lim("backend")),
-            "status": _clean(c.status or "unknown", lim("status")),
-            "http_status": None if c.http_status is None else int(c.http_status),
-            "tokens_in": None if c.tokens_in is None else int(c.tokens_in),
-            "tokens_out": None if c.tokens_out is None else int(c.tokens_out),
-            "cost_usd": _float(c.cost_usd),
-            "latency_ms": _float(c.latency_ms),
-            "ttft_ms": _float(c.ttft_ms),
-            "confidence": _float(c.confidence),
-            "p_correct": _float(c.p_correct),
-            "agreement": None if c.agreement is None else bool(c.agreement),
-            "decision": _clean(c.decision, lim("decision")),
-            "error": _clean(c.error, lim("error")),
-        }
+        (
+            rid,
+            int(c.order),
+            when,
+            None if c.node is None else int(c.node),
+            _clean(c.model or "", lim["model"]),
+            _clean(c.backend, lim["backend"]),
+            _clean(c.status or "unknown", lim["status"]),
+            None if c.http_status is None else int(c.http_status),
+            None if c.tokens_in is None else int(c.tokens_in),
+            None if c.tokens_out is None else int(c.tokens_out),
+            None if c.cost_usd is None else float(c.cost_usd),
+            None if c.latency_ms is None else float(c.latency_ms),
+            None if c.ttft_ms is None else float(c.ttft_ms),
+            None if c.confidence is None else float(c.confidence),
+            None if c.p_correct is None else float(c.p_correct),
+            None if c.agreement is None else bool(c.agreement),
+            _clean(c.decision, lim["decision"]),
+            _clean(c.error, None),
+        )
         for c in r.calls
     ]
 
 
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def rollup_rows(records: Iterable[RequestRecord]) -> list[dict[str, Any]]:
-    """The ``ledger_daily`` increments for ``records`` (see :mod:`proxy.ledger.schema`).
+def _rollup_values(records: Iterable[tuple[RequestRecord, Any]]) -> list[tuple]:
+    """The ``ledger_daily`` increments of ``(record, day)`` pairs, as ``_DAILY_COLS`` tuples
+    sorted by key (concurrent writers then lock rows in the same order).
 
     Each request counts once under the model whose answer was returned (``''`` if none);
     each call counts once under the model it called. A request recorded without its calls
     contributes its own tokens and cost under its row.
     """
-    acc: dict[tuple, dict[str, Any]] = {}
-
-    def row(day: dt.date, cascade: str | None, model: str | None, key: str | None):
-        k = (
-            day,
-            _clean(cascade or "", daily_table.c.cascade.type.length),
-            _clean(model or "", daily_table.c.model.type.length),
-            key or "",
-        )
-        if k not in acc:
-            acc[k] = dict(zip(_DAILY_KEY, k, strict=True))
-            acc[k].update(dict.fromkeys(_DAILY_COUNTS, 0))
-            acc[k].update(dict.fromkeys(_DAILY_COSTS))
-        return acc[k]
-
-    for r in records:
-        day = _when(r.ts).date()
-        top = row(day, r.cascade, r.chosen_model, r.api_key)
-        top["requests"] += 1
-        top["requests_failed"] += int(int(r.status) >= 400)
-        top["unpriced_requests"] += int(r.cost_usd is None)
-        top["reference_cost_usd"] = _add_cost(top["reference_cost_usd"], r.reference_cost_usd)
-        top["reference_unpriced"] += int(r.reference_cost_usd is None)
+    # acc[key]: the nine _DAILY_COUNTS, then cost_usd and reference_cost_usd
+    acc: dict[tuple, list[Any]] = {}
+    for r, day in records:
+        cascade = _clean(r.cascade or "", _DAILY_CASCADE_LEN)
+        key = r.api_key or ""
+        k = (day, cascade, _clean(r.chosen_model or "", _DAILY_MODEL_LEN), key)
+        top = acc.get(k)
+        if top is None:
+            top = acc[k] = [0, 0, 0, 0, 0, 0, 0, 0, 0, None, None]
+        top[0] += 1
+        top[1] += int(int(r.status) >= 400)
+        top[2] += int(r.cost_usd is None)
+        top[10] = _add_cost(top[10], r.reference_cost_usd)
+        top[8] += int(r.reference_cost_usd is None)
         if not r.calls:
-            top["tokens_in"] += int(r.tokens_in or 0)
-            top["tokens_out"] += int(r.tokens_out or 0)
-            top["cost_usd"] = _add_cost(top["cost_usd"], r.cost_usd)
+            top[6] += int(r.tokens_in or 0)
+            top[7] += int(r.tokens_out or 0)
+            top[9] = _add_cost(top[9], r.cost_usd)
         for c in r.calls:
-            cr = row(day, r.cascade, c.model, r.api_key)
-            cr["calls"] += 1
-            cr["calls_failed"] += int(c.status != "ok")
-            cr["unpriced_calls"] += int(c.cost_usd is None)
-            cr["tokens_in"] += int(c.tokens_in or 0)
-            cr["tokens_out"] += int(c.tokens_out or 0)
-            cr["cost_usd"] = _add_cost(cr["cost_usd"], c.cost_usd)
-    return [acc[k] for k in sorted(acc)]  # a fixed order: concurrent writers lock alike
+            k = (day, cascade, _clean(c.model or "", _DAILY_MODEL_LEN), key)
+            cr = acc.get(k)
+            if cr is None:
+                cr = acc[k] = [0, 0, 0, 0, 0, 0, 0, 0, 0, None, None]
+            cr[3] += 1
+            cr[4] += int(c.status != "ok")
+            cr[5] += int(c.cost_usd is None)
+            cr[6] += int(c.tokens_in or 0)
+            cr[7] += int(c.tokens_out or 0)
+            cr[9] = _add_cost(cr[9], c.cost_usd)
+    return [(*k, *acc[k]) for k in sorted(acc)]
+
+
+def rollup_rows(records: Iterable[RequestRecord]) -> list[dict[str, Any]]:
+    """The ``ledger_daily`` increments for ``records`` as dicts (see :func:`_rollup_values`
+    and :mod:`proxy.ledger.schema`); ``day`` is a :class:`datetime.date`."""
+    pairs = ((r, _when(r.ts).date()) for r in records)
+    return [dict(zip(_DAILY_COLS, row, strict=True)) for row in _rollup_values(pairs)]
+
+
+def _page_sizes(n: int, page: int = INSERT_PAGE_ROWS) -> Iterator[int]:
+    """Split ``n`` rows into pages of ``page`` rows, then of halves of it down to 1: a fixed
+    set of sizes, so a fixed set of statement texts however big a batch is."""
+    while n > 0:
+        while page > n:
+            page //= 2
+        yield page
+        n -= page
+
+
+_PAGE_SIZES = sorted({n for k in range(1, 2 * INSERT_PAGE_ROWS) for n in _page_sizes(k)})
+
+
+def _insert_sql(table: str, cols: tuple[str, ...], rows: int, mark: Callable[[int], str]) -> str:
+    """``INSERT INTO table (cols) VALUES (...), ...`` for ``rows`` rows; ``mark(i)`` is the
+    placeholder of the i-th parameter (from 1)."""
+    width = len(cols)
+    values = ", ".join(
+        "(" + ", ".join(mark(i * width + j + 1) for j in range(width)) + ")" for i in range(rows)
+    )
+    names = ", ".join(f'"{c}"' if c == "cascade" else c for c in cols)  # a keyword in SQLite
+    return f"INSERT INTO {table} ({names}) VALUES {values}"
+
+
+def _daily_upsert_tail() -> str:
+    """The rollup upsert: counts add up; costs add up where unknown (NULL) is not zero."""
+    t = daily_table.name
+    sets = [f"{c} = {t}.{c} + excluded.{c}" for c in _DAILY_COUNTS]
+    sets += [
+        f"{c} = CASE WHEN {t}.{c} IS NULL THEN excluded.{c} WHEN excluded.{c} IS NULL "
+        f"THEN {t}.{c} ELSE {t}.{c} + excluded.{c} END"
+        for c in _DAILY_COSTS
+    ]
+    key = ", ".join('"cascade"' if c == "cascade" else c for c in _DAILY_KEY)
+    return f" ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(sets)
+
+
+class _Backend:
+    """One dialect's statement texts and timestamp encoding, run on the raw DBAPI cursor.
+
+    SQLAlchemy Core spent most of the writer's CPU on per-row parameter processing; rows
+    here are tuples built once and bound exactly as SQLAlchemy binds them (checked by
+    tests/test_ledger_fastpath.py). Each statement is a multi-row INSERT in pages of
+    :data:`_PAGE_SIZES` rows: a fixed set of texts. On PostgreSQL the texts use native
+    ``$n`` placeholders through psycopg's ``RawCursor``, which skips parsing the query
+    (psycopg does not cache that for texts this long, and it cost more than the rows).
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in ("sqlite", "postgresql"):
+            raise ValueError(f"ledger supports sqlite and postgresql, not {name}")
+        self.name = name
+        self.stamp = _stamp_sqlite if name == "sqlite" else _stamp_pg
+        self.raw_cursor: Any = None
+        mark: Callable[[int], str] = lambda i: "?"  # noqa: E731
+        if name == "postgresql":
+            import psycopg
+
+            self.raw_cursor = getattr(psycopg, "RawCursor", None)  # psycopg >= 3.2
+            mark = (lambda i: f"${i}") if self.raw_cursor else (lambda i: "%s")
+
+        def pages(table: str, cols: tuple[str, ...], tail: str) -> dict[int, str]:
+            return {n: _insert_sql(table, cols, n, mark) + tail for n in _PAGE_SIZES}
+
+        self.requests_sql = pages(
+            requests_table.name,
+            _REQ_COLS,
+            " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+        )
+        self.calls_sql = pages(
+            calls_table.name, _CALL_COLS, " ON CONFLICT (request_id, call_order) DO NOTHING"
+        )
+        self.daily_sql = pages(daily_table.name, _DAILY_COLS, _daily_upsert_tail())
+
+    def cursor(self, driver_connection: Any) -> Any:
+        if self.raw_cursor is not None:
+            return self.raw_cursor(driver_connection)
+        return driver_connection.cursor()
+
+    def insert_requests(self, cur: Any, rows: list[tuple]) -> set[str]:
+        """Insert ``rows``, skipping request ids already present; the ids inserted."""
+        got: set[str] = set()
+        for sql, params in _paged(self.requests_sql, rows):
+            cur.execute(sql, params)
+            got.update(row[0] for row in cur.fetchall())
+        return got
+
+    def insert_calls(self, cur: Any, rows: list[tuple]) -> None:
+        for sql, params in _paged(self.calls_sql, rows):
+            cur.execute(sql, params)
+
+    def upsert_daily(self, cur: Any, rows: list[tuple]) -> None:
+        for sql, params in _paged(self.daily_sql, rows):
+            cur.execute(sql, params)
+
+
+def _paged(texts: dict[int, str], rows: list[tuple]) -> Iterator[tuple[str, list[Any]]]:
+    """(statement, flat parameters) for each page of ``rows``."""
+    i = 0
+    for n in _page_sizes(len(rows)):
+        yield texts[n], list(chain.from_iterable(rows[i : i + n]))
+        i += n
+
+
+def _dbapi_error(conn: Connection, cur: Any, exc: Exception) -> DBAPIError:
+    """``exc`` from the raw driver wrapped as SQLAlchemy would wrap it (``IntegrityError``,
+    ``OperationalError``, ...), the connection invalidated if it is lost."""
+    dialect = conn.dialect
+    lost = dialect.is_disconnect(exc, conn.connection.dbapi_connection, cur)
+    if lost:
+        conn.invalidate(exc)
+    return DBAPIError.instance(
+        None,
+        None,
+        exc,
+        dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=lost,
+        dialect=dialect,
+    )
 
 
 class LedgerWriter:
@@ -268,7 +456,7 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._engine: Engine | None = None
-        self._insert = None
+        self._backend: _Backend | None = None
 
         self._inflight: list[RequestRecord] = []
         self._held: list[RequestRecord] = []  # neither written nor spooled (spool I/O failed)
@@ -463,14 +651,8 @@ class LedgerWriter:
 
     def _run(self) -> None:
         try:
-            self._engine = make_engine(self.url, insertmanyvalues_page_size=INSERT_PAGE_ROWS)
-            name = self._engine.dialect.name
-            if name == "postgresql":
-                self._insert = postgresql.insert
-            elif name == "sqlite":
-                self._insert = sqlite.insert
-            else:
-                raise ValueError(f"ledger supports sqlite and postgresql, not {name}")
+            self._engine = make_engine(self.url)
+            self._backend = _Backend(self._engine.dialect.name)
             self._recover_spool()
         except Exception as exc:
             log.exception("ledger: writer could not start; records will be spooled")
@@ -582,47 +764,41 @@ class LedgerWriter:
         Returns (requests inserted, calls inserted, requests already present). Raises
         :class:`_Poison` when the database refuses the content.
         """
-        assert self._engine is not None and self._insert is not None
+        assert self._engine is not None
+        sql = self._backend
+        if sql is None:  # an engine set by hand (tests, benchmarks)
+            sql = self._backend = _Backend(self._engine.dialect.name)
         unique: dict[str, RequestRecord] = {}
-        for r in records:
-            unique.setdefault(str(r.request_id), r)
+        for r in records:  # keyed as stored, so that RETURNING's ids match
+            unique.setdefault(_clean(str(r.request_id), None), r)
         try:
-            req_rows = [_request_row(r) for r in unique.values()]
+            req_rows = []
+            for rid, r in unique.items():
+                when, day = sql.stamp(r.ts)
+                req_rows.append(_request_values(r, rid, when, day))
         except Exception as exc:
             raise _Poison(str(exc)) from exc
-        ins = self._insert
         try:
             with self._engine.begin() as conn:
-                stmt = (
-                    ins(requests_table)
-                    .on_conflict_do_nothing(index_elements=["request_id"])
-                    .returning(requests_table.c.request_id)
-                )
-                inserted = set(conn.execute(stmt, req_rows).scalars().all())
-                fresh = [r for rid, r in unique.items() if rid in inserted]
-                call_rows = [row for r in fresh for row in _call_rows(r)]
-                if call_rows:
-                    conn.execute(
-                        ins(calls_table).on_conflict_do_nothing(
-                            index_elements=["request_id", "call_order"]
-                        ),
-                        call_rows,
-                    )
-                daily = rollup_rows(fresh)
-                if daily:
-                    up = ins(daily_table)
-                    ex = up.excluded
-                    t = daily_table.c
-                    set_ = {c: t[c] + ex[c] for c in _DAILY_COUNTS}
-                    for c in _DAILY_COSTS:
-                        set_[c] = case(
-                            (t[c].is_(None), ex[c]),
-                            (ex[c].is_(None), t[c]),
-                            else_=t[c] + ex[c],
-                        )
-                    conn.execute(
-                        up.on_conflict_do_update(index_elements=_DAILY_KEY, set_=set_), daily
-                    )
+                cur = sql.cursor(conn.connection.driver_connection)
+                try:
+                    inserted = sql.insert_requests(cur, req_rows)
+                    # a request's calls and rollups go in only with the request itself
+                    fresh = [
+                        (r, row)
+                        for (rid, r), row in zip(unique.items(), req_rows, strict=True)
+                        if rid in inserted
+                    ]
+                    call_rows = [c for r, row in fresh for c in _call_values(r, row[0], row[1])]
+                    if call_rows:
+                        sql.insert_calls(cur, call_rows)
+                    daily = _rollup_values((r, row[2]) for r, row in fresh)
+                    if daily:
+                        sql.upsert_daily(cur, daily)
+                except conn.dialect.loaded_dbapi.Error as exc:
+                    raise _dbapi_error(conn, cur, exc) from exc
+                finally:
+                    cur.close()
         except (IntegrityError, DataError) as exc:
             raise _Poison(str(exc)) from exc
         except Exception as exc:
