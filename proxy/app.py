@@ -309,7 +309,7 @@ def create_app(state: ProxyState) -> FastAPI:
         watcher = None
         if state.policy_files is not None and state.policy_files.paths and watch_s > 0:
             watcher = asyncio.create_task(state.policy_files.watch(watch_s))
-        # Start-up's objects (numpy, the policy, the config: most of the heap) are kept for
+        # Start-up's objects (modules, the policy, the config: most of the heap) are kept for
         # good: frozen, the collector's full passes stop walking them (12% of the CPU per
         # request, measured at concurrency 32).
         gc.collect()

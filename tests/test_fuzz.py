@@ -393,6 +393,26 @@ def test_ten_thousand_levels_of_nesting_are_a_400(http: httpx.Client, raw: str) 
     assert r.status_code == 400 and check(r)["code"] == "invalid_json", r.text
 
 
+def test_nesting_is_forwarded_up_to_the_documented_depth_and_refused_past_it(
+    http: httpx.Client,
+) -> None:
+    """MAX_DEPTH levels of JSON (counting the body itself) are answered; one more is a 400
+    that says so, whichever encoder would have had to forward it."""
+    from proxy.app import MAX_DEPTH
+
+    def nested(levels: int) -> str:  # a body whose "tools" field makes it `levels` deep
+        inner = levels - 1
+        return json.dumps(body(model="small"))[:-1] + f', "tools": {"[" * inner}{"]" * inner}}}'
+
+    r = post_raw(http, nested(MAX_DEPTH))
+    assert r.status_code == 200, r.text
+    r = post_raw(http, nested(MAX_DEPTH + 1))
+    assert r.status_code == 400 and check(r)["code"] == "invalid_json", r.text
+    assert "nested too deeply" in r.json()["error"]["message"]
+    brackets = json.dumps(body(model="small", user="[" * 500 + "{" * 500))  # in a string
+    assert post_raw(http, brackets).status_code == 200
+
+
 @pytest.mark.parametrize("depth", [50, 200, 500, 700, 800, 900, 950, 990, 1_100])
 def test_nesting_near_the_recursion_limit_never_breaks_the_proxy(
     http: httpx.Client, depth: int
