@@ -121,6 +121,9 @@ def build_artifact(
         "lambda": lambda_of(mu),
         "cost_price_mu": mu,
         "posterior": fitted.posterior.to_dict(),
+        "length_calibration": [
+            None if c is None else c.to_dict() for c in fitted.length_calibrators
+        ],
         "difficulty": None if fitted.difficulty is None else fitted.difficulty.to_dict(),
         "transitions": describe(fitted.allowed, [train.models[j] for j in fitted.nodes]),
         "tables": tables.to_dict(),

@@ -9,6 +9,7 @@ from calibration.replay import Outcome
 from calibration.tiers import add_tiers
 from calibration.traces import TraceError, TraceSet
 from policies.difficulty import DifficultyModel
+from policies.lengthcal import calibrated_columns, calibrators_from
 from policies.policy import StateTables
 from policies.posterior import PosteriorModel
 from policies.tiers import tier_members
@@ -37,7 +38,9 @@ def replay_artifact(art: dict, traces: TraceSet) -> Outcome:
     nodes = [traces.models.index(m) for m in names]
     posterior = PosteriorModel.from_dict(art["posterior"])
     tables = StateTables.from_dict(art["tables"])
-    scores = score_sets(posterior, Signals.of(traces, nodes))
+    calibrators = calibrators_from(art.get("length_calibration"), len(nodes))
+    conf = calibrated_columns(calibrators, traces.confidence[:, nodes], traces.tokens_out[:, nodes])
+    scores = score_sets(posterior, Signals.of(traces, nodes, conf))
     scores = scores.with_margin(float(art.get("recall_margin", 0.0)))
     root = None
     if art.get("difficulty"):

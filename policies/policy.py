@@ -16,6 +16,7 @@ import numpy as np
 
 from policies.difficulty import DifficultyModel
 from policies.index import ROOT, STOP
+from policies.lengthcal import LengthCalibrator, calibrators_from
 from policies.posterior import PosteriorModel
 
 
@@ -73,8 +74,10 @@ class CascadePolicy:
         recall: bool,
         recall_margin: float = 0.0,
         difficulty: DifficultyModel | None = None,
+        length_calibrators: list[LengthCalibrator | None] | None = None,
     ) -> None:
         self.difficulty = difficulty
+        self.length_calibrators = length_calibrators or [None] * len(tables.edges)
         self.posterior = posterior
         self.tables = tables
         self.recall = recall
@@ -93,6 +96,12 @@ class CascadePolicy:
         if self.difficulty is None or not self._root_matters:
             return 0
         return self.difficulty.root_state(prompt)
+
+    def signal(self, node: int, confidence: float | None, tokens_out: float | None) -> float | None:
+        """The confidence `step` reads for `node`: its answer's raw confidence, or the
+        length-calibrated one where the node has a calibrator (policies/lengthcal.py)."""
+        cal = self.length_calibrators[node]
+        return confidence if cal is None else cal.one(confidence, tokens_out)
 
     def first(self, root_state: int = 0) -> Step:
         nxt = int(self.tables.decision[ROOT + 1][root_state])
@@ -153,4 +162,5 @@ def policy_from_artifact(art: dict, lam: float | None = None) -> CascadePolicy:
         bool(art["recall"]),
         float(art.get("recall_margin", 0.0)),
         DifficultyModel.from_dict(art["difficulty"]) if art.get("difficulty") else None,
+        calibrators_from(art.get("length_calibration"), len(tables.edges)),
     )

@@ -365,7 +365,8 @@ async def _run_index(
         run.calls.append(call)
         spent += call.result.cost_usd if call.result.cost_usd is not None else cost_k
         explored.append(k)
-        extracted[k], confidence[k] = call.extracted, call.confidence
+        extracted[k] = call.extracted
+        confidence[k] = policy.signal(k, call.confidence, call.result.tokens_out)
         step = policy.step(explored, extracted, confidence)
         call.p_correct = step.p_correct
         decide += time.perf_counter() - t0
