@@ -140,7 +140,6 @@ class CascadeApp(FastAPI):
     schema, and its errors are the same OpenAI error objects."""
 
     chat_handler: Callable[[Request], Awaitable[Response]] | None = None
-    secrets: frozenset[str] = frozenset()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if (
@@ -155,13 +154,18 @@ class CascadeApp(FastAPI):
         try:
             response = await self.chat_handler(request)
         except ApiError as exc:
-            request_id = scope.get("state", {}).get("request_id")
-            headers = {"x-request-id": request_id} if request_id else None
-            response = exc.response(headers, self.secrets)
+            response = _error_response(request, exc, self.state.proxy.secrets)
         except Exception:
             logging.getLogger("cascade").exception("internal error serving POST %s", CHAT_PATH)
             response = _INTERNAL_ERROR.response()
         await response(scope, receive, send)
+
+
+def _error_response(request: Request, exc: ApiError, secrets: frozenset[str]) -> Response:
+    """`exc` as an OpenAI error object, under the request's id once it has one, with every
+    secret an upstream may have echoed into it masked."""
+    request_id = getattr(request.state, "request_id", None)
+    return exc.response({"x-request-id": request_id} if request_id else None, secrets)
 
 
 class FastJSONResponse(JSONResponse):
@@ -320,15 +324,13 @@ def create_app(state: ProxyState) -> FastAPI:
     app = CascadeApp(
         title="cascade", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan
     )
-    app.secrets = state.secrets
     app.state.proxy = state
     max_body = state.config.server.max_body_bytes
     deadline_s = state.config.server.request_timeout_s
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
-        request_id = getattr(request.state, "request_id", None)
-        return exc.response({"x-request-id": request_id} if request_id else None, state.secrets)
+        return _error_response(request, exc, state.secrets)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:

@@ -161,10 +161,6 @@ def _add_cost(a: float | None, b: float | None) -> float | None:
     return a + b
 
 
-def _when(ts: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(float(ts), dt.UTC)
-
-
 def _stamp_pg(ts: float) -> tuple[dt.datetime, dt.date]:
     """``(ts, day)`` bound as SQLAlchemy binds them to PostgreSQL: aware UTC, a date."""
     when = dt.datetime.fromtimestamp(float(ts), dt.UTC)
@@ -290,13 +286,6 @@ def _rollup_values(records: Iterable[tuple[RequestRecord, Any]]) -> list[tuple]:
             cr[7] += int(c.tokens_out or 0)
             cr[9] = _add_cost(cr[9], c.cost_usd)
     return [(*k, *acc[k]) for k in sorted(acc)]
-
-
-def rollup_rows(records: Iterable[RequestRecord]) -> list[dict[str, Any]]:
-    """The ``ledger_daily`` increments for ``records`` as dicts (see :func:`_rollup_values`
-    and :mod:`proxy.ledger.schema`); ``day`` is a :class:`datetime.date`."""
-    pairs = ((r, _when(r.ts).date()) for r in records)
-    return [dict(zip(_DAILY_COLS, row, strict=True)) for row in _rollup_values(pairs)]
 
 
 def _page_sizes(n: int, page: int = INSERT_PAGE_ROWS) -> Iterator[int]:
