@@ -25,9 +25,11 @@ from policies.difficulty import DifficultyModel
 from policies.index import ROOT, STOP, solve_skips
 from policies.lengthcal import (
     MIN_DISTINCT_LENGTHS,
+    N_FEATURES,
     LengthCalibrator,
     calibrated_columns,
     length_features,
+    marker_columns,
 )
 from policies.policy import StateTables
 from policies.posterior import (
@@ -229,17 +231,21 @@ def fit_length_calibrators(
     (honest estimates, as for the posterior itself), the recorded ones elsewhere.
 
     A node gets no calibrator where its answers' lengths barely vary or too few rows hold
-    both signals. The others get theirs only together, if the length pays for the cascade
-    as a whole (_length_pays): node by node, the gain on a strong model with a handful of
-    errors in a few hundred rows is noise, and a posterior fed half-calibrated signals did
-    worse on held-out GSM8K splits than one fed all or none."""
+    the signals. A node that records no confidence at all is calibrated from its length
+    and marker alone (its yardstick is its base rate). The others get theirs only together,
+    if the length pays for the cascade as a whole (_length_pays): node by node, the gain on
+    a strong model with a handful of errors in a few hundred rows is noise, and a posterior
+    fed half-calibrated signals did worse on held-out GSM8K splits than one fed all or
+    none."""
     conf = np.array(train.confidence[:, nodes], dtype=float, copy=True)
     tokens = train.tokens_out[:, nodes]
+    marker = marker_columns(train.answers, nodes)
     fold = np.random.default_rng(seed).permutation(len(train)) % folds
     found: dict[int, tuple[LengthCalibrator, np.ndarray]] = {}
     log_loss_with, log_loss_alone = 0.0, 0.0
     for k, j in enumerate(nodes):
-        feats = length_features(conf[:, k], tokens[:, k])
+        uses_confidence = bool(np.isfinite(conf[:, k]).any())
+        feats = length_features(conf[:, k], tokens[:, k], marker[:, k], uses_confidence)
         ok = ~np.isnan(feats).any(axis=1)
         y = train.correct[:, j]
         if (
@@ -258,15 +264,16 @@ def fit_length_calibrators(
             held = ok & (fold == f)
             rest = np.flatnonzero(ok & (fold != f))
             if held.any() and len(np.unique(y[rest])) == 2:
-                cal = _fit_calibrator(x[rest], y[rest], mean, scale)
-                calibrated[held] = cal.log_p(conf[held, k], tokens[held, k])
-                plain = _fit_calibrator(x[rest], y[rest], mean, scale, n_used=1)
-                alone[held] = plain.log_p(conf[held, k], tokens[held, k])
+                args = (conf[held, k], tokens[held, k], marker[held, k])
+                cal = _fit_calibrator(x[rest], y[rest], mean, scale, uses_confidence)
+                calibrated[held] = cal.log_p(*args)
+                plain = _fit_calibrator(x[rest], y[rest], mean, scale, uses_confidence, n_used=1)
+                alone[held] = plain.log_p(*args)
         seen = ~np.isnan(calibrated) & ~np.isnan(alone)
         log_loss_with += _log_loss(calibrated[seen], y[seen]) * seen.sum()
         log_loss_alone += _log_loss(alone[seen], y[seen]) * seen.sum()
         rows = np.flatnonzero(ok)
-        found[k] = (_fit_calibrator(x[rows], y[rows], mean, scale), calibrated)
+        found[k] = (_fit_calibrator(x[rows], y[rows], mean, scale, uses_confidence), calibrated)
     if not found or not _length_pays(log_loss_with, log_loss_alone):
         return [None] * len(nodes), conf
     for k, (_, calibrated) in found.items():
@@ -290,19 +297,27 @@ def _log_loss(log_p: np.ndarray, y: np.ndarray) -> float:
 
 
 def _fit_calibrator(
-    x: np.ndarray, y: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_used: int = 3
+    x: np.ndarray,
+    y: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    uses_confidence: bool,
+    n_used: int = N_FEATURES,
 ) -> LengthCalibrator:
     """Logistic regression of correctness on the first `n_used` standardised length
-    features `x` (1: the confidence alone, the yardstick of _length_pays)."""
+    features `x` (1: the confidence alone, the yardstick of _length_pays; for a node
+    without confidences that feature is constant, so the yardstick is the base rate)."""
     from sklearn.linear_model import LogisticRegression
 
     clf = LogisticRegression(C=1.0, max_iter=1000).fit(x[:, :n_used], y)
-    w = [*clf.coef_[0], 0.0, 0.0][:3]
-    return LengthCalibrator(
-        (float(w[0]), float(w[1]), float(w[2])),
-        float(clf.intercept_[0]),
-        (float(mean[0]), float(mean[1]), float(mean[2])),
-        (float(scale[0]), float(scale[1]), float(scale[2])),
+    return LengthCalibrator.from_dict(
+        {
+            "weights": [*clf.coef_[0], *[0.0] * N_FEATURES][:N_FEATURES],
+            "bias": clf.intercept_[0],
+            "mean": mean,
+            "scale": scale,
+            "uses_confidence": uses_confidence,
+        }
     )
 
 
@@ -679,7 +694,7 @@ class FittedIndex:
         """The nodes' (N, n) confidences as the policy reads them (length-calibrated)."""
         cols = self.nodes
         return calibrated_columns(
-            self.length_calibrators, traces.confidence[:, cols], traces.tokens_out[:, cols]
+            self.length_calibrators, traces.confidence, traces.tokens_out, traces.answers, cols
         )
 
     def root_states(self, traces: TraceSet) -> np.ndarray | None:

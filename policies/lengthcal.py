@@ -1,12 +1,16 @@
-"""A node's confidence corrected by the length of its answer.
+"""A node's confidence corrected by the length and the shape of its answer.
 
 Token log-probabilities say little about a long chain of thought, but its length says a lot:
 on GSM8K a small model's wrong answers run longer than its right ones (held-out AUC of the
-confidence alone 0.56-0.70 for the 1B-8B models, with the length 0.68-0.80). Per node, a
-logistic model over (confidence logit, log length, its square) gives a calibrated
-log P(correct), which then stands for the node's confidence everywhere the policy reads one:
-the posterior, the states, the online decisions. Nodes whose answers barely vary in length
-(one-letter multiple choice) keep their raw confidence: they get no calibrator.
+confidence alone 0.56-0.70 for the 1B-8B models, with the length 0.68-0.80), and a chain
+that never states a final answer ("#### 18", "The answer is 18") was cut off or lost its
+way (Mixtral on GSM8K: right 23% of the time without one, 68% with one). Per node, a
+logistic model over (confidence logit, log length, its square, final-answer marker) gives a
+calibrated log P(correct), which then stands for the node's confidence everywhere the policy
+reads one: the posterior, the states, the online decisions. A node that reports no
+confidence at all (an API without logprobs) gets one from its answer's length and marker
+alone. Nodes whose answers barely vary in length (one-letter multiple choice) keep their
+raw confidence: they get no calibrator.
 
 Pure: fitted in calibration/fit.py, evaluated here for a whole trace column (fit, bench,
 evaluate) and for one call (the proxy), with the same arithmetic.
@@ -19,44 +23,64 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from policies.answers import has_final_marker
 from policies.posterior import confidence_feature, confidence_feature_one
 
 MIN_DISTINCT_LENGTHS = 5  # fewer distinct output lengths: a format, not a signal
+N_FEATURES = 4  # confidence logit, log(1 + tokens), its square, final-answer marker
+
+Four = tuple[float, float, float, float]
 
 
-def length_features(confidence: np.ndarray, tokens_out: np.ndarray) -> np.ndarray:
-    """(N, 3): confidence logit, log(1 + tokens), its square; nan rows where either is."""
+def length_features(
+    confidence: np.ndarray, tokens_out: np.ndarray, marker: np.ndarray, uses_confidence: bool
+) -> np.ndarray:
+    """(N, 4): confidence logit (0 for a node without confidences), log(1 + tokens), its
+    square, the final-answer marker (0/1); nan rows where a signal used is missing."""
     lt = np.log1p(np.asarray(tokens_out, dtype=float))
-    cf = confidence_feature(confidence)
-    return np.stack([cf, lt, lt * lt], axis=1)
+    cf = confidence_feature(confidence) if uses_confidence else np.zeros_like(lt)
+    return np.stack([cf, lt, lt * lt, np.asarray(marker, dtype=float)], axis=1)
+
+
+def marker_columns(answers: list[list[str | None]], cols: list[int]) -> np.ndarray:
+    """(N, len(cols)) 0/1: whether each answer of the `cols` models states a final answer."""
+    return np.array(
+        [[float(has_final_marker(row[j])) for j in cols] for row in answers], dtype=float
+    ).reshape(len(answers), len(cols))
 
 
 @dataclass(frozen=True)
 class LengthCalibrator:
     """Standardised logistic weights over length_features; see the module docstring."""
 
-    weights: tuple[float, float, float]
+    weights: Four
     bias: float
-    mean: tuple[float, float, float]
-    scale: tuple[float, float, float]
+    mean: Four
+    scale: Four
+    uses_confidence: bool = True  # False: the node reports none; length and marker only
 
-    def log_p(self, confidence: np.ndarray, tokens_out: np.ndarray) -> np.ndarray:
-        """Calibrated log P(correct) per row; nan where the confidence or length is."""
-        x = (length_features(confidence, tokens_out) - np.asarray(self.mean)) / np.asarray(
-            self.scale
-        )
+    def log_p(
+        self, confidence: np.ndarray, tokens_out: np.ndarray, marker: np.ndarray
+    ) -> np.ndarray:
+        """Calibrated log P(correct) per row; nan where a signal it uses is missing."""
+        feats = length_features(confidence, tokens_out, marker, self.uses_confidence)
+        x = (feats - np.asarray(self.mean)) / np.asarray(self.scale)
         logit = x @ np.asarray(self.weights) + self.bias
         with np.errstate(invalid="ignore"):  # nan rows stay nan
             return -np.logaddexp(0.0, -logit)  # log sigmoid, stable at both ends
 
-    def one(self, confidence: float | None, tokens_out: float | None) -> float | None:
-        """log_p for one call in plain Python (a decision step costs microseconds)."""
-        cf = confidence_feature_one(confidence)
+    def one(
+        self, confidence: float | None, tokens_out: float | None, text: str | None
+    ) -> float | None:
+        """log_p for one call (its answer `text` gives the marker) in plain Python: a
+        decision step costs microseconds."""
+        cf = confidence_feature_one(confidence) if self.uses_confidence else 0.0
         if cf is None or tokens_out is None or tokens_out != tokens_out:
             return None
         lt = math.log1p(float(tokens_out))
+        values = (cf, lt, lt * lt, float(has_final_marker(text)))
         logit = self.bias
-        for w, v, m, s in zip(self.weights, (cf, lt, lt * lt), self.mean, self.scale, strict=True):
+        for w, v, m, s in zip(self.weights, values, self.mean, self.scale, strict=True):
             logit += w * (v - m) / s
         return -math.log1p(math.exp(-logit)) if logit > -30 else logit
 
@@ -66,15 +90,24 @@ class LengthCalibrator:
             "bias": self.bias,
             "mean": list(self.mean),
             "scale": list(self.scale),
+            "uses_confidence": self.uses_confidence,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> LengthCalibrator:
-        def three(key: str) -> tuple[float, float, float]:
-            a, b, c = (float(x) for x in d[key])
-            return a, b, c
+        """Also reads the three-feature calibrators of earlier artifacts (no marker)."""
 
-        return cls(three("weights"), float(d["bias"]), three("mean"), three("scale"))
+        def four(key: str, pad: float) -> Four:
+            a, b, c, m = ([float(x) for x in d[key]] + [pad])[:N_FEATURES]
+            return a, b, c, m
+
+        return cls(
+            four("weights", 0.0),
+            float(d["bias"]),
+            four("mean", 0.0),
+            four("scale", 1.0),
+            bool(d.get("uses_confidence", True)),
+        )
 
 
 def calibrators_from(raw: list | None, n_nodes: int) -> list[LengthCalibrator | None]:
@@ -91,11 +124,16 @@ def calibrated_columns(
     calibrators: list[LengthCalibrator | None],
     confidence: np.ndarray,
     tokens_out: np.ndarray,
+    answers: list[list[str | None]],
+    cols: list[int],
 ) -> np.ndarray:
     """(N, n) node confidences: calibrated where a node has a calibrator, raw elsewhere.
-    `confidence` and `tokens_out` are the nodes' (N, n) trace columns."""
-    out = np.array(confidence, dtype=float, copy=True)
-    for k, cal in enumerate(calibrators):
-        if cal is not None:
-            out[:, k] = cal.log_p(confidence[:, k], tokens_out[:, k])
+    `confidence` and `tokens_out` are the full (N, M) trace columns, `answers` the trace's
+    answer texts, `cols` the models the nodes are."""
+    out = np.array(confidence[:, cols], dtype=float, copy=True)
+    used = [(k, cal) for k, cal in enumerate(calibrators) if cal is not None]
+    if used:
+        marker = marker_columns(answers, [cols[k] for k, _ in used])
+        for i, (k, cal) in enumerate(used):
+            out[:, k] = cal.log_p(confidence[:, cols[k]], tokens_out[:, cols[k]], marker[:, i])
     return out

@@ -97,11 +97,14 @@ class CascadePolicy:
             return 0
         return self.difficulty.root_state(prompt)
 
-    def signal(self, node: int, confidence: float | None, tokens_out: float | None) -> float | None:
-        """The confidence `step` reads for `node`: its answer's raw confidence, or the
-        length-calibrated one where the node has a calibrator (policies/lengthcal.py)."""
+    def signal(
+        self, node: int, confidence: float | None, tokens_out: float | None, text: str | None
+    ) -> float | None:
+        """The confidence `step` reads for `node`: its answer's raw confidence, or the one
+        calibrated by the answer's length and final-answer marker where the node has a
+        calibrator (policies/lengthcal.py)."""
         cal = self.length_calibrators[node]
-        return confidence if cal is None else cal.one(confidence, tokens_out)
+        return confidence if cal is None else cal.one(confidence, tokens_out, text)
 
     def first(self, root_state: int = 0) -> Step:
         nxt = int(self.tables.decision[ROOT + 1][root_state])

@@ -366,7 +366,7 @@ async def _run_index(
         spent += call.result.cost_usd if call.result.cost_usd is not None else cost_k
         explored.append(k)
         extracted[k] = call.extracted
-        confidence[k] = policy.signal(k, call.confidence, call.result.tokens_out)
+        confidence[k] = policy.signal(k, call.confidence, call.result.tokens_out, call.result.text)
         step = policy.step(explored, extracted, confidence)
         call.p_correct = step.p_correct
         decide += time.perf_counter() - t0

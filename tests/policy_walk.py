@@ -27,7 +27,8 @@ def assert_online_equals_replay(art: dict, test: TraceSet) -> int:
             explored.append(k)
             extracted[k] = test.extracted[row][nodes[k]]
             raw = float(test.confidence[row, nodes[k]])
-            conf[k] = policy.signal(k, raw, float(test.tokens_out[row, nodes[k]]))
+            tokens = float(test.tokens_out[row, nodes[k]])
+            conf[k] = policy.signal(k, raw, tokens, test.answers[row][nodes[k]])
             step = policy.step(explored, extracted, conf)
         called = sorted(nodes[k] for k in explored)
         assert called == list(np.flatnonzero(outcome.explored[row])), row
