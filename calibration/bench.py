@@ -20,9 +20,9 @@ import numpy as np
 from calibration.baselines import baseline_families
 from calibration.fit import IndexFamily
 from calibration.metrics import CurvePoint, curve_stats, oracle_savings
-from calibration.pricing import fill_costs
+from calibration.pricing import PricingError, fill_costs
 from calibration.replay import PolicyFamily
-from calibration.traces import TraceSet, load_traces
+from calibration.traces import TraceError, TraceSet, load_traces
 
 # Order of columns in bench.md and of lines in the plots; oracles last.
 MAIN_POLICIES = ("index", "index-norecall", "threshold", "agreement", "singles")
@@ -61,11 +61,23 @@ def find_pairs(folder: Path) -> tuple[list[Pair], list[str]]:
     return pairs, sorted(skipped)
 
 
+class PairError(ValueError):
+    """A pair that cannot be benchmarked: a bad trace file, a model without a price, or
+    halves with different models. The bench skips it with this message."""
+
+
 def load_pair(pair: Pair) -> tuple[TraceSet, TraceSet]:
     """Both halves of a pair, with costs filled from token counts and prices where missing."""
-    train, test = load_traces(pair.train), load_traces(pair.test)
+    try:
+        train, test = load_traces(pair.train), load_traces(pair.test)
+        return _priced_pair(pair, train, test)
+    except (TraceError, PricingError) as exc:
+        raise PairError(str(exc)) from None
+
+
+def _priced_pair(pair: Pair, train: TraceSet, test: TraceSet) -> tuple[TraceSet, TraceSet]:
     if train.models != test.models:
-        raise ValueError(
+        raise PairError(
             f"{pair.name}: train and test have different models: "
             f"{list(train.models)} vs {list(test.models)}"
         )
@@ -270,8 +282,13 @@ def run_bench(
     out: Path,
     only: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> tuple[dict, list[str]]:
-    """Run every pair, write bench.json, bench.md and the plots; return (json, skipped)."""
+    """Run every pair, write bench.json, bench.md and the plots; return (json, skipped).
+
+    A pair that cannot be loaded (PairError) is skipped with its message, passed to
+    `on_skip` and listed in the outputs; the other pairs still run. If none can, that is
+    an error (the first pair's message)."""
     pairs, skipped = find_pairs(traces)
     if only:
         unknown = [n for n in only if n not in {p.name for p in pairs}]
@@ -280,11 +297,22 @@ def run_bench(
         pairs = [p for p in pairs if p.name in only]
     if not pairs:
         raise ValueError(f"no NAME-train.jsonl / NAME-test.jsonl pair in {traces}")
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[PairResult] = []
+    failed: list[str] = []
     for pair in pairs:
-        results.append(run_pair(pair, on_policy=progress))
-        plot_pair(results[-1], out / f"{pair.name}.png")
+        try:
+            result = run_pair(pair, on_policy=progress)
+        except PairError as exc:
+            failed.append(f"skipped {pair.name}: {exc}")
+            if on_skip:
+                on_skip(failed[-1])
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        plot_pair(result, out / f"{pair.name}.png")
+        results.append(result)
+    if not results:
+        raise PairError(f"no pair of {traces} could be benchmarked: {failed[0]}")
+    skipped = sorted(skipped + failed)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     how = (
         f"Run: `cascade bench --traces {traces}` on {platform.node() or 'this machine'} "

@@ -211,6 +211,10 @@ def bench(
     Every policy (index, index-norecall, threshold, agreement, singles, each single model,
     the two oracles) is tuned on train only; the curves, costs to match the best model and
     areas under the curve are computed on test.
+
+    A pair with a missing half, a bad trace file or a model without a price is skipped with
+    its reason (printed, and listed in bench.md and bench.json); the others still run. Exit
+    status: 0 all pairs ran, 1 some were skipped for bad input, 2 nothing could run.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -236,10 +240,19 @@ def bench(
                 done["n"] += 1
                 progress.update(task, completed=done["n"], description=f"bench: {name}")
 
-            doc, _ = run_bench(traces, out, only=only, progress=tick)
+            failed: list[str] = []
+
+            def skip(message: str) -> None:
+                failed.append(message)
+                typer.echo(message, err=True)
+
+            doc, _ = run_bench(traces, out, only=only, progress=tick, on_skip=skip)
     except _input_errors() as exc:
         fail(str(exc))
-    _print_bench_summary(doc, n, out)
+    _print_bench_summary(doc, n - len(failed), out)
+    if failed:
+        typer.echo(f"{len(failed)} pair(s) could not be benchmarked (see above)", err=True)
+        raise typer.Exit(code=1)
 
 
 def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:

@@ -126,12 +126,17 @@ def test_bench_writes_json_markdown_and_plots(tmp_path: Path, traces_dir: Path) 
     for name in ("gsm8k-routellm-train.jsonl", "gsm8k-routellm-test.jsonl",
                  "gsm8k-llama-train.jsonl"):  # fmt: skip
         shutil.copy(traces_dir / name, folder / name)
+    write_corrupt_pair(folder, "broken")
     out = tmp_path / "out"
     res = run("bench", "--traces", str(folder), "--out", str(out))
-    assert res.returncode == 0, res.stderr
+    # the broken pair is skipped with its reason (exit 1); the good one still runs
+    assert res.returncode == 1, res.stderr
     assert "skipped gsm8k-llama" in res.stderr
+    assert "skipped broken: " in res.stderr and "broken-train.jsonl:2" in res.stderr
     doc = json.loads((out / "bench.json").read_text())
     assert list(doc["pairs"]) == ["gsm8k-routellm"]
+    assert any(s.startswith("skipped broken: ") for s in doc["skipped"])
+    assert not (out / "broken.png").exists()
     pair = doc["pairs"]["gsm8k-routellm"]
     assert pair["reference_model"] == "gpt-4-1106-preview"
     assert pair["reference_cost_usd"] > 0
@@ -157,3 +162,21 @@ def test_bench_writes_json_markdown_and_plots(tmp_path: Path, traces_dir: Path) 
 def test_bench_on_a_folder_without_pairs_is_an_error(tmp_path: Path) -> None:
     res = run("bench", "--traces", str(tmp_path), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "no NAME-train.jsonl" in res.stderr
+
+
+def write_corrupt_pair(folder: Path, name: str) -> None:
+    """A pair whose train file has a malformed second line."""
+    row = {"id": "q1", "task": "mmlu", "reference": "A", "messages": [{"role": "user",
+           "content": "?"}], "models": {"m": {"answer": "A", "correct": True, "confidence": -0.1,
+           "cost_usd": 1e-6, "latency_ms": 1.0, "tokens_in": 3, "tokens_out": 1}}}  # fmt: skip
+    (folder / f"{name}-train.jsonl").write_text(json.dumps(row) + "\n{not json\n")
+    (folder / f"{name}-test.jsonl").write_text(json.dumps(row) + "\n")
+
+
+def test_bench_where_no_pair_can_run_is_an_error_and_writes_nothing(tmp_path: Path) -> None:
+    write_corrupt_pair(tmp_path, "broken")
+    out = tmp_path / "o"
+    res = run("bench", "--traces", str(tmp_path), "--out", str(out))
+    assert res.returncode == 2, res.stderr
+    assert "could be benchmarked" in res.stderr and "broken-train.jsonl:2" in res.stderr
+    assert not out.exists()
