@@ -212,9 +212,11 @@ def bench(
     the two oracles) is tuned on train only; the curves, costs to match the best model and
     areas under the curve are computed on test.
 
-    A pair with a missing half, a bad trace file or a model without a price is skipped with
-    its reason (printed, and listed in bench.md and bench.json); the others still run. Exit
-    status: 0 all pairs ran, 1 some were skipped for bad input, 2 nothing could run.
+    A train file without its test file (or the reverse) is skipped with a message. A pair
+    with a bad trace file, a model without a price or halves with different models is
+    skipped with its reason (printed, and listed in bench.md and bench.json); the others
+    still run. Exit status: 0 every complete pair ran, 1 some were skipped for bad input,
+    2 nothing could run.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
