@@ -70,18 +70,14 @@ def load_pair(pair: Pair) -> tuple[TraceSet, TraceSet]:
     """Both halves of a pair, with costs filled from token counts and prices where missing."""
     try:
         train, test = load_traces(pair.train), load_traces(pair.test)
-        return _priced_pair(pair, train, test)
+        if train.models != test.models:
+            raise PairError(
+                f"{pair.name}: train and test have different models: "
+                f"{list(train.models)} vs {list(test.models)}"
+            )
+        return fill_costs(train), fill_costs(test)
     except (TraceError, PricingError) as exc:
         raise PairError(str(exc)) from None
-
-
-def _priced_pair(pair: Pair, train: TraceSet, test: TraceSet) -> tuple[TraceSet, TraceSet]:
-    if train.models != test.models:
-        raise PairError(
-            f"{pair.name}: train and test have different models: "
-            f"{list(train.models)} vs {list(test.models)}"
-        )
-    return fill_costs(train), fill_costs(test)
 
 
 def families_for(train: TraceSet) -> list[PolicyFamily]:

@@ -4,7 +4,6 @@ engine over recorded GSM8K chains of thought, where the length is the stronger s
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 from pathlib import Path
@@ -24,10 +23,7 @@ from policies.lengthcal import (
     marker_columns,
 )
 from proxy import demo
-from proxy.backends.factory import make_backend
-from proxy.config import ModelConfig
-from proxy.engine import CascadeEngine, Overrides
-from tests.policy_walk import assert_online_equals_replay
+from tests.policy_walk import assert_engine_equals_replay, assert_online_equals_replay
 
 CAL = LengthCalibrator((1.2, -0.8, 0.1, 0.9), 0.3, (0.5, 4.0, 17.0, 0.8), (1.5, 0.9, 7.0, 0.4))
 TEXTS = ["so 7\n#### 7", "it is 12", "The answer is 3.", "#### 40", "cut off mid-", "B"]
@@ -107,31 +103,8 @@ def test_online_decisions_equal_the_replay_with_calibrated_lengths(gsm, gsm_arti
     assert assert_online_equals_replay(gsm_artifact, load_traces(gsm[1])) > 0
 
 
-def engine_matches_replay(art: dict, test_path: Path, test: TraceSet) -> None:
-    """The proxy engine over replay backends of `test_path` calls the models the offline
-    replay explores and returns the answer it returns, row by row. The engine reads each
-    call's length from its usage (the recorded one, else tiktoken's count, as fill_costs)."""
-    outcome = replay_artifact(art, test)
-    names = [n["model"] for n in art["nodes"]]
-    backends = {
-        m: make_backend(m, ModelConfig(backend="replay", traces=[str(test_path)]))
-        for m in test.models
-    }
-    engine = CascadeEngine("check", names, backends, names[-1], art)
-
-    async def run_all() -> list:
-        return [await engine.run(test.messages[row], {}, Overrides()) for row in range(len(test))]
-
-    runs = asyncio.run(run_all())
-    for row, run in enumerate(runs):
-        called = sorted(test.models.index(c.model) for c in run.calls)
-        assert called == list(np.flatnonzero(outcome.explored[row])), row
-        assert run.answer is not None
-        assert test.models.index(run.answer.model) == outcome.answer_model[row], row
-
-
 def test_the_proxy_engine_decides_as_the_replay_over_recorded_calls(gsm, gsm_artifact) -> None:
-    engine_matches_replay(gsm_artifact, gsm[1], load_traces(gsm[1]))
+    assert_engine_equals_replay(gsm_artifact, gsm[1], load_traces(gsm[1]))
 
 
 @pytest.fixture(scope="module")
@@ -165,4 +138,4 @@ def test_a_model_without_confidences_is_judged_by_its_length_and_final_answer(
 def test_without_confidences_online_proxy_and_replay_decide_alike(routellm) -> None:
     art, path, test = routellm
     assert assert_online_equals_replay(art, test) > 0
-    engine_matches_replay(art, path, test)
+    assert_engine_equals_replay(art, path, test)
