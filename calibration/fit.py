@@ -205,8 +205,15 @@ def score_sets(model: PosteriorModel, sig: Signals) -> SetScores:
     return SetScores(best_p, best_m, last_p)
 
 
-def out_of_fold_scores(sig: Signals, folds: int = 5, seed: int = 0, **kw) -> SetScores:
-    """Set scores for every row from a posterior fitted without that row's fold."""
+def out_of_fold_scores(
+    sig: Signals, folds: int = 5, seed: int = 0, align_to: PosteriorModel | None = None, **kw
+) -> SetScores:
+    """Set scores for every row from a posterior fitted without that row's fold.
+
+    With `align_to` (the posterior fitted on every row, the one that scores new queries),
+    each fold's posteriors are put on that model's scale (align_fold_scores), so that rows
+    the two models cannot tell apart get the same state on train as on new queries.
+    """
     n_rows, n = sig.classes.shape
     rng = np.random.default_rng(seed)
     fold = rng.permutation(n_rows) % folds
@@ -215,11 +222,39 @@ def out_of_fold_scores(sig: Signals, folds: int = 5, seed: int = 0, **kw) -> Set
         np.zeros((n_rows, 1 << n), dtype=int),
         np.zeros((n_rows, 1 << n)),
     )
+    full = None if align_to is None else score_sets(align_to, sig)
     for f in range(folds):
         test = fold == f
         model = fit_posterior(sig.rows(np.flatnonzero(~test)), **kw)
-        part = score_sets(model, sig.rows(np.flatnonzero(test)))
-        out.best_p[test], out.best_m[test], out.last_p[test] = part.best_p, part.best_m, part.last_p
+        if full is None:
+            part = score_sets(model, sig.rows(np.flatnonzero(test)))
+            out.best_p[test], out.best_m[test] = part.best_p, part.best_m
+            out.last_p[test] = part.last_p
+            continue
+        every = score_sets(model, sig)  # the fold's model on every row: its own scale
+        out.best_m[test] = every.best_m[test]
+        out.best_p[test] = align_fold_scores(every.best_p, full.best_p, test)
+        out.last_p[test] = align_fold_scores(every.last_p, full.last_p, test)
+    return out
+
+
+def align_fold_scores(fold_p: np.ndarray, full_p: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`fold_p[rows]` mapped, set by set, to the value of the same rank under `full_p`.
+
+    Both arrays hold one model's posteriors for every training row (N, 2^n). A fold's model
+    differs from the full one by a small shift per set; left as they are, the rows of an
+    atom (many queries with the same signals, such as a saturated self-check) scatter over
+    five nearby values and quantile bins cut the atom by fold, not by anything observed,
+    while on new queries the whole atom lands in one bin. Mapping ranks (midrank, so an
+    atom stays whole) keeps each fold's honest ordering on the full model's scale.
+    """
+    n_rows = fold_p.shape[0]
+    out = np.empty((int(np.count_nonzero(rows)), fold_p.shape[1]))
+    for s in range(fold_p.shape[1]):
+        ref = np.sort(fold_p[:, s])
+        x = fold_p[rows, s]
+        mid = (np.searchsorted(ref, x, "left") + np.searchsorted(ref, x, "right") - 1) // 2
+        out[:, s] = np.sort(full_p[:, s])[np.clip(mid, 0, n_rows - 1)]
     return out
 
 
@@ -651,10 +686,10 @@ class FittedIndex:
         self.allowed = allowed_edges(transitions, [train.models[j] for j in self.nodes])
         self.length_calibrators, train_conf = fit_length_calibrators(train, self.nodes)
         sig = Signals.of(train, self.nodes, confidence=train_conf)
-        oof = out_of_fold_scores(sig, folds=folds, seed=seed)
+        self.posterior = fit_posterior(sig)
+        oof = out_of_fold_scores(sig, folds=folds, seed=seed, align_to=self.posterior)
         self.recall_margin = choose_recall_margin(oof, sig.correct) if recall else 0.0
         self.oof = oof.with_margin(self.recall_margin)
-        self.posterior = fit_posterior(sig)
         self.difficulty: DifficultyModel | None = None
         root_train = None
         if use_difficulty and len(train) >= MIN_ROWS_FOR_DIFFICULTY:

@@ -3,15 +3,13 @@ policy fitted on them (each module gets its own upstream; a module may define it
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from calibration.artifact import build_artifact, save_artifact
-from calibration.fit import FittedIndex
-from calibration.traces import load_traces
+from tests.policy_walk import fit_small_large, textbook_mu
 from tests.serving import fake_upstream
 
 TRACES_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
@@ -45,13 +43,11 @@ def traces_upstream(traces_dir: Path, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def policy(traces_dir: Path, tmp_path_factory) -> Path:
-    """A policy over `small` -> `large`, fitted on real MMLU traces (1b and 405b renamed)."""
-    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
-        ["llama3.2-1b", "llama3.1-405b"]
-    )
-    train = dataclasses.replace(train, models=("small", "large"))
-    fitted = FittedIndex(train, recall=True, models=["small", "large"])
-    art = build_artifact(fitted, 0.2, train_path="mmlu-llama-train.jsonl", answer_kind="choice")
+    """A policy over `small` -> `large` fitted on real MMLU traces (tests/policy_walk.py):
+    a confident `small` answers alone, any other answer escalates to `large`."""
+    fitted = fit_small_large(traces_dir)
+    mu = textbook_mu(fitted)
+    art = build_artifact(fitted, mu, train_path="mmlu-llama-train.jsonl", answer_kind="choice")
     path = tmp_path_factory.mktemp("policy") / "policy.json"
     save_artifact(art, path)
     return path

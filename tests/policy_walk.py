@@ -4,12 +4,15 @@ the offline replay."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from calibration.evaluate import replay_artifact
-from calibration.traces import TraceSet
+from calibration.fit import DEFAULT_MUS, FittedIndex
+from calibration.traces import TraceSet, load_traces
+from policies.index import STOP
 from policies.policy import policy_from_artifact
 from proxy.backends.factory import make_backend
 from proxy.config import ModelConfig
@@ -65,3 +68,28 @@ def assert_engine_equals_replay(art: dict, test_path: Path, test: TraceSet) -> N
         assert called == list(np.flatnonzero(outcome.explored[row])), row
         assert run.answer is not None
         assert test.models.index(run.answer.model) == outcome.answer_model[row], row
+
+
+def fit_small_large(traces_dir: Path) -> FittedIndex:
+    """The index policy over `small` -> `large` (llama3.2-1b and llama3.1-405b of the real
+    MMLU traces, renamed as the fake upstream's models), fitted as a line: every query
+    starts at `small`, and at lambda 1 both are called."""
+    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
+        ["llama3.2-1b", "llama3.1-405b"]
+    )
+    train = dataclasses.replace(train, models=("small", "large"))
+    return FittedIndex(
+        train, recall=True, models=["small", "large"], use_difficulty=False, transitions="line"
+    )
+
+
+def textbook_mu(fitted: FittedIndex) -> float:
+    """The cheapest cost price of the sweep at which `fit_small_large`'s tables are the
+    textbook cascade the serving tests rely on: start at `small`, stop on its most
+    confident bin, escalate to `large` from every other. Found, not hard-coded, so a change
+    to the fit cannot silently turn the serving tests' policy into another one."""
+    for mu in DEFAULT_MUS:
+        root, small = (d.tolist() for d in fitted.tables(mu).decision[:2])
+        if root == [0] and small[0] == STOP and all(d == 1 for d in small[1:]):
+            return mu
+    raise AssertionError("no cost price gives small -> large with a confident stop")

@@ -15,7 +15,10 @@ from calibration.fit import (
     KAPPAS,
     FittedIndex,
     HeldOutCurve,
+    Signals,
+    align_fold_scores,
     n_bins_for,
+    score_sets,
     select_nodes,
 )
 from calibration.traces import load_traces
@@ -47,7 +50,13 @@ def test_dominated_models_are_not_nodes(mmlu) -> None:
 
 def test_online_policy_makes_the_same_decisions_as_the_replay(fitted, mmlu) -> None:
     test = mmlu[1].subset(np.arange(300))
-    art = build_artifact(fitted, DEFAULT_MUS[20], train_path="mmlu-llama-train.jsonl")
+    # a cost price at which a good share of the rows call more than one node
+    mu = next(
+        m
+        for m in DEFAULT_MUS[10:]
+        if (fitted.replay(fitted.tables(m), test).calls > 1).mean() > 0.2
+    )
+    art = build_artifact(fitted, mu, train_path="mmlu-llama-train.jsonl")
     assert assert_online_equals_replay(art, test) > 0  # the setting really cascades
 
 
@@ -126,3 +135,40 @@ def test_held_out_curve_rows_are_capped_and_never_fitted_on(mmlu, monkeypatch) -
         assert not set(fit_rows) & set(held)
         assert len(held_traces) == len(held)
     assert sorted(np.concatenate([h for _, h, _ in cv.parts]).tolist()) == list(range(200))
+
+
+def test_fold_scores_keep_their_order_on_the_full_models_scale() -> None:
+    rng = np.random.default_rng(3)
+    n = 200
+    fold_p = np.column_stack([rng.uniform(0.2, 0.9, n), np.full(n, 0.4)])
+    fold_p[:120, 0] = 0.71  # an atom: 120 rows the posterior cannot tell apart
+    full_p = np.column_stack([np.sqrt(fold_p[:, 0]) - 0.05, np.full(n, 0.45)])
+    rows = np.zeros(n, dtype=bool)
+    rows[::3] = True
+    out = align_fold_scores(fold_p, full_p, rows)
+    atom = fold_p[rows, 0] == 0.71
+    assert np.all(out[atom, 0] == full_p[0, 0])  # the whole atom lands on the full model's value
+    order = np.argsort(fold_p[rows, 0], kind="stable")
+    assert np.all(np.diff(out[order, 0]) >= 0)  # a fold's ranking is kept
+    assert set(out[:, 0]) <= set(full_p[:, 0]) and np.all(out[:, 1] == 0.45)
+
+
+def test_rows_with_the_same_signals_share_one_state_on_train_and_when_served(
+    traces_dir: Path,
+) -> None:
+    """A saturated self-check (gpt-4o-mini's log P("Y") = 0 on most TriviaQA rows) is one
+    atom of the posterior. Out-of-fold scores must not cut it into bins by fold: the state
+    a training row gets is the state the served policy gives the same signals."""
+    train = load_traces(str(traces_dir / "triviaqa-qwen_oai-train.jsonl"))
+    fitted = FittedIndex(train, recall=True)
+    sig = Signals.of(train, fitted.nodes, fitted.node_confidence(train))
+    served = score_sets(fitted.posterior, sig).with_margin(fitted.recall_margin).loss(True)
+    oof = fitted.oof.loss(True)
+    first = 1 << 0  # only the cheapest node explored
+    conf = train.confidence[:, fitted.nodes[0]]
+    atom = conf == np.nanmax(conf)
+    assert atom.sum() > len(train) // 3
+    train_bins = np.searchsorted(fitted.states.edges[0], oof[atom, first], side="right")
+    served_bins = np.searchsorted(fitted.states.edges[0], served[atom, first], side="right")
+    assert len(set(train_bins)) == 1
+    assert set(train_bins) == set(served_bins)

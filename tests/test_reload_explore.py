@@ -3,7 +3,6 @@ two policy artifacts fitted on real traces; requests under load while the policy
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -16,9 +15,9 @@ import httpx
 import pytest
 
 from calibration.artifact import build_artifact, save_artifact
-from calibration.fit import FittedIndex
 from calibration.traces import load_traces
 from policies.judging import judge_messages
+from tests.policy_walk import fit_small_large, textbook_mu
 from tests.serving import (
     QUESTION,
     db_upgrade,
@@ -34,16 +33,12 @@ KEY = "sk-client-reload-test"
 
 @pytest.fixture(scope="module")
 def artifacts(traces_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    """Two policies over small -> large from real MMLU traces: cheap (lambda 0.2) and
-    accurate (lambda 0.95): different tables, different hashes."""
-    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
-        ["llama3.2-1b", "llama3.1-405b"]
-    )
-    train = dataclasses.replace(train, models=("small", "large"))
-    fitted = FittedIndex(train, recall=True, models=["small", "large"])
+    """Two policies over small -> large from real MMLU traces: cheap (a confident `small`
+    answers alone) and accurate (both are always called): different tables and hashes."""
+    fitted = fit_small_large(traces_dir)
     folder = tmp_path_factory.mktemp("artifacts")
     out = {}
-    for name, mu in (("cheap", 0.2), ("accurate", 0.01)):
+    for name, mu in (("cheap", textbook_mu(fitted)), ("accurate", 0.0)):
         art = build_artifact(fitted, mu, train_path="mmlu", answer_kind="choice")
         out[name] = folder / f"{name}.json"
         save_artifact(art, out[name])

@@ -1,0 +1,140 @@
+"""How much of the bench's verdict is the luck of one split: the protocol on random re-splits.
+
+Each dev pair is one train/test split of a few hundred training rows, and a policy's AUC on
+it moves by several thousandths with the split (and with the fold seed of its own fit). This
+script pools each pair's rows (train and test), shuffles them with --splits seeds, cuts each
+shuffle into a training half of the original train size and a test half of the rest, and runs
+the bench protocol on every re-split pair (each still fitted on its own train half only and
+scored on its own test half). A file without its test half (gsm8k-llama) is re-split from
+its train file alone, two thirds for training. It prints per pair the means over its
+re-splits, then the means over every re-split pair beside the decision-core goals, and the
+re-split pairs where the index policy is more than 0.005 below the best other policy.
+
+Use it to judge a change to the decision core: a difference smaller than the spread printed
+here is not evidence. It is not the issue's measurement, which is `cascade bench` on the dev
+pairs as they are. Prints figures; asserts nothing. About 2 minutes here with 3 splits.
+
+Run from the repository root:  .venv/bin/python benchmarks/resplits.py [--traces DIR] [--splits 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import common
+
+from calibration.bench import find_pairs, run_bench
+
+OTHERS = ("index-norecall", "threshold", "agreement", "singles")
+BASELINES = ("threshold", "agreement", "singles")  # the issue's "other" policies
+SHOWN = ("index", *OTHERS)
+GOAL_AUC_MARGIN = 0.015
+GOAL_COST_1PP = 0.5
+WORST_GAP = -0.005
+TRAIN_SHARE_WITHOUT_TEST = 2 / 3
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().split("\n") if line.strip()]
+
+
+def write_resplits(traces: Path, out: Path, splits: int) -> list[str]:
+    """Write every re-split pair into `out`; return the names of the source pairs."""
+    try:
+        pairs, _ = find_pairs(traces)
+    except FileNotFoundError as exc:
+        raise RuntimeError(str(exc)) from None
+    sources = {p.name: (_lines(p.train), _lines(p.test)) for p in pairs}
+    for train in sorted(traces.glob("*-train.jsonl")):  # a train file without its test half
+        name = train.name[: -len("-train.jsonl")]
+        if name not in sources:
+            rows = _lines(train)
+            cut = round(len(rows) * TRAIN_SHARE_WITHOUT_TEST)
+            sources[name] = (rows[:cut], rows[cut:])
+    for name, (train_rows, test_rows) in sources.items():
+        n_train = len(train_rows)
+        pooled = train_rows + test_rows
+        for seed in range(splits):
+            rows = list(pooled)
+            random.Random(seed).shuffle(rows)
+            for half, part in (("train", rows[:n_train]), ("test", rows[n_train:])):
+                (out / f"{name}_s{seed}-{half}.jsonl").write_text("\n".join(part) + "\n")
+    return sorted(sources)
+
+
+def _c1pp(stats: dict) -> float:
+    c = stats["cost_to_match_1pp"]
+    return 1.0 if c is None else float(c)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.splits < 1:
+        raise RuntimeError("--splits must be at least 1")
+    print("cascade re-splits: the bench protocol on random re-splits of every pair's rows")
+    print(f"  date      {common.now_utc()}")
+    print(f"  machine   {common.machine()}")
+    print(f"  command   {common.command()}")
+    with tempfile.TemporaryDirectory(prefix="cascade-resplits-") as tmp:
+        folder = Path(tmp) / "traces"
+        folder.mkdir()
+        names = write_resplits(args.traces, folder, args.splits)
+        print(
+            f"  traces    {args.traces}: {len(names)} pairs x {args.splits} re-splits", flush=True
+        )
+        bench, skipped = run_bench(folder, Path(tmp) / "out")
+    for line in skipped:
+        print(f"  {line}")
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for name, entry in sorted(bench["pairs"].items()):
+        by_source[name.rsplit("_s", 1)[0]].append(entry["policies"])
+    print()
+    print(f"{'AUC, mean over re-splits':30s} " + " ".join(f"{h:>14s}" for h in SHOWN))
+    for source, entries in by_source.items():
+        cells = []
+        for h in SHOWN:
+            aucs = [e[h]["auc"] for e in entries]
+            spread = max(aucs) - min(aucs)
+            cells.append(f"{statistics.mean(aucs):.4f} ±{spread / 2:.3f}")
+        print(f"{source:30s} " + " ".join(f"{c:>14s}" for c in cells))
+    every = [e["policies"] for e in bench["pairs"].values()]
+    auc = {h: statistics.mean(e[h]["auc"] for e in every) for h in SHOWN}
+    c1 = {h: statistics.mean(_c1pp(e[h]) for e in every) for h in SHOWN}
+    print(f"{'mean AUC':30s} " + " ".join(f"{auc[h]:14.4f}" for h in SHOWN))
+    print(f"{'mean cost within 1 point':30s} " + " ".join(f"{c1[h]:14.3f}" for h in SHOWN))
+    best_base = max(BASELINES, key=lambda h: auc[h])
+    print()
+    print(
+        f"index - best baseline ({best_base}): {auc['index'] - auc[best_base]:+.4f} "
+        f"(goal +{GOAL_AUC_MARGIN}); index - index-norecall: "
+        f"{auc['index'] - auc['index-norecall']:+.4f}"
+    )
+    print(f"mean cost to come within 1 point: index {c1['index']:.3f} (goal <= {GOAL_COST_1PP})")
+    worst = []
+    for name, entry in sorted(bench["pairs"].items()):
+        p = entry["policies"]
+        best_other = max(OTHERS, key=lambda h: p[h]["auc"])
+        gap = p["index"]["auc"] - p[best_other]["auc"]
+        if gap < WORST_GAP:
+            worst.append(f"{name} {gap:+.4f} ({best_other})")
+    print(
+        f"re-split pairs where index is more than {-WORST_GAP} below the best other policy: "
+        f"{len(worst)} of {len(every)}" + ("".join(f"\n  {w}" for w in worst))
+    )
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_traces_option(parser)
+    parser.add_argument("--splits", type=int, default=3, help="re-splits per pair (default 3)")
+    sys.exit(common.run_main(run, parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
