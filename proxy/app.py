@@ -36,7 +36,13 @@ from proxy.exploration import TraceAppender, judge_row, trace_row
 from proxy.jsonbytes import dumps
 from proxy.ledger.writer import LedgerWriter
 from proxy.recording import LedgerEntry
-from proxy.reload import PolicyFiles, ReloadError
+from proxy.reload import (
+    RELOAD_SIGNAL_ENV,
+    SIGNAL_POLL_S,
+    PolicyFiles,
+    ReloadError,
+    ReloadSignal,
+)
 from proxy.request_checks import (
     COUNT_PARAMS,
     NUMBER_PARAMS,
@@ -196,6 +202,7 @@ class ProxyState:
     ledger: LedgerWriter | None = None
     secrets: frozenset[str] = frozenset()  # keys never to echo in an error body
     policy_files: PolicyFiles | None = None  # reloaded on POST /admin/reload or file change
+    reload_signal: ReloadSignal | None = None  # shared by `serve --workers N`: reload them all
     explorers: dict[str, TraceAppender] = field(default_factory=dict)  # cascade -> traces
     background: set[asyncio.Task] = field(default_factory=set)  # judge runs, awaited at exit
 
@@ -270,6 +277,9 @@ def build_state(config: Config) -> ProxyState:
         ledger=make_ledger(config.database_url),
         secrets=frozenset(k for k in {*upstream_keys, *config.client_keys(), admin_key} if k),
         policy_files=PolicyFiles.of(engines, policy_paths),
+        reload_signal=ReloadSignal(signal)
+        if (signal := os.environ.get(RELOAD_SIGNAL_ENV))
+        else None,
         explorers=explorers,
     )
 
@@ -302,16 +312,19 @@ def create_app(state: ProxyState) -> FastAPI:
         if state.ledger is not None:
             state.ledger.start()
         watch_s = state.config.server.policy_watch_s
-        watcher = None
-        if state.policy_files is not None and state.policy_files.paths and watch_s > 0:
-            watcher = asyncio.create_task(state.policy_files.watch(watch_s))
+        watchers = []
+        files = state.policy_files
+        if files is not None and files.paths and watch_s > 0:
+            watchers.append(asyncio.create_task(files.watch(watch_s)))
+        if files is not None and files.paths and state.reload_signal is not None:
+            watchers.append(asyncio.create_task(state.reload_signal.follow(files)))
         # Start-up's objects (modules, the policy, the config: most of the heap) are kept for
         # good: frozen, the collector's full passes stop walking them (12% of the CPU per
         # request, measured at concurrency 32).
         gc.collect()
         gc.freeze()
         yield
-        if watcher is not None:
+        for watcher in watchers:
             watcher.cancel()
         if state.background:  # judge calls in flight: let them land in the ledger
             await asyncio.wait(state.background, timeout=30.0)
@@ -456,6 +469,7 @@ def create_app(state: ProxyState) -> FastAPI:
         return JSONResponse(
             {
                 "status": status,
+                "worker_pid": os.getpid(),
                 "upstreams": upstreams,
                 "database": _ledger_status(state),
                 "cascades": {
@@ -506,7 +520,12 @@ def create_app(state: ProxyState) -> FastAPI:
             done = await asyncio.to_thread(state.policy_files.reload)
         except ReloadError as exc:
             raise ApiError(400, str(exc), code="reload_failed") from None
-        return JSONResponse({"reloaded": done})
+        if state.reload_signal is None:
+            return JSONResponse({"reloaded": done})
+        state.reload_signal.bump()  # the other workers follow within SIGNAL_POLL_S
+        return JSONResponse(
+            {"reloaded": done, "other_workers": f"reload within {SIGNAL_POLL_S:g} s"}
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:

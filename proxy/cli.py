@@ -441,8 +441,15 @@ def _run_server(
 
     options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
     if workers > 1:
+        import tempfile
+
+        from proxy.reload import RELOAD_SIGNAL_ENV
+
         os.environ["CASCADE_CONFIG"] = str(config_path)  # inherited by the spawned workers
-        uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
+        with tempfile.TemporaryDirectory(prefix="cascade-reload-") as shared:
+            # POST /admin/reload reaches one worker; it bumps this file and the rest follow
+            os.environ[RELOAD_SIGNAL_ENV] = str(Path(shared) / "reload")
+            uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
         return
     uvicorn.run(create_app(state), **options)
 

@@ -1,5 +1,8 @@
 """Hot reload of policy artifacts: on `POST /admin/reload` or when an artifact file changes.
 
+With `cascade serve --workers N` the endpoint reaches one worker; that worker then bumps a
+shared signal file (ReloadSignal) that every worker polls, so all of them reload.
+
 A reload never drops or fails a request: every artifact is read and checked against its
 cascade first, and only if all pass is each engine's policy swapped, in one assignment per
 cascade; a request in flight finishes with the policy it started with (engine.run takes a
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from policies.artifact import ArtifactError, parse_artifact
@@ -92,6 +96,46 @@ class PolicyFiles:
                     (done["old_hash"] or "none")[:19],
                     (done["policy_hash"] or "none")[:19],
                 )
+
+
+RELOAD_SIGNAL_ENV = "CASCADE_RELOAD_SIGNAL"  # set by `cascade serve --workers N`
+SIGNAL_POLL_S = 0.5
+
+
+@dataclass
+class ReloadSignal:
+    """A file the workers of one `cascade serve --workers N` share: the worker that served
+    `POST /admin/reload` rewrites it, and every worker that sees it change reloads its
+    policies (a worker holds its own engines: nothing else crosses processes)."""
+
+    path: str
+    seen: tuple[float, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.seen = _stamp(self.path)
+
+    def bump(self) -> None:
+        """Tell the other workers to reload (this one already has)."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{os.getpid()} {time.time_ns()}\n")
+        os.replace(tmp, self.path)  # atomic: a poller sees the old file or the new one
+        self.seen = _stamp(self.path)
+
+    async def follow(self, files: PolicyFiles, interval_s: float = SIGNAL_POLL_S) -> None:
+        """Poll the signal file; when another worker has bumped it, reload every policy."""
+        while True:
+            await asyncio.sleep(interval_s)
+            stamp = _stamp(self.path)
+            if stamp == self.seen:
+                continue
+            self.seen = stamp
+            try:
+                done = await asyncio.to_thread(files.reload)
+            except ReloadError as exc:
+                log.warning("reload asked by another worker failed, old policy kept: %s", exc)
+                continue
+            log.warning("policies reloaded as another worker asked: %s", sorted(done))
 
 
 def _stamp(path: str) -> tuple[float, int] | None:

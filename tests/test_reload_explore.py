@@ -285,3 +285,50 @@ def test_an_llm_judge_can_label_explored_traffic(served, up) -> None:
             time.sleep(0.1)
     assert sorted(r[:2] for r in rows) == [("judge:judge", 200), ("judge:judge", 200)]
     assert all(r[2] > 0 for r in rows)
+
+
+def _hash_per_worker(url: str, seen_workers: int, deadline_s: float = 20.0) -> dict[int, str]:
+    """Ask /health on fresh connections until `seen_workers` distinct workers answered:
+    {worker pid: the policy hash it serves for `qa`}."""
+    out: dict[int, str] = {}
+    end = time.monotonic() + deadline_s
+    while len(out) < seen_workers and time.monotonic() < end:
+        body = httpx.get(f"{url}/health", timeout=5.0).json()
+        out[body["worker_pid"]] = body["cascades"]["qa"]["policy_hash"]
+    return out
+
+
+def test_an_admin_reload_reaches_every_worker(upstream: str, artifacts, tmp_path) -> None:
+    """`serve --workers 2` with the file watch off: the one worker that receives
+    POST /admin/reload makes the other reload too."""
+    live = tmp_path / "policy.json"
+    shutil.copy(artifacts["cheap"], live)
+    config = {
+        "models": {
+            name: {
+                "backend": "openai",
+                "base_url": f"{upstream}/v1",
+                "price_in_per_mtok": p,
+                "price_out_per_mtok": p,
+            }
+            for name, p in (("small", 0.1), ("large", 10.0))
+        },
+        "cascades": {
+            "qa": {"nodes": ["small", "large"], "reference": "large", "policy": "policy.json"}
+        },
+        "server": {"api_keys": [KEY], "admin_key_env": "RELOAD_TEST_ADMIN", "policy_watch_s": 0},
+    }
+    env = sqlite_env(tmp_path / "ledger.db", RELOAD_TEST_ADMIN=ADMIN)
+    db_upgrade(env)
+    with running_proxy(write_config(tmp_path, config), env, cwd=tmp_path, workers=2) as proxy:
+        before = _hash_per_worker(proxy.url, 2)
+        assert len(before) == 2, "both workers answer"
+        assert set(before.values()) == {_hash(artifacts["cheap"])}
+        _replace(live, artifacts["accurate"])
+        time.sleep(1.0)  # no file watch: nothing changes by itself
+        assert set(_hash_per_worker(proxy.url, 2).values()) == {_hash(artifacts["cheap"])}
+        r = _reload(proxy.url)
+        assert r.status_code == 200 and "other_workers" in r.json()
+        time.sleep(1.5)  # the signal is polled every 0.5 s
+        after = _hash_per_worker(proxy.url, 2)
+        assert len(after) == 2 and set(after.values()) == {_hash(artifacts["accurate"])}
