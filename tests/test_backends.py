@@ -581,3 +581,40 @@ def test_forwarded_params_drop_what_upstreams_reject() -> None:
     assert out == {"temperature": 0, "n": 1, "logprobs": True, "top_logprobs": 1}
     assert forward_params(None, False) == {}
     assert math.isclose(forward_params({"min_p": 0.1}, False)["min_p"], 0.1)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # litellm's
+@pytest.mark.parametrize("priced", [True, False], ids=["priced", "no-price"])
+async def test_an_open_circuit_is_reported_alike_by_both_http_backends(fake, made, priced):
+    """No call is made; the cost is 0 for a priced model and unknown (None) for a model
+    without a price, whichever backend: an open circuit must not make a model look priced."""
+    fake.state.set_faults({"error_rate": 1, "error_status": 500})
+    prices = {"price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0} if priced else {}
+    cfg = ModelConfig(
+        backend="litellm",
+        model="openai/fake-small",
+        base_url=fake.url + "/v1",
+        timeout_s=5,
+        max_retries=0,
+        **prices,
+    )
+    backends = [
+        LiteLLMBackend("ext", cfg, breaker=CircuitBreaker(failure_threshold=1, cooldown_s=60)),
+        openai(
+            made,
+            fake,
+            max_retries=0,
+            breaker=CircuitBreaker(failure_threshold=1, cooldown_s=60),
+            **prices,
+        ),
+    ]
+    results = []
+    for b in backends:
+        assert (await b.complete(MSGS, {})).error == "http_500"
+        calls = fake.calls()
+        results.append(await b.complete(MSGS, {}))
+        assert fake.calls() == calls  # fails fast, without calling the upstream
+    for r, name in zip(results, ("ext", "node"), strict=True):
+        assert (r.error, r.attempts, r.text) == ("circuit_open", 0, None)
+        assert r.error_detail.startswith(f"{name}: circuit open after 1 consecutive")
+        assert r.cost_usd == (0.0 if priced else None)

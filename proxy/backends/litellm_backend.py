@@ -134,14 +134,16 @@ class LiteLLMBackend:
         )
 
     def _circuit_open(self, start: float) -> CallResult:
-        return CallResult(
-            model=self.name,
-            text=None,
-            error="circuit_open",
-            error_detail=f"{self.name}: circuit open after {self.breaker.failures} consecutive "
-            f"failed calls; next trial in {self.breaker.retry_in():.1f}s",
-            cost_usd=0.0,  # nothing was called
-            latency_ms=(time.perf_counter() - start) * 1000.0,
+        """No call was made: reported as the OpenAI-compatible backend reports it (cost is
+        Pricer.failed_cost: 0 for a priced model, None for one without a known price)."""
+        return failed_result(
+            self.name,
+            "circuit_open",
+            f"circuit open after {self.breaker.failures} consecutive failed calls; "
+            f"next trial in {self.breaker.retry_in():.1f}s",
+            secret=self._secret,
+            pricer=self.pricer,
+            start=start,
             attempts=0,
         )
 
