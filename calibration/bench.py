@@ -70,6 +70,8 @@ def load_pair(pair: Pair) -> tuple[TraceSet, TraceSet]:
     """Both halves of a pair, with costs filled from token counts and prices where missing."""
     try:
         train, test = load_traces(pair.train), load_traces(pair.test)
+        if train.models != test.models and set(train.models) == set(test.models):
+            test = test.select_models(list(train.models))  # same models, listed in another order
         if train.models != test.models:
             raise PairError(
                 f"{pair.name}: train and test have different models: "

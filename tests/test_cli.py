@@ -180,3 +180,27 @@ def test_bench_where_no_pair_can_run_is_an_error_and_writes_nothing(tmp_path: Pa
     assert res.returncode == 2, res.stderr
     assert "could be benchmarked" in res.stderr and "broken-train.jsonl:2" in res.stderr
     assert not out.exists()
+
+
+def test_a_pair_whose_halves_list_the_models_in_another_order_is_read_in_train_order(
+    tmp_path: Path, traces_dir: Path
+) -> None:
+    from calibration.bench import Pair, PairError, load_pair
+
+    shutil.copy(traces_dir / "mmlu-llama-train.jsonl", tmp_path / "p-train.jsonl")
+    rows = [json.loads(line) for line in (traces_dir / "mmlu-llama-test.jsonl").open()][:40]
+    with (tmp_path / "p-test.jsonl").open("w") as f:
+        for row in rows:
+            row["models"] = dict(reversed(list(row["models"].items())))
+            f.write(json.dumps(row) + "\n")
+    train, test = load_pair(Pair("p", tmp_path / "p-train.jsonl", tmp_path / "p-test.jsonl"))
+    assert test.models == train.models
+    first = rows[0]["models"]
+    for k, name in enumerate(test.models):
+        assert test.correct[0, k] == first[name]["correct"]
+        assert test.cost_usd[0, k] == pytest.approx(first[name]["cost_usd"])
+    for row in rows:  # a model the train half does not have is still refused
+        row["models"]["llama-extra"] = row["models"]["llama3.2-1b"]
+    (tmp_path / "p-test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PairError, match="different models"):
+        load_pair(Pair("p", tmp_path / "p-train.jsonl", tmp_path / "p-test.jsonl"))
