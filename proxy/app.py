@@ -266,6 +266,7 @@ def build_state(config: Config) -> ProxyState:
     }
     policy_paths = {name: cascade.policy for name, cascade in config.cascades.items()}
     upstream_keys = {os.environ.get(m.api_key_env) for m in config.models.values() if m.api_key_env}
+    shared_signal = os.environ.get(RELOAD_SIGNAL_ENV)  # set for the workers of `serve --workers`
     admin_key = config.admin_key()
     return ProxyState(
         config=config,
@@ -277,9 +278,7 @@ def build_state(config: Config) -> ProxyState:
         ledger=make_ledger(config.database_url),
         secrets=frozenset(k for k in {*upstream_keys, *config.client_keys(), admin_key} if k),
         policy_files=PolicyFiles.of(engines, policy_paths),
-        reload_signal=ReloadSignal(signal)
-        if (signal := os.environ.get(RELOAD_SIGNAL_ENV))
-        else None,
+        reload_signal=ReloadSignal(shared_signal) if shared_signal else None,
         explorers=explorers,
     )
 

@@ -109,10 +109,19 @@ class ReloadSignal:
     policies (a worker holds its own engines: nothing else crosses processes)."""
 
     path: str
-    seen: tuple[float, int] | None = None
+    seen: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        self.seen = _stamp(self.path)
+        self.seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        """Inode and mtime: every bump renames a new file over the old, so the inode alone
+        tells two bumps apart, even within one clock tick."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def bump(self) -> None:
         """Tell the other workers to reload (this one already has)."""
@@ -120,13 +129,13 @@ class ReloadSignal:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()} {time.time_ns()}\n")
         os.replace(tmp, self.path)  # atomic: a poller sees the old file or the new one
-        self.seen = _stamp(self.path)
+        self.seen = self._stamp()
 
     async def follow(self, files: PolicyFiles, interval_s: float = SIGNAL_POLL_S) -> None:
         """Poll the signal file; when another worker has bumped it, reload every policy."""
         while True:
             await asyncio.sleep(interval_s)
-            stamp = _stamp(self.path)
+            stamp = self._stamp()
             if stamp == self.seen:
                 continue
             self.seen = stamp
