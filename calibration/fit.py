@@ -206,14 +206,12 @@ def score_sets(model: PosteriorModel, sig: Signals) -> SetScores:
 
 
 def out_of_fold_scores(
-    sig: Signals, folds: int = 5, seed: int = 0, align_to: PosteriorModel | None = None, **kw
+    sig: Signals, full: PosteriorModel, folds: int = 5, seed: int = 0, **kw
 ) -> SetScores:
-    """Set scores for every row from a posterior fitted without that row's fold.
-
-    With `align_to` (the posterior fitted on every row, the one that scores new queries),
-    each fold's posteriors are put on that model's scale (align_fold_scores), so that rows
-    the two models cannot tell apart get the same state on train as on new queries.
-    """
+    """Set scores for every row from a posterior fitted without that row's fold, put on
+    the scale of `full` (the posterior fitted on every row, the one that scores new
+    queries; align_fold_scores), so that rows the two cannot tell apart get the same state
+    on train as on new queries."""
     n_rows, n = sig.classes.shape
     rng = np.random.default_rng(seed)
     fold = rng.permutation(n_rows) % folds
@@ -222,19 +220,14 @@ def out_of_fold_scores(
         np.zeros((n_rows, 1 << n), dtype=int),
         np.zeros((n_rows, 1 << n)),
     )
-    full = None if align_to is None else score_sets(align_to, sig)
+    served = score_sets(full, sig)
     for f in range(folds):
         test = fold == f
         model = fit_posterior(sig.rows(np.flatnonzero(~test)), **kw)
-        if full is None:
-            part = score_sets(model, sig.rows(np.flatnonzero(test)))
-            out.best_p[test], out.best_m[test] = part.best_p, part.best_m
-            out.last_p[test] = part.last_p
-            continue
         every = score_sets(model, sig)  # the fold's model on every row: its own scale
         out.best_m[test] = every.best_m[test]
-        out.best_p[test] = align_fold_scores(every.best_p, full.best_p, test)
-        out.last_p[test] = align_fold_scores(every.last_p, full.last_p, test)
+        out.best_p[test] = align_fold_scores(every.best_p, served.best_p, test)
+        out.last_p[test] = align_fold_scores(every.last_p, served.last_p, test)
     return out
 
 
@@ -687,7 +680,7 @@ class FittedIndex:
         self.length_calibrators, train_conf = fit_length_calibrators(train, self.nodes)
         sig = Signals.of(train, self.nodes, confidence=train_conf)
         self.posterior = fit_posterior(sig)
-        oof = out_of_fold_scores(sig, folds=folds, seed=seed, align_to=self.posterior)
+        oof = out_of_fold_scores(sig, self.posterior, folds=folds, seed=seed)
         self.recall_margin = choose_recall_margin(oof, sig.correct) if recall else 0.0
         self.oof = oof.with_margin(self.recall_margin)
         self.difficulty: DifficultyModel | None = None

@@ -313,10 +313,11 @@ def create_app(state: ProxyState) -> FastAPI:
         watch_s = state.config.server.policy_watch_s
         watchers = []
         files = state.policy_files
-        if files is not None and files.paths and watch_s > 0:
-            watchers.append(asyncio.create_task(files.watch(watch_s)))
-        if files is not None and files.paths and state.reload_signal is not None:
-            watchers.append(asyncio.create_task(state.reload_signal.follow(files)))
+        if files is not None and files.paths:
+            if watch_s > 0:
+                watchers.append(asyncio.create_task(files.watch(watch_s)))
+            if state.reload_signal is not None:
+                watchers.append(asyncio.create_task(state.reload_signal.follow(files)))
         # Start-up's objects (modules, the policy, the config: most of the heap) are kept for
         # good: frozen, the collector's full passes stop walking them (12% of the CPU per
         # request, measured at concurrency 32).
