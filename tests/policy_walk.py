@@ -70,13 +70,13 @@ def assert_engine_equals_replay(art: dict, test_path: Path, test: TraceSet) -> N
         assert test.models.index(run.answer.model) == outcome.answer_model[row], row
 
 
-def fit_small_large(traces_dir: Path) -> FittedIndex:
-    """The index policy over `small` -> `large` (llama3.2-1b and llama3.1-405b of the real
-    MMLU traces, renamed as the fake upstream's models), fitted as a line: every query
-    starts at `small`, and at lambda 1 both are called."""
-    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(
-        ["llama3.2-1b", "llama3.1-405b"]
-    )
+def fit_small_large(train_path: Path, small: str = "small", large: str = "large") -> FittedIndex:
+    """The index policy over `small` -> `large`, fitted as a line on the models `small` and
+    `large` of the traces at `train_path` (renamed as the fake upstream's models): every query
+    starts at `small`, and at lambda 1 both are called. The tests fit it on the synthetic
+    traces (tests/synthetic.py); the research tests also on the real MMLU traces
+    (llama3.2-1b and llama3.1-405b)."""
+    train = load_traces(train_path).select_models([small, large])
     train = dataclasses.replace(train, models=("small", "large"))
     return FittedIndex(
         train, recall=True, models=["small", "large"], use_difficulty=False, transitions="line"

@@ -1,4 +1,6 @@
-"""Answer extraction and agreement, on hand-written cases and on real rows of the traces."""
+"""Answer extraction and agreement, on hand-written cases and on real rows of the traces: the
+GSM8K traces shipped in proxy/demo and, as research tests, the MMLU, MedMCQA and RouterBench
+ones."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from policies.answers import (
     has_final_marker,
     normalise_text,
 )
+from proxy import demo
 
 
 @pytest.mark.parametrize(
@@ -90,6 +93,7 @@ def _rows(path: Path, limit: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(limit), fh, strict=False)]
 
 
+@pytest.mark.research_traces
 @pytest.mark.parametrize("name", ["mmlu-llama-train", "medmcqa-qwen_oai-train"])
 def test_real_multiple_choice_rows_extract_to_the_graded_letter(traces_dir: Path, name) -> None:
     checked = 0
@@ -101,8 +105,8 @@ def test_real_multiple_choice_rows_extract_to_the_graded_letter(traces_dir: Path
     assert checked > 1000
 
 
-def test_real_gsm8k_chains_of_thought_extract_to_the_reference(traces_dir: Path) -> None:
-    rows = _rows(traces_dir / "gsm8k-routellm-train.jsonl", 400)
+def test_real_gsm8k_chains_of_thought_extract_to_the_reference() -> None:
+    rows = _rows(demo.TRAIN, 400)  # the shipped RouteLLM traces
     agree = total = 0
     for row in rows:
         for entry in row["models"].values():
@@ -111,6 +115,7 @@ def test_real_gsm8k_chains_of_thought_extract_to_the_reference(traces_dir: Path)
     assert agree / total > 0.98, agree / total
 
 
+@pytest.mark.research_traces
 def test_real_arc_answers_of_correct_models_agree_with_each_other(traces_dir: Path) -> None:
     rows = _rows(traces_dir / "arc_challenge-routerbench-train.jsonl", 400)
     for row in rows:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 from aiohttp import web
 
+from proxy import demo
 from proxy.backends.base import CallResult, StreamChunk
 from proxy.backends.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from proxy.backends.common import forward_params, parse_retry_after
@@ -502,8 +503,8 @@ def test_replay_rejects_bad_files_and_missing_models(tmp_path, trace_file):
         replay("small", [tmp_path / "nowhere.jsonl"])
 
 
-async def test_replay_a_real_gsm8k_row_is_priced_from_the_price_map(traces_dir, tmp_path):
-    line = (traces_dir / "gsm8k-routellm-test.jsonl").open(encoding="utf-8").readline()
+async def test_replay_a_real_gsm8k_row_is_priced_from_the_price_map(tmp_path):
+    line = demo.TEST.open(encoding="utf-8").readline()  # the shipped RouteLLM traces
     row = json.loads(line)
     one = tmp_path / "gsm8k-one.jsonl"
     one.write_text(line, encoding="utf-8")

@@ -1,8 +1,9 @@
-"""The baselines on real recorded traces, checked against direct counts over the rows."""
+"""The baselines on recorded traces, checked against direct counts over the rows: the AlpacaEval
+slice shipped in tests/data, the synthetic traces (tests/synthetic.py) and, as research tests,
+the real MMLU and RouterBench traces. A research test gets its traces through `traces_dir`,
+and only parameters marked `research_traces` name research traces."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,27 +21,55 @@ from calibration.baselines import (
 from calibration.fit import DEFAULT_MUS, select_nodes
 from calibration.replay import Outcome
 from calibration.traces import TraceSet, load_traces
+from tests.shipped import DATA
 
-PAIRS = ("mmlu-llama", "arc_challenge-routerbench")
-
-
-@pytest.fixture(scope="module")
-def loaded(traces_dir: Path) -> dict[str, TraceSet]:
-    out = {}
-    for name in PAIRS:
-        for split in ("train", "test"):
-            out[f"{name}-{split}"] = load_traces(traces_dir / f"{name}-{split}.jsonl")
-    return out
+RESEARCH_PAIRS = ("mmlu-llama", "arc_challenge-routerbench")
+research = pytest.mark.research_traces
 
 
-@pytest.fixture(scope="module")
-def mmlu_test(loaded) -> TraceSet:
-    return loaded["mmlu-llama-test"]
+def named(*names: str) -> list:
+    """Parameters naming trace files (PAIR-SPLIT); those of research pairs carry the marker."""
+    return [
+        pytest.param(n, marks=research) if n.rsplit("-", 1)[0] in RESEARCH_PAIRS else n
+        for n in names
+    ]
 
 
 @pytest.fixture(scope="module")
-def arc_train(loaded) -> TraceSet:
-    return loaded["arc_challenge-routerbench-train"]
+def _cache() -> dict[str, TraceSet]:
+    return {}
+
+
+@pytest.fixture
+def loaded(request, _cache):
+    """`loaded(name)`: the traces PAIR-SPLIT: `alpaca-fusechat-*` (shipped), `synthetic-*`, or a
+    research pair's (through `traces_dir`: only for marked tests). Loaded once per module."""
+
+    def load(name: str) -> TraceSet:
+        if name not in _cache:
+            if name.startswith("alpaca-fusechat-"):
+                path = DATA / f"{name}.jsonl"
+            elif name.startswith("synthetic-"):
+                path = request.getfixturevalue("synthetic")[name.endswith("-test")]
+            else:
+                path = request.getfixturevalue("traces_dir") / f"{name}.jsonl"
+            _cache[name] = load_traces(path)
+        return _cache[name]
+
+    return load
+
+
+# the five models of a ladder, cheapest first: the synthetic one, and the real MMLU llama one
+LADDERS = {
+    "synthetic-test": ("tiny", "small", "medium", "big", "large"),
+    "mmlu-llama-test": (
+        "llama3.2-1b",
+        "llama3.2-3b",
+        "llama3.1-8b",
+        "llama3.1-70b",
+        "llama3.1-405b",
+    ),
+}
 
 
 def _check_outcome(outcome: Outcome, traces: TraceSet) -> None:
@@ -70,9 +99,11 @@ def _check_outcome(outcome: Outcome, traces: TraceSet) -> None:
 # ---------------------------------------------------------------- single models
 
 
-@pytest.mark.parametrize("name", ["mmlu-llama-test", "arc_challenge-routerbench-train"])
+@pytest.mark.parametrize(
+    "name", named("mmlu-llama-test", "arc_challenge-routerbench-train", "alpaca-fusechat-train")
+)
 def test_single_outcome_is_the_models_column(loaded, name) -> None:
-    traces = loaded[name]
+    traces = loaded(name)
     for col in range(traces.n_models):
         o = single_outcome(traces, col)
         _check_outcome(o, traces)
@@ -83,20 +114,28 @@ def test_single_outcome_is_the_models_column(loaded, name) -> None:
         assert not o.recalled.any()
 
 
-def test_reference_cost_is_the_costliest_models_mean(arc_train) -> None:
-    means = arc_train.cost_usd.mean(axis=0)
-    assert reference_cost(arc_train) == pytest.approx(means.max())
-    assert reference_cost(arc_train) == pytest.approx(
-        means[arc_train.models.index("gpt-4-1106-preview")]
-    )
+@pytest.mark.parametrize(
+    ("name", "costliest"),
+    [
+        pytest.param("arc_challenge-routerbench-train", "gpt-4-1106-preview", marks=research),
+        ("alpaca-fusechat-train", "FuseChat-Gemma-2-9B-Instruct"),
+    ],
+)
+def test_reference_cost_is_the_costliest_models_mean(loaded, name, costliest) -> None:
+    traces = loaded(name)
+    means = traces.cost_usd.mean(axis=0)
+    assert reference_cost(traces) == pytest.approx(means.max())
+    assert reference_cost(traces) == pytest.approx(means[traces.models.index(costliest)])
 
 
 # ---------------------------------------------------------------- threshold cascade
 
 
-@pytest.mark.parametrize("name", ["mmlu-llama-test", "arc_challenge-routerbench-train"])
+@pytest.mark.parametrize(
+    "name", named("mmlu-llama-test", "arc_challenge-routerbench-train", "alpaca-fusechat-train")
+)
 def test_threshold_minus_inf_stops_at_the_first_chain_model(loaded, name) -> None:
-    traces = loaded[name]
+    traces = loaded(name)
     chain = [traces.models[j] for j in select_nodes(traces)]
     assert len(chain) >= 3
     first = traces.models.index(chain[0])
@@ -108,9 +147,11 @@ def test_threshold_minus_inf_stops_at_the_first_chain_model(loaded, name) -> Non
     assert o.accuracy == pytest.approx(traces.correct[:, first].mean())
 
 
-@pytest.mark.parametrize("name", ["mmlu-llama-test", "arc_challenge-routerbench-train"])
+@pytest.mark.parametrize(
+    "name", named("mmlu-llama-test", "arc_challenge-routerbench-train", "alpaca-fusechat-train")
+)
 def test_threshold_plus_inf_pays_the_whole_chain(loaded, name) -> None:
-    traces = loaded[name]
+    traces = loaded(name)
     chain = [traces.models[j] for j in select_nodes(traces)]
     cols = [traces.models.index(m) for m in chain]
     o = threshold_outcome(traces, chain, np.full(len(chain) - 1, np.inf))
@@ -124,9 +165,10 @@ def test_threshold_plus_inf_pays_the_whole_chain(loaded, name) -> None:
     assert o.accuracy == pytest.approx(traces.correct[:, cols[-1]].mean())
 
 
-def test_threshold_with_finite_thresholds_matches_a_direct_walk(mmlu_test) -> None:
-    traces = mmlu_test
-    chain = ["llama3.2-3b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b"]
+@pytest.mark.parametrize("name", named("mmlu-llama-test", "synthetic-test"))
+def test_threshold_with_finite_thresholds_matches_a_direct_walk(loaded, name) -> None:
+    traces = loaded(name)
+    chain = list(LADDERS[name][1:])
     cols = [traces.models.index(m) for m in chain]
     thresholds = np.median(traces.confidence[:, cols[:-1]], axis=0)
     o = threshold_outcome(traces, chain, thresholds)
@@ -152,9 +194,10 @@ def _all_agree(traces: TraceSet, row: int, cols: list[int]) -> bool:
     return None not in answers and len(set(answers)) == 1
 
 
-def test_agreement_theta_one_stops_only_when_every_member_agrees(mmlu_test) -> None:
-    traces = mmlu_test
-    tiers = [["llama3.2-1b", "llama3.2-3b", "llama3.1-8b"], ["llama3.1-70b", "llama3.1-405b"]]
+@pytest.mark.parametrize("name", named("mmlu-llama-test", "synthetic-test"))
+def test_agreement_theta_one_stops_only_when_every_member_agrees(loaded, name) -> None:
+    traces, m = loaded(name), LADDERS[name]
+    tiers = [[m[0], m[1], m[2]], [m[3], m[4]]]
     first = [traces.models.index(m) for m in tiers[0]]
     second = [traces.models.index(m) for m in tiers[1]]
     o = agreement_outcome(traces, tiers, theta=1.0)
@@ -184,9 +227,10 @@ def test_agreement_theta_one_stops_only_when_every_member_agrees(mmlu_test) -> N
         assert o.explored[r].all()
 
 
-def test_agreement_final_tier_returns_its_majority(mmlu_test) -> None:
-    traces = mmlu_test
-    tiers = [["llama3.2-1b", "llama3.2-3b", "llama3.1-8b"], ["llama3.1-70b", "llama3.1-405b"]]
+@pytest.mark.parametrize("name", named("mmlu-llama-test", "synthetic-test"))
+def test_agreement_final_tier_returns_its_majority(loaded, name) -> None:
+    traces, m = loaded(name), LADDERS[name]
+    tiers = [[m[0], m[1], m[2]], [m[3], m[4]]]
     first = [traces.models.index(m) for m in tiers[0]]
     a, b = (traces.models.index(m) for m in tiers[1])
     o = agreement_outcome(traces, tiers, theta=1.0)
@@ -202,9 +246,10 @@ def test_agreement_final_tier_returns_its_majority(mmlu_test) -> None:
     assert checked > 50
 
 
-def test_agreement_lower_theta_never_calls_more(mmlu_test) -> None:
-    traces = mmlu_test
-    tiers = [["llama3.2-1b", "llama3.2-3b", "llama3.1-8b"], ["llama3.1-70b", "llama3.1-405b"]]
+@pytest.mark.parametrize("name", named("mmlu-llama-test", "synthetic-test"))
+def test_agreement_lower_theta_never_calls_more(loaded, name) -> None:
+    traces, m = loaded(name), LADDERS[name]
+    tiers = [[m[0], m[1], m[2]], [m[3], m[4]]]
     strict = agreement_outcome(traces, tiers, theta=1.0)
     loose = agreement_outcome(traces, tiers, theta=0.6)
     _check_outcome(loose, traces)
@@ -213,9 +258,10 @@ def test_agreement_lower_theta_never_calls_more(mmlu_test) -> None:
     assert loose.mean_cost < strict.mean_cost
 
 
-def test_agreement_vote_cache_changes_nothing(mmlu_test) -> None:
-    traces = mmlu_test
-    tiers = [["llama3.2-3b", "llama3.1-8b"], ["llama3.1-70b", "llama3.1-405b"]]
+@pytest.mark.parametrize("name", named("mmlu-llama-test", "synthetic-test"))
+def test_agreement_vote_cache_changes_nothing(loaded, name) -> None:
+    traces, m = loaded(name), LADDERS[name]
+    tiers = [[m[1], m[2]], [m[3], m[4]]]
     votes: dict = {}
     for theta in (0.5, 1.0, 0.5):
         cached = agreement_outcome(traces, tiers, theta, votes)
@@ -263,9 +309,11 @@ def test_tier_structures_never_has_a_lone_model_before_the_last_tier(n, count) -
 # ---------------------------------------------------------------- oracles
 
 
-@pytest.mark.parametrize("name", ["mmlu-llama-test", "arc_challenge-routerbench-train"])
+@pytest.mark.parametrize(
+    "name", named("mmlu-llama-test", "arc_challenge-routerbench-train", "alpaca-fusechat-train")
+)
 def test_routing_oracle_is_right_whenever_any_model_is_and_pays_the_cheapest(loaded, name) -> None:
-    traces = loaded[name]
+    traces = loaded(name)
     o = oracle_outcome(traces, pay_prefix=False)
     _check_outcome(o, traces)
     any_right = traces.correct.any(axis=1)
@@ -279,9 +327,11 @@ def test_routing_oracle_is_right_whenever_any_model_is_and_pays_the_cheapest(loa
     assert o.mean_cost < traces.cost_usd.mean(axis=0).max()
 
 
-@pytest.mark.parametrize("name", ["mmlu-llama-test", "arc_challenge-routerbench-train"])
+@pytest.mark.parametrize(
+    "name", named("mmlu-llama-test", "arc_challenge-routerbench-train", "alpaca-fusechat-train")
+)
 def test_cascade_oracle_pays_the_prefix_up_to_the_first_correct_model(loaded, name) -> None:
-    traces = loaded[name]
+    traces = loaded(name)
     routing = oracle_outcome(traces, pay_prefix=False)
     cascade = oracle_outcome(traces, pay_prefix=True)
     _check_outcome(cascade, traces)
@@ -294,23 +344,27 @@ def test_cascade_oracle_pays_the_prefix_up_to_the_first_correct_model(loaded, na
 # ---------------------------------------------------------------- priced selection
 
 
-def test_priced_selection_with_no_price_picks_the_most_accurate(arc_train) -> None:
-    candidates = [(m, single_outcome(arc_train, j)) for j, m in enumerate(arc_train.models)]
-    ref = reference_cost(arc_train)
-    acc = arc_train.correct.mean(axis=0)
+@pytest.mark.parametrize("name", named("arc_challenge-routerbench-train", "alpaca-fusechat-train"))
+def test_priced_selection_with_no_price_picks_the_most_accurate(loaded, name) -> None:
+    traces = loaded(name)
+    candidates = [(m, single_outcome(traces, j)) for j, m in enumerate(traces.models)]
+    ref = reference_cost(traces)
+    acc = traces.correct.mean(axis=0)
     assert priced_selection(candidates, ref, mus=[0.0]) == [
-        (0.0, arc_train.models[int(np.argmax(acc))])
+        (0.0, traces.models[int(np.argmax(acc))])
     ]
     # a huge price picks the cheapest
-    cost = arc_train.cost_usd.mean(axis=0)
+    cost = traces.cost_usd.mean(axis=0)
     assert priced_selection(candidates, ref, mus=[1e9]) == [
-        (1e9, arc_train.models[int(np.argmin(cost))])
+        (1e9, traces.models[int(np.argmin(cost))])
     ]
 
 
-def test_priced_selection_trades_accuracy_for_cost_as_the_price_grows(arc_train) -> None:
-    candidates = [(m, single_outcome(arc_train, j)) for j, m in enumerate(arc_train.models)]
-    chosen = priced_selection(candidates, reference_cost(arc_train), DEFAULT_MUS)
+@pytest.mark.parametrize("name", named("arc_challenge-routerbench-train", "alpaca-fusechat-train"))
+def test_priced_selection_trades_accuracy_for_cost_as_the_price_grows(loaded, name) -> None:
+    traces = loaded(name)
+    candidates = [(m, single_outcome(traces, j)) for j, m in enumerate(traces.models)]
+    chosen = priced_selection(candidates, reference_cost(traces), DEFAULT_MUS)
     names = [c for _, c in chosen]
     assert len(names) == len(set(names)) >= 2
     mus = [mu for mu, _ in chosen]
@@ -325,9 +379,12 @@ def test_priced_selection_trades_accuracy_for_cost_as_the_price_grows(arc_train)
 # ---------------------------------------------------------------- families
 
 
-@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize(
+    "pair",
+    [*(pytest.param(p, marks=research) for p in RESEARCH_PAIRS), "alpaca-fusechat", "synthetic"],
+)
 def test_every_family_replays_its_settings_on_test(loaded, pair) -> None:
-    train, test = loaded[f"{pair}-train"], loaded[f"{pair}-test"]
+    train, test = loaded(f"{pair}-train"), loaded(f"{pair}-test")
     families = baseline_families(train)
     names = [f.name for f in families]
     for expected in ("threshold", "agreement", "singles", "oracle-routing", "oracle-cascade"):
@@ -342,9 +399,12 @@ def test_every_family_replays_its_settings_on_test(loaded, pair) -> None:
             _check_outcome(setting.replay(test), test)
 
 
-@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize(
+    "pair",
+    [*(pytest.param(p, marks=research) for p in RESEARCH_PAIRS), "alpaca-fusechat", "synthetic"],
+)
 def test_threshold_without_a_price_is_as_accurate_on_train_as_any_chain_model(loaded, pair) -> None:
-    train = loaded[f"{pair}-train"]
+    train = loaded(f"{pair}-train")
     family = next(f for f in baseline_families(train) if f.name == "threshold")
     settings = family.fit_sweep(train)
     assert settings[0].knob == 0.0

@@ -1,5 +1,6 @@
 """Issue 5's loop end to end on 127.0.0.1, each step by its console command: collect traces
-from an OpenAI-compatible upstream (answering with real recorded MMLU outputs), fit to an
+from an OpenAI-compatible upstream (answering with the synthetic traces' recorded outputs,
+tests/synthetic.py), fit to an
 accuracy target and to a cost cap, serve the first policy, swap in the second under load
 (no failed request), and find the new hash in the ledger."""
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.serving import CASCADE, REPO, TRACE_PRICES, db_upgrade, running_proxy, sqlite_env
+from tests.serving import CASCADE, REPO, db_upgrade, running_proxy, sqlite_env
+from tests.synthetic import PRICES
 
 
 def _cascade(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -28,13 +30,9 @@ def _cascade(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 
 
 def test_collect_fit_to_a_target_serve_and_reload_under_load(
-    traces_upstream: str, traces_dir: Path, tmp_path: Path
+    traces_upstream: str, synthetic: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    rows = [
-        json.loads(line)
-        for line in (traces_dir / "mmlu-llama-train.jsonl").read_text().split("\n")
-        if line
-    ]
+    rows = [json.loads(line) for line in synthetic[0].read_text().split("\n") if line]
     data = tmp_path / "data.jsonl"
     data.write_text(
         "".join(
@@ -46,16 +44,16 @@ def test_collect_fit_to_a_target_serve_and_reload_under_load(
     models = "\n".join(
         f"  {name}: {{backend: openai, base_url: '{traces_upstream}/v1', max_retries: 0, "
         f"price_in_per_mtok: {pin}, price_out_per_mtok: {pout}}}"
-        for name, (pin, pout) in TRACE_PRICES.items()
-    )
-    cascade = "{nodes: [llama3.2-1b, llama3.1-8b, llama3.1-405b], reference: llama3.1-405b"
+        for name, (pin, pout) in ((m, PRICES[m]) for m in ("large", "small", "big"))
+    )  # listed out of price order on purpose
+    cascade = "{nodes: [small, big, large], reference: large"
     config = tmp_path / "cascade.yaml"
     config.write_text(
-        f"models:\n{models}\ncascades:\n  mmlu: {cascade}, policy: policy.json}}\n"
+        f"models:\n{models}\ncascades:\n  mc: {cascade}, policy: policy.json}}\n"
         "server: {admin_key_env: LOOP_ADMIN, policy_watch_s: 0}\n"
     )
     traces = tmp_path / "traces.jsonl"
-    _cascade("collect", "--config", str(config), "--cascade", "mmlu", "--dataset", str(data),
+    _cascade("collect", "--config", str(config), "--cascade", "mc", "--dataset", str(data),
              "--out", str(traces), "--concurrency", "8")  # fmt: skip
     assert len([x for x in traces.read_text().split("\n") if x]) == len(rows)
 
@@ -87,7 +85,7 @@ def test_collect_fit_to_a_target_serve_and_reload_under_load(
                 messages = rows[k % len(rows)]["messages"]
                 replies.append(
                     client.post(
-                        f"{url}/v1/chat/completions", json={"model": "mmlu", "messages": messages}
+                        f"{url}/v1/chat/completions", json={"model": "mc", "messages": messages}
                     )
                 )
                 k += 3
@@ -109,7 +107,7 @@ def test_collect_fit_to_a_target_serve_and_reload_under_load(
         for t in threads:
             t.join(timeout=60)
     assert reload.status_code == 200, reload.text
-    assert reload.json()["reloaded"]["mmlu"] == {
+    assert reload.json()["reloaded"]["mc"] == {
         "old_hash": art["hash"],
         "policy_hash": cheap_art["hash"],
     }

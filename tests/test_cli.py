@@ -1,4 +1,5 @@
-"""The `cascade` console script, run as a real process: fit, evaluate, bench, and bad input."""
+"""The `cascade` console script, run as a real process: fit, evaluate, bench, and bad input,
+on the synthetic traces (tests/synthetic.py) and the GSM8K traces shipped in proxy/demo."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from proxy import demo
 
 CASCADE = Path(sys.executable).with_name("cascade")
 POLICY_FIELDS = {"curve", "cost_to_match", "cost_to_match_1pp", "acc_at_20", "acc_at_50", "auc"}
@@ -23,10 +26,10 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def policy(traces_dir: Path, tmp_path_factory) -> Path:
+def policy(synthetic: tuple[Path, Path], tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fit") / "policy.json"
     res = run(
-        "fit", "--train", str(traces_dir / "mmlu-llama-train.jsonl"),
+        "fit", "--train", str(synthetic[0]),
         "--target-accuracy", "0.97", "--out", str(out),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -42,21 +45,32 @@ def test_fit_writes_a_hash_identified_artifact(policy: Path) -> None:
     assert art["expected"]["accuracy"] >= 0.97 * art["training"]["reference_accuracy"] - 1e-9
 
 
-def test_evaluate_prints_json_with_where_queries_stop(policy: Path, traces_dir: Path) -> None:
-    res = run("evaluate", "--policy", str(policy), "--test",
-              str(traces_dir / "mmlu-llama-test.jsonl"), "--json")  # fmt: skip
+def test_evaluate_prints_json_with_where_queries_stop(policy: Path, synthetic) -> None:
+    res = run("evaluate", "--policy", str(policy), "--test", str(synthetic[1]), "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
-    assert report["rows"] == 1531
+    assert report["rows"] == 300
     assert 0.5 < report["accuracy"] <= 1.0
     assert report["calls_per_query"] >= 1.0
     assert sum(report["stops_at"].values()) == pytest.approx(1.0)
-    table = run("evaluate", "--policy", str(policy), "--test",
-                str(traces_dir / "mmlu-llama-test.jsonl"))  # fmt: skip
+    table = run("evaluate", "--policy", str(policy), "--test", str(synthetic[1]))
     assert table.returncode == 0 and "answer not the last explored" in table.stdout
 
 
-def test_fit_with_named_models_and_a_budget(traces_dir: Path, tmp_path: Path) -> None:
+def test_fit_with_named_models_and_a_budget(synthetic, tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    res = run("fit", "--train", str(synthetic[0]), "--models", "small,large",
+              "--max-cost-usd", "0.00005", "--out", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    art = json.loads(out.read_text())
+    assert [n["model"] for n in art["nodes"]] == ["small", "large"]
+    assert art["expected"]["mean_cost_usd"] <= 0.00005 < art["reference_cost_usd"]
+
+
+@pytest.mark.research_traces
+def test_fit_free_text_traces_with_named_models_and_a_budget(
+    traces_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "p.json"
     res = run("fit", "--train", str(traces_dir / "triviaqa-qwen_oai-train.jsonl"),
               "--models", "gpt-4o-mini,gpt-4o", "--max-cost-usd", "0.0005",
@@ -73,20 +87,20 @@ def test_fit_with_named_models_and_a_budget(traces_dir: Path, tmp_path: Path) ->
         (["--lambda", "0.5", "--target-accuracy", "0.9"], "exactly one of"),
         ([], "exactly one of"),
         (["--lambda", "2"], "--lambda must be in"),
-        (["--lambda", "0.5", "--models", "llama3.2-1b,gpt-9"], "unknown model"),
+        (["--lambda", "0.5", "--models", "small,gpt-9"], "unknown model"),
     ],
 )
-def test_fit_rejects_bad_options(traces_dir: Path, tmp_path: Path, args, message) -> None:
+def test_fit_rejects_bad_options(synthetic, tmp_path: Path, args, message) -> None:
     out = tmp_path / "p.json"
-    res = run("fit", "--train", str(traces_dir / "mmlu-llama-train.jsonl"),
+    res = run("fit", "--train", str(synthetic[0]),
               "--out", str(out), *args)  # fmt: skip
     assert res.returncode == 2
     assert res.stderr.startswith("error:") and message in res.stderr, res.stderr
     assert not out.exists()
 
 
-def test_a_corrupt_trace_file_is_an_error_naming_the_line(tmp_path: Path, traces_dir: Path) -> None:
-    lines = (traces_dir / "mmlu-llama-train.jsonl").read_text().split("\n")
+def test_a_corrupt_trace_file_is_an_error_naming_the_line(tmp_path: Path, synthetic) -> None:
+    lines = synthetic[0].read_text().split("\n")
     lines[6] = lines[6][:50]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines))
@@ -97,8 +111,8 @@ def test_a_corrupt_trace_file_is_an_error_naming_the_line(tmp_path: Path, traces
     assert not out.exists()
 
 
-def test_a_missing_or_edited_policy_is_an_error(tmp_path: Path, policy: Path, traces_dir) -> None:
-    test = str(traces_dir / "mmlu-llama-test.jsonl")
+def test_a_missing_or_edited_policy_is_an_error(tmp_path: Path, policy: Path, synthetic) -> None:
+    test = str(synthetic[1])
     res = run("evaluate", "--policy", str(tmp_path / "none.json"), "--test", test)
     assert res.returncode == 2 and "does not exist" in res.stderr
     art = json.loads(policy.read_text())
@@ -107,8 +121,7 @@ def test_a_missing_or_edited_policy_is_an_error(tmp_path: Path, policy: Path, tr
     edited.write_text(json.dumps(art))
     res = run("evaluate", "--policy", str(edited), "--test", test)
     assert res.returncode == 2 and "does not match its hash" in res.stderr
-    other = str(traces_dir / "mmlu-qwen_oai-test.jsonl")
-    res = run("evaluate", "--policy", str(policy), "--test", other)
+    res = run("evaluate", "--policy", str(policy), "--test", str(demo.TEST))  # other models
     assert res.returncode == 2 and "needs model(s)" in res.stderr
 
 
@@ -120,18 +133,18 @@ def test_help_explains_every_command() -> None:
     assert "--target-accuracy" in run("fit", "--help").stdout
 
 
-def test_bench_writes_json_markdown_and_plots(tmp_path: Path, traces_dir: Path) -> None:
+def test_bench_writes_json_markdown_and_plots(tmp_path: Path, synthetic) -> None:
     folder = tmp_path / "traces"
     folder.mkdir()
-    for name in ("gsm8k-routellm-train.jsonl", "gsm8k-routellm-test.jsonl",
-                 "gsm8k-llama-train.jsonl"):  # fmt: skip
-        shutil.copy(traces_dir / name, folder / name)
+    for path in (demo.TRAIN, demo.TEST):  # the shipped gsm8k-routellm pair
+        shutil.copy(path, folder / path.name)
+    shutil.copy(synthetic[0], folder / "lonely-train.jsonl")  # a train file without its test
     write_corrupt_pair(folder, "broken")
     out = tmp_path / "out"
     res = run("bench", "--traces", str(folder), "--out", str(out))
-    # the broken pair is skipped with its reason (exit 1); the good one still runs
+    # the lone and the broken pair are skipped with their reasons (exit 1); the good one runs
     assert res.returncode == 1, res.stderr
-    assert "skipped gsm8k-llama" in res.stderr
+    assert "skipped lonely" in res.stderr
     assert "skipped broken: " in res.stderr and "broken-train.jsonl:2" in res.stderr
     doc = json.loads((out / "bench.json").read_text())
     assert list(doc["pairs"]) == ["gsm8k-routellm"]
@@ -183,12 +196,12 @@ def test_bench_where_no_pair_can_run_is_an_error_and_writes_nothing(tmp_path: Pa
 
 
 def test_a_pair_whose_halves_list_the_models_in_another_order_is_read_in_train_order(
-    tmp_path: Path, traces_dir: Path
+    tmp_path: Path, synthetic
 ) -> None:
     from calibration.bench import Pair, PairError, load_pair
 
-    shutil.copy(traces_dir / "mmlu-llama-train.jsonl", tmp_path / "p-train.jsonl")
-    rows = [json.loads(line) for line in (traces_dir / "mmlu-llama-test.jsonl").open()][:40]
+    shutil.copy(synthetic[0], tmp_path / "p-train.jsonl")
+    rows = [json.loads(line) for line in synthetic[1].open()][:40]
     with (tmp_path / "p-test.jsonl").open("w") as f:
         for row in rows:
             row["models"] = dict(reversed(list(row["models"].items())))
@@ -200,7 +213,7 @@ def test_a_pair_whose_halves_list_the_models_in_another_order_is_read_in_train_o
         assert test.correct[0, k] == first[name]["correct"]
         assert test.cost_usd[0, k] == pytest.approx(first[name]["cost_usd"])
     for row in rows:  # a model the train half does not have is still refused
-        row["models"]["llama-extra"] = row["models"]["llama3.2-1b"]
+        row["models"]["extra"] = row["models"]["small"]
     (tmp_path / "p-test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(PairError, match="different models"):
         load_pair(Pair("p", tmp_path / "p-train.jsonl", tmp_path / "p-test.jsonl"))

@@ -1,6 +1,7 @@
 """`cascade collect` end to end: the CLI (the console script once, else in process) against the
-fake upstream (a subprocess on 127.0.0.1) answering with real recorded MMLU answers, then
-`cascade fit` on what it wrote."""
+fake upstream (a subprocess on 127.0.0.1) answering with the recorded answers of the synthetic
+traces (tests/synthetic.py; the research twin: of the real MMLU traces), then `cascade fit`
+on what it wrote."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import pytest
 from typer.testing import CliRunner
 
 from calibration.traces import load_traces
+from policies.answers import extract_choice
 from proxy.cli import app
-from tests.serving import CASCADE, REPO, TRACE_PRICES, upstream_admin
+from tests.serving import CASCADE, REPO, TRACE_PRICES, fake_upstream, upstream_admin
+from tests.synthetic import PRICES as SYNTHETIC_PRICES
 
 # cheapest first by price; listed in another order in the config on purpose
-PRICES = TRACE_PRICES
-CHEAPEST_FIRST = ["llama3.2-1b", "llama3.1-8b", "llama3.1-405b"]
+CHEAPEST_FIRST = ["small", "big", "large"]
+PRICES = {m: SYNTHETIC_PRICES[m] for m in ("large", "small", "big")}
+MMLU_CHEAPEST_FIRST = ["llama3.2-1b", "llama3.1-8b", "llama3.1-405b"]
 N_ITEMS = 40
 
 
@@ -44,17 +48,22 @@ def run(*args: str, process: bool = False) -> Result:
     return Result(got.exit_code, got.stdout, got.stderr)
 
 
-@pytest.fixture(scope="module")
-def recorded(traces_dir: Path) -> dict[str, dict]:
-    """The first rows of the real MMLU traces, by id: what the fake upstream will answer."""
-    lines = (traces_dir / "mmlu-llama-train.jsonl").read_text().split("\n")
+def first_rows(path: Path) -> dict[str, dict]:
+    """The first rows of a trace file, by id: what the fake upstream will answer."""
+    lines = path.read_text().split("\n")
     rows = [json.loads(line) for line in lines[:N_ITEMS]]
     return {r["id"]: r for r in rows}
 
 
 @pytest.fixture(scope="module")
+def recorded(synthetic: tuple[Path, Path]) -> dict[str, dict]:
+    """The first rows of the synthetic train traces, which the upstream answers from."""
+    return first_rows(synthetic[0])
+
+
+@pytest.fixture(scope="module")
 def upstream(traces_upstream: str) -> str:
-    """The fake upstream answering from the real traces (conftest's `traces_upstream`)."""
+    """The fake upstream answering from the synthetic traces (conftest's `traces_upstream`)."""
     return traces_upstream
 
 
@@ -70,22 +79,29 @@ def calls(http: httpx.Client) -> dict[str, int]:
     return {m: s["calls"] for m, s in models.items() if s["calls"]}
 
 
-@pytest.fixture
-def config(upstream: str, tmp_path: Path) -> Path:
+def write_config(folder: Path, upstream: str, prices: dict, cheapest_first: list[str]) -> Path:
+    """A config of the models `prices` (and a `judge`) on `upstream`, with a cascade `mc` over
+    `cheapest_first` and a cascade `other`."""
     lines = ["models:"]
-    for name, (pin, pout) in [*PRICES.items(), ("judge", (1.0, 2.0))]:
+    for name, (pin, pout) in [*prices.items(), ("judge", (1.0, 2.0))]:
         lines.append(
             f"  {name}: {{backend: openai, base_url: '{upstream}/v1', max_retries: 0, "
             f"price_in_per_mtok: {pin}, price_out_per_mtok: {pout}}}"
         )
+    nodes, first = ", ".join(cheapest_first), cheapest_first[0]
     lines += [
         "cascades:",
-        "  mmlu: {nodes: [llama3.2-1b, llama3.1-8b, llama3.1-405b], reference: llama3.1-405b}",
-        "  other: {nodes: [llama3.2-1b, judge], reference: judge}",
+        f"  mc: {{nodes: [{nodes}], reference: {cheapest_first[-1]}}}",
+        f"  other: {{nodes: [{first}, judge], reference: judge}}",
     ]
-    path = tmp_path / "cascade.yaml"
+    path = folder / "cascade.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def config(upstream: str, tmp_path: Path) -> Path:
+    return write_config(tmp_path, upstream, PRICES, CHEAPEST_FIRST)
 
 
 def lines_of(path: Path) -> list[str]:
@@ -112,33 +128,45 @@ def items(recorded: dict[str, dict], n: int = N_ITEMS, reference: bool = True) -
 
 
 def collect(config: Path, data: Path, out: Path, *extra: str, process: bool = False) -> Result:
-    return run("collect", "--config", str(config), "--cascade", "mmlu", "--dataset", str(data),
+    return run("collect", "--config", str(config), "--cascade", "mc", "--dataset", str(data),
                "--out", str(out), *extra, process=process)  # fmt: skip
 
 
-def test_collect_writes_graded_traces_that_fit_reads(
-    config: Path, recorded: dict, http: httpx.Client, tmp_path: Path
+def check_collect_writes_graded_traces_that_fit_reads(
+    config: Path,
+    recorded: dict,
+    http: httpx.Client,
+    tmp_path: Path,
+    prices: dict,
+    cheapest_first: list[str],
 ) -> None:
+    """Collect every recorded prompt from every model of `cheapest_first`: the rows hold the
+    recorded answers, graded here as the source labelled them, priced by `prices`; fit reads
+    them."""
     out = tmp_path / "traces.jsonl"
     res = collect(config, dataset(tmp_path, items(recorded)), out, "--concurrency", "4",
                   process=True)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert f"wrote {N_ITEMS} row(s)" in res.stdout and "grader mc" in res.stdout
-    assert calls(http) == dict.fromkeys(CHEAPEST_FIRST, N_ITEMS)
+    assert calls(http) == dict.fromkeys(cheapest_first, N_ITEMS)
 
     traces = load_traces(out)
-    assert list(traces.models) == CHEAPEST_FIRST
+    assert list(traces.models) == cheapest_first
     assert len(traces) == N_ITEMS and traces.kind == "choice"
     rows = {json.loads(line)["id"]: json.loads(line) for line in lines_of(out)}
     spent = 0.0
     for rid, row in rows.items():
         assert row["grader"] == "mc" and row["reference"] == recorded[rid]["reference"]
-        for m in CHEAPEST_FIRST:
+        for m in cheapest_first:
             got, want = row["models"][m], recorded[rid]["models"][m]
-            assert got["answer"] == want["answer"]
+            letter = extract_choice(want["answer"])  # None: no letter in it
+            assert got["text"] == want["answer"] and got["answer"] == letter
             assert got["correct"] == want["correct"]  # graded here, labelled by the source
-            assert got["confidence"] == pytest.approx(want["confidence"])  # from logprobs
-            pin, pout = PRICES[m]
+            if letter is None:  # no letter, no letter's logprob
+                assert got["confidence"] is None
+            else:  # from logprobs
+                assert got["confidence"] == pytest.approx(want["confidence"])
+            pin, pout = prices[m]
             assert got["tokens_in"] == want["tokens_in"] and got["tokens_out"] == 1
             assert got["cost_usd"] == pytest.approx((got["tokens_in"] * pin + pout) / 1e6)
             assert got["latency_ms"] > 0 and "error" not in got
@@ -150,7 +178,30 @@ def test_collect_writes_graded_traces_that_fit_reads(
     fit = run("fit", "--train", str(out), "--out", str(policy), "--lambda", "0.5")
     assert fit.returncode == 0, fit.stderr
     art = json.loads(policy.read_text())
-    assert [n["model"] for n in art["nodes"]] == CHEAPEST_FIRST
+    assert [n["model"] for n in art["nodes"]] == cheapest_first
+
+
+def test_collect_writes_graded_traces_that_fit_reads(
+    config: Path, recorded: dict, http: httpx.Client, tmp_path: Path
+) -> None:
+    check_collect_writes_graded_traces_that_fit_reads(
+        config, recorded, http, tmp_path, PRICES, CHEAPEST_FIRST
+    )
+
+
+@pytest.mark.research_traces
+def test_collect_grades_real_mmlu_answers_as_the_source_did(
+    traces_dir: Path, tmp_path: Path
+) -> None:
+    """The same on the real MMLU traces: the recorded letters, graded by `mc`, carry the
+    source's own labels, and their confidences survive the trip through logprobs."""
+    train = traces_dir / "mmlu-llama-train.jsonl"
+    with fake_upstream("judge", "--traces", str(train), log=tmp_path / "stderr.txt") as up:
+        config = write_config(tmp_path, up.url, TRACE_PRICES, MMLU_CHEAPEST_FIRST)
+        with upstream_admin(up.url) as http:
+            check_collect_writes_graded_traces_that_fit_reads(
+                config, first_rows(train), http, tmp_path, TRACE_PRICES, MMLU_CHEAPEST_FIRST
+            )
 
 
 def test_resume_skips_collected_ids_and_recollects_a_torn_last_line(
@@ -204,24 +255,24 @@ def test_the_budget_cap_stops_between_rows(
 def test_an_upstream_fault_is_recorded_not_fatal(
     config: Path, recorded: dict, http: httpx.Client, tmp_path: Path
 ) -> None:
-    fault = {"model": "llama3.1-8b", "error_rate": 1, "error_status": 503, "count": 3}
+    fault = {"model": "big", "error_rate": 1, "error_status": 503, "count": 3}
     http.post("/admin/faults", json=fault).raise_for_status()
-    http.post("/admin/faults", json={"model": "llama3.2-1b", "drop": 1, "count": 2})
+    http.post("/admin/faults", json={"model": "small", "drop": 1, "count": 2})
     out = tmp_path / "traces.jsonl"
     res = collect(config, dataset(tmp_path, items(recorded)), out)
     assert res.returncode == 0, res.stderr
-    assert "failed calls (recorded in the rows): llama3.2-1b 2, llama3.1-8b 3" in res.stdout
+    assert "failed calls (recorded in the rows): small 2, big 3" in res.stdout
     traces = load_traces(out)
     assert len(traces) == N_ITEMS
     rows = [json.loads(line) for line in lines_of(out)]
     errors = [(m, e["error"]) for r in rows for m, e in r["models"].items() if "error" in e]
-    assert sorted(errors) == [("llama3.1-8b", "http_503")] * 3 + [("llama3.2-1b", "connection")] * 2
+    assert sorted(errors) == [("big", "http_503")] * 3 + [("small", "connection")] * 2
     for r in rows:
         for e in r["models"].values():
             if "error" in e:
                 assert e["answer"] is None and e["correct"] is False and e["cost_usd"] == 0.0
     assert traces.correct[:, 2].sum() == sum(
-        recorded[r]["models"]["llama3.1-405b"]["correct"] for r in traces.ids
+        recorded[r]["models"]["large"]["correct"] for r in traces.ids
     )
     policy = tmp_path / "p.json"
     fit = run("fit", "--train", str(out), "--out", str(policy), "--lambda", "0.5")
@@ -257,7 +308,7 @@ def test_a_judge_grades_without_references_and_its_cost_is_logged(
     [
         ({"grader": "mcq"}, "unknown grader 'mcq'; expected one of: mc, numeric"),
         ({"grader": "judge:gpt-9"}, "model 'gpt-9' is not in the configuration"),
-        ({"cascade": "nope"}, "no cascade 'nope' in the configuration (cascades: mmlu, other)"),
+        ({"cascade": "nope"}, "no cascade 'nope' in the configuration (cascades: mc, other)"),
         ({"bad_line": '{"id": "x", "messages": []}'}, "data.jsonl:3: missing or empty field"),
         ({"no_reference": True}, "data.jsonl:1: field 'reference' is missing or null"),
         ({"other_models": True}, "rows have models"),
@@ -273,7 +324,7 @@ def test_bad_input_is_one_clear_error(
     out = tmp_path / "traces.jsonl"
     if change.get("other_models"):
         out.write_text(json.dumps({"id": "z", "models": {"a": {}}}) + "\n")
-    args = ["collect", "--config", str(config), "--cascade", change.get("cascade", "mmlu"),
+    args = ["collect", "--config", str(config), "--cascade", change.get("cascade", "mc"),
             "--dataset", str(data), "--out", str(out)]  # fmt: skip
     if "grader" in change:
         args += ["--grader", change["grader"]]

@@ -401,8 +401,17 @@ def test_tokens_concatenate_to_the_content() -> None:
     assert tokenize("a b") == ["a", " b"]
 
 
-def test_answer_table_from_a_real_trace_file(traces_dir: Path, tmp_path: Path) -> None:
-    path = traces_dir / "mmlu-llama-test.jsonl"
+@pytest.fixture(params=["synthetic", pytest.param("mmlu", marks=pytest.mark.research_traces)])
+def trace_file(request) -> Path:
+    """A whole trace file: the synthetic test traces, or the real MMLU ones (the research
+    twin: its param carries the marker)."""
+    if request.param == "synthetic":
+        return request.getfixturevalue("synthetic")[1]
+    return request.getfixturevalue("traces_dir") / "mmlu-llama-test.jsonl"
+
+
+def test_answer_table_from_a_whole_trace_file(trace_file: Path, tmp_path: Path) -> None:
+    path = trace_file
     with path.open(encoding="utf-8") as f:
         row = json.loads(f.readline())
     table = load_trace_answers(path)

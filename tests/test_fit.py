@@ -1,7 +1,9 @@
-"""The fitted index policy on real traces: online decisions equal the replay, targets hold."""
+"""The fitted index policy: online decisions equal the replay, targets hold. On the synthetic
+traces (tests/synthetic.py) and, as research twins, on the real MMLU traces."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +23,34 @@ from calibration.fit import (
     score_sets,
     select_nodes,
 )
-from calibration.traces import load_traces
-from tests.policy_walk import assert_online_equals_replay
+from calibration.traces import TraceSet, load_traces
+from policies.index import STOP
+from tests.policy_walk import assert_online_equals_replay, fit_small_large, textbook_mu
 
 
-@pytest.fixture(scope="module")
-def mmlu(traces_dir: Path):
-    return (
-        load_traces(str(traces_dir / "mmlu-llama-train.jsonl")),
-        load_traces(str(traces_dir / "mmlu-llama-test.jsonl")),
-    )
+@pytest.fixture(
+    scope="module",
+    params=["synthetic", pytest.param("mmlu", marks=pytest.mark.research_traces)],
+)
+def pair(request) -> tuple[TraceSet, TraceSet]:
+    """(train, test): the synthetic pair over five models, or the real MMLU llama pair (the
+    research twin; its param carries the marker, so it is the only one to ask for
+    `traces_dir`)."""
+    if request.param == "synthetic":
+        train, test = request.getfixturevalue("synthetic")
+    else:
+        folder = request.getfixturevalue("traces_dir")
+        train, test = folder / "mmlu-llama-train.jsonl", folder / "mmlu-llama-test.jsonl"
+    return load_traces(str(train)), load_traces(str(test))
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["recall", "norecall"])
-def fitted(request, mmlu) -> FittedIndex:
-    return FittedIndex(mmlu[0], recall=request.param)
+def fitted(request, pair) -> FittedIndex:
+    return FittedIndex(pair[0], recall=request.param)
 
 
-def test_dominated_models_are_not_nodes(mmlu) -> None:
-    train = mmlu[0]
+def test_dominated_models_are_not_nodes(pair) -> None:
+    train = pair[0]
     nodes = select_nodes(train)
     acc = train.correct.mean(axis=0)
     cost = np.nanmean(train.cost_usd, axis=0)
@@ -48,28 +59,28 @@ def test_dominated_models_are_not_nodes(mmlu) -> None:
     assert nodes == sorted(nodes, key=lambda j: cost[j])
 
 
-def test_online_policy_makes_the_same_decisions_as_the_replay(fitted, mmlu) -> None:
-    test = mmlu[1].subset(np.arange(300))
+def test_online_policy_makes_the_same_decisions_as_the_replay(fitted, pair) -> None:
+    test = pair[1].subset(np.arange(300))
     # a cost price at which a good share of the rows call more than one node
     mu = next(
         m
         for m in DEFAULT_MUS[10:]
         if (fitted.replay(fitted.tables(m), test).calls > 1).mean() > 0.2
     )
-    art = build_artifact(fitted, mu, train_path="mmlu-llama-train.jsonl")
+    art = build_artifact(fitted, mu, train_path=pair[0].path)
     assert assert_online_equals_replay(art, test) > 0  # the setting really cascades
 
 
-def test_the_answer_returned_was_explored_and_recall_only_with_recall(fitted, mmlu) -> None:
-    out = fitted.replay(fitted.tables(DEFAULT_MUS[10]), mmlu[1])
+def test_the_answer_returned_was_explored_and_recall_only_with_recall(fitted, pair) -> None:
+    out = fitted.replay(fitted.tables(DEFAULT_MUS[10]), pair[1])
     rows = np.arange(len(out.correct))
     assert out.explored[rows, out.answer_model].all()
     if not fitted.recall:
         assert not out.recalled.any()
 
 
-def test_a_high_cost_price_calls_one_model_and_a_zero_price_matches_the_best(fitted, mmlu) -> None:
-    train = mmlu[0]
+def test_a_high_cost_price_calls_one_model_and_a_zero_price_matches_the_best(fitted, pair) -> None:
+    train = pair[0]
     cheap = fitted.replay(fitted.tables(1e6), train)
     assert (cheap.calls == 1).all()
     free = fitted.replay(fitted.tables(0.0), train)
@@ -77,8 +88,8 @@ def test_a_high_cost_price_calls_one_model_and_a_zero_price_matches_the_best(fit
     assert free.accuracy >= train.correct.mean(axis=0).max() - 0.03
 
 
-def test_target_accuracy_is_met_on_train_and_the_hash_identifies_content(mmlu) -> None:
-    fitted = FittedIndex(mmlu[0], recall=True)
+def test_target_accuracy_is_met_on_train_and_the_hash_identifies_content(pair) -> None:
+    fitted = FittedIndex(pair[0], recall=True)
     mu, target = choose_mu(
         fitted, lam=None, target_accuracy=0.97, max_cost_usd=None, mus=DEFAULT_MUS
     )
@@ -91,8 +102,8 @@ def test_target_accuracy_is_met_on_train_and_the_hash_identifies_content(mmlu) -
     assert lo <= art["expected"]["accuracy"] <= hi
 
 
-def test_choose_mu_rejects_conflicting_or_impossible_targets(mmlu) -> None:
-    fitted = FittedIndex(mmlu[0], recall=True)
+def test_choose_mu_rejects_conflicting_or_impossible_targets(pair) -> None:
+    fitted = FittedIndex(pair[0], recall=True)
     with pytest.raises(ValueError, match="exactly one"):
         choose_mu(fitted, lam=0.5, target_accuracy=0.9, max_cost_usd=None, mus=DEFAULT_MUS)
     with pytest.raises(ValueError, match="lambda"):
@@ -101,10 +112,10 @@ def test_choose_mu_rejects_conflicting_or_impossible_targets(mmlu) -> None:
         choose_mu(fitted, lam=None, target_accuracy=None, max_cost_usd=1e-12, mus=DEFAULT_MUS)
 
 
-def test_evaluate_reports_where_queries_stop(mmlu) -> None:
-    fitted = FittedIndex(mmlu[0], recall=True)
+def test_evaluate_reports_where_queries_stop(pair) -> None:
+    fitted = FittedIndex(pair[0], recall=True)
     art = build_artifact(fitted, DEFAULT_MUS[15], train_path="t.jsonl")
-    report = evaluate_artifact(art, mmlu[1])
+    report = evaluate_artifact(art, pair[1])
     assert sum(report["stops_at"].values()) == pytest.approx(1.0)
     assert sum(report["answer_from"].values()) == pytest.approx(1.0)
     assert 0.0 <= report["returned_not_last"] <= 1.0
@@ -112,8 +123,8 @@ def test_evaluate_reports_where_queries_stop(mmlu) -> None:
     assert 0.0 < report["cost_fraction_of_reference"] <= 2.0
 
 
-def test_shrinkage_and_bins_are_the_held_out_best_and_recorded(fitted, mmlu) -> None:
-    train = mmlu[0]
+def test_shrinkage_and_bins_are_the_held_out_best_and_recorded(fitted, pair) -> None:
+    train = pair[0]
     cv = HeldOutCurve(train, fitted.nodes, fitted.costs, fitted.recall, fitted._root_train)
     grid = {(k, max(2, round(s * n_bins_for(len(train))))) for k in KAPPAS for s in BIN_SCALES}
     areas = {point: cv.area(fitted.oof, *point) for point in grid}
@@ -124,11 +135,11 @@ def test_shrinkage_and_bins_are_the_held_out_best_and_recorded(fitted, mmlu) -> 
     assert art["training"]["shrinkage_kappa"] == fitted.kappa
 
 
-def test_held_out_curve_rows_are_capped_and_never_fitted_on(mmlu, monkeypatch) -> None:
+def test_held_out_curve_rows_are_capped_and_never_fitted_on(pair, monkeypatch) -> None:
     import calibration.fit as fit
 
     monkeypatch.setattr(fit, "CV_MAX_ROWS", 200)
-    train = mmlu[0]
+    train = pair[0]
     cv = HeldOutCurve(train, [0, 4], np.array([0.03, 1.0]), True, None)
     assert cv.n_rows == 200 and len(set(cv.keep)) == 200
     for fit_rows, held, held_traces in cv.parts:
@@ -153,6 +164,7 @@ def test_fold_scores_keep_their_order_on_the_full_models_scale() -> None:
     assert set(out[:, 0]) <= set(full_p[:, 0]) and np.all(out[:, 1] == 0.45)
 
 
+@pytest.mark.research_traces
 def test_rows_with_the_same_signals_share_one_state_on_train_and_when_served(
     traces_dir: Path,
 ) -> None:
@@ -172,3 +184,29 @@ def test_rows_with_the_same_signals_share_one_state_on_train_and_when_served(
     served_bins = np.searchsorted(fitted.states.edges[0], served[atom, first], side="right")
     assert len(set(train_bins)) == 1
     assert set(train_bins) == set(served_bins)
+
+
+def check_small_large_is_the_textbook_cascade(train: Path, test: TraceSet) -> None:
+    """The fit behind the serving tests' policy (conftest's `policy`): some cost price gives
+    the textbook cascade (start at `small`, stop on its most confident bin, escalate from
+    every other), and online it decides as the replay does."""
+    fitted = fit_small_large(train, *test.models)
+    mu = textbook_mu(fitted)  # raises when no price gives it
+    root, small, large = (d.tolist() for d in fitted.tables(mu).decision[:3])
+    assert root == [0] and small[0] == STOP and set(small[1:]) == {1} and set(large) == {STOP}
+    art = build_artifact(fitted, mu, train_path=str(train), answer_kind="choice")
+    renamed = dataclasses.replace(test, models=("small", "large"))  # as fit_small_large names
+    escalated = assert_online_equals_replay(art, renamed)
+    assert 0 < escalated < len(test)  # both branches are taken
+
+
+def test_the_small_large_fit_is_the_textbook_cascade(synthetic) -> None:
+    test = load_traces(synthetic[1]).select_models(["small", "large"])
+    check_small_large_is_the_textbook_cascade(synthetic[0], test)
+
+
+@pytest.mark.research_traces
+def test_the_small_large_fit_on_real_mmlu_is_the_textbook_cascade(traces_dir: Path) -> None:
+    test = load_traces(traces_dir / "mmlu-llama-test.jsonl").subset(np.arange(400))
+    test = test.select_models(["llama3.2-1b", "llama3.1-405b"])
+    check_small_large_is_the_textbook_cascade(traces_dir / "mmlu-llama-train.jsonl", test)

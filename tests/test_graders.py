@@ -1,5 +1,6 @@
-"""Graders against the labels of real recorded traces (../shared/data/traces), and the LLM judge
-against the fake upstream over real HTTP on 127.0.0.1."""
+"""Graders against the labels of real recorded traces (the GSM8K traces shipped in proxy/demo;
+as research tests, ../shared/data/traces), and the LLM judge against the fake upstream over
+real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from calibration.graders import (
     parse_grader,
     parse_verdict,
 )
+from proxy import demo
 from proxy.config import ModelConfig
 from proxy.fake_upstream import FakeUpstream, build_app, serve
 
 GSM8K_FINAL = r"regex:####\s*\$?(-?[\d,]*\.?\d+)"
+research = pytest.mark.research_traces
 
 
 def rows(path: Path) -> list[dict]:
@@ -42,33 +45,43 @@ def agreement(path: Path, spec: str) -> tuple[float, int]:
     return sum(g == c for g, c in pairs) / len(pairs), len(pairs)
 
 
-# measured on this data: 1.0, 1.0, 0.9993, 1.0, 1.0, 0.998, 0.9825, 0.9947
-@pytest.mark.parametrize(
-    ("name", "spec", "at_least"),
-    [
-        ("mmlu-llama-train", "mc", 0.999),
-        ("mmlu-qwen_oai-train", "mc", 0.999),
-        ("medmcqa-llama-train", "mc", 0.999),
-        ("mmlu-llama-train", "exact", 0.999),  # bare letters, "A" included
-        ("mmlu-llama-train", r"regex:^\s*([A-D])\b", 0.999),
-        ("gsm8k-llama-train", "numeric", 0.995),
-        # RouteLLM's own grader calls "#### $57.00" wrong for 57 (see the test below)
-        ("gsm8k-routellm-train", "numeric", 0.975),
-        ("gsm8k-llama-train", GSM8K_FINAL, 0.99),
-    ],
-)
-def test_graders_agree_with_the_recorded_labels(traces_dir: Path, name, spec, at_least) -> None:
-    rate, n = agreement(traces_dir / f"{name}.jsonl", spec)
-    print(f"{name} {spec}: agreement {rate:.4f} on {n} answers")
+def check_agreement(path: Path, spec: str, at_least: float) -> None:
+    rate, n = agreement(path, spec)
+    print(f"{path.stem} {spec}: agreement {rate:.4f} on {n} answers")
     assert n >= 800
     assert rate >= at_least
 
 
-def test_the_numeric_disagreements_are_formatting_the_source_grader_rejects(traces_dir) -> None:
+def test_the_numeric_grader_agrees_with_the_shipped_gsm8k_labels() -> None:
+    # RouteLLM's own grader calls "#### $57.00" wrong for 57 (see the test below);
+    # measured: 0.9825. A constant grader would not pass: a quarter of the answers are wrong.
+    labels = [e["correct"] for r in rows(demo.TRAIN) for e in r["models"].values()]
+    assert 0.3 < sum(labels) / len(labels) < 0.8
+    check_agreement(demo.TRAIN, "numeric", 0.975)
+
+
+# measured on this data: 1.0, 1.0, 0.9993, 1.0, 1.0, 0.998, 0.9947
+@pytest.mark.parametrize(
+    ("name", "spec", "at_least"),
+    [
+        pytest.param("mmlu-llama-train", "mc", 0.999, marks=research),
+        pytest.param("mmlu-qwen_oai-train", "mc", 0.999, marks=research),
+        pytest.param("medmcqa-llama-train", "mc", 0.999, marks=research),
+        pytest.param("mmlu-llama-train", "exact", 0.999, marks=research),  # bare letters
+        pytest.param("mmlu-llama-train", r"regex:^\s*([A-D])\b", 0.999, marks=research),
+        pytest.param("gsm8k-llama-train", "numeric", 0.995, marks=research),
+        pytest.param("gsm8k-llama-train", GSM8K_FINAL, 0.99, marks=research),
+    ],
+)
+def test_graders_agree_with_the_recorded_labels(traces_dir: Path, name, spec, at_least) -> None:
+    check_agreement(traces_dir / f"{name}.jsonl", spec, at_least)
+
+
+def test_the_numeric_disagreements_are_formatting_the_source_grader_rejects() -> None:
     grader = NumericGrader()
     disagree = [
         (e["answer"], r["reference"], e["correct"])
-        for r in rows(traces_dir / "gsm8k-routellm-train.jsonl")
+        for r in rows(demo.TRAIN)
         for e in r["models"].values()
         if grader(e["answer"], r["reference"]) != e["correct"]
     ]
@@ -78,6 +91,7 @@ def test_the_numeric_disagreements_are_formatting_the_source_grader_rejects(trac
     assert grader("so the total is $53.00 + $4.00 = $57.00.\n\n#### $57.00", "57")
 
 
+@research
 def test_a_constant_grader_would_not_pass(traces_dir: Path) -> None:
     """The agreement bar is meaningful: half the answers on MMLU are wrong."""
     labels = [e["correct"] for r in rows(traces_dir / "mmlu-llama-train.jsonl")
@@ -85,6 +99,7 @@ def test_a_constant_grader_would_not_pass(traces_dir: Path) -> None:
     assert 0.3 < sum(labels) / len(labels) < 0.8
 
 
+@research
 def test_exact_match_is_precise_on_free_text(traces_dir: Path) -> None:
     """TriviaQA has no reference; an answer judged right in the same row stands in for it.
     Exact matches of it must be judged right too (measured: 653 of 653)."""

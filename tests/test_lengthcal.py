@@ -1,6 +1,8 @@
 """Length-calibrated confidences (policies/lengthcal.py): the arithmetic, when the fit uses
 them, and the same decisions offline (replay), online (CascadePolicy) and in the proxy's
-engine over recorded GSM8K chains of thought, where the length is the stronger signal."""
+engine over recorded GSM8K chains of thought, where the length is the stronger signal: the
+RouteLLM traces shipped in proxy/demo (no confidences) and, as research tests, the Llama
+GSM8K traces (with self-check confidences)."""
 
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def test_calibrators_round_trip_and_only_replace_their_own_columns() -> None:
 
 
 @pytest.fixture(scope="module")
-def gsm(traces_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+def gsm(traces_dir: Path, tmp_path_factory) -> tuple[Path, Path]:  # research tests only
     """A split of the GSM8K chain-of-thought traces (train rows only: 200 fit, 100 check)."""
     text = (traces_dir / "gsm8k-llama-train.jsonl").read_text(encoding="utf-8")
     rows = [line for line in text.split("\n") if line.strip()]
@@ -90,6 +92,7 @@ def gsm_artifact(gsm) -> dict:
     return build_artifact(fitted, DEFAULT_MUS[16], train_path=str(gsm[0]), answer_kind=train.kind)
 
 
+@pytest.mark.research_traces
 def test_lengths_are_used_on_chains_of_thought_not_on_one_letter_answers(
     gsm_artifact, traces_dir: Path
 ) -> None:
@@ -99,10 +102,12 @@ def test_lengths_are_used_on_chains_of_thought_not_on_one_letter_answers(
     assert mmlu.length_calibrators == [None] * len(mmlu.nodes)
 
 
+@pytest.mark.research_traces
 def test_online_decisions_equal_the_replay_with_calibrated_lengths(gsm, gsm_artifact) -> None:
     assert assert_online_equals_replay(gsm_artifact, load_traces(gsm[1])) > 0
 
 
+@pytest.mark.research_traces
 def test_the_proxy_engine_decides_as_the_replay_over_recorded_calls(gsm, gsm_artifact) -> None:
     assert_engine_equals_replay(gsm_artifact, gsm[1], load_traces(gsm[1]))
 
@@ -118,6 +123,15 @@ def routellm(tmp_path_factory) -> tuple[dict, Path, TraceSet]:
     path = tmp_path_factory.mktemp("routellm") / "test.jsonl"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return art, path, fill_costs(load_traces(path))
+
+
+def test_lengths_are_used_on_shipped_chains_of_thought_not_on_one_letter_answers(
+    routellm, synthetic
+) -> None:
+    art, _, _ = routellm
+    assert all(c is not None for c in art["length_calibration"]), art["length_calibration"]
+    letters = FittedIndex(load_traces(synthetic[0]), recall=True)
+    assert letters.length_calibrators == [None] * len(letters.nodes)
 
 
 def test_a_model_without_confidences_is_judged_by_its_length_and_final_answer(

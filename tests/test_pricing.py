@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from calibration.pricing import (
     lookup_price,
 )
 from calibration.traces import RECORDED_COSTS, TraceSet, load_traces
+from tests.shipped import ALPACA_TRAIN, GSM8K_TRAIN
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,8 +36,8 @@ def no_network():
 
 
 @pytest.fixture(scope="module")
-def gsm8k(traces_dir: Path) -> TraceSet:
-    return load_traces(traces_dir / "gsm8k-routellm-train.jsonl")
+def gsm8k() -> TraceSet:
+    return load_traces(GSM8K_TRAIN)
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +132,12 @@ def test_fill_costs_only_fills_what_is_missing(filled: TraceSet) -> None:
     assert "gpt-4-1106-preview" not in again.cost_source
 
 
-def test_fill_costs_leaves_traces_with_costs_unchanged(traces_dir: Path) -> None:
-    mmlu = load_traces(traces_dir / "mmlu-llama-train.jsonl")
-    assert not np.isnan(mmlu.cost_usd).any()
-    before = mmlu.cost_usd.copy()
-    out = fill_costs(mmlu)
-    assert out is mmlu
+def test_fill_costs_leaves_traces_with_costs_unchanged() -> None:
+    recorded = load_traces(ALPACA_TRAIN)  # costs recorded in the traces
+    assert not np.isnan(recorded.cost_usd).any()
+    before = recorded.cost_usd.copy()
+    out = fill_costs(recorded)
+    assert out is recorded
     assert out.cost_source == RECORDED_COSTS
     np.testing.assert_array_equal(out.cost_usd, before)
 

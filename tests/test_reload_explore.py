@@ -1,5 +1,6 @@
 """Hot reload and exploration, end to end: a real `cascade serve` process, the fake upstream,
-two policy artifacts fitted on real traces; requests under load while the policy changes."""
+two policy artifacts fitted on the synthetic traces (tests/synthetic.py); requests under load
+while the policy changes."""
 
 from __future__ import annotations
 
@@ -32,14 +33,14 @@ KEY = "sk-client-reload-test"
 
 
 @pytest.fixture(scope="module")
-def artifacts(traces_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    """Two policies over small -> large from real MMLU traces: cheap (a confident `small`
+def artifacts(synthetic: tuple[Path, Path], tmp_path_factory) -> dict[str, Path]:
+    """Two policies over small -> large from the synthetic traces: cheap (a confident `small`
     answers alone) and accurate (both are always called): different tables and hashes."""
-    fitted = fit_small_large(traces_dir)
+    fitted = fit_small_large(synthetic[0])
     folder = tmp_path_factory.mktemp("artifacts")
     out = {}
     for name, mu in (("cheap", textbook_mu(fitted)), ("accurate", 0.0)):
-        art = build_artifact(fitted, mu, train_path="mmlu", answer_kind="choice")
+        art = build_artifact(fitted, mu, train_path="synthetic", answer_kind="choice")
         out[name] = folder / f"{name}.json"
         save_artifact(art, out[name])
     return out
@@ -157,13 +158,18 @@ def test_a_reload_under_load_fails_no_request_and_the_ledger_sees_the_new_hash(
         while not stop.is_set():
             responses.append(_chat(url))
 
+    def answered(at_least: int) -> None:  # by count, not by time: the CPU may be busy
+        deadline = time.monotonic() + 30
+        while len(responses) < at_least and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    answered(12)
     _replace(live, artifacts["accurate"])
     reload = _reload(url)
-    time.sleep(0.5)
+    answered(len(responses) + 12)
     stop.set()
     for t in threads:
         t.join(timeout=30)

@@ -71,7 +71,7 @@ def upstream() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def served(upstream: str, policy: Path, tmp_path_factory) -> Served:
-    """`cascade serve` over `small` -> `large` (policy fitted on real MMLU traces, as in
+    """`cascade serve` over `small` -> `large` (policy fitted on the synthetic traces, as in
     test_proxy_e2e), every request of the known set already made and ledgered."""
     folder = tmp_path_factory.mktemp("reports-proxy")
     models = {

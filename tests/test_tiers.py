@@ -1,5 +1,7 @@
-"""Tiers as cascade nodes: the vote rule, tier columns built from real traces, a policy fitted
-over a tier, and the real proxy calling a tier's models in parallel and ledgering each."""
+"""Tiers as cascade nodes: the vote rule, tier columns built from traces, a policy fitted
+over a tier, and the real proxy calling a tier's models in parallel and ledgering each. The
+traces are the synthetic ones (tests/synthetic.py) and, as research twins, the real MMLU
+ones."""
 
 from __future__ import annotations
 
@@ -21,8 +23,38 @@ from calibration.traces import TraceError, load_traces
 from policies.tiers import tier_members, tier_name, tier_vote
 from tests.serving import QUESTION, db_upgrade, running_proxy, sqlite_env, write_config
 
-SMALL = ["llama3.2-1b", "llama3.2-3b", "llama3.1-8b"]
-TIER = tier_name(SMALL)
+
+@dataclasses.dataclass(frozen=True)
+class Ladder:
+    """A train/test pair of traces, its three cheapest models and its priciest one."""
+
+    train: Path
+    test: Path
+    small: list[str]
+    large: str
+
+    @property
+    def tier(self) -> str:
+        return tier_name(self.small)
+
+
+@pytest.fixture(
+    scope="module",
+    params=["synthetic", pytest.param("mmlu", marks=pytest.mark.research_traces)],
+)
+def ladder(request) -> Ladder:
+    """The synthetic ladder, or the real MMLU llama one (the research twin: its param
+    carries the marker)."""
+    if request.param == "synthetic":
+        train, test = request.getfixturevalue("synthetic")
+        return Ladder(train, test, ["tiny", "small", "medium"], "large")
+    folder = request.getfixturevalue("traces_dir")
+    return Ladder(
+        folder / "mmlu-llama-train.jsonl",
+        folder / "mmlu-llama-test.jsonl",
+        ["llama3.2-1b", "llama3.2-3b", "llama3.1-8b"],
+        "llama3.1-405b",
+    )
 
 
 def test_the_vote_rule() -> None:
@@ -37,15 +69,15 @@ def test_the_vote_rule() -> None:
         tier_name(["a"])
 
 
-def test_tier_columns_on_real_traces(traces_dir: Path) -> None:
-    traces = load_traces(traces_dir / "mmlu-llama-train.jsonl")
-    tiered = add_tiers(traces, parse_tiers("+".join(SMALL)))
-    assert TIER in tiered.models and len(tiered.models) == len(traces.models) + 1
+def test_tier_columns_built_from_traces(ladder: Ladder) -> None:
+    traces = load_traces(ladder.train)
+    tiered = add_tiers(traces, parse_tiers("+".join(ladder.small)))
+    assert ladder.tier in tiered.models and len(tiered.models) == len(traces.models) + 1
     cost = np.nanmean(tiered.cost_usd, axis=0)
     assert (np.diff(cost) >= 0).all(), "columns stay cheapest first"
-    assert tiered.models[tiered.reference] == "llama3.1-405b", "a tier is never the reference"
-    t = tiered.models.index(TIER)
-    idx = [traces.models.index(m) for m in SMALL]
+    assert tiered.models[tiered.reference] == ladder.large, "a tier is never the reference"
+    t = tiered.models.index(ladder.tier)
+    idx = [traces.models.index(m) for m in ladder.small]
     for i in range(len(traces)):  # by hand: the majority answer, its correctness, summed cost
         answers = [traces.extracted[i][j] for j in idx]
         counts = {a: answers.count(a) for a in answers if a is not None}
@@ -56,21 +88,21 @@ def test_tier_columns_on_real_traces(traces_dir: Path) -> None:
     majority_acc = tiered.correct[:, t].mean()
     assert majority_acc >= traces.correct[:, idx].mean(axis=0).min()
     with pytest.raises(TraceError, match="unknown model"):
-        add_tiers(traces, [["llama3.2-1b", "nope"]])
+        add_tiers(traces, [[ladder.small[0], "nope"]])
     with pytest.raises(TraceError, match="bad --tiers"):
         parse_tiers("a,b")
 
 
 @pytest.fixture(scope="module")
-def tier_policy(traces_dir: Path, tmp_path_factory) -> Path:
-    """A line `tier:s1+s2+s3 -> large` fitted on real MMLU traces (models renamed)."""
-    names = {**dict(zip(SMALL, ["s1", "s2", "s3"], strict=True)), "llama3.1-405b": "large"}
-    train = load_traces(traces_dir / "mmlu-llama-train.jsonl").select_models(list(names))
+def tier_policy(ladder: Ladder, tmp_path_factory) -> Path:
+    """A line `tier:s1+s2+s3 -> large` fitted on the ladder's traces (models renamed)."""
+    names = {**dict(zip(ladder.small, ["s1", "s2", "s3"], strict=True)), ladder.large: "large"}
+    train = load_traces(ladder.train).select_models(list(names))
     train = dataclasses.replace(train, models=tuple(names.values()))
     train = add_tiers(train, [["s1", "s2", "s3"]])
     fitted = FittedIndex(train, recall=True, models=["tier:s1+s2+s3", "large"], transitions="line")
-    art = build_artifact(fitted, 0.05, train_path="mmlu", answer_kind="choice")
-    test = load_traces(traces_dir / "mmlu-llama-test.jsonl").select_models(list(names))
+    art = build_artifact(fitted, 0.05, train_path=str(ladder.train), answer_kind="choice")
+    test = load_traces(ladder.test).select_models(list(names))
     test = dataclasses.replace(test, models=tuple(names.values()))
     report = evaluate_artifact(art, test)  # evaluate adds the tier column itself
     assert 0.5 < report["accuracy"] <= 1.0

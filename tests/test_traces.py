@@ -1,4 +1,5 @@
-"""Trace loading: real files load whole; every kind of bad line is named by file and line."""
+"""Trace loading: real files load whole (the shipped ones; as research tests, those of
+../shared); every kind of bad line is named by file and line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from calibration.traces import TraceError, load_traces
+from policies.answers import extract_choice
+from tests.shipped import GSM8K_TRAIN, SHIPPED
 
 
 def _row(i: int, models=("small", "big"), **override) -> dict:
@@ -40,9 +43,7 @@ def _write(tmp_path: Path, lines: list[str]) -> Path:
     return path
 
 
-def test_every_shared_trace_file_loads_with_all_rows(traces_dir: Path) -> None:
-    files = sorted(traces_dir.glob("*.jsonl"))
-    assert len(files) >= 10
+def check_loads_with_all_rows(files: list[Path]) -> None:
     for path in files:
         n_lines = sum(1 for line in path.read_text().split("\n") if line.strip())
         traces = load_traces(path)
@@ -51,8 +52,18 @@ def test_every_shared_trace_file_loads_with_all_rows(traces_dir: Path) -> None:
         assert len(set(traces.ids)) == n_lines
 
 
-def test_columns_hold_the_values_of_the_file(traces_dir: Path) -> None:
-    path = traces_dir / "mmlu-llama-train.jsonl"
+def test_every_shipped_trace_file_loads_with_all_rows() -> None:
+    check_loads_with_all_rows(list(SHIPPED))
+
+
+@pytest.mark.research_traces
+def test_every_shared_trace_file_loads_with_all_rows(traces_dir: Path) -> None:
+    files = sorted(traces_dir.glob("*.jsonl"))
+    assert len(files) >= 10
+    check_loads_with_all_rows(files)
+
+
+def check_columns_hold_the_values_of_the_file(path: Path) -> None:
     first = json.loads(path.read_text().split("\n")[0])
     traces = load_traces(path)
     assert traces.models == tuple(first["models"])
@@ -62,23 +73,34 @@ def test_columns_hold_the_values_of_the_file(traces_dir: Path) -> None:
         assert traces.confidence[0, j] == pytest.approx(entry["confidence"])
         assert traces.cost_usd[0, j] == pytest.approx(entry["cost_usd"])
     assert traces.kind == "choice"
-    assert traces.extracted[0] == [first["models"][m]["answer"].strip() for m in traces.models]
+    assert traces.extracted[0] == [
+        extract_choice(first["models"][m]["answer"]) for m in traces.models
+    ]
 
 
-def test_null_signals_become_nan(traces_dir: Path) -> None:
-    traces = load_traces(traces_dir / "gsm8k-routellm-train.jsonl")
+def test_columns_hold_the_values_of_the_file(synthetic) -> None:
+    check_columns_hold_the_values_of_the_file(synthetic[0])
+
+
+@pytest.mark.research_traces
+def test_columns_hold_the_values_of_a_real_file(traces_dir: Path) -> None:
+    check_columns_hold_the_values_of_the_file(traces_dir / "mmlu-llama-train.jsonl")
+
+
+def test_null_signals_become_nan() -> None:
+    traces = load_traces(GSM8K_TRAIN)
     assert np.isnan(traces.confidence).all()
     assert np.isnan(traces.cost_usd).all()
     assert traces.kind == "number"
 
 
-def test_subset_and_model_selection_keep_rows_aligned(traces_dir: Path) -> None:
-    traces = load_traces(traces_dir / "mmlu-llama-train.jsonl")
+def test_subset_and_model_selection_keep_rows_aligned(synthetic) -> None:
+    traces = load_traces(synthetic[0])
     sub = traces.subset(np.array([5, 2]))
     assert sub.ids == [traces.ids[5], traces.ids[2]]
     assert (sub.correct == traces.correct[[5, 2]]).all()
-    two = traces.select_models(["llama3.1-405b", "llama3.2-1b"])
-    assert two.models == ("llama3.1-405b", "llama3.2-1b")
+    two = traces.select_models(["large", "tiny"])
+    assert two.models == ("large", "tiny")
     assert (two.correct[:, 0] == traces.correct[:, 4]).all()
     with pytest.raises(TraceError, match="unknown model"):
         traces.select_models(["gpt-9"])

@@ -1,10 +1,10 @@
-"""Allowed transitions: the spec forms, the fit honouring them on real traces, the config and
-the proxy engine refusing a policy that could take a forbidden one."""
+"""Allowed transitions: the spec forms, the fit honouring them on the synthetic traces (and, as
+research twins, on the real MMLU traces), the config and the proxy engine refusing a policy
+that could take a forbidden one."""
 
 from __future__ import annotations
 
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,19 +61,25 @@ def test_taken_edges_reads_decision_tables() -> None:
     assert taken_edges(decision) == {(-1, 0), (-1, 2), (0, 1)}
 
 
-@pytest.fixture(scope="module")
-def mmlu(traces_dir: Path):
-    traces = load_traces(traces_dir / "mmlu-llama-train.jsonl")
-    return traces
+@pytest.fixture(
+    scope="module",
+    params=["synthetic", pytest.param("mmlu", marks=pytest.mark.research_traces)],
+)
+def train(request):
+    """Five models, cheapest first: the synthetic train traces, or the real MMLU llama ones
+    (the research twin: its param carries the marker)."""
+    if request.param == "synthetic":
+        return load_traces(request.getfixturevalue("synthetic")[0])
+    return load_traces(request.getfixturevalue("traces_dir") / "mmlu-llama-train.jsonl")
 
 
 @pytest.fixture(scope="module")
-def fitted(mmlu) -> dict[str, FittedIndex]:
+def fitted(train) -> dict[str, FittedIndex]:
     """The same four cheapest models fitted with skips and as a line."""
-    models = list(mmlu.models[:4])  # cheapest first in the trace
+    models = list(train.models[:4])  # cheapest first in the trace
     return {
-        "skips": FittedIndex(mmlu, recall=True, models=models),
-        "line": FittedIndex(mmlu, recall=True, models=models, transitions="line"),
+        "skips": FittedIndex(train, recall=True, models=models),
+        "line": FittedIndex(train, recall=True, models=models, transitions="line"),
     }
 
 
@@ -83,30 +89,30 @@ def _taken_by_name(art: dict) -> set[tuple[str, str]]:
     return {("start" if i < 0 else names[i], names[j]) for t in tables for i, j in taken_edges(t)}
 
 
-def test_the_fit_takes_only_allowed_transitions(mmlu, fitted) -> None:
-    models = list(mmlu.models[:4])
-    skips = _taken_by_name(build_artifact(fitted["skips"], 0.5, train_path="mmlu"))
-    # on real traces the unconstrained policy does skip: otherwise this test proves nothing
+def test_the_fit_takes_only_allowed_transitions(train, fitted) -> None:
+    models = list(train.models[:4])
+    skips = _taken_by_name(build_artifact(fitted["skips"], 0.5, train_path=train.path))
+    # on these traces the unconstrained policy does skip: otherwise this test proves nothing
     assert any((a, b) not in _line(models) for a, b in skips), skips
 
-    art = build_artifact(fitted["line"], 0.5, train_path="mmlu")
+    art = build_artifact(fitted["line"], 0.5, train_path=train.path)
     assert _taken_by_name(art) <= _line(models)
     assert art["transitions"] == describe(allowed_edges("line", models), models)
 
     spec = {"start": [models[0], models[1]], models[0]: [models[3]], models[1]: [models[2]]}
-    lines = FittedIndex(mmlu, recall=True, transitions=spec)  # the map names the nodes
-    assert [mmlu.models[j] for j in lines.nodes] == models
+    lines = FittedIndex(train, recall=True, transitions=spec)  # the map names the nodes
+    assert [train.models[j] for j in lines.nodes] == models
     allowed = {(a, b) for a, bs in spec.items() for b in bs}
-    assert _taken_by_name(build_artifact(lines, 0.5, train_path="mmlu")) <= allowed
+    assert _taken_by_name(build_artifact(lines, 0.5, train_path=train.path)) <= allowed
 
 
 def _line(models: list[str]) -> set[tuple[str, str]]:
     return {("start", models[0])} | set(pairwise(models))
 
 
-def test_the_engine_refuses_a_policy_taking_a_forbidden_transition(mmlu, fitted) -> None:
-    models = list(mmlu.models[:4])
-    backends = dict.fromkeys(mmlu.models)  # the artifact's baselines use every model
+def test_the_engine_refuses_a_policy_taking_a_forbidden_transition(train, fitted) -> None:
+    models = list(train.models[:4])
+    backends = dict.fromkeys(train.models)  # the artifact's baselines use every model
     skipping = build_artifact(fitted["skips"], 0.5, train_path="x")
     with pytest.raises(ValueError, match=r"forbids; refit it with `cascade fit --transitions"):
         CascadeEngine("qa", models, backends, models[-1], skipping, transitions="line")
