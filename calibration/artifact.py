@@ -15,7 +15,7 @@ import numpy as np
 from calibration.fit import DEFAULT_MUS, FittedIndex, lambda_of
 from calibration.replay import Outcome
 from calibration.traces import TraceSet
-from policies.artifact import SCHEMA, ArtifactError, content_hash, parse_artifact
+from policies.artifact import HASH_RULE, SCHEMA, ArtifactError, content_hash, parse_artifact
 from policies.transitions import describe
 
 __all__ = [
@@ -106,8 +106,9 @@ def build_artifact(
     outcome = fitted.replay(tables, train)  # out-of-fold posteriors: an honest estimate
     ref = train.reference
     art = {
+        "hash": "",  # first, where a reader looks; content_hash leaves it and `created` out
         "schema": SCHEMA,
-        "hash": "",
+        "hash_rule": HASH_RULE,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nodes": [
             {"model": train.models[j], "cost_usd": float(c), "cost_fraction": float(f)}
