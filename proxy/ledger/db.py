@@ -63,10 +63,12 @@ def sqlite_file(url: str | URL) -> Path | None:
     return Path(database)
 
 
-def _read_only_engine(path: Path) -> Engine:
-    """An engine that can only read the SQLite file at `path`: checking a ledger must not
-    turn a file that is not one into a WAL database (make_engine's pragma writes)."""
-    uri = f"file:{urllib.request.pathname2url(str(path.resolve()))}?mode=ro"
+def _existing_file_engine(path: Path) -> Engine:
+    """An engine on the SQLite file at `path` that never creates it (mode=rw) and sets no
+    pragma: checking a ledger must not turn a file that is not one into a WAL database, as
+    make_engine's pragma would. (Not mode=ro: the last connection to close must be able to
+    fold a WAL ledger's -wal file back in and remove it, as every other one does.)"""
+    uri = f"file:{urllib.request.pathname2url(str(path.resolve()))}?mode=rw"
     return create_engine(
         "sqlite://",
         creator=lambda: sqlite3.connect(uri, uri=True, timeout=30.0),
@@ -165,7 +167,7 @@ def current_revision(url: str | URL) -> str | None:
     path = sqlite_file(url)
     if path is not None and not path.is_file():
         return None
-    engine = make_engine(url) if path is None else _read_only_engine(path)
+    engine = make_engine(url) if path is None else _existing_file_engine(path)
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
