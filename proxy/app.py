@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from policies.artifact import ArtifactError, parse_artifact
-from proxy import metrics
+from proxy import announce, metrics
 from proxy.backends.base import Backend, CallResult, StreamChunk
 from proxy.backends.common import FORWARDED_PARAMS
 from proxy.config import Config, ModelConfig
@@ -43,6 +43,7 @@ from proxy.reload import (
     ReloadError,
     ReloadSignal,
 )
+from proxy.reload import describe as describe_reload
 from proxy.request_checks import (
     COUNT_PARAMS,
     NUMBER_PARAMS,
@@ -323,6 +324,7 @@ def create_app(state: ProxyState) -> FastAPI:
         # request, measured at concurrency 32).
         gc.collect()
         gc.freeze()
+        announce.started(state)
         yield
         for watcher in watchers:
             watcher.cancel()
@@ -333,6 +335,7 @@ def create_app(state: ProxyState) -> FastAPI:
             await asyncio.to_thread(state.ledger.close)
         for engine in reports_engine:
             engine.dispose()
+        announce.stopped(state)
 
     app = CascadeApp(
         title="cascade", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan
@@ -520,6 +523,9 @@ def create_app(state: ProxyState) -> FastAPI:
             done = await asyncio.to_thread(state.policy_files.reload)
         except ReloadError as exc:
             raise ApiError(400, str(exc), code="reload_failed") from None
+        logging.getLogger("cascade.reload").info(
+            "policy reloaded (POST /admin/reload): %s", describe_reload(done)
+        )
         if state.reload_signal is None:
             return JSONResponse({"reloaded": done})
         state.reload_signal.bump()  # the other workers follow within SIGNAL_POLL_S

@@ -403,11 +403,17 @@ def serve(
             "ledger writer and spool file; about one per core.",
         ),
     ] = 1,
+    access_log: Annotated[
+        bool, typer.Option("--access-log", help="Log every HTTP request (uvicorn's access log).")
+    ] = False,
 ) -> None:
     """Run the OpenAI-compatible proxy: POST /v1/chat/completions with a cascade or model name.
 
     Also serves GET /v1/models, GET /health and GET /metrics (Prometheus; per worker process).
+    Logs to stderr one line at start (address, cascades and their policies, database, spool),
+    one per policy reload and one at shutdown.
     """
+    sock = _listen(host, port)  # first: a busy port is an error at once, before any loading
     from proxy.config import ConfigError, load_config
     from proxy.ledger.db import DatabaseUnavailable, SchemaError
 
@@ -415,13 +421,16 @@ def serve(
         cfg = load_config(config)
         state = _build_state(cfg)  # with --workers too: a bad config fails here, once
     except (ConfigError, SchemaError, DatabaseUnavailable, ValueError, OSError) as exc:
+        sock.close()
         fail(str(exc))
     if workers > 1:
         del state  # each worker builds its own from the same file
         path = config if config is not None else Path(os.environ["CASCADE_CONFIG"])
-        _run_server(None, host, port, workers=workers, config_path=path.resolve())
+        _run_server(
+            None, sock, host, workers=workers, config_path=path.resolve(), access_log=access_log
+        )
         return
-    _run_server(state, host, port)
+    _run_server(state, sock, host, access_log=access_log)
 
 
 def _build_state(cfg):
@@ -430,28 +439,135 @@ def _build_state(cfg):
     return build_state(cfg)
 
 
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+
+def _listen(host: str, port: int):
+    """A socket listening on host:port, bound as uvicorn binds (SO_REUSEADDR: a restart right
+    after a crash is not refused while the old connections linger in TIME_WAIT). Bound here,
+    before anything slow loads, so a busy port is an error within a second, and handed to
+    uvicorn as it is, so nothing can take the port between this check and serving."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            fail(f"cannot listen: port {port} on {host} is in use (choose another with --port)")
+        if exc.errno == errno.EACCES:
+            fail(f"cannot listen on {host}:{port}: permission denied (a port below 1024?)")
+        if exc.errno == errno.EADDRNOTAVAIL:
+            fail(f"cannot listen on {host}:{port}: {host} is not an address of this machine")
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    sock.set_inheritable(True)  # for uvicorn's worker processes
+    return sock
+
+
+def _address(host: str, sock) -> str:
+    port = sock.getsockname()[1]  # the real one, also for --port 0
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _log_config(access_log: bool) -> dict:
+    """uvicorn's logging, quieter (its own start-up lines are replaced by cascade's), with the
+    `cascade` logger's lines (start, reloads, shutdown) and the access log on stderr. Given to
+    uvicorn, so that every worker process configures it too."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["cascade"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["formatters"]["access"]["fmt"] = (
+        '%(asctime)s %(levelname)s access: %(client_addr)s "%(request_line)s" %(status_code)s'
+    )
+    config["handlers"]["cascade"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "cascade",
+        "stream": "ext://sys.stderr",
+    }
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config["loggers"]["uvicorn.error"] = {"level": "WARNING"}
+    config["loggers"]["uvicorn.access"]["level"] = "INFO" if access_log else "WARNING"
+    config["loggers"]["cascade"] = {"handlers": ["cascade"], "level": "INFO", "propagate": False}
+    return config
+
+
 def _run_server(
-    state, host: str, port: int, workers: int = 1, config_path: Path | None = None
+    state,
+    sock,
+    host: str,
+    workers: int = 1,
+    config_path: Path | None = None,
+    access_log: bool = False,
+    on_started=None,
 ) -> None:
-    """Serve `state` in this process; or, with workers > 1, spawn uvicorn workers that each
-    build their state from `config_path` (handed over as $CASCADE_CONFIG)."""
+    """Serve `state` on the listening socket `sock` in this process (`on_started()` once it
+    serves); or, with workers > 1, spawn uvicorn workers sharing `sock` that each build
+    their state from `config_path` (handed over as $CASCADE_CONFIG)."""
     import uvicorn
 
+    from proxy.announce import LISTEN_ENV
     from proxy.app import create_app
 
-    options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
-    if workers > 1:
-        import tempfile
+    port = sock.getsockname()[1]
+    os.environ[LISTEN_ENV] = _address(host, sock)  # for the start line, workers' too
+    options = {
+        "host": host,
+        "port": port,
+        "log_config": _log_config(access_log),
+        "log_level": None,
+        "access_log": access_log,
+    }
+    try:
+        if workers > 1:
+            import tempfile
 
-        from proxy.reload import RELOAD_SIGNAL_ENV
+            from proxy.reload import RELOAD_SIGNAL_ENV
 
-        os.environ["CASCADE_CONFIG"] = str(config_path)  # inherited by the spawned workers
-        with tempfile.TemporaryDirectory(prefix="cascade-reload-") as shared:
-            # POST /admin/reload reaches one worker; it bumps this file and the rest follow
-            os.environ[RELOAD_SIGNAL_ENV] = str(Path(shared) / "reload")
-            uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
-        return
-    uvicorn.run(create_app(state), **options)
+            os.environ["CASCADE_CONFIG"] = str(config_path)  # inherited by the spawned workers
+            with tempfile.TemporaryDirectory(prefix="cascade-reload-") as shared:
+                # POST /admin/reload reaches one worker; it bumps this file and the rest follow
+                os.environ[RELOAD_SIGNAL_ENV] = str(Path(shared) / "reload")
+                config = uvicorn.Config(
+                    "proxy.app:create_app_from_env", factory=True, workers=workers, **options
+                )
+                _supervise(config, sock)
+            return
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None) -> None:
+                await super().startup(sockets=sockets)
+                if self.started and on_started is not None:
+                    on_started()
+
+        server = Server(uvicorn.Config(create_app(state), **options))
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if workers == 1 and not server.started:
+        raise typer.Exit(code=3)  # uvicorn's start-up failure status; it said why
+
+
+def _supervise(config, sock) -> None:
+    """uvicorn's supervisor of worker processes, on an already listening socket."""
+    import inspect
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.30
+        Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    else:
+        Multiprocess(config, sockets=[sock]).run()
 
 
 DEMO_TARGET = 0.8  # of gpt-4's accuracy: Mixtral answers most questions, some escalate
@@ -489,16 +605,18 @@ def demo(
         typer.Option(help="Answer this one question and print the cascade trace, no server."),
     ] = None,
 ) -> None:
-    """Serve a demo cascade on embedded defaults: no GPU, no API key, no database.
+    """Serve a demo cascade on embedded defaults: no GPU, no API key, no database server.
 
     Two recorded models (Mixtral-8x7B-Instruct, gpt-4-1106-preview) answer GSM8K questions
     from the Apache-2.0 RouteLLM traces shipped in proxy/demo; the policy is fitted on the
     train part at start. Any question of the test part is answered; others get a clear error.
+    Requests are ledgered in ./cascade.db (SQLite; $CASCADE_DATABASE_URL may name another).
     """
     import tempfile
 
     from proxy import demo as demo_data
 
+    sock = _listen(host, port) if ask is None else None  # a busy port fails before the fit
     typer.echo("fitting the demo policy on the shipped GSM8K train traces ...", err=True)
     with tempfile.TemporaryDirectory(prefix="cascade-demo-") as tmp:
         try:
@@ -506,12 +624,16 @@ def demo(
         except _input_errors() as exc:
             fail(str(exc))
         test = _load_with_costs(demo_data.TEST)
-        if ask is not None:
+        if sock is None:
             _ask(state, ask, test)
             return
         example = test.messages[0][-1]["content"]
-        _print_demo_banner(host, port, example, art)
-        _run_server(state, host, port)
+        address, ledger = _address(host, sock), state.config.database_url
+
+        def banner() -> None:  # once the server answers: never before a failure
+            _print_demo_banner(address, example, art, ledger)
+
+        _run_server(state, sock, host, on_started=banner)
 
 
 def _ask(state, question: str, test) -> None:
@@ -558,10 +680,12 @@ def _ask(state, question: str, test) -> None:
     console.print(run.answer.result.text)
 
 
-def _print_demo_banner(host: str, port: int, example: str, art: dict) -> None:
+def _print_demo_banner(url: str, example: str, art: dict, database_url: str) -> None:
     from proxy import demo as demo_data
+    from proxy.ledger.db import safe_url, sqlite_file
 
-    url = f"http://{host}:{port}"
+    path = sqlite_file(database_url)
+    ledger = safe_url(database_url) if path is None else f"sqlite:///{path.resolve()}"
     body = json.dumps(
         {"model": demo_data.CASCADE, "messages": [{"role": "user", "content": example}]}
     )
@@ -573,6 +697,10 @@ def _print_demo_banner(host: str, port: int, example: str, art: dict) -> None:
         f"expected (train, out-of-fold): accuracy {exp['accuracy']:.3f} against "
         f"{art['training']['reference_accuracy']:.3f} for {art['reference_model']} alone, at "
         f"{exp['cost_fraction']:.2f} of its cost; {exp['calls_per_query']:.2f} calls per question",
+        f"lambda {art['lambda']:.3f} (the cheapest setting reaching {DEMO_TARGET:.0%} of "
+        f'{art["reference_model"]}\'s accuracy on train); per request, "cascade": '
+        '{"lambda": 0.99} buys accuracy, {"max_cost_usd": 0.001} caps the cost',
+        f"ledger: {ledger}  (from any folder: cascade report spend --database-url {ledger})",
         f"serving on {url}  (Ctrl-C to stop); it answers the questions of {demo_data.TEST.name}",
         "",
         "curl:",

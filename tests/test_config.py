@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from proxy.config import ConfigError, load_config, parse_config
+from tests.serving import free_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MINIMAL = {
@@ -102,7 +103,7 @@ def test_serve_refuses_a_bad_config_or_a_missing_policy(tmp_path: Path, data, me
     path.write_text(yaml.safe_dump(data))
     cascade = Path(sys.executable).with_name("cascade")
     res = subprocess.run(
-        [str(cascade), "serve", "--config", str(path), "--port", "1"],
+        [str(cascade), "serve", "--config", str(path), "--port", str(free_port())],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2
@@ -120,7 +121,7 @@ def test_serve_refuses_a_ledger_without_the_current_schema(tmp_path: Path) -> No
     cascade = Path(sys.executable).with_name("cascade")
     env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
     res = subprocess.run(
-        [str(cascade), "serve", "--config", str(path), "--port", "1"],
+        [str(cascade), "serve", "--config", str(path), "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert res.returncode == 2 and "cascade db upgrade" in res.stderr
