@@ -199,6 +199,7 @@ class ProxyState:
     engines: dict[str, CascadeEngine]
     reference_prices: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     client_keys: set[str] = field(default_factory=set)
+    key_names: dict[str, str] = field(default_factory=dict)  # key -> name, for the ledger
     admin_key: str | None = None
     ledger: LedgerWriter | None = None
     secrets: frozenset[str] = frozenset()  # keys never to echo in an error body
@@ -275,6 +276,7 @@ def build_state(config: Config) -> ProxyState:
         engines=engines,
         reference_prices=prices,
         client_keys=config.client_keys(),
+        key_names={k: name for k, name in config.key_names().items() if name},
         admin_key=admin_key,
         ledger=make_ledger(config.database_url),
         secrets=frozenset(k for k in {*upstream_keys, *config.client_keys(), admin_key} if k),
@@ -350,7 +352,7 @@ def create_app(state: ProxyState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return ApiError(exc.status_code, str(exc.detail), code=code).response(exc.headers)
 
     @app.exception_handler(RequestValidationError)

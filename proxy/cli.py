@@ -31,6 +31,18 @@ app = typer.Typer(
 DEFAULT_TRACES = Path("../shared/data/traces")
 
 
+PIPE_WIDTH = 100_000  # columns of a table written to a pipe or file: never wrapped
+
+
+def _console(stderr: bool = False):
+    """A rich console for tables: the terminal's width on a terminal; on a pipe or file as
+    wide as the table, so that no cell is folded at rich's default of 80 columns."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else PIPE_WIDTH)
+
+
 def fail(message: str) -> None:
     """Print one clear error line and exit 2 (bad input; nothing was written)."""
     typer.echo(f"error: {message}", err=True)
@@ -170,7 +182,6 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{policy} on {test}", show_header=False)
@@ -195,7 +206,7 @@ def evaluate(
     ]
     for k, v in rows:
         table.add_row(k, v)
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command()
@@ -258,7 +269,6 @@ def bench(
 
 
 def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     summary = doc["summary"]
@@ -276,7 +286,7 @@ def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
             f"{s['acc_at_20']:.3f}",
             f"{s['acc_at_50']:.3f}",
         )
-    Console().print(table)
+    _console().print(table)
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'} and one PNG per pair")
 
 
@@ -639,7 +649,6 @@ def demo(
 def _ask(state, question: str, test) -> None:
     import asyncio
 
-    from rich.console import Console
     from rich.table import Table
 
     from proxy import demo as demo_data
@@ -670,7 +679,7 @@ def _ask(state, question: str, test) -> None:
             "n/a" if c.result.cost_usd is None else f"${c.result.cost_usd:.6f}",
             c.decision,
         )
-    console = Console()
+    console = _console()
     console.print(table)
     last = run.calls[-1] is run.answer
     why = "the last model called" if last else "recalled: the most likely right of those called"
@@ -867,7 +876,6 @@ def _report(
         for note in report.notes:
             typer.echo(note, err=True)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -878,7 +886,7 @@ def _report(
         table.add_column(col, overflow="fold")
     for row in report.rows:
         table.add_row(*("n/a" if row[c] is None else str(row[c]) for c in report.columns))
-    console = Console()
+    console = _console()
     console.print(table)
     if not report.rows:
         console.print("no requests in the window")
