@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.fit import DEFAULT_MUS, FittedIndex, lambda_of
+from calibration.fit import DEFAULT_MUS, FittedIndex, Progress, lambda_of
 from calibration.replay import Outcome
 from calibration.traces import TraceSet
 from policies.artifact import HASH_RULE, SCHEMA, ArtifactError, content_hash, parse_artifact
@@ -100,7 +100,10 @@ def build_artifact(
     train_path: str,
     answer_kind: str | None = None,
     target: dict | None = None,
+    progress: Progress | None = None,
 ) -> dict:
+    if progress is not None:
+        progress("baselines and decision tables", 0, 1)
     tables = fitted.tables(mu)
     train = fitted.train
     outcome = fitted.replay(tables, train)  # out-of-fold posteriors: an honest estimate
@@ -174,6 +177,7 @@ def choose_mu(
     target_accuracy: float | None,
     max_cost_usd: float | None,
     mus: tuple[float, ...],
+    progress: Progress | None = None,
 ) -> tuple[float, dict]:
     """The cost price mu from exactly one of: lambda, a relative accuracy target, a budget.
 
@@ -192,6 +196,8 @@ def choose_mu(
     ref_acc = float(train.correct[:, ref].mean())
     points = []
     for mu in mus:
+        if progress is not None:
+            progress("lambda search", len(points), len(mus))
         o = fitted.replay(fitted.tables(mu), train)
         points.append((mu, o.accuracy, o.mean_cost))
     if target_accuracy is not None:

@@ -123,29 +123,38 @@ def fit(
         if not out.parent.is_dir():
             fail(f"output folder {out.parent} does not exist")
         start = time.perf_counter()
-        traces = _load_with_costs(train)
-        if tiers:
-            from calibration.tiers import add_tiers, parse_tiers
+        with _FitProgress() as shown:
+            shown("reading traces", 0, 1)
+            traces = _load_with_costs(train)
+            if tiers:
+                from calibration.tiers import add_tiers, parse_tiers
 
-            traces = add_tiers(traces, parse_tiers(tiers))
-        names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-        fitted = FittedIndex(
-            traces,
-            recall=recall,
-            models=names,
-            transitions=parse_spec_text(transitions),
-            n_bins=bins,
-        )
-        mu, target = choose_mu(
-            fitted,
-            lam=lam,
-            target_accuracy=target_accuracy,
-            max_cost_usd=max_cost_usd,
-            mus=DEFAULT_MUS,
-        )
-        art = build_artifact(
-            fitted, mu, train_path=str(train), answer_kind=traces.kind, target=target
-        )
+                traces = add_tiers(traces, parse_tiers(tiers))
+            names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+            fitted = FittedIndex(
+                traces,
+                recall=recall,
+                models=names,
+                transitions=parse_spec_text(transitions),
+                n_bins=bins,
+                progress=shown,
+            )
+            mu, target = choose_mu(
+                fitted,
+                lam=lam,
+                target_accuracy=target_accuracy,
+                max_cost_usd=max_cost_usd,
+                mus=DEFAULT_MUS,
+                progress=shown,
+            )
+            art = build_artifact(
+                fitted,
+                mu,
+                train_path=str(train),
+                answer_kind=traces.kind,
+                target=target,
+                progress=shown,
+            )
         save_artifact(art, out)
     except _input_errors() as exc:
         fail(str(exc))
@@ -228,44 +237,177 @@ def bench(
     skipped with its reason (printed, and listed in bench.md and bench.json); the others
     still run. Exit status: 0 every complete pair ran, 1 some were skipped for bad input,
     2 nothing could run.
-    """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    Each pair's verdict (index AUC, the best baseline's, cost within a point) is printed as
+    the pair finishes; on a terminal, bars show pairs and policies done and the time left.
+    """
     try:
-        from calibration.bench import find_pairs, run_bench
+        from calibration.bench import find_pairs, run_bench, verdict
 
         pairs, skipped = find_pairs(traces)
         for message in skipped:
             typer.echo(message, err=True)
         n = len([p for p in pairs if not only or p.name in only])
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} policies"),
-            TimeElapsedColumn(),
-            transient=not sys.stderr.isatty(),
-            disable=bool(os.environ.get("CASCADE_NO_PROGRESS")),
-        ) as progress:
-            task = progress.add_task("bench", total=None)
-            done = {"n": 0}
-
-            def tick(name: str) -> None:
-                done["n"] += 1
-                progress.update(task, completed=done["n"], description=f"bench: {name}")
-
-            failed: list[str] = []
+        failed: list[str] = []
+        with _BenchProgress(n) as shown:
 
             def skip(message: str) -> None:
                 failed.append(message)
-                typer.echo(message, err=True)
+                shown.advance_pair()
+                shown.warn(message)
 
-            doc, _ = run_bench(traces, out, only=only, progress=tick, on_skip=skip)
+            def done(result) -> None:
+                shown.advance_pair()
+                shown.say(verdict(result))  # as each pair finishes, not only at the end
+
+            doc, _ = run_bench(
+                traces,
+                out,
+                only=only,
+                progress=shown.policy_done,
+                on_skip=skip,
+                on_pair=shown.pair_started,
+                on_done=done,
+            )
     except _input_errors() as exc:
         fail(str(exc))
     _print_bench_summary(doc, n - len(failed), out)
     if failed:
         typer.echo(f"{len(failed)} pair(s) could not be benchmarked (see above)", err=True)
         raise typer.Exit(code=1)
+
+
+class _FitProgress:
+    """`cascade fit`'s phases on a terminal (node selection, length calibration, the
+    posterior, cross-validation of the bins, the lambda search, ...): the phase, its steps
+    done and the time left. Nothing elsewhere (fit's output is its summary)."""
+
+    def __init__(self) -> None:
+        self.live = None
+        self.task = None
+        self.phase = ""
+        if not _progress_shown():
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.live = Progress(
+            SpinnerColumn(),
+            TextColumn("fit: {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=_console(stderr=True),
+            transient=True,
+        )
+
+    def __enter__(self) -> _FitProgress:
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.live is None:
+            return
+        if phase != self.phase:
+            if self.task is not None:
+                self.live.update(self.task, completed=self.live.tasks[self.task].total)
+            self.task = self.live.add_task(phase, total=total)
+            self.phase = phase
+        self.live.update(self.task, completed=done, total=total)
+
+
+def _progress_shown() -> bool:
+    """A live progress display: only on a terminal (stderr), unless CASCADE_NO_PROGRESS."""
+    return sys.stderr.isatty() and not os.environ.get("CASCADE_NO_PROGRESS")
+
+
+class _BenchProgress:
+    """`cascade bench` as it runs. On a terminal: a bar of pairs done (with time left) and
+    one of the current pair's policies done, and each pair's verdict above them as it
+    finishes. Elsewhere: the verdict lines alone, one plain line per pair on stdout."""
+
+    def __init__(self, n_pairs: int) -> None:
+        self.live = None
+        if not _progress_shown():
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.live = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=_console(stderr=True),
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.pairs = self.live.add_task("bench", total=n_pairs, unit="pairs")
+        self.policies = self.live.add_task("", total=None, unit="policies", visible=False)
+        self.pairs_done = 0
+        self.n_policies = 1
+
+    def __enter__(self) -> _BenchProgress:
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def pair_started(self, name: str, n_policies: int) -> None:
+        if self.live is not None:
+            self.n_policies = max(1, n_policies)
+            self.live.reset(self.policies, total=n_policies, description=name, visible=True)
+
+    def policy_done(self, name: str) -> None:
+        if self.live is not None:
+            self.live.advance(self.policies)
+            # pairs advance by policies too: the time left is known before a pair ends
+            policies = self.live.tasks[self.policies].completed
+            done = self.pairs_done + min(policies / self.n_policies, 0.99)
+            self.live.update(self.pairs, completed=done)
+
+    def advance_pair(self) -> None:
+        if self.live is not None:
+            self.pairs_done += 1
+            self.live.update(self.pairs, completed=self.pairs_done)
+
+    def say(self, line: str) -> None:
+        """A line for stdout; above the bars when both are the same terminal."""
+        if self.live is not None and sys.stdout.isatty():
+            self.live.console.print(line, markup=False, highlight=False)
+        else:
+            typer.echo(line)
+
+    def warn(self, line: str) -> None:
+        """A line for stderr, above the bars."""
+        if self.live is not None:
+            self.live.console.print(line, markup=False, highlight=False)
+        else:
+            typer.echo(line, err=True)
 
 
 def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
