@@ -701,12 +701,12 @@ def _run_server(
 
         server = Server(uvicorn.Config(create_app(state), **options))
         server.run(sockets=[sock])
+        if not server.started:
+            raise typer.Exit(code=3)  # uvicorn's start-up failure status; it said why
     except KeyboardInterrupt:
         pass
     finally:
         sock.close()
-    if workers == 1 and not server.started:
-        raise typer.Exit(code=3)  # uvicorn's start-up failure status; it said why
 
 
 def _supervise(config, sock) -> None:
