@@ -1046,7 +1046,8 @@ UrlOpt = Annotated[str | None, typer.Option(help="SQLAlchemy URL of the ledger."
 
 
 REPORTS = {
-    "spend": "Requests, calls, tokens and cost per model (default), day, cascade or key.",
+    "spend": "Requests, calls, tokens and cost per model (default), day, cascade or key. By "
+    "model: requests_answered under the model that answered, calls_made under the one called.",
     "savings": "Actual cost against always calling the reference model, per cascade (default).",
     "exits": "Where queries stop: calls per request, the model returned, and the recall rate.",
     "latency": "p50/p95/p99 latency of requests overall and per model (from the calls).",
