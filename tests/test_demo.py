@@ -76,16 +76,18 @@ def demo_server(tmp_path_factory) -> Iterator[Demo]:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     banner = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not banner or not banner[-1].startswith("curl:")):
-        line = proc.stdout.readline()
-        assert line, f"the demo ended without its examples: {banner}"
-        banner.append(line.rstrip("\n"))
-    # the examples come once the server answers: at once, not after a retry
-    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-    yield Demo(url, folder, banner)
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (banner and banner[-1].startswith("curl:")):
+            line = proc.stdout.readline()
+            assert line, f"the demo ended without its examples: {banner}"
+            banner.append(line.rstrip("\n"))
+        # the examples come once the server answers: at once, not after a retry
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        yield Demo(url, folder, banner)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
     rest = proc.stdout.read()  # (through the reader: part of it may be in its buffer)
     proc.stdout.close()
     assert "curl -s" in rest and "from openai import OpenAI" in rest  # the printed examples

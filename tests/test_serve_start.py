@@ -118,12 +118,14 @@ def test_serve_takes_its_port_again_right_after_a_crash(tmp_path: Path) -> None:
     db_upgrade(env)
     config, port = _one_min_config(tmp_path), free_port()
     first = start_proxy(config, env, port=port, cwd=tmp_path)
-    wait_ready(f"{first.url}/health", first.proc)
-    client = socket.create_connection(("127.0.0.1", port))  # a connection the crash cuts
-    client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert client.recv(100).startswith(b"HTTP/1.1 200")
-    first.proc.kill()  # a crash: the server's end is closed first ...
-    first.proc.wait()
+    try:
+        wait_ready(f"{first.url}/health", first.proc)
+        client = socket.create_connection(("127.0.0.1", port))  # a connection the crash cuts
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        first.proc.kill()  # a crash: the server's end is closed first ...
+        first.proc.wait()
     while client.recv(65536):  # (read to its end, so that closing sends no reset)
         pass
     client.close()  # ... so that end lingers in TIME_WAIT
