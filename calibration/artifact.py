@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.fit import DEFAULT_MUS, FittedIndex, lambda_of
+from calibration.fit import DEFAULT_MUS, FittedIndex, Progress, lambda_of
 from calibration.replay import Outcome
 from calibration.traces import TraceSet
-from policies.artifact import SCHEMA, ArtifactError, content_hash, parse_artifact
+from policies.artifact import HASH_RULE, SCHEMA, ArtifactError, content_hash, parse_artifact
 from policies.transitions import describe
 
 __all__ = [
@@ -100,14 +100,18 @@ def build_artifact(
     train_path: str,
     answer_kind: str | None = None,
     target: dict | None = None,
+    progress: Progress | None = None,
 ) -> dict:
+    if progress is not None:
+        progress("baselines and decision tables", 0, 1)
     tables = fitted.tables(mu)
     train = fitted.train
     outcome = fitted.replay(tables, train)  # out-of-fold posteriors: an honest estimate
     ref = train.reference
     art = {
+        "hash": "",  # first, where a reader looks; content_hash leaves it and `created` out
         "schema": SCHEMA,
-        "hash": "",
+        "hash_rule": HASH_RULE,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nodes": [
             {"model": train.models[j], "cost_usd": float(c), "cost_fraction": float(f)}
@@ -173,6 +177,7 @@ def choose_mu(
     target_accuracy: float | None,
     max_cost_usd: float | None,
     mus: tuple[float, ...],
+    progress: Progress | None = None,
 ) -> tuple[float, dict]:
     """The cost price mu from exactly one of: lambda, a relative accuracy target, a budget.
 
@@ -191,6 +196,8 @@ def choose_mu(
     ref_acc = float(train.correct[:, ref].mean())
     points = []
     for mu in mus:
+        if progress is not None:
+            progress("lambda search", len(points), len(mus))
         o = fitted.replay(fitted.tables(mu), train)
         points.append((mu, o.accuracy, o.mean_cost))
     if target_accuracy is not None:

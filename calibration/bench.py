@@ -86,8 +86,13 @@ def families_for(train: TraceSet) -> list[PolicyFamily]:
     return [IndexFamily(recall=True), IndexFamily(recall=False), *baseline_families(train)]
 
 
-def run_pair(pair: Pair, on_policy: Callable[[str], None] | None = None) -> PairResult:
-    """Fit every family on train, replay every setting on test, summarise the curves."""
+def run_pair(
+    pair: Pair,
+    on_policy: Callable[[str], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> PairResult:
+    """Fit every family on train, replay every setting on test, summarise the curves.
+    `on_start(n)` is told how many policies there are, `on_policy(name)` each one done."""
     start = time.perf_counter()
     train, test = load_pair(pair)
     mean_cost = np.nanmean(test.cost_usd, axis=0)
@@ -98,7 +103,10 @@ def run_pair(pair: Pair, on_policy: Callable[[str], None] | None = None) -> Pair
     best_acc = float(accuracy[best])
     policies: dict[str, dict] = {}
     fit_seconds: dict[str, float] = {}
-    for family in families_for(train):
+    families = families_for(train)
+    if on_start:
+        on_start(len(families))
+    for family in families:
         t0 = time.perf_counter()
         settings = family.fit_sweep(train)
         fit_seconds[family.name] = time.perf_counter() - t0
@@ -120,6 +128,22 @@ def run_pair(pair: Pair, on_policy: Callable[[str], None] | None = None) -> Pair
         "oracle_savings": oracle_savings(policies["index"], policies["oracle-routing"]),
     }
     return PairResult(pair.name, result, test.cost_source, time.perf_counter() - start, fit_seconds)
+
+
+BASELINES = ("threshold", "agreement", "singles")
+
+
+def verdict(result: PairResult) -> str:
+    """One plain line on a finished pair: the index policy's AUC against the best
+    baseline's, and its cost to come within a point of the best single model."""
+    policies = result.result["policies"]
+    index = policies["index"]
+    best = max((n for n in BASELINES if n in policies), key=lambda n: policies[n]["auc"])
+    within = index["cost_to_match_1pp"]
+    return (
+        f"{result.name}: index AUC {index['auc']:.4f}, best baseline {best} "
+        f"{policies[best]['auc']:.4f}, cost within 1 pt {_fmt(within)} ({result.seconds:.1f} s)"
+    )
 
 
 def summary(results: list[PairResult]) -> dict:
@@ -281,12 +305,16 @@ def run_bench(
     only: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
     on_skip: Callable[[str], None] | None = None,
+    on_pair: Callable[[str, int], None] | None = None,
+    on_done: Callable[[PairResult], None] | None = None,
 ) -> tuple[dict, list[str]]:
     """Run every pair, write bench.json, bench.md and the plots; return (json, skipped).
 
     A pair that cannot be loaded (PairError) is skipped with its message, passed to
     `on_skip` and listed in the outputs; the other pairs still run. If none can, that is
-    an error (the first pair's message)."""
+    an error (the first pair's message). `on_pair(name, n_policies)` is called as a pair
+    starts, `progress(policy)` as each of its policies is done, `on_done(result)` as it
+    finishes."""
     pairs, skipped = find_pairs(traces)
     if only:
         unknown = [n for n in only if n not in {p.name for p in pairs}]
@@ -299,7 +327,11 @@ def run_bench(
     failed: list[str] = []
     for pair in pairs:
         try:
-            result = run_pair(pair, on_policy=progress)
+            result = run_pair(
+                pair,
+                on_policy=progress,
+                on_start=None if on_pair is None else lambda n, name=pair.name: on_pair(name, n),
+            )
         except PairError as exc:
             failed.append(f"skipped {pair.name}: {exc}")
             if on_skip:
@@ -308,6 +340,8 @@ def run_bench(
         out.mkdir(parents=True, exist_ok=True)
         plot_pair(result, out / f"{pair.name}.png")
         results.append(result)
+        if on_done:
+            on_done(result)
     if not results:
         raise PairError(f"no pair of {traces} could be benchmarked: {failed[0]}")
     skipped = sorted(skipped + failed)

@@ -13,7 +13,7 @@ Steps (research/ttamer.md §6, with the fixes reference-numbers.md calls for):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -531,8 +531,24 @@ class HeldOutCurve:
         return area_under(pareto_envelope(points))
 
 
+# What a long fit reports as it goes (the CLI draws it on a terminal): the phase, and how
+# many of its steps are done out of how many.
+Progress = Callable[[str, int, int], None]
+
+
+def _quiet(phase: str, done: int, total: int) -> None:
+    """No progress to show."""
+
+
+CV_PHASE = "bins and shrinkage (cross-validation)"
+
+
 def choose_resolution(
-    cv: HeldOutCurve, scores: SetScores, n_rows: int, n_bins: int | None = None
+    cv: HeldOutCurve,
+    scores: SetScores,
+    n_rows: int,
+    n_bins: int | None = None,
+    progress: Progress = _quiet,
 ) -> tuple[float, int]:
     """Shrinkage (pseudo-rows toward pooled estimates) and bins per node with the largest
     held-out curve area. Few calibration rows call for strong shrinkage and coarse bins,
@@ -542,7 +558,11 @@ def choose_resolution(
     scales = BIN_SCALES if n_bins is None else (1.0,)
     base = base if n_bins is None else n_bins
     grid = [(k, max(2, round(scale * base))) for k in KAPPAS for scale in scales]
-    areas = [cv.area(scores, kappa, n_bins) for kappa, n_bins in grid]
+    areas = []
+    for kappa, bins in grid:
+        progress(CV_PHASE, len(areas), len(grid))
+        areas.append(cv.area(scores, kappa, bins))
+    progress(CV_PHASE, len(grid), len(grid))
     return grid[int(np.argmax(areas))]
 
 
@@ -659,7 +679,10 @@ class FittedIndex:
         use_difficulty: bool = True,
         transitions: TransitionSpec | None = None,
         n_bins: int | None = None,
+        progress: Progress | None = None,
     ) -> None:
+        step = progress or _quiet
+        step("nodes", 0, 1)
         if models is None and isinstance(transitions, Mapping):  # the map names the nodes
             models = sorted({m for src, dst in transitions.items() for m in [src, *dst]} - {START})
         if models:
@@ -677,8 +700,10 @@ class FittedIndex:
         self.train = train
         self.transitions = transitions
         self.allowed = allowed_edges(transitions, [train.models[j] for j in self.nodes])
+        step("length calibration", 0, 1)
         self.length_calibrators, train_conf = fit_length_calibrators(train, self.nodes)
         sig = Signals.of(train, self.nodes, confidence=train_conf)
+        step("answer posterior (out-of-fold)", 0, 1)
         self.posterior = fit_posterior(sig)
         oof = out_of_fold_scores(sig, self.posterior, folds=folds, seed=seed)
         self.recall_margin = choose_recall_margin(oof, sig.correct) if recall else 0.0
@@ -686,6 +711,7 @@ class FittedIndex:
         self.difficulty: DifficultyModel | None = None
         root_train = None
         if use_difficulty and len(train) >= MIN_ROWS_FOR_DIFFICULTY:
+            step("prompt difficulty", 0, 1)
             prompts = [train.prompt(i) for i in range(len(train))]
             self.difficulty, root_train = fit_difficulty(prompts, sig.correct.mean(axis=1))
         self._root_train = root_train
@@ -693,8 +719,9 @@ class FittedIndex:
         self.node_cost_usd = np.nanmean(train.cost_usd[:, self.nodes], axis=0)
         self.costs = self.node_cost_usd / self.reference_cost
         cv = HeldOutCurve(train, self.nodes, self.costs, recall, root_train, allowed=self.allowed)
-        self.kappa, self.n_bins = choose_resolution(cv, self.oof, len(train), n_bins)
+        self.kappa, self.n_bins = choose_resolution(cv, self.oof, len(train), n_bins, step)
         self.warnings = resolution_warnings(len(train), self.n_bins, root_train)
+        step("state model", 0, 1)
         self.states = fit_states(
             self.oof,
             sig.correct,

@@ -10,6 +10,12 @@ import hashlib
 import json
 
 SCHEMA = "cascade.policy/v1"
+# How `hash` is computed. Artifacts without this field were hashed over everything but the
+# hash, `created` included, so refitting the same data gave a new hash every time; they are
+# still verified that way. Since content/v2 the hash leaves `created` out: same fit, same hash.
+HASH_RULE = "content/v2"
+LEGACY_HASH_RULE = "all-but-hash/v1"  # implied when `hash_rule` is absent
+_LEFT_OUT = {HASH_RULE: ("hash", "created"), LEGACY_HASH_RULE: ("hash",)}
 REQUIRED = (
     "schema",
     "hash",
@@ -28,8 +34,13 @@ class ArtifactError(ValueError):
 
 
 def content_hash(art: dict) -> str:
-    """sha256 of the canonical JSON of everything except the hash itself."""
-    body = {k: v for k, v in art.items() if k != "hash"}
+    """sha256 of the canonical JSON of the artifact, by the rule it names in `hash_rule`:
+    everything but `hash` and `created` (content/v2), or, for artifacts written before that
+    field existed, everything but `hash`."""
+    rule = art.get("hash_rule", LEGACY_HASH_RULE)
+    if not isinstance(rule, str) or rule not in _LEFT_OUT:
+        raise ArtifactError(f"unknown hash_rule {rule!r} (this version knows {HASH_RULE!r})")
+    body = {k: v for k, v in art.items() if k not in _LEFT_OUT[rule]}
     blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
@@ -49,6 +60,10 @@ def parse_artifact(text: str, source: str) -> dict:
     missing = [k for k in REQUIRED if k not in art]
     if missing:
         raise ArtifactError(f"policy artifact {source}: missing field(s) {missing}")
-    if content_hash(art) != art["hash"]:
+    try:
+        expected = content_hash(art)
+    except ArtifactError as exc:
+        raise ArtifactError(f"policy artifact {source}: {exc}") from None
+    if expected != art["hash"]:
         raise ArtifactError(f"policy artifact {source}: content does not match its hash (edited?)")
     return art

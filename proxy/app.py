@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from policies.artifact import ArtifactError, parse_artifact
-from proxy import metrics
+from proxy import announce, metrics
 from proxy.backends.base import Backend, CallResult, StreamChunk
 from proxy.backends.common import FORWARDED_PARAMS
 from proxy.config import Config, ModelConfig
@@ -43,6 +43,7 @@ from proxy.reload import (
     ReloadError,
     ReloadSignal,
 )
+from proxy.reload import describe as describe_reload
 from proxy.request_checks import (
     COUNT_PARAMS,
     NUMBER_PARAMS,
@@ -198,6 +199,7 @@ class ProxyState:
     engines: dict[str, CascadeEngine]
     reference_prices: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     client_keys: set[str] = field(default_factory=set)
+    key_names: dict[str, str] = field(default_factory=dict)  # key -> name, for the ledger
     admin_key: str | None = None
     ledger: LedgerWriter | None = None
     secrets: frozenset[str] = frozenset()  # keys never to echo in an error body
@@ -274,6 +276,7 @@ def build_state(config: Config) -> ProxyState:
         engines=engines,
         reference_prices=prices,
         client_keys=config.client_keys(),
+        key_names={k: name for k, name in config.key_names().items() if name},
         admin_key=admin_key,
         ledger=make_ledger(config.database_url),
         secrets=frozenset(k for k in {*upstream_keys, *config.client_keys(), admin_key} if k),
@@ -323,6 +326,7 @@ def create_app(state: ProxyState) -> FastAPI:
         # request, measured at concurrency 32).
         gc.collect()
         gc.freeze()
+        announce.started(state)
         yield
         for watcher in watchers:
             watcher.cancel()
@@ -333,6 +337,7 @@ def create_app(state: ProxyState) -> FastAPI:
             await asyncio.to_thread(state.ledger.close)
         for engine in reports_engine:
             engine.dispose()
+        announce.stopped(state)
 
     app = CascadeApp(
         title="cascade", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan
@@ -347,7 +352,7 @@ def create_app(state: ProxyState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return ApiError(exc.status_code, str(exc.detail), code=code).response(exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -520,6 +525,9 @@ def create_app(state: ProxyState) -> FastAPI:
             done = await asyncio.to_thread(state.policy_files.reload)
         except ReloadError as exc:
             raise ApiError(400, str(exc), code="reload_failed") from None
+        logging.getLogger("cascade.reload").info(
+            "policy reloaded (POST /admin/reload): %s", describe_reload(done)
+        )
         if state.reload_signal is None:
             return JSONResponse({"reloaded": done})
         state.reload_signal.bump()  # the other workers follow within SIGNAL_POLL_S

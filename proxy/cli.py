@@ -31,6 +31,18 @@ app = typer.Typer(
 DEFAULT_TRACES = Path("../shared/data/traces")
 
 
+PIPE_WIDTH = 100_000  # columns of a table written to a pipe or file: never wrapped
+
+
+def _console(stderr: bool = False):
+    """A rich console for tables: the terminal's width on a terminal; on a pipe or file as
+    wide as the table, so that no cell is folded at rich's default of 80 columns."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else PIPE_WIDTH)
+
+
 def fail(message: str) -> None:
     """Print one clear error line and exit 2 (bad input; nothing was written)."""
     typer.echo(f"error: {message}", err=True)
@@ -111,29 +123,38 @@ def fit(
         if not out.parent.is_dir():
             fail(f"output folder {out.parent} does not exist")
         start = time.perf_counter()
-        traces = _load_with_costs(train)
-        if tiers:
-            from calibration.tiers import add_tiers, parse_tiers
+        with _FitProgress() as shown:
+            shown("reading traces", 0, 1)
+            traces = _load_with_costs(train)
+            if tiers:
+                from calibration.tiers import add_tiers, parse_tiers
 
-            traces = add_tiers(traces, parse_tiers(tiers))
-        names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-        fitted = FittedIndex(
-            traces,
-            recall=recall,
-            models=names,
-            transitions=parse_spec_text(transitions),
-            n_bins=bins,
-        )
-        mu, target = choose_mu(
-            fitted,
-            lam=lam,
-            target_accuracy=target_accuracy,
-            max_cost_usd=max_cost_usd,
-            mus=DEFAULT_MUS,
-        )
-        art = build_artifact(
-            fitted, mu, train_path=str(train), answer_kind=traces.kind, target=target
-        )
+                traces = add_tiers(traces, parse_tiers(tiers))
+            names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+            fitted = FittedIndex(
+                traces,
+                recall=recall,
+                models=names,
+                transitions=parse_spec_text(transitions),
+                n_bins=bins,
+                progress=shown,
+            )
+            mu, target = choose_mu(
+                fitted,
+                lam=lam,
+                target_accuracy=target_accuracy,
+                max_cost_usd=max_cost_usd,
+                mus=DEFAULT_MUS,
+                progress=shown,
+            )
+            art = build_artifact(
+                fitted,
+                mu,
+                train_path=str(train),
+                answer_kind=traces.kind,
+                target=target,
+                progress=shown,
+            )
         save_artifact(art, out)
     except _input_errors() as exc:
         fail(str(exc))
@@ -170,7 +191,6 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{policy} on {test}", show_header=False)
@@ -195,7 +215,7 @@ def evaluate(
     ]
     for k, v in rows:
         table.add_row(k, v)
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command()
@@ -217,38 +237,38 @@ def bench(
     skipped with its reason (printed, and listed in bench.md and bench.json); the others
     still run. Exit status: 0 every complete pair ran, 1 some were skipped for bad input,
     2 nothing could run.
-    """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    Each pair's verdict (index AUC, the best baseline's, cost within a point) is printed as
+    the pair finishes; on a terminal, bars show pairs and policies done and the time left.
+    """
     try:
-        from calibration.bench import find_pairs, run_bench
+        from calibration.bench import find_pairs, run_bench, verdict
 
         pairs, skipped = find_pairs(traces)
         for message in skipped:
             typer.echo(message, err=True)
         n = len([p for p in pairs if not only or p.name in only])
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} policies"),
-            TimeElapsedColumn(),
-            transient=not sys.stderr.isatty(),
-            disable=bool(os.environ.get("CASCADE_NO_PROGRESS")),
-        ) as progress:
-            task = progress.add_task("bench", total=None)
-            done = {"n": 0}
-
-            def tick(name: str) -> None:
-                done["n"] += 1
-                progress.update(task, completed=done["n"], description=f"bench: {name}")
-
-            failed: list[str] = []
+        failed: list[str] = []
+        with _BenchProgress(n) as shown:
 
             def skip(message: str) -> None:
                 failed.append(message)
-                typer.echo(message, err=True)
+                shown.advance_pair()
+                shown.warn(message)
 
-            doc, _ = run_bench(traces, out, only=only, progress=tick, on_skip=skip)
+            def done(result) -> None:
+                shown.advance_pair()
+                shown.say(verdict(result))  # as each pair finishes, not only at the end
+
+            doc, _ = run_bench(
+                traces,
+                out,
+                only=only,
+                progress=shown.policy_done,
+                on_skip=skip,
+                on_pair=shown.pair_started,
+                on_done=done,
+            )
     except _input_errors() as exc:
         fail(str(exc))
     _print_bench_summary(doc, n - len(failed), out)
@@ -257,8 +277,140 @@ def bench(
         raise typer.Exit(code=1)
 
 
+class _FitProgress:
+    """`cascade fit`'s phases on a terminal (node selection, length calibration, the
+    posterior, cross-validation of the bins, the lambda search, ...): the phase, its steps
+    done and the time left. Nothing elsewhere (fit's output is its summary)."""
+
+    def __init__(self) -> None:
+        self.live = None
+        self.task = None
+        self.phase = ""
+        if not _progress_shown():
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.live = Progress(
+            SpinnerColumn(),
+            TextColumn("fit: {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=_console(stderr=True),
+            transient=True,
+        )
+
+    def __enter__(self) -> _FitProgress:
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.live is None:
+            return
+        if phase != self.phase:
+            if self.task is not None:
+                self.live.update(self.task, completed=self.live.tasks[self.task].total)
+            self.task = self.live.add_task(phase, total=total)
+            self.phase = phase
+        self.live.update(self.task, completed=done, total=total)
+
+
+def _progress_shown() -> bool:
+    """A live progress display: only on a terminal (stderr), unless CASCADE_NO_PROGRESS."""
+    return sys.stderr.isatty() and not os.environ.get("CASCADE_NO_PROGRESS")
+
+
+class _BenchProgress:
+    """`cascade bench` as it runs. On a terminal: a bar of pairs done (with time left) and
+    one of the current pair's policies done, and each pair's verdict above them as it
+    finishes. Elsewhere: the verdict lines alone, one plain line per pair on stdout."""
+
+    def __init__(self, n_pairs: int) -> None:
+        self.live = None
+        if not _progress_shown():
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.live = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=_console(stderr=True),
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.pairs = self.live.add_task("bench", total=n_pairs, unit="pairs")
+        self.policies = self.live.add_task("", total=None, unit="policies", visible=False)
+        self.pairs_done = 0
+        self.n_policies = 1
+
+    def __enter__(self) -> _BenchProgress:
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def pair_started(self, name: str, n_policies: int) -> None:
+        if self.live is not None:
+            self.n_policies = max(1, n_policies)
+            self.live.reset(self.policies, total=n_policies, description=name, visible=True)
+
+    def policy_done(self, name: str) -> None:
+        if self.live is not None:
+            self.live.advance(self.policies)
+            # pairs advance by policies too: the time left is known before a pair ends
+            policies = self.live.tasks[self.policies].completed
+            done = self.pairs_done + min(policies / self.n_policies, 0.99)
+            self.live.update(self.pairs, completed=done)
+
+    def advance_pair(self) -> None:
+        if self.live is not None:
+            self.pairs_done += 1
+            self.live.update(self.pairs, completed=self.pairs_done)
+
+    def say(self, line: str) -> None:
+        """A line for stdout; above the bars when both are the same terminal."""
+        if self.live is not None and sys.stdout.isatty():
+            self.live.console.print(line, markup=False, highlight=False)
+        else:
+            typer.echo(line)
+
+    def warn(self, line: str) -> None:
+        """A line for stderr, above the bars."""
+        if self.live is not None:
+            self.live.console.print(line, markup=False, highlight=False)
+        else:
+            typer.echo(line, err=True)
+
+
 def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     summary = doc["summary"]
@@ -276,7 +428,7 @@ def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
             f"{s['acc_at_20']:.3f}",
             f"{s['acc_at_50']:.3f}",
         )
-    Console().print(table)
+    _console().print(table)
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'} and one PNG per pair")
 
 
@@ -403,11 +555,17 @@ def serve(
             "ledger writer and spool file; about one per core.",
         ),
     ] = 1,
+    access_log: Annotated[
+        bool, typer.Option("--access-log", help="Log every HTTP request (uvicorn's access log).")
+    ] = False,
 ) -> None:
     """Run the OpenAI-compatible proxy: POST /v1/chat/completions with a cascade or model name.
 
     Also serves GET /v1/models, GET /health and GET /metrics (Prometheus; per worker process).
+    Logs to stderr one line at start (address, cascades and their policies, database, spool),
+    one per policy reload and one at shutdown.
     """
+    sock = _listen(host, port)  # first: a busy port is an error at once, before any loading
     from proxy.config import ConfigError, load_config
     from proxy.ledger.db import DatabaseUnavailable, SchemaError
 
@@ -415,13 +573,16 @@ def serve(
         cfg = load_config(config)
         state = _build_state(cfg)  # with --workers too: a bad config fails here, once
     except (ConfigError, SchemaError, DatabaseUnavailable, ValueError, OSError) as exc:
+        sock.close()
         fail(str(exc))
     if workers > 1:
         del state  # each worker builds its own from the same file
         path = config if config is not None else Path(os.environ["CASCADE_CONFIG"])
-        _run_server(None, host, port, workers=workers, config_path=path.resolve())
+        _run_server(
+            None, sock, host, workers=workers, config_path=path.resolve(), access_log=access_log
+        )
         return
-    _run_server(state, host, port)
+    _run_server(state, sock, host, access_log=access_log)
 
 
 def _build_state(cfg):
@@ -430,28 +591,135 @@ def _build_state(cfg):
     return build_state(cfg)
 
 
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+
+def _listen(host: str, port: int):
+    """A socket listening on host:port, bound as uvicorn binds (SO_REUSEADDR: a restart right
+    after a crash is not refused while the old connections linger in TIME_WAIT). Bound here,
+    before anything slow loads, so a busy port is an error within a second, and handed to
+    uvicorn as it is, so nothing can take the port between this check and serving."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            fail(f"cannot listen: port {port} on {host} is in use (choose another with --port)")
+        if exc.errno == errno.EACCES:
+            fail(f"cannot listen on {host}:{port}: permission denied (a port below 1024?)")
+        if exc.errno == errno.EADDRNOTAVAIL:
+            fail(f"cannot listen on {host}:{port}: {host} is not an address of this machine")
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    sock.set_inheritable(True)  # for uvicorn's worker processes
+    return sock
+
+
+def _address(host: str, sock) -> str:
+    port = sock.getsockname()[1]  # the real one, also for --port 0
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _log_config(access_log: bool) -> dict:
+    """uvicorn's logging, quieter (its own start-up lines are replaced by cascade's), with the
+    `cascade` logger's lines (start, reloads, shutdown) and the access log on stderr. Given to
+    uvicorn, so that every worker process configures it too."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["cascade"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["formatters"]["access"]["fmt"] = (
+        '%(asctime)s %(levelname)s access: %(client_addr)s "%(request_line)s" %(status_code)s'
+    )
+    config["handlers"]["cascade"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "cascade",
+        "stream": "ext://sys.stderr",
+    }
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config["loggers"]["uvicorn.error"] = {"level": "WARNING"}
+    config["loggers"]["uvicorn.access"]["level"] = "INFO" if access_log else "WARNING"
+    config["loggers"]["cascade"] = {"handlers": ["cascade"], "level": "INFO", "propagate": False}
+    return config
+
+
 def _run_server(
-    state, host: str, port: int, workers: int = 1, config_path: Path | None = None
+    state,
+    sock,
+    host: str,
+    workers: int = 1,
+    config_path: Path | None = None,
+    access_log: bool = False,
+    on_started=None,
 ) -> None:
-    """Serve `state` in this process; or, with workers > 1, spawn uvicorn workers that each
-    build their state from `config_path` (handed over as $CASCADE_CONFIG)."""
+    """Serve `state` on the listening socket `sock` in this process (`on_started()` once it
+    serves); or, with workers > 1, spawn uvicorn workers sharing `sock` that each build
+    their state from `config_path` (handed over as $CASCADE_CONFIG)."""
     import uvicorn
 
+    from proxy.announce import LISTEN_ENV
     from proxy.app import create_app
 
-    options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
-    if workers > 1:
-        import tempfile
+    port = sock.getsockname()[1]
+    os.environ[LISTEN_ENV] = _address(host, sock)  # for the start line, workers' too
+    options = {
+        "host": host,
+        "port": port,
+        "log_config": _log_config(access_log),
+        "log_level": None,
+        "access_log": access_log,
+    }
+    try:
+        if workers > 1:
+            import tempfile
 
-        from proxy.reload import RELOAD_SIGNAL_ENV
+            from proxy.reload import RELOAD_SIGNAL_ENV
 
-        os.environ["CASCADE_CONFIG"] = str(config_path)  # inherited by the spawned workers
-        with tempfile.TemporaryDirectory(prefix="cascade-reload-") as shared:
-            # POST /admin/reload reaches one worker; it bumps this file and the rest follow
-            os.environ[RELOAD_SIGNAL_ENV] = str(Path(shared) / "reload")
-            uvicorn.run("proxy.app:create_app_from_env", factory=True, workers=workers, **options)
-        return
-    uvicorn.run(create_app(state), **options)
+            os.environ["CASCADE_CONFIG"] = str(config_path)  # inherited by the spawned workers
+            with tempfile.TemporaryDirectory(prefix="cascade-reload-") as shared:
+                # POST /admin/reload reaches one worker; it bumps this file and the rest follow
+                os.environ[RELOAD_SIGNAL_ENV] = str(Path(shared) / "reload")
+                config = uvicorn.Config(
+                    "proxy.app:create_app_from_env", factory=True, workers=workers, **options
+                )
+                _supervise(config, sock)
+            return
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None) -> None:
+                await super().startup(sockets=sockets)
+                if self.started and on_started is not None:
+                    on_started()
+
+        server = Server(uvicorn.Config(create_app(state), **options))
+        server.run(sockets=[sock])
+        if not server.started:
+            raise typer.Exit(code=3)  # uvicorn's start-up failure status; it said why
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+
+
+def _supervise(config, sock) -> None:
+    """uvicorn's supervisor of worker processes, on an already listening socket."""
+    import inspect
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.30
+        Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    else:
+        Multiprocess(config, sockets=[sock]).run()
 
 
 DEMO_TARGET = 0.8  # of gpt-4's accuracy: Mixtral answers most questions, some escalate
@@ -489,16 +757,18 @@ def demo(
         typer.Option(help="Answer this one question and print the cascade trace, no server."),
     ] = None,
 ) -> None:
-    """Serve a demo cascade on embedded defaults: no GPU, no API key, no database.
+    """Serve a demo cascade on embedded defaults: no GPU, no API key, no database server.
 
     Two recorded models (Mixtral-8x7B-Instruct, gpt-4-1106-preview) answer GSM8K questions
     from the Apache-2.0 RouteLLM traces shipped in proxy/demo; the policy is fitted on the
     train part at start. Any question of the test part is answered; others get a clear error.
+    Requests are ledgered in ./cascade.db (SQLite; $CASCADE_DATABASE_URL may name another).
     """
     import tempfile
 
     from proxy import demo as demo_data
 
+    sock = _listen(host, port) if ask is None else None  # a busy port fails before the fit
     typer.echo("fitting the demo policy on the shipped GSM8K train traces ...", err=True)
     with tempfile.TemporaryDirectory(prefix="cascade-demo-") as tmp:
         try:
@@ -506,18 +776,21 @@ def demo(
         except _input_errors() as exc:
             fail(str(exc))
         test = _load_with_costs(demo_data.TEST)
-        if ask is not None:
+        if sock is None:
             _ask(state, ask, test)
             return
         example = test.messages[0][-1]["content"]
-        _print_demo_banner(host, port, example, art)
-        _run_server(state, host, port)
+        address, ledger = _address(host, sock), state.config.database_url
+
+        def banner() -> None:  # once the server answers: never before a failure
+            _print_demo_banner(address, example, art, ledger)
+
+        _run_server(state, sock, host, on_started=banner)
 
 
 def _ask(state, question: str, test) -> None:
     import asyncio
 
-    from rich.console import Console
     from rich.table import Table
 
     from proxy import demo as demo_data
@@ -548,7 +821,7 @@ def _ask(state, question: str, test) -> None:
             "n/a" if c.result.cost_usd is None else f"${c.result.cost_usd:.6f}",
             c.decision,
         )
-    console = Console()
+    console = _console()
     console.print(table)
     last = run.calls[-1] is run.answer
     why = "the last model called" if last else "recalled: the most likely right of those called"
@@ -558,10 +831,12 @@ def _ask(state, question: str, test) -> None:
     console.print(run.answer.result.text)
 
 
-def _print_demo_banner(host: str, port: int, example: str, art: dict) -> None:
+def _print_demo_banner(url: str, example: str, art: dict, database_url: str) -> None:
     from proxy import demo as demo_data
+    from proxy.ledger.db import safe_url, sqlite_file
 
-    url = f"http://{host}:{port}"
+    path = sqlite_file(database_url)
+    ledger = safe_url(database_url) if path is None else f"sqlite:///{path.resolve()}"
     body = json.dumps(
         {"model": demo_data.CASCADE, "messages": [{"role": "user", "content": example}]}
     )
@@ -573,6 +848,10 @@ def _print_demo_banner(host: str, port: int, example: str, art: dict) -> None:
         f"expected (train, out-of-fold): accuracy {exp['accuracy']:.3f} against "
         f"{art['training']['reference_accuracy']:.3f} for {art['reference_model']} alone, at "
         f"{exp['cost_fraction']:.2f} of its cost; {exp['calls_per_query']:.2f} calls per question",
+        f"lambda {art['lambda']:.3f} (the cheapest setting reaching {DEMO_TARGET:.0%} of "
+        f'{art["reference_model"]}\'s accuracy on train); per request, "cascade": '
+        '{"lambda": 0.99} buys accuracy, {"max_cost_usd": 0.001} caps the cost',
+        f"ledger: {ledger}  (from any folder: cascade report spend --database-url {ledger})",
         f"serving on {url}  (Ctrl-C to stop); it answers the questions of {demo_data.TEST.name}",
         "",
         "curl:",
@@ -739,7 +1018,6 @@ def _report(
         for note in report.notes:
             typer.echo(note, err=True)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -750,7 +1028,7 @@ def _report(
         table.add_column(col, overflow="fold")
     for row in report.rows:
         table.add_row(*("n/a" if row[c] is None else str(row[c]) for c in report.columns))
-    console = Console()
+    console = _console()
     console.print(table)
     if not report.rows:
         console.print("no requests in the window")
@@ -768,7 +1046,8 @@ UrlOpt = Annotated[str | None, typer.Option(help="SQLAlchemy URL of the ledger."
 
 
 REPORTS = {
-    "spend": "Requests, calls, tokens and cost per model (default), day, cascade or key.",
+    "spend": "Requests, calls, tokens and cost per model (default), day, cascade or key. By "
+    "model: requests_answered under the model that answered, calls_made under the one called.",
     "savings": "Actual cost against always calling the reference model, per cascade (default).",
     "exits": "Where queries stop: calls per request, the model returned, and the recall rate.",
     "latency": "p50/p95/p99 latency of requests overall and per model (from the calls).",

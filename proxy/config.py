@@ -7,7 +7,8 @@ models:
   gpt4o: {backend: litellm, model: openai/gpt-4o, api_key_env: OPENAI_API_KEY}
 cascades:
   default: {nodes: [small, gpt4o], transitions: skips, reference: gpt4o, policy: policy.json}
-server: {api_keys_env: CASCADE_API_KEYS, admin_key_env: CASCADE_ADMIN_KEY}
+server: {api_keys: {alice: sk-alice-1, batch-jobs: sk-batch-2},   # name: key
+         api_keys_env: CASCADE_API_KEYS, admin_key_env: CASCADE_ADMIN_KEY}
 database_url: sqlite:///cascade.db
 ```
 
@@ -100,13 +101,49 @@ class CascadeConfig(_Strict):
         return self
 
 
+KEY_NAME_MAX = 64  # the ledger's api_key column
+
+
+class NamedKey(_Strict):
+    """A client key with the name the ledger and `cascade report --by key` show for it."""
+
+    name: str = Field(min_length=1, max_length=KEY_NAME_MAX)
+    key: str = Field(min_length=1)
+
+
 class ServerConfig(_Strict):
-    api_keys: list[str] = Field(default_factory=list)  # empty: no client auth
-    api_keys_env: str | None = None  # comma-separated keys in this env var
+    # client keys (empty: no client auth): a list of keys and/or {name, key} objects, or a
+    # mapping name -> key; a key without a name is ledgered as a hash of it
+    api_keys: list[str | NamedKey] = Field(default_factory=list)
+    api_keys_env: str | None = None  # comma-separated keys in this env var, each KEY or NAME:KEY
     admin_key_env: str | None = None
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     policy_watch_s: float = Field(default=2.0, ge=0)  # reload changed artifacts; 0: never
     request_timeout_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> list[str | NamedKey]:
+        """Keys as given (a mapping name -> key, or a list of keys and {name, key}), each
+        checked here so that a mistake is one plain message, not a union's every branch."""
+        if isinstance(value, dict):
+            value = [{"name": name, "key": key} for name, key in value.items()]
+        if not isinstance(value, list):
+            raise ValueError("a list of keys and {name, key} objects, or a mapping name -> key")
+        out: list[str | NamedKey] = []
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and set(item) == {"name", "key"}:
+                name, key = item["name"], item["key"]
+                if not isinstance(name, str) or not 0 < len(name) <= KEY_NAME_MAX:
+                    raise ValueError(f"[{i}]: a name is a string of 1-{KEY_NAME_MAX} characters")
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"[{i}] ({name}): the key must be a non-empty string")
+                out.append(NamedKey(name=name, key=key))
+            elif isinstance(item, str) and item:
+                out.append(item)
+            else:
+                raise ValueError(f"[{i}]: expected a non-empty key or {{name, key}}")
+        return out
 
 
 class Config(_Strict):
@@ -130,14 +167,42 @@ class Config(_Strict):
                 raise ValueError(
                     f"cascades.{name}.explore_grader: judge model {judge!r} is not configured"
                 )
+        self.key_names()  # a name given to two keys, or two names to one key
         return self
 
     def client_keys(self) -> set[str]:
-        keys = set(self.server.api_keys)
-        if self.server.api_keys_env:
-            raw = os.environ.get(self.server.api_keys_env, "")
-            keys |= {k.strip() for k in raw.split(",") if k.strip()}
-        return keys
+        return set(self.key_names())
+
+    def key_names(self) -> dict[str, str | None]:
+        """Every client key with its name (None: unnamed), from `server.api_keys` and the
+        variable `server.api_keys_env` names. ConfigError for a name given to two keys or
+        two names given to one key."""
+        pairs: list[tuple[str, str | None, str]] = []  # key, name, where it was given
+        for i, item in enumerate(self.server.api_keys):
+            where = f"server.api_keys[{i}]"
+            named = isinstance(item, NamedKey)
+            pairs.append((item.key, item.name, where) if named else (item, None, where))
+        env = self.server.api_keys_env
+        if env:
+            for entry in (e.strip() for e in os.environ.get(env, "").split(",")):
+                name, sep, key = entry.partition(":")
+                if not sep:
+                    name, key = "", entry
+                name, key = name.strip(), key.strip()
+                if len(name) > KEY_NAME_MAX:
+                    raise ConfigError(f"${env}: key name {name[:20]!r}... is too long")
+                if key:
+                    pairs.append((key, name or None, f"${env}"))
+        names: dict[str, str | None] = {}
+        owner: dict[str, str] = {}
+        for key, name, where in pairs:
+            if key in names and names[key] is not None and name not in (None, names[key]):
+                raise ConfigError(f"{where}: a key named {names[key]!r} is also named {name!r}")
+            if name is not None and owner.setdefault(name, key) != key:
+                raise ConfigError(f"{where}: the key name {name!r} is given to two keys")
+            if names.get(key) is None:
+                names[key] = name
+        return names
 
     def admin_key(self) -> str | None:
         env = self.server.admin_key_env

@@ -90,12 +90,18 @@ class PolicyFiles:
                     log.warning("policy reload skipped, still serving the old policy: %s", exc)
                     continue
                 failed.pop(name, None)
-                log.warning(
-                    "cascade %s: policy reloaded (%s -> %s)",
-                    name,
-                    (done["old_hash"] or "none")[:19],
-                    (done["policy_hash"] or "none")[:19],
-                )
+                log.info("policy reloaded (its file changed): %s", describe({name: done}))
+
+
+def describe(done: dict[str, dict]) -> str:
+    """What a reload did, for its log line: `cascade qa sha256:... -> sha256:...` each."""
+    if not done:
+        return "no cascade has a policy file"
+    return ", ".join(
+        f"cascade {name} {(d['old_hash'] or 'none')[:19]} -> {(d['policy_hash'] or 'none')[:19]}"
+        + (" (unchanged)" if d["old_hash"] == d["policy_hash"] else "")
+        for name, d in done.items()
+    )
 
 
 RELOAD_SIGNAL_ENV = "CASCADE_RELOAD_SIGNAL"  # set by `cascade serve --workers N`
@@ -144,7 +150,7 @@ class ReloadSignal:
             except ReloadError as exc:
                 log.warning("reload asked by another worker failed, old policy kept: %s", exc)
                 continue
-            log.warning("policies reloaded as another worker asked: %s", sorted(done))
+            log.info("policy reloaded (another worker was asked to): %s", describe(done))
 
 
 def _stamp(path: str) -> tuple[float, int] | None:

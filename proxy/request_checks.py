@@ -29,6 +29,8 @@ COUNT_PARAMS = ("max_tokens", "max_completion_tokens", "n")
 # JSON nested deeper than this is refused: encoders (orjson: 255 levels) must be able to
 # forward whatever is accepted
 MAX_DEPTH = 128
+# Error codes of a body that is JSON but not a chat request (OpenAI's own are as coarse).
+INVALID_PARAMETER = "invalid_parameter"
 
 
 def request_header(request: Request, name: bytes) -> str:
@@ -182,13 +184,20 @@ def _too_large(limit: int) -> ApiError:
 
 
 def validate(body: dict) -> tuple[str, list[dict], bool, bool]:
+    """The fields the proxy relies on, checked; each refusal names its field (`param`) and
+    has a code: invalid_model, invalid_messages, or invalid_parameter."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' is required and must be a string", param="model")
+        raise ApiError(
+            400, "'model' is required and must be a string", param="model", code="invalid_model"
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(
-            400, "'messages' is required and must be a non-empty array", param="messages"
+            400,
+            "'messages' is required and must be a non-empty array",
+            param="messages",
+            code="invalid_messages",
         )
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
@@ -197,6 +206,7 @@ def validate(body: dict) -> tuple[str, list[dict], bool, bool]:
                 400,
                 f"messages[{i}] must be an object with a role in {sorted(ROLES)}",
                 param=f"messages[{i}]",
+                code="invalid_messages",
             )
         content = m.get("content")
         if content is not None and not (
@@ -207,23 +217,34 @@ def validate(body: dict) -> tuple[str, list[dict], bool, bool]:
                 f"messages[{i}].content must be a string or an array of parts (objects with "
                 "a string 'type' and, if any, a string 'text')",
                 param=f"messages[{i}].content",
+                code="invalid_messages",
             )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", param="stream")
+        raise ApiError(400, "'stream' must be a boolean", param="stream", code=INVALID_PARAMETER)
     options = body.get("stream_options")
     options = {} if options is None else options
     if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+        raise ApiError(
+            400,
+            "'stream_options' must be an object",
+            param="stream_options",
+            code=INVALID_PARAMETER,
+        )
     include_usage = options.get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise ApiError(
-            400, "'stream_options.include_usage' must be a boolean", param="stream_options"
+            400,
+            "'stream_options.include_usage' must be a boolean",
+            param="stream_options",
+            code=INVALID_PARAMETER,
         )
     for key in NUMBER_PARAMS:
         value = body.get(key)
         if value is not None and not _is_number(value):
-            raise ApiError(400, f"'{key}' must be a finite number", param=key)
+            raise ApiError(
+                400, f"'{key}' must be a finite number", param=key, code=INVALID_PARAMETER
+            )
     for key in COUNT_PARAMS:
         value = body.get(key)
         if isinstance(value, float) and value.is_integer():
@@ -231,7 +252,9 @@ def validate(body: dict) -> tuple[str, list[dict], bool, bool]:
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
-            raise ApiError(400, f"'{key}' must be a positive integer", param=key)
+            raise ApiError(
+                400, f"'{key}' must be a positive integer", param=key, code=INVALID_PARAMETER
+            )
     return model, messages, stream, bool(include_usage)
 
 

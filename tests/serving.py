@@ -142,11 +142,13 @@ def start_proxy(
     cwd: Path | None = None,
     stdout: Output = subprocess.PIPE,
     stderr: Output = subprocess.PIPE,
+    args: tuple[str, ...] = (),
 ) -> Running:
-    """`cascade serve --config config` on `port` (else a free one), not yet waited for.
-    `stdout`/`stderr` are as Popen's (pipes in text mode) or the path of a file to write."""
+    """`cascade serve --config config` on `port` (else a free one), with more command-line
+    `args`, not yet waited for. `stdout`/`stderr` are as Popen's (pipes in text mode) or
+    the path of a file to write."""
     port = port or free_port()
-    cmd = [str(CASCADE), "serve", "--config", str(config), "--port", str(port)]
+    cmd = [str(CASCADE), "serve", "--config", str(config), "--port", str(port), *args]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     opened: list[IO[Any]] = []

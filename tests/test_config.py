@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import ConfigError, load_config, parse_config
+from proxy.config import (
+    CascadeConfig,
+    Config,
+    ConfigError,
+    ModelConfig,
+    ServerConfig,
+    load_config,
+    parse_config,
+)
+from tests.serving import free_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MINIMAL = {
@@ -23,6 +32,38 @@ def test_the_readme_example_is_a_valid_config() -> None:
     config = parse_config(yaml.safe_load(block.group(1)), "README")
     assert config.cascades["qa"].nodes == ["llama-8b", "llama-70b", "gpt-4o"]
     assert config.models["gpt-4o"].backend == "litellm"
+
+
+def _every_key() -> set[str]:
+    """Every key the config takes, dotted (NAME: any model or cascade name)."""
+    assert set(Config.model_fields) == {"models", "cascades", "server", "database_url"}
+    return (
+        {"database_url"}
+        | {f"models.NAME.{k}" for k in ModelConfig.model_fields}
+        | {f"cascades.NAME.{k}" for k in CascadeConfig.model_fields}
+        | {f"server.{k}" for k in ServerConfig.model_fields}
+    )
+
+
+def test_the_readme_configuration_reference_lists_every_key() -> None:
+    text = README.read_text()
+    section = text.split("### Configuration reference", 1)[1].split("\n### ", 1)[0]
+    listed = set()
+    for row in re.findall(r"^\| `([^|]+)` \|", section, re.M):
+        first, *more = [k.strip(" `") for k in row.split(",")]
+        listed.add(first)
+        listed |= {first.rsplit(".", 1)[0] + "." + k for k in more}  # `a.b.x`, `y`
+    assert listed == _every_key()
+    for env in ("CASCADE_CONFIG", "CASCADE_DATABASE_URL"):
+        assert f"`{env}`" in section
+    assert "postgresql://user:pw@host:5432/db" in section
+
+
+def test_the_readme_local_trial_config_is_valid() -> None:
+    trial = README.read_text().split("<<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0]
+    config = parse_config(yaml.safe_load(trial), "README trial")
+    assert config.cascades["mmlu"].policy == "policy.json"
+    assert set(config.cascades["mmlu"].nodes) <= set(config.models)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +143,7 @@ def test_serve_refuses_a_bad_config_or_a_missing_policy(tmp_path: Path, data, me
     path.write_text(yaml.safe_dump(data))
     cascade = Path(sys.executable).with_name("cascade")
     res = subprocess.run(
-        [str(cascade), "serve", "--config", str(path), "--port", "1"],
+        [str(cascade), "serve", "--config", str(path), "--port", str(free_port())],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2
@@ -120,7 +161,7 @@ def test_serve_refuses_a_ledger_without_the_current_schema(tmp_path: Path) -> No
     cascade = Path(sys.executable).with_name("cascade")
     env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
     res = subprocess.run(
-        [str(cascade), "serve", "--config", str(path), "--port", "1"],
+        [str(cascade), "serve", "--config", str(path), "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert res.returncode == 2 and "cascade db upgrade" in res.stderr

@@ -321,6 +321,10 @@ def _migrations_with_a_second_revision(tmp_path: Path) -> Path:
 
 def test_check_schema_empty_behind_current_and_ahead(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with pytest.raises(SchemaError, match=r"does not exist; run `cascade db upgrade`"):
+        check_schema(url)
+    assert not (tmp_path / "ledger.db").exists()  # checking creates no file
+    (tmp_path / "ledger.db").touch()
     with pytest.raises(SchemaError, match=r"no ledger schema; run `cascade db upgrade`"):
         check_schema(url)
 

@@ -266,12 +266,15 @@ def body_of(content: object = "x", role: str = "user", model: object = "qa", **e
     ("body", "status", "param", "code"),
     [
         (b"{not json", 400, None, "invalid_json"),
-        ({"model": "qa"}, 400, "messages", None),
-        (body_of(model=7), 400, "model", None),
-        (body_of(role="robot"), 400, "messages[0]", None),
-        (body_of(content=5), 400, "messages[0].content", None),
-        (body_of(temperature="hot"), 400, "temperature", None),
-        (body_of(max_tokens=-3), 400, "max_tokens", None),
+        ({"model": "qa"}, 400, "messages", "invalid_messages"),
+        ({"model": "qa", "messages": []}, 400, "messages", "invalid_messages"),
+        (body_of(model=7), 400, "model", "invalid_model"),
+        (body_of(role="robot"), 400, "messages[0]", "invalid_messages"),
+        (body_of(content=5), 400, "messages[0].content", "invalid_messages"),
+        (body_of(temperature="hot"), 400, "temperature", "invalid_parameter"),
+        (body_of(max_tokens=-3), 400, "max_tokens", "invalid_parameter"),
+        (body_of(stream="yes"), 400, "stream", "invalid_parameter"),
+        (body_of(stream_options=[]), 400, "stream_options", "invalid_parameter"),
         (body_of(cascade={"policy": "magic"}), 400, "cascade.policy", "invalid_cascade_override"),
         (body_of(cascade={"lambda": 2}), 400, "cascade.lambda", "invalid_cascade_override"),
         (body_of(model="gpt-9"), 404, "model", "model_not_found"),
@@ -286,8 +289,7 @@ def test_bad_requests_get_openai_errors_and_call_nobody(
     error = r.json()["error"]
     assert set(error) >= {"message", "type", "param", "code"}
     assert error["param"] == param
-    if code:
-        assert error["code"] == code
+    assert error["code"] == code  # every refusal has a code a client can branch on
     assert calls_of(up) == {"small": 0, "large": 0}
 
 

@@ -96,18 +96,16 @@ def test_spend_by_model_cascade_key_day(filled, since):
     rows = by_group(rep)
     assert set(rows) == {"big", "small", "(none)"}
     big, small, none = rows["big"], rows["small"], rows["(none)"]
-    assert (big["requests"], big["calls"], big["tokens_in"], big["tokens_out"]) == (3, 3, 167, 108)
+    assert rep.columns[:3] == ["group", "requests_answered", "calls_made"]  # named as counted
+    assert any(n.startswith("by model: requests_answered counts") for n in rep.notes)
+    counts = ("requests_answered", "calls_made", "tokens_in", "tokens_out")
+    assert tuple(big[c] for c in counts) == (3, 3, 167, 108)
     assert big["cost_usd"] == pytest.approx(0.015)
     assert (big["unpriced_calls"], big["flag"]) == (0, "")
-    assert (small["requests"], small["calls"], small["tokens_in"], small["tokens_out"]) == (
-        3,
-        6,
-        250,
-        80,
-    )
+    assert tuple(small[c] for c in counts) == (3, 6, 250, 80)
     assert small["cost_usd"] == pytest.approx(0.0029)
     assert (small["unpriced_calls"], small["flag"]) == (2, "unpriced")
-    assert (none["requests"], none["calls"], none["cost_usd"]) == (2, 0, 0.0)
+    assert (none["requests_answered"], none["calls_made"], none["cost_usd"]) == (2, 0, 0.0)
     assert rep.unpriced_models == ["small"]
     assert any("unpriced: small" in n for n in rep.notes)
 
@@ -351,7 +349,8 @@ def test_admin_endpoint(tmp_path, monkeypatch):
         r = client.get(path, headers=admin)
         assert r.status_code == 200, r.text
         rows = {row["group"]: row for row in r.json()["rows"]}
-        assert rows["big"]["requests"] == 3 and rows["big"]["cost_usd"] == pytest.approx(0.015)
+        big = rows["big"]
+        assert big["requests_answered"] == 3 and big["cost_usd"] == pytest.approx(0.015)
         assert r.json()["unpriced_models"] == ["small"]
         r = client.get(f"/v1/cascade/reports/exits?since={ALL}", headers=admin)
         recalled = [x for x in r.json()["rows"] if x["kind"] == "recalled" and x["group"] == "qa"]

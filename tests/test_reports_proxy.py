@@ -350,9 +350,11 @@ def test_spend_matches_the_responses(served: Served, by: str):
     for doc in docs:
         got = rows_by_group(doc)
         assert set(got) == set(want), (doc["source"], set(got), set(want))
+        names = ("requests_answered", "calls_made") if by == "model" else ("requests", "calls")
+        assert doc["columns"][1:3] == list(names)
         for g, w in want.items():
             row = got[g]
-            assert (row["requests"], row["calls"], row["unpriced_calls"]) == (
+            assert (row[names[0]], row[names[1]], row["unpriced_calls"]) == (
                 w["requests"], w["calls"], w["unpriced_calls"]
             ), (by, g)  # fmt: skip
             if w["cost_usd"] is None:

@@ -6,6 +6,8 @@ startup and refuses to serve when it raises :class:`SchemaError`.
 
 from __future__ import annotations
 
+import sqlite3
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 VERSION_TABLE = "cascade_alembic_version"
@@ -46,6 +49,31 @@ def safe_url(url: str | URL) -> str:
         return normalize_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable database url>"
+
+
+def sqlite_file(url: str | URL) -> Path | None:
+    """The file of a file-backed SQLite URL (as SQLite opens it: relative to the working
+    directory); None for PostgreSQL, in-memory and `file:` URI databases."""
+    u = normalize_url(url)
+    database = u.database or ""
+    if u.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    if database.startswith("file:") or "uri" in u.query or "mode" in u.query:
+        return None
+    return Path(database)
+
+
+def _existing_file_engine(path: Path) -> Engine:
+    """An engine on the SQLite file at `path` that never creates it (mode=rw) and sets no
+    pragma: checking a ledger must not turn a file that is not one into a WAL database, as
+    make_engine's pragma would. (Not mode=ro: the last connection to close must be able to
+    fold a WAL ledger's -wal file back in and remove it, as every other one does.)"""
+    uri = f"file:{urllib.request.pathname2url(str(path.resolve()))}?mode=rw"
+    return create_engine(
+        "sqlite://",
+        creator=lambda: sqlite3.connect(uri, uri=True, timeout=30.0),
+        poolclass=NullPool,
+    )
 
 
 def make_engine(url: str | URL, *, foreign_keys: bool = True, **kwargs: Any) -> Engine:
@@ -134,8 +162,12 @@ def head_revision() -> str:
 
 
 def current_revision(url: str | URL) -> str | None:
-    """The database's ledger revision, or ``None`` when it has no ledger schema."""
-    engine = make_engine(url)
+    """The database's ledger revision, or ``None`` when it has no ledger schema. Only reads:
+    a SQLite file that does not exist is not created (connecting would), nor its folder."""
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        return None
+    engine = make_engine(url) if path is None else _existing_file_engine(path)
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
@@ -163,6 +195,9 @@ def check_schema(url: str | URL) -> str:
     if current == head:
         return current
     if current is None:
+        path = sqlite_file(url)
+        if path is not None and not path.is_file():
+            raise SchemaError(f"ledger database {where} does not exist; {UPGRADE_HINT}")
         raise SchemaError(f"ledger database {where} has no ledger schema; {UPGRADE_HINT}")
     script = ScriptDirectory.from_config(_config())
     try:

@@ -5,14 +5,15 @@ calls (attempts) made for it, in order. Records are plain dataclasses so buildin
 request path costs nothing, and they round-trip through ``to_dict``/``from_dict`` so the
 writer can spool them to a local file while the database is unreachable.
 
-API keys are never stored: a record built with a key keeps only :func:`key_id` of it.
+API keys are never stored: a record built with a key keeps the key's name from the config
+(`key_label`), or else only :func:`key_id` of it.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, InitVar, dataclass, field, fields
 from typing import Any
 
 KEY_ID_HEX = 16  # hex characters of sha256 kept for an API key (64 bits)
@@ -70,8 +71,9 @@ class RequestRecord:
     """One request through the proxy.
 
     ``ts`` is the request's arrival time in epoch seconds. ``api_key`` may be given as the
-    raw key: construction replaces it with :func:`key_id` of it, so the key itself never
-    reaches the queue, the spool or the database. ``cost_usd`` and ``reference_cost_usd``
+    raw key: construction replaces it with ``key_label`` (the key's configured name) if
+    given, else with :func:`key_id` of it, so the key itself never reaches the queue, the
+    spool or the database. ``cost_usd`` and ``reference_cost_usd``
     are ``None`` when unknown; ``reference_cost_usd`` is what always calling the cascade's
     reference model would have cost.
     """
@@ -94,9 +96,10 @@ class RequestRecord:
     error: str | None
     stream: bool = False
     calls: list[CallRecord] = field(default_factory=list)
+    key_label: InitVar[str | None] = None
 
-    def __post_init__(self) -> None:
-        self.api_key = key_id(self.api_key)
+    def __post_init__(self, key_label: str | None) -> None:
+        self.api_key = key_label if key_label and self.api_key else key_id(self.api_key)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "calls"}

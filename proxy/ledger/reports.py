@@ -223,9 +223,21 @@ SPEND_COLUMNS = [
 ]
 
 
+# By model a request and a call count under different models, and the columns say so: the
+# request under the model whose answer was returned, the call under the model it called.
+SPEND_BY_MODEL = {"requests": "requests_answered", "calls": "calls_made"}
+SPEND_BY_MODEL_COLUMNS = [SPEND_BY_MODEL.get(c, c) for c in SPEND_COLUMNS]
+SPEND_BY_MODEL_NOTE = (
+    "by model: requests_answered counts each request under the model whose answer was "
+    "returned ((none): no answer); calls_made, tokens and cost count each call under the "
+    "model it called"
+)
+
+
 def spend(engine: Engine, since=None, by: str | None = None) -> Report:
-    """Requests, calls, tokens and cost per group. A request counts under the model whose
-    answer was returned; a call under the model it called (so totals add up).
+    """Requests, calls, tokens and cost per group. By model a request counts under the model
+    whose answer was returned (`requests_answered`), a call under the model it called
+    (`calls_made`), so totals add up.
 
     Whole UTC days come from ``ledger_daily``, which holds exactly these sums; a window that
     starts mid-day reads that first partial day from the detail rows."""
@@ -258,14 +270,20 @@ def spend(engine: Engine, since=None, by: str | None = None) -> Report:
                 "flag": _flag(a["unpriced_calls"]),
             }
         )
+    notes = _unpriced_note(unpriced)
+    columns = SPEND_COLUMNS
+    if by == "model":
+        rows = [{SPEND_BY_MODEL.get(k, k): v for k, v in row.items()} for row in rows]
+        columns = SPEND_BY_MODEL_COLUMNS
+        notes.append(SPEND_BY_MODEL_NOTE)
     return Report(
         "spend",
         start,
         by,
-        SPEND_COLUMNS,
+        columns,
         rows,
         unpriced,
-        _unpriced_note(unpriced),
+        notes,
         "ledger_daily" if start == midnight else "ledger_daily+detail",
     )
 
