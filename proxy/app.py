@@ -275,7 +275,7 @@ def build_state(config: Config) -> ProxyState:
         reference_prices=prices,
         client_keys=config.client_keys(),
         admin_key=admin_key,
-        ledger=make_ledger(config.database_url),
+        ledger=make_ledger(config),
         secrets=frozenset(k for k in {*upstream_keys, *config.client_keys(), admin_key} if k),
         policy_files=PolicyFiles.of(engines, policy_paths),
         reload_signal=ReloadSignal(shared_signal) if shared_signal else None,
@@ -283,17 +283,35 @@ def build_state(config: Config) -> ProxyState:
     )
 
 
-def make_ledger(url: str) -> LedgerWriter:
-    """The ledger writer, after checking the database schema is current (else it says which
-    command to run). Records spool beside a SQLite file, or in the working directory."""
-    from proxy.ledger.db import check_schema
+def make_ledger(config: Config) -> LedgerWriter:
+    """The ledger writer, after checking the database schema is current: an outdated one
+    raises SchemaError, which says the command to run. A database that cannot be reached
+    does not stop the proxy: records spool, and the writer checks the schema, then replays
+    them, once it is back. Records spool beside a SQLite file, or in the working directory."""
+    from proxy.ledger.db import DatabaseUnavailable, check_schema
 
-    check_schema(url)
+    url = config.database_url
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         spool = Path(url.removeprefix("sqlite:///")).with_suffix(".spool.jsonl")
     else:
         spool = Path("cascade-ledger.spool.jsonl")
-    return LedgerWriter(url, spool)
+    writer = LedgerWriter(
+        url,
+        spool,
+        write_timeout_s=config.ledger.write_timeout_s,
+        max_pending=config.ledger.max_pending,
+        check_schema=True,
+    )
+    try:
+        check_schema(url)
+    except DatabaseUnavailable as exc:
+        print(
+            f"warning: {exc}\nwarning: serving anyway: ledger records spool to {spool} and "
+            "go to the database once it is back (its schema is checked then)",
+            file=sys.stderr,
+        )
+        writer.mark_unavailable(str(exc.__cause__ or exc))
+    return writer
 
 
 def create_app_from_env() -> FastAPI:
@@ -465,13 +483,17 @@ def create_app(state: ProxyState) -> FastAPI:
             return_exceptions=True,
         )
         upstreams = {n: ok is True for n, ok in zip(names, checks, strict=True)}
-        status = "ok" if all(upstreams.values()) else "degraded"
+        database = _ledger_status(state)
+        reasons = [f"upstream {n} does not answer" for n, ok in upstreams.items() if not ok]
+        if database["status"] == "degraded":
+            reasons.append(f"ledger: {database['reason']}")
         return JSONResponse(
             {
-                "status": status,
+                "status": "degraded" if reasons else "ok",
+                "reasons": reasons,
                 "worker_pid": os.getpid(),
                 "upstreams": upstreams,
-                "database": _ledger_status(state),
+                "database": database,
                 "cascades": {
                     n: {"policy_hash": e.policy_hash, "nodes": e.nodes}
                     for n, e in state.engines.items()
@@ -587,16 +609,19 @@ async def _append(appender: TraceAppender, row: dict) -> None:
 
 
 def _ledger_status(state: ProxyState) -> dict:
+    """The ledger's part of /health: `degraded`, with the reason, while records are not
+    going straight to the database (it is down or too slow, its schema is outdated, or the
+    spool is being replayed)."""
     if state.ledger is None:
         return {"status": "off"}
     stats = state.ledger.stats()
     return {
-        "status": "unreachable (records spool to disk)"
-        if stats.get("connected") is False
-        else "ok",
-        "written": stats.get("written"),
-        "pending": stats.get("pending"),
-        "spooled": stats.get("spool_backlog"),
+        "status": "degraded" if stats["degraded"] else "ok",
+        "reason": stats["reason"],
+        "outage_s": stats["outage_s"],
+        "written": stats["written"],
+        "pending": stats["pending"],
+        "spooled": stats["spool_backlog"],
     }
 
 
