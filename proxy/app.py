@@ -431,7 +431,7 @@ def create_app(state: ProxyState) -> FastAPI:
             backend = state.backends[model]
             if stream:
                 return _stream_live(
-                    request_id, model, backend, messages, params, include_usage, entry
+                    request_id, model, backend, messages, params, include_usage, entry, deadline_s
                 )
             try:
                 result = await _until_disconnect(
@@ -852,9 +852,15 @@ def _stream_live(
     params: dict,
     include_usage: bool,
     entry: LedgerEntry,
+    idle_s: float,
 ) -> StreamingResponse:
     """Passthrough streaming: upstream deltas as they arrive; an upstream failure after the
-    stream started ends it with an error event (the status line is already sent)."""
+    stream started ends it with an error event (the status line is already sent).
+
+    The server's request_timeout_s (`idle_s`) bounds every silence of the upstream, the
+    wait for its first delta included: a stream that sends nothing for that long ends with
+    a `request_timeout` error event, ledgered as a 504. A stream that keeps sending runs on
+    (a long answer is not cut; the model's own timeout_s still bounds it)."""
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -869,12 +875,41 @@ def _stream_live(
         yield _sse(_chunk(request_id, model, {"role": "assistant", "content": ""}))
         done: CallResult | None = None
         chunk: StreamChunk
-        async for chunk in backend.stream(messages, params):
-            if chunk.done is not None:
-                done = chunk.done
-                break
-            if chunk.delta:
-                yield _sse(_chunk(request_id, model, {"content": chunk.delta}))
+        started = time.perf_counter()
+        chunks = backend.stream(messages, params)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):  # a silence, not the whole stream
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:  # the upstream call was cancelled (and released)
+                    silent = ApiError(
+                        504,
+                        f"Model '{model}' sent nothing for {idle_s:g} s (the proxy's "
+                        "request timeout); the stream is ended",
+                        code="request_timeout",
+                    )
+                    timed_out = CallResult(
+                        model=model,
+                        text=None,
+                        error="request_timeout",
+                        error_detail=f"{model}: {silent.message}",
+                        latency_ms=(time.perf_counter() - started) * 1000.0,
+                    )
+                    metrics.record_call(model, timed_out)
+                    entry.call_done(model, timed_out, silent.status, silent.code)
+                    yield _sse(silent.to_json(entry.state.secrets))
+                    yield _sse("[DONE]")
+                    return
+                if chunk.done is not None:
+                    done = chunk.done
+                    break
+                if chunk.delta:
+                    yield _sse(_chunk(request_id, model, {"content": chunk.delta}))
+        finally:
+            await chunks.aclose()
         if done is None or not done.ok:
             if done is not None:
                 metrics.record_call(model, done)
