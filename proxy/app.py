@@ -399,13 +399,16 @@ def create_app(state: ProxyState) -> FastAPI:
                     deadline_s,
                 )
             except OverrideError as exc:
+                metrics.record_request(model, 400)
                 raise ApiError(
                     400, str(exc), param=exc.param, code="invalid_cascade_override"
                 ) from None
             except ApiError as exc:  # hung up or timed out: keep what was spent
+                metrics.record_run(run, status=exc.status)
                 entry.cascade_done(run, exc.status, exc.code)
                 raise
             if not run.calls:
+                metrics.record_request(model, 400)
                 raise ApiError(
                     400,
                     f"cascade.max_cost_usd={overrides.max_cost_usd} is below the expected "
@@ -414,8 +417,8 @@ def create_app(state: ProxyState) -> FastAPI:
                     code="budget_too_small",
                 )
             if run.answer is None:
-                metrics.record_run(run, status=502)
-                error = _all_failed(run)
+                error = _all_failed(run)  # a 502, or a 400 for a prompt no trace recorded
+                metrics.record_run(run, status=error.status)
                 entry.cascade_done(run, error.status, error.code)
                 raise error
             metrics.record_run(run, status=200)
