@@ -386,8 +386,18 @@ def create_app(state: ProxyState) -> FastAPI:
         model, messages, stream, include_usage = validate(body)
         params = {k: v for k, v in body.items() if k in FORWARDED_PARAMS}
         overrides = parse_overrides(body.get("cascade"))  # checked for every model, as documented
+        n = body.get("n")  # validated: None or a positive integer
         entry = LedgerEntry(state, request_id, key, model, stream)
         if model in state.engines:
+            if n is not None and n > 1:
+                metrics.record_request(model, 400)
+                raise ApiError(
+                    400,
+                    f"'{model}' is a cascade: it returns one decided answer, so n must be 1 "
+                    f"(not {n}); ask a model by name for n choices",
+                    param="n",
+                    code="n_not_supported",
+                )
             engine = state.engines[model]
             run = engine.new_run()
             rate = state.config.cascades[model].explore_rate
@@ -432,6 +442,8 @@ def create_app(state: ProxyState) -> FastAPI:
             return FastJSONResponse(payload, headers=headers)
         if model in state.backends:
             backend = state.backends[model]
+            if n is not None and n > 1:
+                params["n"] = _choices_count(model, n, stream, state.config.models[model])
             if stream:
                 return _stream_live(
                     request_id, model, backend, messages, params, include_usage, entry, deadline_s
@@ -611,6 +623,20 @@ async def _append(appender: TraceAppender, row: dict) -> None:
         )
 
 
+def _choices_count(model: str, n: int, stream: bool, cfg: ModelConfig) -> int:
+    """`n` for a passthrough call, or why not: a stream relays one choice, and a replayed
+    model has one recorded answer per prompt."""
+    why = None
+    if stream:
+        why = "streaming returns one choice: ask without stream for n choices"
+    elif cfg.backend == "replay":
+        why = f"'{model}' replays recorded traces, which hold one answer per prompt"
+    if why is not None:
+        message = f"n={n} is not supported here: {why}"
+        raise ApiError(400, message, param="n", code="n_not_supported")
+    return n
+
+
 def _ledger_status(state: ProxyState) -> dict:
     """The ledger's part of /health: `degraded`, with the reason, while records are not
     going straight to the database (it is down or too slow, its schema is outdated, or the
@@ -729,7 +755,8 @@ def _completion(
         "object": "chat.completion",
         "created": int(time.time()),
         "model": result.model,
-        "choices": [
+        "choices": (run is None and result.extra.get("choices"))  # a passthrough's n > 1
+        or [
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text},

@@ -578,7 +578,7 @@ async def test_factory_picks_the_backend_by_config(fake, trace_file):
 
 def test_forwarded_params_drop_what_upstreams_reject() -> None:
     out = forward_params({"temperature": 0, "top_p": None, "stream": True, "n": 4}, True)
-    assert out == {"temperature": 0, "n": 1, "logprobs": True, "top_logprobs": 1}
+    assert out == {"temperature": 0, "n": 4, "logprobs": True, "top_logprobs": 1}
     assert forward_params(None, False) == {}
     assert math.isclose(forward_params({"min_p": 0.1}, False)["min_p"], 0.1)
 
