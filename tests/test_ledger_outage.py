@@ -328,7 +328,8 @@ def test_sigkill_while_the_database_hangs_loses_no_more_than_with_it_up(
     assert len(ids) == len(set(ids))  # and nothing twice
     assert health["status"] == "degraded", health
     assert health["database"]["status"] == "degraded"
-    assert "write_timeout_s=2 s" in health["database"]["reason"]
+    reason = health["database"]["reason"]  # the last failure: a deadline or connect timeout
+    assert reason.startswith("database unavailable for") and "timeout" in reason, reason
     assert any(r.startswith("ledger: database unavailable") for r in health["reasons"])
     assert spooled >= rate * (frozen_s - 4.0)
     warnings = [line for line in log.read_text().splitlines() if "unavailable" in line]

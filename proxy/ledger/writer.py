@@ -793,13 +793,14 @@ class LedgerWriter:
 
     def _make_engine(self) -> Engine:
         """The writer's engine. On PostgreSQL its connections give up on their own too: a
-        connect timeout near the write deadline, TCP keepalives and a TCP user timeout (a
-        peer that stops acknowledging), unless the URL sets them."""
+        connect timeout of twice the write deadline (so the deadline, not the driver, ends a
+        hung connect, and an abandoned one ends soon after), TCP keepalives and a TCP user
+        timeout (a peer that stops acknowledging), unless the URL sets them."""
         url = normalize_url(self.url)
         if url.get_backend_name() != "postgresql":
             return make_engine(url)
         wanted = {
-            "connect_timeout": max(2, math.ceil(self.write_timeout_s)),
+            "connect_timeout": max(2, math.ceil(2 * self.write_timeout_s)),
             "keepalives": 1,
             "keepalives_idle": 10,
             "keepalives_interval": 5,
