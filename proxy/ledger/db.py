@@ -1,7 +1,10 @@
 """Ledger database plumbing: engines, Alembic migrations driven from code, schema checks.
 
 ``cascade db upgrade`` calls :func:`upgrade`; the proxy calls :func:`check_schema` at
-startup and refuses to serve when it raises :class:`SchemaError`.
+startup and refuses to serve when it raises :class:`SchemaError` (when it raises
+:class:`DatabaseUnavailable`, it serves and spools; its ledger writer checks the schema
+once the database answers). :func:`safe_url` and :func:`redact` keep a URL's passwords out
+of every message.
 """
 
 from __future__ import annotations
