@@ -97,27 +97,28 @@ def _feed(writer: LedgerWriter, records: list, rate: float) -> None:
 def test_a_frozen_database_is_an_outage_records_spool_and_memory_stays_bounded(
     pg, relay, tmp_path, caplog
 ):
-    """The writer's batch hangs on a frozen database: at the deadline the database counts as
-    down, the batch and every later record go to the spool, no record waits in memory for
-    more than about a flush interval meanwhile (the retries hang too), one warning says the
-    outage started and one that it ended, and the replay lands every record exactly once."""
+    """The writer's batch hangs on a frozen database: at the deadline (3 s here) the database
+    counts as down, the batch and every later record go to the spool, and no record waits
+    in memory for much more than a flush interval meanwhile, though every retry hangs for
+    the deadline too. One warning says the outage started and one that it ended, and the
+    replay lands every record exactly once."""
     caplog.set_level(logging.WARNING, logger="cascade.ledger")
     upgrade(_direct(pg))
-    records = load(600)
+    records = load(900)
     spool = tmp_path / "spool" / "ledger.jsonl"
     w = LedgerWriter(
-        _via(relay, pg), spool, flush_interval_s=0.1, retry_interval_s=0.5, write_timeout_s=1.0
+        _via(relay, pg), spool, flush_interval_s=0.1, retry_interval_s=0.5, write_timeout_s=3.0
     ).start()
     try:
         _feed(w, records[:100], 200)
         _wait(lambda: w.stats()["written"] == 100, 15, "the first records in the database")
 
         relay.freeze()
-        rate, frozen_s = 100.0, 5.0
-        feeder = threading.Thread(target=_feed, args=(w, records[100:600], rate))
+        rate, frozen_s = 100.0, 8.0
+        feeder = threading.Thread(target=_feed, args=(w, records[100:900], rate))
         t0 = time.monotonic()
         feeder.start()
-        _wait(lambda: w.stats()["degraded"], 5, "the outage to be declared")
+        _wait(lambda: w.stats()["degraded"], 8, "the outage to be declared")
         declared_s = time.monotonic() - t0
         samples = []
         while time.monotonic() - t0 < frozen_s:
@@ -134,15 +135,16 @@ def test_a_frozen_database_is_an_outage_records_spool_and_memory_stays_bounded(
         relay.thaw()
         w.close()
 
-    # declared at the 1 s deadline (plus the batch's flush interval), not at a TCP timeout
-    assert 0.9 < declared_s < 3.0, declared_s
-    assert during["connected"] is False and during["outage_s"] > 2.0
-    assert "write_timeout_s=1 s" in during["reason"] and str(spool) in during["reason"]
+    # declared at the 3 s deadline (plus the batch's flush interval), not at a TCP timeout
+    assert 2.9 < declared_s < 6.0, declared_s
+    assert during["connected"] is False and during["outage_s"] > 3.0
+    assert "write_timeout_s=3 s" in during["reason"] and str(spool) in during["reason"]
     assert during["spool_backlog"] >= (frozen_s - 1.5) * rate  # spooled as they came
-    # in memory: at most about a flush interval of records (10 at 100/s), through every
-    # hung retry; without the bound they would pile up for the whole freeze (400 here)
+    # in memory after the outage began: about a flush interval of records (10 at 100/s),
+    # through the retries that hang 3 s each (without the bound, each would hold ~300);
+    # the margin is for a busy machine, where appending to the spool can take a while
     worst = max(pending for pending, _ in samples[len(samples) // 3 :])
-    assert worst <= 0.4 * rate, samples
+    assert worst <= 1.0 * rate, samples
     assert during["failures"] >= 2  # the retries hung too: each an abandoned attempt
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert sum("unavailable" in m for m in messages) == 1, messages
@@ -169,7 +171,7 @@ def test_a_write_abandoned_at_the_deadline_commits_late_and_its_replay_adds_noth
         _wait(lambda: w.stats()["written"] == 40, 15, "the first records in the database")
         relay.freeze()
         _feed(w, records[40:80], 400)  # one batch or two, whose write hangs
-        _wait(lambda: w.stats()["degraded"], 5, "the outage to be declared")
+        _wait(lambda: w.stats()["degraded"], 8, "the outage to be declared")
         _wait(lambda: w.stats()["pending"] == 0, 5, "the abandoned batch in the spool")
         assert w.stats()["spooled"] == 40 and w.stats()["written"] == 40
         relay.thaw()  # the next retry is about 6 s away: the abandoned write goes first
