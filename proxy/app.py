@@ -45,6 +45,7 @@ from proxy.reload import (
 )
 from proxy.request_checks import (
     COUNT_PARAMS,
+    MAX_N,
     NUMBER_PARAMS,
     ROLES,
     authenticate,
@@ -99,6 +100,7 @@ CHAT_REQUEST_SCHEMA: dict = {
         },
         **dict.fromkeys(NUMBER_PARAMS, _NUMBER),
         **dict.fromkeys(COUNT_PARAMS, _COUNT),
+        "n": {**_COUNT, "maximum": MAX_N},
         "cascade": {
             "type": ["object", "null"],
             "additionalProperties": False,

@@ -128,3 +128,13 @@ def test_n_where_one_answer_is_all_there_is_is_refused(
     error = reply.json()["error"]
     assert error["code"] == "n_not_supported" and why in error["message"]
     assert calls == 0
+
+
+def test_n_past_what_any_upstream_takes_is_refused_before_the_call(served, upstream: str) -> None:
+    url, _ = served
+    body = {"model": "small", "messages": [{"role": "user", "content": QUESTION}], "n": 129}
+    with upstream_admin(upstream) as up:
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+        calls = up.get("/admin/stats").json()["calls"]
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n", reply.text
+    assert "at most 128" in reply.json()["error"]["message"] and calls == 0

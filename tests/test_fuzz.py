@@ -598,7 +598,8 @@ NUMBERS = '{"model": "qa", "messages": [{"role": "user", "content": "hi"}], %s}'
         (f'"max_tokens": {10**30}', 200, None),
         ('"max_tokens": 1e308', 200, None),  # an integer, as JSON counts: sent on as one
         ('"max_completion_tokens": 16.0', 200, None),
-        ('"n": 1000000', 400, "n"),  # a cascade returns one decided answer
+        ('"n": 1000000', 400, "n"),  # at most 128 (and a cascade returns one answer)
+        ('"n": 2', 400, "n"),  # a cascade returns one decided answer
         ('"cascade": {"max_cost_usd": 1e308}', 200, None),
         ('"unknown_field": {"deep": [1, 2, {"x": null}]}, "another": 1', 200, None),
     ],
