@@ -27,9 +27,20 @@ the soak to its end.
 With `taskset`, the proxy runs on CPU 0, the upstream and this load generator on CPU 1 (as in
 proxy_bench.py); with --workers N > 1 nothing is pinned.
 
+With --kill-frozen-db S it measures instead what a SIGKILL loses while the ledger database
+hangs (issue 15): `cascade serve` on a fresh PostgreSQL database through a TCP relay
+(tests/tcp_relay.py) under --kill-rate requests/s; first a round with the database up
+(--kill-after-s of load, then SIGKILL), then a round where the relay is frozen (SIGSTOP: the
+database hangs, it does not refuse) for S seconds before the SIGKILL. After each kill the
+relay is thawed and the proxy restarted in the same folder, so it replays its spool; then
+the answered requests (200s the client got) missing from the ledger are the loss. Check: the
+frozen round loses no more than the round with the database up, plus a flush interval's
+records (0.25 s).
+
 Run from the repository root:
   .venv/bin/python benchmarks/soak.py [--minutes 10] [--db sqlite|pg] [--cascade three|one]
       [--workers 1] [--fault-rate 0.05] [--load 0.7]
+  .venv/bin/python benchmarks/soak.py --kill-frozen-db 20 [--kill-rate 50] [--cascade one]
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -52,6 +64,8 @@ from typing import Any
 import common
 import proxy_bench as pb
 import proxy_overhead as po
+
+from tests.tcp_relay import Relay, tcp_relay
 
 KEY = "sk-soak-client"
 ALLOWED = {(200, None), (502, "upstream_failed")}
@@ -434,6 +448,145 @@ def run(args: argparse.Namespace) -> int:
     return 0 if not failures else 1
 
 
+FLUSH_S = 0.25  # the ledger writer's flush interval in `cascade serve`
+
+
+def kill_round(
+    procs: po.Processes,
+    folder: Path,
+    config: Path,
+    env: dict[str, str],
+    relay: Relay,
+    url: str,
+    body: bytes,
+    args: argparse.Namespace,
+    frozen_s: float,
+) -> dict[str, Any]:
+    """A proxy whose ledger goes through `relay`: --kill-after-s of load at --kill-rate, the
+    relay frozen for `frozen_s` (0: never) with the load going on, SIGKILL; then the relay
+    thawed and the proxy restarted in the same folder (it replays its spool). What the
+    clients got and what the ledger holds of it."""
+    folder.mkdir()
+    server = po.start_cascade(procs, folder.name, config, folder / "serve.log", url, env, folder)
+    po.wait_ready(server, "/health")
+    chat = server.url + pb.CHAT
+    seen: dict[str, Any] = {}
+
+    async def scenario() -> Tally:
+        async def chaos() -> None:
+            await asyncio.sleep(args.kill_after_s)
+            if frozen_s:
+                relay.freeze()
+                await asyncio.sleep(frozen_s)
+            _, _, raw = await asyncio.to_thread(po.http, "GET", server.url + "/health")
+            seen["health"] = json.loads(raw).get("database")
+            server.proc.send_signal(signal.SIGKILL)
+
+        killer = asyncio.ensure_future(chaos())
+        seconds = args.kill_after_s + frozen_s + 1.0  # on past the kill: those fail
+        tally = await open_loop(
+            chat, body, args.kill_rate, seconds, 10.0, args.max_in_flight, 64, lambda *_: None
+        )
+        await killer
+        return tally
+
+    runner = asyncio.Runner(loop_factory=_loop_factory())
+    try:
+        tally = runner.run(scenario())
+    finally:
+        runner.close()
+        relay.thaw()
+    server.proc.wait(timeout=30)
+    spool = folder / "cascade-ledger.spool.jsonl"
+    spooled = len(spool.read_text().splitlines()) if spool.exists() else 0
+    again = po.start_cascade(
+        procs, folder.name + "-again", config, folder / "restart.log", url, env, folder
+    )
+    po.wait_ready(again, "/health")
+    deadline = time.monotonic() + 120.0
+    while spool.exists() and spool.stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.2)
+    procs.stop(again.proc, wait_s=60.0)  # SIGTERM: flushed
+    ledger, _, _, _ = ledger_rows(url)
+    answered = [rid for rid, status in tally.ids.items() if status == 200]
+    lost = sum(rid not in ledger for rid in answered)
+    return {
+        "answered": len(answered),
+        "spooled": spooled,
+        "lost": lost,
+        "health": seen.get("health"),
+        "client_errors": dict(tally.client_errors),
+    }
+
+
+def run_kill(args: argparse.Namespace) -> int:
+    """--kill-frozen-db: what a SIGKILL loses with the ledger database up, then frozen."""
+    print("cascade soak: SIGKILL while the ledger database hangs (benchmarks/soak.py)")
+    print(f"  date        {common.now_utc()}")
+    print(f"  machine     {common.machine()}")
+    print(f"  command     {common.command(cwd=False)}")
+    tmp = Path(tempfile.mkdtemp(prefix="cascade-kill-"))
+    procs = po.Processes(None)
+    env = po._clean_env(PYTHONUNBUFFERED="1")
+    pg_name: str | None = None
+    try:
+        upstream = po.start_upstream(procs, tmp, env, pb.MODELS, pb.THREE_ANSWERS).url
+        path1, path3, _, _ = pb.fit_policies(args.traces, tmp)
+        policy = path3 if args.cascade == "three" else path1
+        config = tmp / "cascade.yaml"
+        config.write_text(
+            json.dumps(soak_config(upstream, args.cascade, policy, args.call_timeout_s))
+        )
+        body = json.dumps(
+            {
+                "model": args.cascade,
+                "messages": [{"role": "user", "content": po.PROMPT}],
+                "max_tokens": po.MAX_TOKENS,
+            }
+        ).encode()
+        pg_name, _ = pb.pg_create()
+        with tcp_relay(5432) as relay:
+            url = f"postgresql://postgres@127.0.0.1:{relay.port}/{pg_name}"
+            print(
+                f"  setup       {args.cascade}-model cascade at {args.kill_rate:g} requests/s; "
+                f"PostgreSQL ledger {pg_name} through a TCP relay (pid {relay.proc.pid})"
+            )
+            print()
+            up = kill_round(procs, tmp / "up", config, env, relay, url, body, args, 0.0)
+            frozen = kill_round(
+                procs, tmp / "frozen", config, env, relay, url, body, args, args.kill_frozen_db
+            )
+    finally:
+        procs.stop_all()
+        if pg_name is not None and not args.keep:
+            with contextlib.suppress(Exception):
+                pb.pg_drop(pg_name)
+    rate = args.kill_rate
+    print("=" * 100)
+    for name, r in (("database up", up), (f"database frozen {args.kill_frozen_db:g} s", frozen)):
+        print(
+            f"  SIGKILL, {name:<22}: answered {r['answered']:>5}, in the spool at the kill "
+            f"{r['spooled']:>5}, lost {r['lost']:>4} (= {r['lost'] / rate:.2f} s of records)"
+        )
+        print(f"      ledger in /health just before the kill: {r['health']}")
+    failures: list[str] = []
+    allowed = up["lost"] + rate * FLUSH_S
+    verdict(
+        failures,
+        frozen["lost"] <= allowed,
+        f"frozen database: lost {frozen['lost']} <= {allowed:.0f} (lost with it up + a "
+        f"flush interval's {rate * FLUSH_S:.0f})",
+    )
+    verdict(
+        failures,
+        (frozen["health"] or {}).get("status") == "degraded",
+        "/health said degraded while the database hung",
+    )
+    print(f"  logs in {tmp}")
+    print("PASS" if not failures else f"FAIL: {len(failures)} check(s) failed")
+    return 0 if not failures else 1
+
+
 def verdict(failures: list[str], ok: bool, text: str) -> None:
     print(f"  [{'ok' if ok else 'FAIL'}] {text}")
     if not ok:
@@ -470,10 +623,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-s", type=int, default=60, help="progress line every N s")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL database")
+    parser.add_argument(
+        "--kill-frozen-db",
+        type=float,
+        default=None,
+        metavar="S",
+        help="instead of the soak: SIGKILL loss with the PostgreSQL ledger up, then frozen "
+        "for S s (a hung database, through a SIGSTOPped TCP relay)",
+    )
+    parser.add_argument("--kill-rate", type=float, default=50.0, help="requests/s (kill test)")
+    parser.add_argument("--kill-after-s", type=float, default=5.0, help="load before it")
     common.add_traces_option(parser)
     args = parser.parse_args(argv)
     if common.missing_train_traces(args):
         return 2
+    if args.kill_frozen_db is not None:
+        if not (args.kill_frozen_db > 0 and args.kill_rate > 0 and args.kill_after_s > 0):
+            print("error: need --kill-frozen-db, --kill-rate, --kill-after-s > 0", file=sys.stderr)
+            return 2
+        return common.run_main(run_kill, args)
     if not (0 < args.fault_rate < 0.8 and 0 < args.load <= 1 and args.minutes > 0):
         print("error: need 0 < --fault-rate < 0.8, 0 < --load <= 1, --minutes > 0", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ from proxy.reload import (
 from proxy.reload import describe as describe_reload
 from proxy.request_checks import (
     COUNT_PARAMS,
+    MAX_N,
     NUMBER_PARAMS,
     ROLES,
     authenticate,
@@ -100,6 +101,7 @@ CHAT_REQUEST_SCHEMA: dict = {
         },
         **dict.fromkeys(NUMBER_PARAMS, _NUMBER),
         **dict.fromkeys(COUNT_PARAMS, _COUNT),
+        "n": {**_COUNT, "maximum": MAX_N},
         "cascade": {
             "type": ["object", "null"],
             "additionalProperties": False,
@@ -278,7 +280,7 @@ def build_state(config: Config) -> ProxyState:
         client_keys=config.client_keys(),
         key_names={k: name for k, name in config.key_names().items() if name},
         admin_key=admin_key,
-        ledger=make_ledger(config.database_url),
+        ledger=make_ledger(config),
         secrets=frozenset(k for k in {*upstream_keys, *config.client_keys(), admin_key} if k),
         policy_files=PolicyFiles.of(engines, policy_paths),
         reload_signal=ReloadSignal(shared_signal) if shared_signal else None,
@@ -286,17 +288,35 @@ def build_state(config: Config) -> ProxyState:
     )
 
 
-def make_ledger(url: str) -> LedgerWriter:
-    """The ledger writer, after checking the database schema is current (else it says which
-    command to run). Records spool beside a SQLite file, or in the working directory."""
-    from proxy.ledger.db import check_schema
+def make_ledger(config: Config) -> LedgerWriter:
+    """The ledger writer, after checking the database schema is current: an outdated one
+    raises SchemaError, which says the command to run. A database that cannot be reached
+    does not stop the proxy: records spool, and the writer checks the schema, then replays
+    them, once it is back. Records spool beside a SQLite file, or in the working directory."""
+    from proxy.ledger.db import DatabaseUnavailable, check_schema
 
-    check_schema(url)
+    url = config.database_url
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         spool = Path(url.removeprefix("sqlite:///")).with_suffix(".spool.jsonl")
     else:
         spool = Path("cascade-ledger.spool.jsonl")
-    return LedgerWriter(url, spool)
+    writer = LedgerWriter(
+        url,
+        spool,
+        write_timeout_s=config.ledger.write_timeout_s,
+        max_pending=config.ledger.max_pending,
+        check_schema=True,
+    )
+    try:
+        check_schema(url)
+    except DatabaseUnavailable as exc:
+        print(
+            f"warning: {exc}\nwarning: serving anyway: ledger records spool to {spool} and "
+            "go to the database once it is back (its schema is checked then)",
+            file=sys.stderr,
+        )
+        writer.mark_unavailable(str(exc.__cause__ or exc))
+    return writer
 
 
 def create_app_from_env() -> FastAPI:
@@ -373,8 +393,18 @@ def create_app(state: ProxyState) -> FastAPI:
         model, messages, stream, include_usage = validate(body)
         params = {k: v for k, v in body.items() if k in FORWARDED_PARAMS}
         overrides = parse_overrides(body.get("cascade"))  # checked for every model, as documented
+        n = body.get("n")  # validated: None or a positive integer
         entry = LedgerEntry(state, request_id, key, model, stream)
         if model in state.engines:
+            if n is not None and n > 1:
+                metrics.record_request(model, 400)
+                raise ApiError(
+                    400,
+                    f"'{model}' is a cascade: it returns one decided answer, so n must be 1 "
+                    f"(not {n}); ask a model by name for n choices",
+                    param="n",
+                    code="n_not_supported",
+                )
             engine = state.engines[model]
             run = engine.new_run()
             rate = state.config.cascades[model].explore_rate
@@ -386,13 +416,16 @@ def create_app(state: ProxyState) -> FastAPI:
                     deadline_s,
                 )
             except OverrideError as exc:
+                metrics.record_request(model, 400)
                 raise ApiError(
                     400, str(exc), param=exc.param, code="invalid_cascade_override"
                 ) from None
             except ApiError as exc:  # hung up or timed out: keep what was spent
+                metrics.record_run(run, status=exc.status)
                 entry.cascade_done(run, exc.status, exc.code)
                 raise
             if not run.calls:
+                metrics.record_request(model, 400)
                 raise ApiError(
                     400,
                     f"cascade.max_cost_usd={overrides.max_cost_usd} is below the expected "
@@ -401,8 +434,8 @@ def create_app(state: ProxyState) -> FastAPI:
                     code="budget_too_small",
                 )
             if run.answer is None:
-                metrics.record_run(run, status=502)
-                error = _all_failed(run)
+                error = _all_failed(run)  # a 502, or a 400 for a prompt no trace recorded
+                metrics.record_run(run, status=error.status)
                 entry.cascade_done(run, error.status, error.code)
                 raise error
             metrics.record_run(run, status=200)
@@ -416,9 +449,11 @@ def create_app(state: ProxyState) -> FastAPI:
             return FastJSONResponse(payload, headers=headers)
         if model in state.backends:
             backend = state.backends[model]
+            if n is not None and n > 1:
+                params["n"] = _choices_count(model, n, stream, state.config.models[model])
             if stream:
                 return _stream_live(
-                    request_id, model, backend, messages, params, include_usage, entry
+                    request_id, model, backend, messages, params, include_usage, entry, deadline_s
                 )
             try:
                 result = await _until_disconnect(
@@ -470,13 +505,17 @@ def create_app(state: ProxyState) -> FastAPI:
             return_exceptions=True,
         )
         upstreams = {n: ok is True for n, ok in zip(names, checks, strict=True)}
-        status = "ok" if all(upstreams.values()) else "degraded"
+        database = _ledger_status(state)
+        reasons = [f"upstream {n} does not answer" for n, ok in upstreams.items() if not ok]
+        if database["status"] == "degraded":
+            reasons.append(f"ledger: {database['reason']}")
         return JSONResponse(
             {
-                "status": status,
+                "status": "degraded" if reasons else "ok",
+                "reasons": reasons,
                 "worker_pid": os.getpid(),
                 "upstreams": upstreams,
-                "database": _ledger_status(state),
+                "database": database,
                 "cascades": {
                     n: {"policy_hash": e.policy_hash, "nodes": e.nodes}
                     for n, e in state.engines.items()
@@ -594,17 +633,34 @@ async def _append(appender: TraceAppender, row: dict) -> None:
         )
 
 
+def _choices_count(model: str, n: int, stream: bool, cfg: ModelConfig) -> int:
+    """`n` for a passthrough call, or why not: a stream relays one choice, and a replayed
+    model has one recorded answer per prompt."""
+    why = None
+    if stream:
+        why = "streaming returns one choice: ask without stream for n choices"
+    elif cfg.backend == "replay":
+        why = f"'{model}' replays recorded traces, which hold one answer per prompt"
+    if why is not None:
+        message = f"n={n} is not supported here: {why}"
+        raise ApiError(400, message, param="n", code="n_not_supported")
+    return n
+
+
 def _ledger_status(state: ProxyState) -> dict:
+    """The ledger's part of /health: `degraded`, with the reason, while records are not
+    going straight to the database (it is down or too slow, its schema is outdated, or the
+    spool is being replayed)."""
     if state.ledger is None:
         return {"status": "off"}
     stats = state.ledger.stats()
     return {
-        "status": "unreachable (records spool to disk)"
-        if stats.get("connected") is False
-        else "ok",
-        "written": stats.get("written"),
-        "pending": stats.get("pending"),
-        "spooled": stats.get("spool_backlog"),
+        "status": "degraded" if stats["degraded"] else "ok",
+        "reason": stats["reason"],
+        "outage_s": stats["outage_s"],
+        "written": stats["written"],
+        "pending": stats["pending"],
+        "spooled": stats["spool_backlog"],
     }
 
 
@@ -709,7 +765,8 @@ def _completion(
         "object": "chat.completion",
         "created": int(time.time()),
         "model": result.model,
-        "choices": [
+        "choices": (run is None and result.extra.get("choices"))  # a passthrough's n > 1
+        or [
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text},
@@ -835,9 +892,15 @@ def _stream_live(
     params: dict,
     include_usage: bool,
     entry: LedgerEntry,
+    idle_s: float,
 ) -> StreamingResponse:
     """Passthrough streaming: upstream deltas as they arrive; an upstream failure after the
-    stream started ends it with an error event (the status line is already sent)."""
+    stream started ends it with an error event (the status line is already sent).
+
+    The server's request_timeout_s (`idle_s`) bounds every silence of the upstream, the
+    wait for its first delta included: a stream that sends nothing for that long ends with
+    a `request_timeout` error event, ledgered as a 504. A stream that keeps sending runs on
+    (a long answer is not cut; the model's own timeout_s still bounds it)."""
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -852,12 +915,41 @@ def _stream_live(
         yield _sse(_chunk(request_id, model, {"role": "assistant", "content": ""}))
         done: CallResult | None = None
         chunk: StreamChunk
-        async for chunk in backend.stream(messages, params):
-            if chunk.done is not None:
-                done = chunk.done
-                break
-            if chunk.delta:
-                yield _sse(_chunk(request_id, model, {"content": chunk.delta}))
+        started = time.perf_counter()
+        chunks = backend.stream(messages, params)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):  # a silence, not the whole stream
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:  # the upstream call was cancelled (and released)
+                    silent = ApiError(
+                        504,
+                        f"Model '{model}' sent nothing for {idle_s:g} s (the proxy's "
+                        "request timeout); the stream is ended",
+                        code="request_timeout",
+                    )
+                    timed_out = CallResult(
+                        model=model,
+                        text=None,
+                        error="request_timeout",
+                        error_detail=f"{model}: {silent.message}",
+                        latency_ms=(time.perf_counter() - started) * 1000.0,
+                    )
+                    metrics.record_call(model, timed_out)
+                    entry.call_done(model, timed_out, silent.status, silent.code)
+                    yield _sse(silent.to_json(entry.state.secrets))
+                    yield _sse("[DONE]")
+                    return
+                if chunk.done is not None:
+                    done = chunk.done
+                    break
+                if chunk.delta:
+                    yield _sse(_chunk(request_id, model, {"content": chunk.delta}))
+        finally:
+            await chunks.aclose()
         if done is None or not done.ok:
             if done is not None:
                 metrics.record_call(model, done)

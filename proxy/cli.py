@@ -893,14 +893,15 @@ def db_upgrade(
     from proxy.config import ConfigError
     from proxy.ledger.db import current_revision, upgrade
 
+    url = database_url or ""
     try:
         url = _database_url(config, database_url)
         upgrade(url)
         typer.echo(f"ledger at revision {current_revision(url)} ({_redact(url)})")
     except (ConfigError, ValueError, OSError) as exc:
-        fail(str(exc))
+        fail(_masked(str(exc), url))
     except Exception as exc:  # the database itself: unreachable, refused, ...
-        fail(f"cannot upgrade the ledger at {_redact(url)}: {exc}")
+        _db_failed("cannot upgrade the ledger at", url, exc)
 
 
 @db_app.command("current")
@@ -915,7 +916,7 @@ def db_current(
     try:
         typer.echo(f"current {current_revision(url)}; head {head_revision()} ({_redact(url)})")
     except Exception as exc:
-        fail(f"cannot read the ledger at {_redact(url)}: {exc}")
+        _db_failed("cannot read the ledger at", url, exc)
 
 
 @db_app.command("prune")
@@ -956,9 +957,9 @@ def db_prune(
         finally:
             engine.dispose()
     except (RetentionError, SchemaError, DatabaseUnavailable, ConfigError, OSError) as exc:
-        fail(str(exc))
+        fail(_masked(str(exc), url))
     except Exception as exc:  # the database itself: refused, dropped, ...
-        fail(f"cannot prune the ledger at {_redact(url)}: {exc}")
+        _db_failed("cannot prune the ledger at", url, exc)
     when = cutoff.isoformat()
     if result.dry_run:
         typer.echo(
@@ -1002,9 +1003,9 @@ def _report(
         finally:
             engine.dispose()
     except (SchemaError, DatabaseUnavailable, ReportError, ConfigError, ValueError, OSError) as exc:
-        fail(str(exc))
+        fail(_masked(str(exc), db_url))
     except Exception as exc:  # the database itself: refused, dropped, ...
-        fail(f"cannot read the ledger at {_redact(db_url)}: {exc}")
+        _db_failed("cannot read the ledger at", db_url, exc)
     if fmt == "json":
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
@@ -1074,10 +1075,23 @@ for _name, _doc in REPORTS.items():
 
 
 def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    import re
+    """The URL for messages: its password masked, in the user part and in query parameters."""
+    from proxy.ledger.db import safe_url
 
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    return safe_url(url)
+
+
+def _masked(text: str, url: str) -> str:
+    """`text` with every secret of the database URL `url` masked."""
+    from proxy.ledger.db import redact
+
+    return redact(text, url) if url else text
+
+
+def _db_failed(what: str, url: str, exc: BaseException) -> None:
+    """`fail` for an error of the database itself, with every secret of `url` masked (the
+    driver's message may quote the URL or a part of it)."""
+    fail(f"{what} {_redact(url)}: {_masked(str(exc), url)}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -10,6 +10,7 @@ cascades:
 server: {api_keys: {alice: sk-alice-1, batch-jobs: sk-batch-2},   # name: key
          api_keys_env: CASCADE_API_KEYS, admin_key_env: CASCADE_ADMIN_KEY}
 database_url: sqlite:///cascade.db
+ledger: {write_timeout_s: 2, max_pending: 20000}
 ```
 
 `CASCADE_CONFIG` names the file when no path is given; `CASCADE_DATABASE_URL` overrides
@@ -146,11 +147,21 @@ class ServerConfig(_Strict):
         return out
 
 
+class LedgerConfig(_Strict):
+    """The ledger writer's bounds: a database write that takes longer than write_timeout_s
+    counts as an outage (records go to the spool), and at most max_pending records wait in
+    memory for the database."""
+
+    write_timeout_s: float = Field(default=2.0, gt=0)
+    max_pending: int = Field(default=20_000, ge=1)
+
+
 class Config(_Strict):
     models: dict[str, ModelConfig] = Field(min_length=1)
     cascades: dict[str, CascadeConfig] = Field(default_factory=dict)
     server: ServerConfig = ServerConfig()
     database_url: str = DEFAULT_DATABASE_URL
+    ledger: LedgerConfig = LedgerConfig()
 
     @model_validator(mode="after")
     def _references(self) -> Config:

@@ -26,6 +26,7 @@ NUMBER_PARAMS = (
     "repetition_penalty",
 )
 COUNT_PARAMS = ("max_tokens", "max_completion_tokens", "n")
+MAX_N = 128  # choices per request: OpenAI's limit, and vLLM's
 # JSON nested deeper than this is refused: encoders (orjson: 255 levels) must be able to
 # forward whatever is accepted
 MAX_DEPTH = 128
@@ -255,6 +256,9 @@ def validate(body: dict) -> tuple[str, list[dict], bool, bool]:
             raise ApiError(
                 400, f"'{key}' must be a positive integer", param=key, code=INVALID_PARAMETER
             )
+    n = body.get("n")
+    if n is not None and n > MAX_N:
+        raise ApiError(400, f"'n' must be at most {MAX_N}", param="n", code=INVALID_PARAMETER)
     return model, messages, stream, bool(include_usage)
 
 

@@ -126,15 +126,20 @@ async def test_complete_returns_text_logprobs_tokens_and_configured_cost(fake, m
     assert r.ok and r.error is None
     assert r.text == ANSWER
     assert r.token_logprobs == [("The", 0.0), (" answer", 0.0), (" is", 0.0), (" B", CONF)]
-    assert (r.tokens_in, r.tokens_out) == (5, 4)
-    assert r.cost_usd == pytest.approx(5 * 1e-6 + 4 * 2e-6)
+    # n is forwarded (the proxy sets it for a passthrough model only): the usage and the
+    # cost cover the three choices, all of them kept for the response
+    assert (r.tokens_in, r.tokens_out) == (5, 3 * 4)
+    assert r.cost_usd == pytest.approx(5 * 1e-6 + 3 * 4 * 2e-6)
+    assert [(c["index"], c["message"]["content"]) for c in r.extra["choices"]] == [
+        (i, ANSWER) for i in range(3)
+    ]
     assert r.model == "node" and r.served_model == "fake-small"
     assert (r.status, r.attempts, r.finish_reason) == (200, 1, "stop")
     assert 0 < r.latency_ms < 5000
     sent = fake.last_request()
     assert sent["model"] == "fake-small" and sent["messages"] == MSGS
     assert sent["logprobs"] is True and sent["top_logprobs"] == 1
-    assert sent["temperature"] == 0.2 and sent["max_tokens"] == 64 and sent["n"] == 1
+    assert sent["temperature"] == 0.2 and sent["max_tokens"] == 64 and sent["n"] == 3
     assert sent["seed"] == 7 and sent["stop"] == ["\n\n"]
     assert not {"stream", "cascade", "unknown_thing", "stream_options"} & set(sent)
     assert fake.auth == ["Bearer sekrit"]
@@ -579,7 +584,7 @@ async def test_factory_picks_the_backend_by_config(fake, trace_file):
 
 def test_forwarded_params_drop_what_upstreams_reject() -> None:
     out = forward_params({"temperature": 0, "top_p": None, "stream": True, "n": 4}, True)
-    assert out == {"temperature": 0, "n": 1, "logprobs": True, "top_logprobs": 1}
+    assert out == {"temperature": 0, "n": 4, "logprobs": True, "top_logprobs": 1}
     assert forward_params(None, False) == {}
     assert math.isclose(forward_params({"min_p": 0.1}, False)["min_p"], 0.1)
 

@@ -256,13 +256,15 @@ def _call(proxy: Proxy, case: schemathesis.Case, headers: dict[str, str]) -> Any
 
 
 # model -> the statuses a schema-valid body may get, and the error codes of a 400
+# (n_not_supported: n > 1 for a cascade, or with a passthrough stream; checked below)
 VALID_OUTCOMES = {
-    "qa": ({200, 400}, {"budget_too_small", "invalid_cascade_override"}),
-    "small": ({200}, set()),
-    "echo": ({502}, set()),  # the cascade's only model refuses: the designed 502
-    "leaky": ({502, 200}, set()),  # 200: a passthrough stream ends with an error event
+    "qa": ({200, 400}, {"budget_too_small", "invalid_cascade_override", "n_not_supported"}),
+    "small": ({200, 400}, {"n_not_supported"}),
+    "echo": ({502, 400}, {"n_not_supported"}),  # its only model refuses: the designed 502
+    "leaky": ({502, 200, 400}, {"n_not_supported"}),  # 200: a stream ends with an error event
     "no-such-model": ({404}, set()),
 }
+CASCADES = {"qa", "echo"}
 
 
 def test_schema_valid_bodies_are_answered_or_get_the_designed_errors(
@@ -280,7 +282,11 @@ def test_schema_valid_bodies_are_answered_or_get_the_designed_errors(
         statuses, codes = VALID_OUTCOMES[model]
         assert response.status_code in statuses, (model, response.status_code, response.text)
         if response.status_code == 400:
-            assert response.json()["error"]["code"] in codes, response.text
+            code = response.json()["error"]["code"]
+            assert code in codes, response.text
+            if code == "n_not_supported":  # only where one answer is all there is
+                assert (case.body.get("n") or 1) > 1, response.text
+                assert model in CASCADES or case.body.get("stream") is True, response.text
         if model == "leaky" and response.status_code == 200:  # the stream's error event
             assert "upstream_failed" in response.text and "[redacted]" in response.text
         if response.status_code == 502:
@@ -592,7 +598,8 @@ NUMBERS = '{"model": "qa", "messages": [{"role": "user", "content": "hi"}], %s}'
         (f'"max_tokens": {10**30}', 200, None),
         ('"max_tokens": 1e308', 200, None),  # an integer, as JSON counts: sent on as one
         ('"max_completion_tokens": 16.0', 200, None),
-        ('"n": 1000000', 200, None),
+        ('"n": 1000000', 400, "n"),  # at most 128 (and a cascade returns one answer)
+        ('"n": 2', 400, "n"),  # a cascade returns one decided answer
         ('"cascade": {"max_cost_usd": 1e308}', 200, None),
         ('"unknown_field": {"deep": [1, 2, {"x": null}]}, "another": 1', 200, None),
     ],

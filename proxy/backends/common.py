@@ -14,7 +14,8 @@ from proxy.backends.pricing import PricingError, count_message_tokens, count_tok
 from proxy.config import ModelConfig
 
 # OpenAI chat parameters, plus the sampling extras vLLM and SGLang accept, that a client may
-# set. Everything else (stream, cascade, model, messages, n, logprobs, unknown keys) is dropped.
+# set. Everything else (stream, cascade, model, messages, logprobs, unknown keys) is dropped;
+# `n` is forwarded only when the caller sets it (the proxy does for a passthrough model).
 FORWARDED_PARAMS = frozenset(
     {
         "temperature",
@@ -82,15 +83,31 @@ def failed_result(
 
 
 def forward_params(params: Mapping[str, Any] | None, logprobs: bool) -> dict[str, Any]:
-    """The client's parameters an upstream may see (None values dropped), n forced to 1, and
+    """The client's parameters an upstream may see (None values dropped), `n` as given (a
+    passthrough request's; a cascade refuses n > 1 before any call), and
     `logprobs: true, top_logprobs: 1` when the model is configured to return logprobs."""
     out = {k: v for k, v in (params or {}).items() if k in FORWARDED_PARAMS and v is not None}
-    if params and "n" in params:
-        out["n"] = 1
+    if params and params.get("n") is not None:
+        out["n"] = params["n"]
     if logprobs:
         out["logprobs"] = True
         out["top_logprobs"] = 1
     return out
+
+
+def choice_object(index: int, content: str | None, finish_reason: str | None,
+                  tool_calls: Any = None) -> dict[str, Any]:  # fmt: skip
+    """One choice of a chat completion as the proxy returns it: for the `n` choices of a
+    passthrough call (`CallResult.extra["choices"]`)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": None,
+        "finish_reason": finish_reason or "stop",
+    }
 
 
 def message_text(content: Any) -> str:

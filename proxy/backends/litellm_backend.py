@@ -22,7 +22,13 @@ from typing import Any
 
 from proxy.backends.base import CallResult, StreamChunk
 from proxy.backends.circuit import CircuitBreaker
-from proxy.backends.common import Pricer, count_usage, failed_result, forward_params
+from proxy.backends.common import (
+    Pricer,
+    choice_object,
+    count_usage,
+    failed_result,
+    forward_params,
+)
 from proxy.config import ModelConfig
 
 
@@ -191,7 +197,19 @@ class LiteLLMBackend:
         except Exception as exc:
             return self._fail(exc, lib, start)
         text = text or ""
-        tin, tout = await count_usage(messages, text, tin, tout)
+        counted, extra = text, {}
+        if len(resp.choices) > 1:  # a passthrough request's n: every choice goes back
+            extra["choices"] = [
+                choice_object(
+                    _get(c, "index", i),
+                    _get(_get(c, "message"), "content"),
+                    _get(c, "finish_reason"),
+                    _get(_get(c, "message"), "tool_calls"),
+                )
+                for i, c in enumerate(resp.choices)
+            ]
+            counted = "".join(c["message"]["content"] or "" for c in extra["choices"])
+        tin, tout = await count_usage(messages, counted, tin, tout)
         return CallResult(
             model=self.name,
             text=text,
@@ -203,6 +221,7 @@ class LiteLLMBackend:
             finish_reason=_get(choice, "finish_reason"),
             status=200,
             served_model=_get(resp, "model"),
+            extra=extra,
         )
 
     async def stream(self, messages: list[dict], params: dict) -> AsyncIterator[StreamChunk]:

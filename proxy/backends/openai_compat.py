@@ -34,6 +34,7 @@ from proxy.backends.circuit import CircuitBreaker
 from proxy.backends.common import (
     RETRY_STATUSES,
     Pricer,
+    choice_object,
     count_usage,
     failed_result,
     forward_params,
@@ -68,6 +69,21 @@ def _token_logprobs(choice: dict) -> list[tuple[str, float]] | None:
         return [(t["token"], float(t["logprob"])) for t in content]
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _choices(choices: list) -> list[dict[str, Any]]:
+    """Every choice of a completion with n > 1, as the proxy returns them."""
+    out = []
+    for i, choice in enumerate(choices):
+        message = choice["message"]
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"choices[{i}].message.content is not a string")
+        index = choice.get("index", i)
+        out.append(
+            choice_object(index, content, choice.get("finish_reason"), message.get("tool_calls"))
+        )
+    return out
 
 
 class _Deadlines:
@@ -252,8 +268,18 @@ class OpenAIBackend:
         if message.get("tool_calls"):
             extra["tool_calls"] = message["tool_calls"]
         text = text or ""
+        counted = text
+        if len(data["choices"]) > 1:  # a passthrough request's n: every choice goes back
+            try:
+                extra["choices"] = _choices(data["choices"])
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                return self._fail(
+                    "malformed", f"a choice is malformed: {exc}", start, 200, attempts
+                )
+            # usage covers every choice; without it, count them all
+            counted = "".join(c["message"]["content"] or "" for c in extra["choices"])
         latency_ms = (time.perf_counter() - start) * 1000.0  # before any counting or pricing
-        tokens_in, tokens_out = await count_usage(messages, text, tokens_in, tokens_out)
+        tokens_in, tokens_out = await count_usage(messages, counted, tokens_in, tokens_out)
         return CallResult(
             model=self.name,
             text=text,

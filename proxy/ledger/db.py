@@ -1,15 +1,20 @@
 """Ledger database plumbing: engines, Alembic migrations driven from code, schema checks.
 
 ``cascade db upgrade`` calls :func:`upgrade`; the proxy calls :func:`check_schema` at
-startup and refuses to serve when it raises :class:`SchemaError`.
+startup and refuses to serve when it raises :class:`SchemaError` (when it raises
+:class:`DatabaseUnavailable`, it serves and spools; its ledger writer checks the schema
+once the database answers). :func:`safe_url` and :func:`redact` keep a URL's passwords out
+of every message.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from alembic import command
 from alembic.config import Config
@@ -19,7 +24,7 @@ from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -43,12 +48,57 @@ def normalize_url(url: str | URL) -> URL:
     return u
 
 
+MASK = "***"
+# Query parameters whose values are secrets (libpq's `password` and `sslpassword`, and the
+# tokens, keys and secrets other drivers take): masked wherever a URL is shown.
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|api[-_]?key|credential", re.IGNORECASE)
+_USERINFO = re.compile(r"^(?P<head>[^:/?#]*://[^:/?#@]*):(?P<pw>[^/?#]*)@")
+_QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[^=&;#]+)=)(?P<value>[^&;#]*)")
+
+
+def _masked(url: str) -> str:
+    """``url`` as written, the password of its user part and secret query values masked."""
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", url, count=1)
+    return _QUERY_PARAM.sub(
+        lambda m: m["head"] + MASK if _SECRET_PARAM.search(unquote(m["name"])) else m[0], text
+    )
+
+
+def url_secrets(url: str | URL) -> list[str]:
+    """The secrets written in ``url`` (the user's password, secret query values), as written
+    and decoded: what must never appear in a message."""
+    raw = url.render_as_string(hide_password=False) if isinstance(url, URL) else str(url)
+    found: list[str] = []
+    m = _USERINFO.match(raw)
+    if m and m["pw"]:
+        found.append(m["pw"])
+    found += [
+        q["value"]
+        for q in _QUERY_PARAM.finditer(raw)
+        if q["value"] and _SECRET_PARAM.search(unquote(q["name"]))
+    ]
+    with_decoded = found + [unquote(s) for s in found]
+    return sorted({s for s in with_decoded if s}, key=len, reverse=True)
+
+
 def safe_url(url: str | URL) -> str:
-    """The URL with its password masked, for messages and logs."""
-    try:
-        return normalize_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable database url>"
+    """The URL for messages and logs: its password masked, in the user part
+    (``user:***@host``) and in query parameters (``?password=***``, ``sslpassword``, tokens,
+    secrets). A URL that does not parse is masked the same way, as written."""
+    if isinstance(url, URL):
+        url = url.render_as_string(hide_password=False)
+    return _masked(str(url))
+
+
+def redact(text: str, url: str | URL) -> str:
+    """``text`` (an error message, say) with every secret of ``url`` masked: drivers and
+    SQLAlchemy may quote the URL, or parts of it, in their errors."""
+    raw = url.render_as_string(hide_password=False) if isinstance(url, URL) else str(url)
+    text = text.replace(raw, safe_url(raw))
+    for secret in url_secrets(raw):
+        if len(secret) >= 3:  # a shorter one would mask unrelated letters; the URL is done
+            text = text.replace(secret, MASK)
+    return text
 
 
 def sqlite_file(url: str | URL) -> Path | None:
@@ -161,6 +211,12 @@ def head_revision() -> str:
     return head
 
 
+def read_revision(conn: Any) -> str | None:
+    """The ledger revision recorded in the database behind the open connection ``conn``."""
+    ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return ctx.get_current_revision()
+
+
 def current_revision(url: str | URL) -> str | None:
     """The database's ledger revision, or ``None`` when it has no ledger schema. Only reads:
     a SQLite file that does not exist is not created (connecting would), nor its folder."""
@@ -170,27 +226,15 @@ def current_revision(url: str | URL) -> str | None:
     engine = make_engine(url) if path is None else _existing_file_engine(path)
     try:
         with engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-            return ctx.get_current_revision()
+            return read_revision(conn)
     finally:
         engine.dispose()
 
 
-def check_schema(url: str | URL) -> str:
-    """Return the current revision if the ledger schema is up to date; raise otherwise.
-
-    Raises :class:`SchemaError` (whose message says to run ``cascade db upgrade``) when the
-    database has no ledger schema or an older one, :class:`SchemaError` when its revision is
-    unknown to this version of cascade (written by a newer one), and
-    :class:`DatabaseUnavailable` when it cannot be reached.
-    """
+def verify_revision(current: str | None, url: str | URL) -> str:
+    """``current`` if it is the newest revision this version of cascade knows; otherwise
+    :class:`SchemaError` saying what to do (``cascade db upgrade``, or upgrade cascade)."""
     where = safe_url(url)
-    try:
-        current = current_revision(url)
-    except DBAPIError as exc:
-        raise DatabaseUnavailable(
-            f"ledger database {where} is unreachable: {exc.orig or exc}"
-        ) from exc
     head = head_revision()
     if current == head:
         return current
@@ -214,3 +258,25 @@ def check_schema(url: str | URL) -> str:
         f"ledger database {where} is at revision {current} but this version of cascade "
         f"needs {head}; {UPGRADE_HINT}"
     )
+
+
+def check_schema(url: str | URL) -> str:
+    """Return the current revision if the ledger schema is up to date; raise otherwise.
+
+    Raises :class:`SchemaError` (whose message says to run ``cascade db upgrade``) when the
+    database has no ledger schema or an older one, :class:`SchemaError` when its revision is
+    unknown to this version of cascade (written by a newer one),
+    :class:`DatabaseUnavailable` when it cannot be reached, and ValueError when the driver
+    refuses the URL itself.
+    """
+    try:
+        current = current_revision(url)
+    except (OperationalError, InterfaceError) as exc:  # refused, timed out, dropped
+        detail = redact(str(exc.orig or exc), url)
+        raise DatabaseUnavailable(
+            f"ledger database {safe_url(url)} is unreachable: {detail}"
+        ) from exc
+    except DBAPIError as exc:  # the URL itself is wrong (an unknown option, say)
+        detail = redact(str(exc.orig or exc), url)
+        raise ValueError(f"ledger database {safe_url(url)}: {detail}") from exc
+    return verify_revision(current, url)

@@ -8,12 +8,29 @@ of the requests that were actually inserted, and the daily rollups of those same
 (``INSERT ... ON CONFLICT DO UPDATE``). So writing a request twice changes nothing: the ledger
 is idempotent by ``request_id``.
 
-If a batch fails because the database is unreachable, it is appended to the spool file
+Every database call (a batch, a replay chunk, a schema check) runs in a helper thread and
+must answer within ``write_timeout_s`` (2 s): a database that hangs (a frozen host, a
+stalled network) is an outage exactly as one that refuses is. The helper thread of a call
+past its deadline is abandoned with its connection (never reused; the pool's other
+connections are dropped too) and the next call gets a new one. The abandoned call is not
+cancelled: if it commits later, the replay of its batch finds its requests already there.
+
+If a batch fails because the database is unusable, it is appended to the spool file
 (JSON lines, fsync'd) and every later batch goes there too, in order, until a replay
-succeeds. Every ``retry_interval_s`` the thread replays the spool in order, one committed
-transaction per chunk, and only after the last commit replaces the spool by an empty file
-(atomic rename). A process that dies mid-replay replays again at the next start; requests
-already committed are skipped by ``request_id``, so every request lands exactly once.
+succeeds; one warning says when an outage starts and one when it ends. Every
+``retry_interval_s`` the thread replays the spool in order, one committed transaction per
+chunk, in slices of about a flush interval (between them it spools what arrived), and once
+all of it is in replaces the spool by an empty file (atomic rename). A process that dies
+mid-replay replays again at the next start; requests already committed are skipped by
+``request_id``, so every request lands exactly once.
+
+What waits in memory is bounded: at most ``max_pending`` records, and none longer than a
+flush interval plus the deadline (a flush interval while records go to the spool anyway);
+the rest goes to the spool at once. So a SIGKILL loses what a flush interval holds, with
+the database up or down. With ``check_schema`` (as the proxy runs it) the writer checks the
+ledger schema before its first write and after every outage, and writes nothing to a
+database whose schema is not current (records stay in the spool, an error says to run
+``cascade db upgrade``).
 
 A record the database refuses for its own content (an integrity or data error) is isolated
 from its batch and appended to ``<spool>.rejected`` with the error, so it can neither block
@@ -54,7 +71,15 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DataError, DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from proxy.ledger.db import make_engine, safe_url
+from proxy.ledger.db import (
+    SchemaError,
+    make_engine,
+    normalize_url,
+    read_revision,
+    redact,
+    safe_url,
+    verify_revision,
+)
 from proxy.ledger.records import RequestRecord
 from proxy.ledger.schema import calls_table, daily_table, requests_table
 
@@ -70,6 +95,15 @@ MAX_SPOOL_SLOTS = 256
 # sqlite3's cache of 128 prepared statements (psycopg prepares repeated ones too) kept growing
 # the proxy's RSS, by ~35 MB in the first minutes of a soak.
 INSERT_PAGE_ROWS = 32
+
+# The writer's bounds (see LedgerWriter): a database call slower than the deadline is an
+# outage; records beyond the count wait in the spool, not in memory.
+DEFAULT_WRITE_TIMEOUT_S = 2.0
+DEFAULT_MAX_PENDING = 20_000
+MAX_ABANDONED = 4  # hung database threads still alive: no new attempt until fewer
+WAIT_SLICE_S = 0.05  # how often the writer checks its queue while a call runs
+MIN_REPLAY_SLICE_S = 0.05  # a replay runs at least this long between two looks at the queue
+FINAL_REPLAY_S = 5.0  # at close, replay at most this long; the rest waits for the next start
 
 _WAKE = object()
 _DAILY_KEY = ("day", "cascade", "model", "api_key")
@@ -410,12 +444,75 @@ def _dbapi_error(conn: Connection, cur: Any, exc: Exception) -> DBAPIError:
     )
 
 
+class WriteTimeout(TimeoutError):
+    """The database did not answer a write (or a connection, or a schema check) within the
+    writer's ``write_timeout_s``: an outage, as a refused connection is."""
+
+
+class _Job:
+    """One piece of database work handed to a :class:`_DbThread`."""
+
+    __slots__ = ("args", "done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+        self.fn, self.args = fn, args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _DbThread:
+    """A daemon thread that runs the writer's database work, one job at a time.
+
+    The writer waits for a job at most ``write_timeout_s``. A thread whose job overran is
+    abandoned: it ends when its job does (a frozen peer holds it until the connection times
+    out or the peer wakes up), and the next job gets a new thread. So a hung connection
+    neither holds the writer nor serves another batch."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._loop, name="cascade-ledger-db", daemon=True)
+        self.thread.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> _Job:
+        job = _Job(fn, args)
+        self._jobs.put(job)
+        return job
+
+    def stop(self) -> None:
+        """End the thread once its current job, if any, is done."""
+        self._jobs.put(None)
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.stop()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job.result = job.fn(*job.args)
+            except BaseException as exc:  # handed to the writer, which decides
+                job.error = exc
+            finally:
+                job.done.set()
+            if self.abandoned:
+                return
+
+
 class LedgerWriter:
     """Batched, non-blocking, outage-proof writer of :class:`RequestRecord` to the ledger.
 
-    ``url`` is a SQLAlchemy URL (``sqlite:///...`` or ``postgresql://...``) whose schema
-    is current (see :func:`proxy.ledger.db.check_schema`); ``spool_path`` is the local
-    append-only file used while the database is unreachable.
+    ``url`` is a SQLAlchemy URL (``sqlite:///...`` or ``postgresql://...``); ``spool_path``
+    is the local append-only file used while the database is unusable. Every database call
+    must answer within ``write_timeout_s`` or the database counts as down. At most
+    ``max_pending`` records wait in memory (more go to the spool), and none for longer than
+    about ``flush_interval_s + write_timeout_s``. With ``check_schema``, the writer checks
+    the database's ledger schema before its first write and whenever the database comes back
+    from an outage; while it is not current, records stay in the spool.
     """
 
     def __init__(
@@ -425,6 +522,9 @@ class LedgerWriter:
         batch_size: int = 256,
         flush_interval_s: float = 0.25,
         retry_interval_s: float = 2.0,
+        write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        check_schema: bool = False,
     ) -> None:
         self.url = url
         self.base_spool_path = Path(spool_path)
@@ -434,6 +534,12 @@ class LedgerWriter:
         self.batch_size = max(1, int(batch_size))
         self.flush_interval_s = max(0.0, float(flush_interval_s))
         self.retry_interval_s = max(0.05, float(retry_interval_s))
+        self.write_timeout_s = max(0.05, float(write_timeout_s))
+        self.max_pending = max(1, int(max_pending))
+        # what may wait in memory while a write runs; while records go to the spool anyway,
+        # they wait no longer than a flush interval (see _relieve)
+        self.max_age_s = self.flush_interval_s + self.write_timeout_s
+        self.check_schema = check_schema
 
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
@@ -446,11 +552,21 @@ class LedgerWriter:
         self._closed = False
         self._engine: Engine | None = None
         self._backend: _Backend | None = None
+        self._db_thread: _DbThread | None = None
+        self._abandoned: list[_DbThread] = []  # overran their deadline, maybe still running
+        self._engine_stale = False  # a connection was abandoned: drop the pool's others
 
         self._inflight: list[RequestRecord] = []
         self._held: list[RequestRecord] = []  # neither written nor spooled (spool I/O failed)
+        self._drained_at = time.monotonic()  # the queue was last seen empty then
         self._next_retry = 0.0
         self._connected: bool | None = None
+        self._schema_ok = not check_schema
+        self._schema_error: str | None = None
+        self._outage_since: float | None = None  # monotonic start of the current outage
+        self._outage_replayed = 0  # self._replayed when it started
+        self._replay_offset = 0  # bytes of the spool already in the database
+        self._rejected_upto = 0  # spool bytes whose unreadable lines were already rejected
 
         self._pending = 0
         self._written = 0
@@ -512,8 +628,8 @@ class LedgerWriter:
         """Write everything queued (to the database, else the spool) and stop the thread.
 
         Blocks the calling thread for at most about ``timeout`` seconds; from async code use
-        :meth:`aclose`. If the thread is stuck (a hung database), what it holds and what is
-        still queued go to a side spool file that the next start merges into the spool.
+        :meth:`aclose`. If the thread is stuck, what it holds and what is still queued go to
+        a side spool file that the next start merges into the spool.
         """
         with self._submit_lock:
             if self._closed:
@@ -541,10 +657,12 @@ class LedgerWriter:
             with self._idle:
                 self._pending = 0
                 self._idle.notify_all()
-        if not stuck and self._engine is not None:
-            self._engine.dispose()
-        if not stuck:  # a stuck thread may still write the spool: keep the slot until exit
-            self._release_slot()
+        if not stuck:
+            if self._db_thread is not None:
+                self._db_thread.stop()
+            if self._engine is not None:
+                self._engine.dispose()
+            self._release_slot()  # a stuck thread may still write the spool: keep the slot
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """:meth:`close` without blocking the event loop."""
@@ -553,11 +671,16 @@ class LedgerWriter:
     def stats(self) -> dict[str, Any]:
         """Counters: ``written`` (requests inserted directly), ``calls_written``,
         ``spooled`` (requests appended to the spool), ``replayed`` (requests inserted from
-        the spool), ``duplicates`` (already in the ledger), ``rejected``, ``pending`` (not
-        yet written, spooled or rejected), ``spool_backlog`` (records in the spool),
-        ``failures`` (failed database attempts), ``connected``, ``last_error``."""
+        the spool), ``duplicates`` (already in the ledger), ``rejected``, ``pending`` (in
+        memory: not yet written, spooled or rejected), ``spool_backlog`` (records in the
+        spool not yet in the database), ``failures`` (failed database attempts),
+        ``connected`` (the last attempt worked; None before any), ``last_error``; and what
+        a health check needs: ``degraded`` and its ``reason`` (None when all is well),
+        ``outage_s`` (how long the database has been unusable, None when it is not)."""
+        now = time.monotonic()
         with self._stats_lock:
-            return {
+            since = self._outage_since
+            out = {
                 "written": self._written,
                 "calls_written": self._calls_written,
                 "spooled": self._spooled,
@@ -570,7 +693,37 @@ class LedgerWriter:
                 "connected": self._connected,
                 "last_error": self._last_error,
                 "running": self._thread is not None and self._thread.is_alive(),
+                "outage_s": None if since is None else round(now - since, 3),
             }
+        out["reason"] = self._reason(out)
+        out["degraded"] = out["reason"] is not None
+        return out
+
+    def _reason(self, st: dict[str, Any]) -> str | None:
+        """Why the ledger is not writing straight to the database, for /health."""
+        if self._thread is not None and not st["running"] and not self._closed:
+            return "the ledger writer thread is not running; records are not being saved"
+        if self._schema_error is not None:
+            return f"{self._schema_error}; records spool to {self.spool_path}"
+        if st["outage_s"] is not None:
+            return (
+                f"database unavailable for {st['outage_s']:.0f} s ({st['last_error']}); "
+                f"records spool to {self.spool_path} and are replayed when it is back"
+            )
+        if self._held:
+            return f"cannot write the spool {self.spool_path}: {len(self._held)} records held"
+        if st["spool_backlog"]:
+            return f"replaying {st['spool_backlog']} spooled records into the database"
+        return None
+
+    def mark_unavailable(self, reason: str) -> None:
+        """Start in outage: the caller found the database unreachable (and said so), so
+        records spool from the first one and health checks say why, until it answers."""
+        with self._stats_lock:
+            self._connected = False
+            self._last_error = redact(reason, self.url)[:500]
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
 
     def _atexit(self) -> None:
         self.close(timeout=5.0)
@@ -638,16 +791,40 @@ class LedgerWriter:
 
     # ------------------------------------------------------------------ writer thread
 
+    def _make_engine(self) -> Engine:
+        """The writer's engine. On PostgreSQL its connections give up on their own too: a
+        connect timeout of twice the write deadline (so the deadline, not the driver, ends a
+        hung connect, and an abandoned one ends soon after), TCP keepalives and a TCP user
+        timeout (a peer that stops acknowledging), unless the URL sets them."""
+        url = normalize_url(self.url)
+        if url.get_backend_name() != "postgresql":
+            return make_engine(url)
+        wanted = {
+            "connect_timeout": max(2, math.ceil(2 * self.write_timeout_s)),
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 30_000,
+        }
+        given = {k: v for k, v in wanted.items() if k not in url.query}
+        return make_engine(url, connect_args=given)
+
     def _run(self) -> None:
         try:
-            self._engine = make_engine(self.url)
+            self._engine = self._make_engine()
             self._backend = _Backend(self._engine.dialect.name)
             self._recover_spool()
         except Exception as exc:
             log.exception("ledger: writer could not start; records will be spooled")
             self._note_failure(exc)
+        try:
+            self._maybe_replay(force=True)  # know at once whether the database is there
+        except Exception:
+            log.exception("ledger: unexpected error in the writer thread")
         while True:
             try:
+                self._relieve()
                 batch = self._collect()
                 if batch:
                     self._inflight = batch
@@ -664,26 +841,33 @@ class LedgerWriter:
                     self._done(len(self._inflight))
                     self._inflight = []
                 time.sleep(0.05)
-        # Shutting down: one last replay if the database is known to be there.
+        # Shutting down: replay a while longer if the database is known to be there; what
+        # is left stays in the spool for the next start.
         try:
-            if (self._spool_backlog or self._held) and self._connected:
-                self._maybe_replay(force=True)
+            stop_at = time.monotonic() + FINAL_REPLAY_S
+            while self._needs_replay() and self._connected and time.monotonic() < stop_at:
+                if not self._maybe_replay(force=True):
+                    break
         except Exception:
             log.exception("ledger: final replay failed; the spool is kept")
 
     def _collect(self) -> list[RequestRecord]:
         batch: list[RequestRecord] = []
-        stopping = self._stop.is_set()
+        # a replay to continue, or the end of the run: take what is queued, wait for nothing
+        eager = self._stop.is_set() or (
+            self._needs_replay() and self._connected and time.monotonic() >= self._next_retry
+        )
         try:
-            if stopping:
+            if eager:
                 first = self._queue.get_nowait()
             else:
                 first = self._queue.get(timeout=max(self.flush_interval_s, 0.01))
         except queue.Empty:
+            self._drained_at = time.monotonic()
             return batch
         if first is not _WAKE:
             batch.append(first)
-        if not stopping and first is not _WAKE and self._queue.qsize() < self.batch_size:
+        if not eager and first is not _WAKE and self._queue.qsize() < self.batch_size:
             # let the batch fill while this thread sleeps: waiting on the queue instead
             # would wake it (and take the GIL from the event loop) for every record
             self._hurry.wait(self.flush_interval_s)
@@ -692,10 +876,28 @@ class LedgerWriter:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
+                self._drained_at = time.monotonic()
                 break
             if item is not _WAKE:
                 batch.append(item)
         return batch
+
+    def _relieve(self) -> None:
+        """Spool what waits in memory beyond its bounds: more than ``max_pending`` records,
+        or any record queued for longer than ``max_age_s`` (a flush interval while records
+        go to the spool anyway). So a hung write, or a replay, never holds more than that in
+        a process that may be killed."""
+        waiting = self._queue.qsize()
+        if not waiting:
+            return
+        limit = self.flush_interval_s if self._must_spool() else self.max_age_s
+        if waiting <= self.max_pending and time.monotonic() - self._drained_at <= limit:
+            return
+        records = self._drain()
+        self._drained_at = time.monotonic()
+        if records:
+            self._spool(records)
+            self._done(len(records))
 
     def _done(self, n: int) -> None:
         with self._idle:
@@ -703,23 +905,73 @@ class LedgerWriter:
             if self._pending == 0:
                 self._idle.notify_all()
 
+    def _must_spool(self) -> bool:
+        """True while records cannot go straight to the database: an outage, a schema not
+        (yet) known to be current, or a spool still to replay (it goes first)."""
+        return bool(
+            self._spool_backlog
+            or self._held
+            or self._engine is None
+            or self._outage_since is not None
+            or not self._schema_ok
+        )
+
+    def _needs_replay(self) -> bool:
+        return self._must_spool() and self._engine is not None
+
+    def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the database thread, waited for at most ``write_timeout_s``.
+
+        Past that, the thread is abandoned (with its connection) and :class:`WriteTimeout`
+        raised. While waiting, what is queued is kept within its bounds (``_relieve``)."""
+        worker = self._db_thread
+        if worker is None:
+            self._abandoned = [t for t in self._abandoned if t.thread.is_alive()]
+            if len(self._abandoned) >= MAX_ABANDONED:
+                raise WriteTimeout(f"{len(self._abandoned)} earlier database calls are still hung")
+            worker = self._db_thread = _DbThread()
+        if self._engine_stale:  # the pool's idle connections may lead to the same hung peer
+            self._engine_stale = False
+            job = worker.run(self._fresh_call, fn, args)
+        else:
+            job = worker.run(fn, *args)
+        deadline = time.monotonic() + self.write_timeout_s
+        while not job.done.wait(max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                worker.abandon()
+                self._abandoned.append(worker)
+                self._db_thread = None
+                self._engine_stale = True
+                raise WriteTimeout(f"no answer within write_timeout_s={self.write_timeout_s:g} s")
+            self._relieve()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _fresh_call(self, fn: Callable[..., Any], args: tuple) -> Any:
+        assert self._engine is not None
+        self._engine.dispose()  # connections checked out (the hung one) are left alone
+        return fn(*args)
+
     def _handle(self, batch: list[RequestRecord]) -> None:
         """Write ``batch`` to the database, or to the spool if the ledger is in outage."""
-        if self._spool_backlog or self._held or self._engine is None:
+        if self._must_spool():
             self._spool(batch)  # keep the order: the spool must be replayed first
             return
         try:
-            new, calls, dups = self._write(batch)
+            new, calls, dups = self._db(self._write, batch)
         except _Poison:
             self._write_each(batch, replay=False)
             return
         except Exception as exc:
             if not _is_outage(exc):
                 raise
+            # the batch may still commit if its write was only late: its replay then
+            # finds its requests there and adds nothing (idempotent by request_id)
             self._note_failure(exc)
             self._spool(batch)
             return
-        self._note_ok()
+        self._connected = True
         with self._stats_lock:
             self._written += new
             self._calls_written += calls
@@ -729,7 +981,7 @@ class LedgerWriter:
         """Write records one by one to isolate the ones the database refuses."""
         for i, record in enumerate(records):
             try:
-                new, calls, dups = self._write([record])
+                new, calls, dups = self._db(self._write, [record])
             except _Poison as exc:
                 self._reject(record, exc.__cause__ or exc)
                 continue
@@ -796,94 +1048,183 @@ class LedgerWriter:
             raise _Poison(str(exc)) from exc
         return len(fresh), len(call_rows), len(records) - len(fresh)
 
+    def _read_schema(self) -> str:
+        """The database's ledger revision if it is current; :class:`SchemaError` if not."""
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            current = read_revision(conn)
+        return verify_revision(current, self.url)
+
+    def _ping(self) -> None:
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     # ------------------------------------------------------------------ outage handling
 
     def _note_failure(self, exc: BaseException) -> None:
-        was = self._connected
+        """The database failed (refused, dropped, or did not answer in time): spool from now
+        on and try again in ``retry_interval_s``. One warning when an outage starts."""
         self._connected = False
         self._next_retry = time.monotonic() + self.retry_interval_s
-        msg = f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}".strip()
+        if isinstance(exc, WriteTimeout):
+            msg = str(exc)
+        else:
+            msg = f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}".strip()
+        msg = redact(msg, self.url)[:500]
         with self._stats_lock:
             self._failures += 1
-            self._last_error = msg[:500]
-        if was is not False:
+            self._last_error = msg
+            starting = self._outage_since is None
+            if starting:
+                self._outage_since = time.monotonic()
+        if self.check_schema:
+            self._schema_ok = False  # checked again when the database is back
+        if starting:
             log.warning(
-                "ledger: database %s unavailable (%s); spooling to %s",
+                "ledger: database %s unavailable (%s); spooling to %s until it answers again",
                 safe_url(self.url),
                 msg[:200],
                 self.spool_path,
             )
+        else:
+            log.debug("ledger: database still unavailable: %s", msg[:200])
+
+    def _note_schema_error(self, exc: SchemaError) -> None:
+        """The database answers but its ledger schema is not this version's: write nothing
+        to it, keep spooling, check again in ``retry_interval_s``."""
+        self._connected = True
+        self._next_retry = time.monotonic() + self.retry_interval_s
+        msg = str(exc)
+        first = msg != self._schema_error
+        with self._stats_lock:
+            self._schema_error = msg
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+        if first:
+            log.error(
+                "ledger: %s; records stay in %s and are written once the schema is current",
+                msg,
+                self.spool_path,
+            )
 
     def _note_ok(self) -> None:
-        if self._connected is False:
-            log.warning("ledger: database %s is back", safe_url(self.url))
+        """A database call worked: the end of an outage, if there was one (one warning)."""
         self._connected = True
+        if self._outage_since is None:
+            return
+        with self._stats_lock:
+            took = time.monotonic() - self._outage_since
+            self._outage_since = None
+            self._schema_error = None
+            backlog = self._spool_backlog
+        log.warning(
+            "ledger: database %s is back after %.1f s; replaying %d spooled records",
+            safe_url(self.url),
+            took,
+            backlog,
+        )
 
-    def _maybe_replay(self, force: bool = False) -> None:
-        if not (self._spool_backlog or self._held) or self._engine is None:
-            return
+    def _maybe_replay(self, force: bool = False) -> bool:
+        """If a retry is due: check the schema (when it must be), then replay a slice of the
+        spool. False when nothing was due or the database failed."""
+        if not self._needs_replay():
+            return False
         if not force and time.monotonic() < self._next_retry:
-            return
+            return False
         if self._held:  # the spool could not be written: try again, keeping the order
             held, self._held = self._held, []
             self._spool(held)
             if self._held:
                 self._next_retry = time.monotonic() + self.retry_interval_s
-                return
+                return False
         try:
-            self._replay()
+            if not self._schema_ok:
+                self._db(self._read_schema)
+                self._schema_ok = True
+                self._schema_error = None
+            elif self._outage_since is not None:
+                self._db(self._ping)
+            self._note_ok()
+            self._replay_slice()
+        except SchemaError as exc:
+            self._note_schema_error(exc)
+            return False
         except Exception as exc:
             if not _is_outage(exc):
                 log.exception("ledger: spool replay failed")
             self._note_failure(exc)
-            return
-        self._note_ok()
+            return False
+        return True
 
-    def _replay(self) -> None:
-        """Replay the spool in order, one transaction per chunk, then empty it atomically."""
-        with self._spool_lock:
-            if not self.spool_path.exists():
-                with self._stats_lock:
-                    self._spool_backlog = 0
-                return
-            total = 0
-            for chunk in self._read_spool():
-                total += len(chunk)
+    def _replay_slice(self) -> bool:
+        """Replay the spool from where the last slice stopped, in order, one committed
+        transaction per chunk, for about a flush interval (new records are spooled in
+        between, so none waits in memory meanwhile). True once all of it is in the database
+        and the spool was emptied (atomically). A process that dies mid-replay replays the
+        whole spool at its next start: requests already there are skipped by request_id."""
+        stop_at = time.monotonic() + max(self.flush_interval_s, MIN_REPLAY_SLICE_S)
+        while True:
+            with self._spool_lock:
+                if not self.spool_path.exists():
+                    self._replay_offset = self._rejected_upto = 0
+                    with self._stats_lock:
+                        self._spool_backlog = 0
+                    return True
+                chunk, end, lines = self._read_chunk()
+                if not lines:  # everything up to the end is in: nothing was appended since
+                    self._truncate_spool()
+                    self._replay_offset = self._rejected_upto = 0
+                    with self._stats_lock:
+                        replayed = self._replayed
+                        self._spool_backlog = 0
+                    if replayed:
+                        log.info("ledger: the spool %s is replayed", self.spool_path)
+                    return True
+            if chunk:
                 try:
-                    new, calls, dups = self._write(chunk)
+                    new, calls, dups = self._db(self._write, chunk)
                 except _Poison:
                     self._write_each(chunk, replay=True)
-                    continue
-                with self._stats_lock:
-                    self._replayed += new
-                    self._calls_written += calls
-                    self._duplicates += dups
-            self._truncate_spool()
+                else:
+                    with self._stats_lock:
+                        self._replayed += new
+                        self._calls_written += calls
+                        self._duplicates += dups
+            self._replay_offset = end
             with self._stats_lock:
-                self._spool_backlog = 0
-        if total:
-            log.warning("ledger: replayed %d spooled records into the database", total)
+                self._spool_backlog = max(0, self._spool_backlog - lines)
+            if time.monotonic() >= stop_at:
+                return False
 
-    def _read_spool(self) -> Iterator[list[RequestRecord]]:
-        chunk: list[RequestRecord] = []
+    def _read_chunk(self) -> tuple[list[RequestRecord], int, int]:
+        """Up to ``batch_size`` records of the spool from the replay offset: (records, the
+        offset after them, spool lines read). A line that does not parse is rejected once
+        (a torn last line, left by a crash mid-append, is dropped with a warning)."""
+        records: list[RequestRecord] = []
+        offset = self._replay_offset
+        lines = 0
         with open(self.spool_path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
+            fh.seek(offset)
+            for raw in fh:
+                start, offset = offset, offset + len(raw)
                 text = raw.strip()
                 if not text:
                     continue
+                lines += 1
                 try:
-                    chunk.append(RequestRecord.from_dict(json.loads(text)))
+                    records.append(RequestRecord.from_dict(json.loads(text)))
                 except Exception as exc:
-                    if not raw.endswith(b"\n"):
-                        log.warning("ledger: dropping a torn last line of %s", self.spool_path)
-                        continue
-                    self._reject_raw(text.decode("utf-8", "replace"), exc, lineno)
+                    if start >= self._rejected_upto:
+                        self._rejected_upto = offset
+                        if raw.endswith(b"\n"):
+                            self._reject_raw(text.decode("utf-8", "replace"), exc, start)
+                        else:
+                            log.warning("ledger: dropping a torn last line of %s", self.spool_path)
                     continue
-                if len(chunk) >= self.batch_size:
-                    yield chunk
-                    chunk = []
-        if chunk:
-            yield chunk
+                if len(records) >= self.batch_size:
+                    break
+        return records, offset, lines
 
     def _truncate_spool(self) -> None:
         tmp = self.spool_path.with_name(self.spool_path.name + ".tmp")
@@ -958,9 +1299,9 @@ class LedgerWriter:
             self._rejected += 1
         log.error("ledger: record %s refused by the database: %s", record.request_id, exc)
 
-    def _reject_raw(self, text: str, exc: BaseException, lineno: int) -> None:
+    def _reject_raw(self, text: str, exc: BaseException, at_byte: int) -> None:
         try:
-            line = {"error": f"unreadable spool line {lineno}: {exc}", "raw": text}
+            line = {"error": f"unreadable spool line at byte {at_byte}: {exc}", "raw": text}
             _append(self.rejected_path, (json.dumps(line) + "\n").encode())
         except Exception:
             log.exception("ledger: cannot write %s", self.rejected_path)
