@@ -17,13 +17,13 @@ from policies.artifact import ArtifactError, parse_artifact
 
 
 @pytest.fixture(scope="module")
-def train(traces_dir: Path):
-    return load_traces(traces_dir / "mmlu-llama-train.jsonl")
+def train(synthetic: tuple[Path, Path]):
+    return load_traces(synthetic[0])
 
 
 def _fit(train) -> dict:
     fitted = FittedIndex(train, recall=True)
-    return build_artifact(fitted, DEFAULT_MUS[12], train_path="mmlu-llama-train.jsonl")
+    return build_artifact(fitted, DEFAULT_MUS[12], train_path="synthetic-train.jsonl")
 
 
 @pytest.fixture(scope="module")

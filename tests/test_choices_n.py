@@ -15,28 +15,30 @@ import pytest
 
 from tests.serving import (
     QUESTION,
-    TRACE_PRICES,
     db_upgrade,
     running_proxy,
     sqlite_env,
     upstream_admin,
     write_config,
 )
+from tests.synthetic import PRICES
 
 KEY_ENV = "CASCADE_TEST_LITELLM_KEY"
 
 
 @pytest.fixture(scope="module")
-def served(upstream: str, policy: Path, traces_dir: Path, tmp_path_factory) -> tuple[str, Path]:
+def served(
+    upstream: str, policy: Path, synthetic: tuple[Path, Path], tmp_path_factory
+) -> tuple[str, Path]:
     folder = tmp_path_factory.mktemp("n")
     fake = {"backend": "openai", "base_url": f"{upstream}/v1", "price_in_per_mtok": 1.0,
             "price_out_per_mtok": 2.0}  # fmt: skip
     external = {"backend": "litellm", "model": "openai/large", "base_url": f"{upstream}/v1",
                 "api_key_env": KEY_ENV, "price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0,
                 "max_retries": 0}  # fmt: skip
-    price_in, price_out = TRACE_PRICES["llama3.1-8b"]
-    recorded = {"backend": "replay", "model": "llama3.1-8b",
-                "traces": [str(traces_dir / "mmlu-llama-train.jsonl")],
+    price_in, price_out = PRICES["medium"]
+    recorded = {"backend": "replay", "model": "medium",
+                "traces": [str(synthetic[0])],
                 "price_in_per_mtok": price_in, "price_out_per_mtok": price_out}  # fmt: skip
     config = {
         "models": {"small": fake, "large": fake, "ext": external, "recorded": recorded},

@@ -11,13 +11,13 @@ import httpx
 
 from tests.serving import (
     QUESTION,
-    TRACE_PRICES,
     db_upgrade,
     running_proxy,
     sqlite_env,
     upstream_admin,
     write_config,
 )
+from tests.synthetic import PRICES
 
 
 def _counts(metrics: str) -> dict[tuple[str, str], float]:
@@ -26,13 +26,13 @@ def _counts(metrics: str) -> dict[tuple[str, str], float]:
 
 
 def test_request_counts_carry_the_status_the_client_got(
-    upstream: str, policy: Path, traces_dir: Path, tmp_path: Path
+    upstream: str, policy: Path, synthetic: tuple[Path, Path], tmp_path: Path
 ) -> None:
     fake = {"backend": "openai", "base_url": f"{upstream}/v1", "timeout_s": 30.0,
             "max_retries": 0, "price_in_per_mtok": 1.0, "price_out_per_mtok": 1.0}  # fmt: skip
-    price_in, price_out = TRACE_PRICES["llama3.1-8b"]
-    recorded = {"backend": "replay", "model": "llama3.1-8b",
-                "traces": [str(traces_dir / "mmlu-llama-train.jsonl")],
+    price_in, price_out = PRICES["medium"]
+    recorded = {"backend": "replay", "model": "medium",
+                "traces": [str(synthetic[0])],
                 "price_in_per_mtok": price_in, "price_out_per_mtok": price_out}  # fmt: skip
     config = {
         "models": {"small": fake, "large": fake, "recorded": recorded},

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.serving import CASCADE
+from tests.shipped import ALPACA_TEST, ALPACA_TRAIN
 
 VERDICT = re.compile(
     r"^(?P<pair>[a-z]+): index AUC (?P<index>0\.\d{4}), best baseline "
@@ -26,14 +27,14 @@ VERDICT = re.compile(
 
 
 @pytest.fixture(scope="module")
-def pairs(traces_dir: Path, tmp_path_factory) -> Path:
-    """Two small pairs of real traces (test halves cut to 300 rows): `a` (MMLU) and `b`
-    (TriviaQA), benchmarked in that order."""
+def pairs(synthetic: tuple[Path, Path], tmp_path_factory) -> Path:
+    """Two small pairs, benchmarked in that order: `a`, the synthetic multiple-choice traces
+    (tests/synthetic.py), and `b`, the shipped AlpacaEval slice (tests/shipped.py)."""
     folder = tmp_path_factory.mktemp("pairs")
-    for name, source in (("a", "mmlu-llama"), ("b", "triviaqa-llama")):
-        shutil.copy(traces_dir / f"{source}-train.jsonl", folder / f"{name}-train.jsonl")
-        lines = (traces_dir / f"{source}-test.jsonl").read_text().splitlines(keepends=True)
-        (folder / f"{name}-test.jsonl").write_text("".join(lines[:300]))
+    sources = (("a", *synthetic), ("b", ALPACA_TRAIN, ALPACA_TEST))
+    for name, train, test in sources:
+        shutil.copy(train, folder / f"{name}-train.jsonl")
+        shutil.copy(test, folder / f"{name}-test.jsonl")
     return folder
 
 
@@ -112,10 +113,10 @@ def test_bench_on_a_terminal_shows_pairs_and_policies_done(pairs: Path, tmp_path
     assert len([line for line in out.splitlines() if VERDICT.match(line)]) == 2
 
 
-def test_fit_on_a_terminal_shows_its_phases(traces_dir: Path, tmp_path: Path) -> None:
+def test_fit_on_a_terminal_shows_its_phases(synthetic: tuple[Path, Path], tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     code, out, screen = _on_a_terminal(
-        ["fit", "--train", str(traces_dir / "mmlu-llama-train.jsonl"),
+        ["fit", "--train", str(synthetic[0]),
          "--target-accuracy", "0.97", "--out", str(policy)],
         tmp_path,
     )  # fmt: skip
@@ -127,9 +128,11 @@ def test_fit_on_a_terminal_shows_its_phases(traces_dir: Path, tmp_path: Path) ->
     assert "wrote " in out and policy.is_file()
 
 
-def test_fit_off_a_terminal_prints_only_its_summary(traces_dir: Path, tmp_path: Path) -> None:
+def test_fit_off_a_terminal_prints_only_its_summary(
+    synthetic: tuple[Path, Path], tmp_path: Path
+) -> None:
     res = subprocess.run(
-        [str(CASCADE), "fit", "--train", str(traces_dir / "mmlu-llama-train.jsonl"),
+        [str(CASCADE), "fit", "--train", str(synthetic[0]),
          "--lambda", "0.9", "--out", str(tmp_path / "p.json")],
         capture_output=True, text=True, timeout=600, env=_env(),
     )  # fmt: skip

@@ -148,19 +148,19 @@ def test_the_start_line_masks_the_database_password() -> None:
     state = ProxyState(config=config, backends={}, engines={})
     line = start_line(state, "http://0.0.0.0:8080")
     assert "s3cret-pw" not in line
-    assert "database postgresql+psycopg://cascade:***@db.internal:5432/ledger" in line
+    assert "database postgresql://cascade:***@db.internal:5432/ledger" in line
     assert line.startswith("serving on http://0.0.0.0:8080 (pid ")
 
 
 @pytest.fixture(scope="module")
-def two_policies(traces_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+def two_policies(synthetic: tuple[Path, Path], tmp_path_factory) -> tuple[Path, Path]:
     """Two artifacts over small -> large with different tables (so different hashes)."""
-    fitted = fit_small_large(traces_dir)
+    fitted = fit_small_large(synthetic[0])
     folder = tmp_path_factory.mktemp("policies")
     paths = []
     for name, mu in (("accurate", 0.0), ("cheap", 50.0)):
         paths.append(folder / f"{name}.json")
-        art = build_artifact(fitted, mu, train_path="mmlu", answer_kind="choice")
+        art = build_artifact(fitted, mu, train_path="synthetic", answer_kind="choice")
         save_artifact(art, paths[-1])
     return paths[0], paths[1]
 
