@@ -12,6 +12,7 @@ from proxy.config import (
     CascadeConfig,
     Config,
     ConfigError,
+    LedgerConfig,
     ModelConfig,
     ServerConfig,
     load_config,
@@ -36,9 +37,10 @@ def test_the_readme_example_is_a_valid_config() -> None:
 
 def _every_key() -> set[str]:
     """Every key the config takes, dotted (NAME: any model or cascade name)."""
-    assert set(Config.model_fields) == {"models", "cascades", "server", "database_url"}
+    assert set(Config.model_fields) == {"models", "cascades", "server", "database_url", "ledger"}
     return (
         {"database_url"}
+        | {f"ledger.{k}" for k in LedgerConfig.model_fields}
         | {f"models.NAME.{k}" for k in ModelConfig.model_fields}
         | {f"cascades.NAME.{k}" for k in CascadeConfig.model_fields}
         | {f"server.{k}" for k in ServerConfig.model_fields}
