@@ -3,7 +3,7 @@ ledgers) and LiteLLM's proxy, at concurrency 1, 32 and 128, in one run.
 
 Prints figures and the proxy issue's targets as ratios beside them; asserts nothing about
 timings. Every target is driven by the same load generator against the same local fake
-upstream (proxy/fake_upstream.py, models m1, m2, m3):
+upstream (tests/fake_upstream.py, models m1, m2, m3):
   direct        the upstream itself (the baseline of every "added" figure)
   thin          benchmarks/thin_forwarder.py: Starlette + one pooled aiohttp session, the body
                 forwarded as bytes, nothing parsed (the yardstick of the throughput and CPU

@@ -1,7 +1,7 @@
 """Proxy overhead: direct upstream calls vs `cascade serve` vs LiteLLM's proxy, in one run.
 
 Prints figures; asserts nothing about timings. Every target is driven by the same load
-generator against the same local fake upstream (proxy/fake_upstream.py, one model `m1`):
+generator against the same local fake upstream (tests/fake_upstream.py, one model `m1`):
   direct          the upstream itself (the baseline every "added" figure is measured against)
   cascade-single  `cascade serve`, a one-model cascade over `m1` without a policy artifact
                   (the engine's "single" path: call the reference model, answer)
@@ -477,7 +477,7 @@ def start_upstream(
     log = tmp / "upstream.log"
     proc = procs.spawn(
         [
-            *(sys.executable, "-m", "proxy.fake_upstream"),
+            *(sys.executable, "-m", "tests.fake_upstream"),
             *("--host", "127.0.0.1", "--port", "0", "--models", ",".join(models)),
         ],
         cpu=1,
@@ -504,7 +504,7 @@ def cascade_command() -> list[str]:
     """`cascade` from this Python's environment (or the CLI through `python -c`)."""
     exe = Path(sys.executable).with_name("cascade")
     return [str(exe)] if exe.is_file() else [
-        sys.executable, "-c", "from proxy.cli import app; app()",
+        sys.executable, "-c", "from cli.main import app; app()",
     ]  # fmt: skip
 
 
@@ -1181,7 +1181,7 @@ def run(args: argparse.Namespace) -> int:
         print("servers")
         print(
             f"  upstream        pid {up.pid:>7}  CPUs {cpus_of(up.pid):<4} {upstream}  "
-            "(python -m proxy.fake_upstream)"
+            "(python -m tests.fake_upstream)"
         )
         for name, server in servers.items():
             took = wait_ready(server, "/health")

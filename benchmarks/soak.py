@@ -2,7 +2,7 @@
 calls fail, then check that nothing was lost, hung or leaked.
 
 Prints figures and verdicts; asserts nothing (exit status 1 when a check fails). Steps:
-  1. start the fake upstream (proxy/fake_upstream.py, models m1-m3) and `cascade serve`
+  1. start the fake upstream (tests/fake_upstream.py, models m1-m3) and `cascade serve`
      (the three-model cascade of benchmarks/proxy_bench.py, whose index policy calls m1, m2
      and m3 for every request, or --cascade one; SQLite or a fresh PostgreSQL ledger)
   2. measure the maximum throughput: --max-seconds of closed-loop load at concurrency

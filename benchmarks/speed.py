@@ -3,7 +3,7 @@
 Measures, and prints against the targets:
   a. `cascade fit` on N queries x 5 models (default 10,000, resampled from mmlu-llama-test)
      including the lambda search: FittedIndex + choose_mu(--target-accuracy 0.97) +
-     build_artifact, the path `proxy/cli.py fit` runs (target: under 20 s in all);
+     build_artifact, the path `cli/main.py fit` runs (target: under 20 s in all);
   b. one online decision, CascadePolicy.step, over real test rows and explored prefixes of
      1..5 nodes (target: under 20 us per step), and CascadePolicy.first;
   c. the prompt-difficulty estimate, CascadePolicy.root_state(prompt) (target: under 10 ms).

@@ -36,7 +36,7 @@ from policies.signals import answer_confidence
 from policies.traceformat import messages_problems, parse_jsonl
 
 if TYPE_CHECKING:
-    from proxy.backends.base import Backend, CallResult
+    from upstreams.base import Backend, CallResult
 
 
 class Config(Protocol):
@@ -349,7 +349,7 @@ async def collect(
     unpriced = 0
     own = backends is None
     if backends is None:
-        from proxy.backends.factory import make_backend
+        from upstreams.factory import make_backend
 
         backends = {m: make_backend(m, config.models[m]) for m in models}
     call_params = dict(params or {})

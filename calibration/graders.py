@@ -26,7 +26,7 @@ from policies.answers import extract_answer, extract_choice, extract_number, nor
 from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
 
 if TYPE_CHECKING:
-    from proxy.backends.base import Backend
+    from upstreams.base import Backend
 
 GRADER_SPECS = ("mc", "numeric", "exact", "regex:PATTERN", "judge:MODEL")
 DEFAULT_FOR_KIND = {"choice": "mc", "number": "numeric", "text": "exact"}
@@ -169,7 +169,7 @@ class JudgeGrader(Grader):
         raise TypeError("the judge grader calls a model: use `await grader.grade(...)`")
 
     def prompt(self, text: str, reference: str | None, messages: list[dict] | None) -> list[dict]:
-        from proxy.backends.common import last_user_text
+        from upstreams.common import last_user_text
 
         return judge_messages(last_user_text(messages or []), text, reference)
 
@@ -221,7 +221,7 @@ def parse_grader(spec: str, models: Mapping[str, Any] | None = None) -> Grader:
             raise GraderError(
                 f"grader {spec!r}: model {arg!r} is not in the configuration (models: {have})"
             )
-        from proxy.backends.factory import make_backend
+        from upstreams.factory import make_backend
 
         return JudgeGrader(arg, make_backend(arg, models[arg]))
     raise GraderError(f"unknown grader {spec!r}; expected one of: {', '.join(GRADER_SPECS)}")

@@ -1,7 +1,7 @@
 """Costs for traces recorded without them: token counts (tiktoken) times list prices.
 
 Tokens come from the trace when present, else from tiktoken; prices from litellm's offline
-price map. Both through proxy/backends/pricing.py, the code the proxy prices calls with.
+price map. Both through upstreams/pricing.py, the code the proxy prices calls with.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from calibration.traces import TraceSet
-from proxy.backends.pricing import (
+from upstreams.pricing import (
     MESSAGE_OVERHEAD_TOKENS,
     PricingError,
     count_message_tokens,

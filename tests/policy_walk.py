@@ -14,9 +14,9 @@ from calibration.fit import DEFAULT_MUS, FittedIndex
 from calibration.traces import TraceSet, load_traces
 from policies.index import STOP
 from policies.policy import policy_from_artifact
-from proxy.backends.factory import make_backend
-from proxy.config import ModelConfig
-from proxy.engine import CascadeEngine, Overrides
+from proxy.engine.cascade import CascadeEngine, Overrides
+from upstreams.factory import make_backend
+from upstreams.settings import ModelConfig
 
 
 def assert_online_equals_replay(art: dict, test: TraceSet) -> int:

@@ -113,10 +113,10 @@ def _first_line(proc: subprocess.Popen, seconds: float) -> str:
 def fake_upstream(
     models: str, *args: str, log: Path | None = None, start_s: float = 30.0
 ) -> Iterator[Running]:
-    """proxy/fake_upstream.py on a free port of 127.0.0.1 serving `models` (comma-separated),
+    """tests/fake_upstream.py on a free port of 127.0.0.1 serving `models` (comma-separated),
     with more command-line `args`; its stderr goes to `log` (else a temporary file) and is
     shown if it does not start. Stopped (SIGTERM) at exit."""
-    cmd = [sys.executable, "-m", "proxy.fake_upstream", "--host", "127.0.0.1", "--port", "0"]
+    cmd = [sys.executable, "-m", "tests.fake_upstream", "--host", "127.0.0.1", "--port", "0"]
     cmd += ["--models", models, *args]
     with log.open("w+", encoding="utf-8") if log else tempfile.TemporaryFile("w+") as errors:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=errors, text=True)

@@ -1,4 +1,4 @@
-"""Backends over real HTTP against the in-process fake upstream (proxy/fake_upstream.py):
+"""Backends over real HTTP against the in-process fake upstream (tests/fake_upstream.py):
 the openai backend (retries, Retry-After, timeouts, drops, malformed bodies, circuit breaker,
 streaming with TTFT and stall timeouts), the replay backend, and the litellm backend through
 litellm's OpenAI-compatible route."""
@@ -18,16 +18,16 @@ import pytest
 from aiohttp import web
 
 from proxy import demo
-from proxy.backends.base import CallResult, StreamChunk
-from proxy.backends.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from proxy.backends.common import forward_params, parse_retry_after
-from proxy.backends.factory import make_backend
-from proxy.backends.litellm_backend import LiteLLMBackend
-from proxy.backends.openai_compat import OpenAIBackend
-from proxy.backends.pricing import count_message_tokens, count_tokens, lookup_price
-from proxy.backends.replay import ReplayBackend
-from proxy.config import ModelConfig
-from proxy.fake_upstream import FakeUpstream, build_app, serve
+from tests.fake_upstream import FakeUpstream, build_app, serve
+from upstreams.base import CallResult, StreamChunk
+from upstreams.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from upstreams.common import forward_params, parse_retry_after
+from upstreams.factory import make_backend
+from upstreams.litellm_backend import LiteLLMBackend
+from upstreams.openai_compat import OpenAIBackend
+from upstreams.pricing import count_message_tokens, count_tokens, lookup_price
+from upstreams.replay import ReplayBackend
+from upstreams.settings import ModelConfig
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from calibration.traces import load_traces
+from cli.main import app
 from policies.answers import extract_choice
-from proxy.cli import app
 from tests.serving import CASCADE, REPO, TRACE_PRICES, fake_upstream, upstream_admin
 from tests.synthetic import PRICES as SYNTHETIC_PRICES
 

@@ -13,12 +13,12 @@ from proxy.config import (
     Config,
     ConfigError,
     LedgerConfig,
-    ModelConfig,
     ServerConfig,
     load_config,
     parse_config,
 )
 from tests.serving import free_port
+from upstreams.settings import ModelConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MINIMAL = {

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from proxy.fake_upstream import (
+from tests.fake_upstream import (
     UPSTREAM_KEY,
     build_app,
     load_trace_answers,

@@ -23,8 +23,8 @@ from calibration.graders import (
     parse_verdict,
 )
 from proxy import demo
-from proxy.config import ModelConfig
-from proxy.fake_upstream import FakeUpstream, build_app, serve
+from tests.fake_upstream import FakeUpstream, build_app, serve
+from upstreams.settings import ModelConfig
 
 GSM8K_FINAL = r"regex:####\s*\$?(-?[\d,]*\.?\d+)"
 research = pytest.mark.research_traces

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from proxy.jsonbytes import dumps, loads_lenient
+from upstreams.jsonbytes import dumps, loads_lenient
 
 
 def test_dumps_is_compact_utf8_and_turns_non_finite_floats_into_null() -> None:

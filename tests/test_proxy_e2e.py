@@ -1,6 +1,6 @@
 """The proxy end to end: a real `cascade serve` process in front of a real local upstream.
 
-The upstream is proxy/fake_upstream.py (OpenAI/vLLM protocol, logprobs, streaming, faults),
+The upstream is tests/fake_upstream.py (OpenAI/vLLM protocol, logprobs, streaming, faults),
 the caller the official `openai` client or httpx for raw bodies. The policy is fitted on the
 synthetic multiple-choice traces (tests/synthetic.py) over the upstream's `small` and `large`,
 so the decisions come from the confidence the upstream reports.

@@ -272,7 +272,7 @@ def test_inputs():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "report", *args],
+        [sys.executable, "-m", "cli.main", "report", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -321,8 +321,8 @@ def test_cli_bad_options_and_schema(tmp_path):
 
 def test_admin_endpoint(tmp_path, monkeypatch):
     from proxy import demo
-    from proxy.app import build_state, create_app
     from proxy.config import parse_config
+    from proxy.http.app import build_state, create_app
 
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     _fill(url, tmp_path)

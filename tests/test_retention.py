@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from proxy.cli import app
+from cli.main import app
 from proxy.ledger import LedgerWriter, make_engine, upgrade
 from proxy.ledger.reports import GROUPINGS, REPORTS, run_report
 from proxy.ledger.retention import RetentionError, count_prunable, parse_before, prune

@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from calibration.artifact import build_artifact, save_artifact
-from proxy.announce import start_line
-from proxy.app import ProxyState
 from proxy.config import parse_config
+from proxy.http.announce import start_line
+from proxy.http.app import ProxyState
 from tests.policy_walk import fit_small_large
 from tests.serving import (
     CASCADE,

@@ -187,8 +187,8 @@ def test_exploring_never_counts_one_upstream_call_twice() -> None:
     exploration), so every NodeCall stands for exactly one upstream call."""
     import asyncio
 
-    from proxy.backends.base import CallResult
-    from proxy.engine import _Caller
+    from proxy.engine.cascade import _Caller
+    from upstreams.base import CallResult
 
     calls: dict[str, int] = {}
 

@@ -20,7 +20,7 @@ from policies.transitions import (
     taken_edges,
 )
 from proxy.config import ConfigError, parse_config
-from proxy.engine import CascadeEngine
+from proxy.engine.cascade import CascadeEngine
 
 NODES = ["a", "b", "c"]
 

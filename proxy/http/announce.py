@@ -1,8 +1,8 @@
 """What a serving process tells its operator on stderr (logger `cascade`): one line when it
 starts (where it listens, each cascade with its policy, the ledger and the spool), one per
-policy reload (proxy/reload.py), and one when it stops (what its ledger writer did).
+policy reload (proxy/engine/reload.py), and one when it stops (what its ledger writer did).
 
-`cascade serve` configures the logger (proxy/cli.py); with `--workers N` every worker logs
+`cascade serve` configures the logger (cli/main.py); with `--workers N` every worker logs
 its own lines, with its own pid and spool slot.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from proxy.ledger.db import safe_url, sqlite_file
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
+    from proxy.http.app import ProxyState
 
 log = logging.getLogger("cascade")
 

@@ -19,7 +19,7 @@ Endpoints:
     DELETE /admin/stats           reset the counters
     POST   /admin/answers         set a model's canned answer, or the answer to one prompt
 
-Run it: `python -m proxy.fake_upstream --host 127.0.0.1 --port 0 [--models a,b] [--traces F]`
+Run it: `python -m tests.fake_upstream --host 127.0.0.1 --port 0 [--models a,b] [--traces F]`
 prints `listening on http://HOST:PORT` once it accepts connections. In process:
 `build_app(...)` returns the `web.Application`, `serve(app)` runs it on a free port.
 
@@ -51,7 +51,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.backends.common import last_user_text, message_text
+from upstreams.common import last_user_text, message_text
 
 DEFAULT_MODELS = ("fake-small", "fake-large")
 DEFAULT_ANSWER = "A"
@@ -916,7 +916,7 @@ async def serve(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m proxy.fake_upstream",
+        prog="python -m tests.fake_upstream",
         description="A local OpenAI/vLLM-compatible chat server with fault injection.",
     )
     p.add_argument("--host", default="127.0.0.1")

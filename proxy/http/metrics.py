@@ -6,8 +6,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from proxy.backends.base import CallResult
-from proxy.engine import CascadeRun
+from proxy.engine.cascade import CascadeRun
+from upstreams.base import CallResult
 
 REQUESTS = Counter("cascade_requests_total", "Cascade requests", ["cascade", "status"])
 CALLS = Counter("cascade_upstream_calls_total", "Upstream calls", ["model", "outcome"])

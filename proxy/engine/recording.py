@@ -7,14 +7,15 @@ every node failed, or the client hung up (the calls already made are kept, statu
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from proxy.backends.base import CallResult
-from proxy.engine import CascadeRun, NodeCall
+from proxy.engine.cascade import CascadeRun, NodeCall
 from proxy.ledger.records import CallRecord, RequestRecord
+from upstreams.base import CallResult
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
+    from proxy.config import Config
+    from proxy.ledger.writer import LedgerWriter
 
 
 def _call_record(order: int, model: str, backend: str | None, call: NodeCall | None,
@@ -45,11 +46,21 @@ def _call_record(order: int, model: str, backend: str | None, call: NodeCall | N
     )
 
 
+class Recording(Protocol):
+    """What a ledger entry needs of the serving process (the HTTP layer's ProxyState)."""
+
+    ledger: LedgerWriter | None
+    config: Config
+    reference_prices: dict[str, tuple[float, float] | None]
+    key_names: dict[str, str]
+    secrets: frozenset[str]
+
+
 class LedgerEntry:
     """One request's ledger record, written at most once."""
 
     def __init__(
-        self, state: ProxyState, request_id: str, key: str | None, model: str, stream: bool
+        self, state: Recording, request_id: str, key: str | None, model: str, stream: bool
     ) -> None:
         self.state = state
         self.request_id = request_id

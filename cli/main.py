@@ -586,7 +586,7 @@ def serve(
 
 
 def _build_state(cfg):
-    from proxy.app import build_state
+    from proxy.http.app import build_state
 
     return build_state(cfg)
 
@@ -665,8 +665,8 @@ def _run_server(
     their state from `config_path` (handed over as $CASCADE_CONFIG)."""
     import uvicorn
 
-    from proxy.announce import LISTEN_ENV
-    from proxy.app import create_app
+    from proxy.http.announce import LISTEN_ENV
+    from proxy.http.app import create_app
 
     port = sock.getsockname()[1]
     os.environ[LISTEN_ENV] = _address(host, sock)  # for the start line, workers' too
@@ -681,14 +681,14 @@ def _run_server(
         if workers > 1:
             import tempfile
 
-            from proxy.reload import RELOAD_SIGNAL_ENV
+            from proxy.engine.reload import RELOAD_SIGNAL_ENV
 
             os.environ["CASCADE_CONFIG"] = str(config_path)  # inherited by the spawned workers
             with tempfile.TemporaryDirectory(prefix="cascade-reload-") as shared:
                 # POST /admin/reload reaches one worker; it bumps this file and the rest follow
                 os.environ[RELOAD_SIGNAL_ENV] = str(Path(shared) / "reload")
                 config = uvicorn.Config(
-                    "proxy.app:create_app_from_env", factory=True, workers=workers, **options
+                    "proxy.http.app:create_app_from_env", factory=True, workers=workers, **options
                 )
                 _supervise(config, sock)
             return
@@ -794,7 +794,7 @@ def _ask(state, question: str, test) -> None:
     from rich.table import Table
 
     from proxy import demo as demo_data
-    from proxy.engine import Overrides
+    from proxy.engine.cascade import Overrides
 
     engine = state.engines[demo_data.CASCADE]
     run = asyncio.run(engine.run([{"role": "user", "content": question}], {}, Overrides()))

@@ -29,9 +29,9 @@ from typing import Any
 
 import aiohttp
 
-from proxy.backends.base import CallResult, StreamChunk
-from proxy.backends.circuit import CircuitBreaker
-from proxy.backends.common import (
+from upstreams.base import CallResult, StreamChunk
+from upstreams.circuit import CircuitBreaker
+from upstreams.common import (
     RETRY_STATUSES,
     Pricer,
     choice_object,
@@ -40,8 +40,8 @@ from proxy.backends.common import (
     forward_params,
     parse_retry_after,
 )
-from proxy.config import ModelConfig
-from proxy.jsonbytes import dumps, loads_lenient
+from upstreams.jsonbytes import dumps, loads_lenient
+from upstreams.settings import ModelConfig
 
 _NO_TIMEOUT = aiohttp.ClientTimeout()
 _DATA = b"data:"

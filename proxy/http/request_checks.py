@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from proxy.engine import OverrideError, Overrides
-from proxy.errors import ApiError
+from proxy.engine.cascade import OverrideError, Overrides
+from proxy.http.errors import ApiError
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 NUMBER_PARAMS = (

@@ -19,9 +19,9 @@ import threading
 from pathlib import Path
 
 from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
-from proxy.backends.base import Backend
-from proxy.backends.common import last_user_text
-from proxy.engine import CascadeRun
+from proxy.engine.cascade import CascadeRun
+from upstreams.base import Backend
+from upstreams.common import last_user_text
 
 LABEL_AGREEMENT = "agreement"
 LABEL_JUDGE = "judge"

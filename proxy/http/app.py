@@ -26,25 +26,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from policies.artifact import ArtifactError, parse_artifact
-from proxy import announce, metrics
-from proxy.backends.base import Backend, CallResult, StreamChunk
-from proxy.backends.common import FORWARDED_PARAMS
-from proxy.config import Config, ModelConfig
-from proxy.engine import POLICIES, CascadeEngine, CascadeRun, NodeCall, OverrideError
-from proxy.errors import ApiError, error_responses
-from proxy.exploration import TraceAppender, judge_row, trace_row
-from proxy.jsonbytes import dumps
-from proxy.ledger.writer import LedgerWriter
-from proxy.recording import LedgerEntry
-from proxy.reload import (
+from proxy.config import Config
+from proxy.engine.cascade import POLICIES, CascadeEngine, CascadeRun, NodeCall, OverrideError
+from proxy.engine.exploration import TraceAppender, judge_row, trace_row
+from proxy.engine.recording import LedgerEntry
+from proxy.engine.reload import (
     RELOAD_SIGNAL_ENV,
     SIGNAL_POLL_S,
     PolicyFiles,
     ReloadError,
     ReloadSignal,
 )
-from proxy.reload import describe as describe_reload
-from proxy.request_checks import (
+from proxy.engine.reload import describe as describe_reload
+from proxy.http import announce, metrics
+from proxy.http.errors import ApiError, error_responses
+from proxy.http.request_checks import (
     COUNT_PARAMS,
     MAX_N,
     NUMBER_PARAMS,
@@ -55,6 +51,11 @@ from proxy.request_checks import (
     read_json,
     validate,
 )
+from proxy.ledger.writer import LedgerWriter
+from upstreams.base import Backend, CallResult, StreamChunk
+from upstreams.common import FORWARDED_PARAMS
+from upstreams.jsonbytes import dumps
+from upstreams.settings import ModelConfig
 
 _INTERNAL_ERROR = ApiError(500, "internal error in the proxy", code="internal_error")
 _NUMBER = {"type": ["number", "null"]}
@@ -222,7 +223,7 @@ def model_price(name: str, cfg: ModelConfig) -> tuple[float, float] | None:
     """USD per input and output token of a configured model; None if unknown."""
     if cfg.price_in_per_mtok is not None and cfg.price_out_per_mtok is not None:
         return cfg.price_in_per_mtok / 1e6, cfg.price_out_per_mtok / 1e6
-    from proxy.backends.pricing import PricingError, lookup_price
+    from upstreams.pricing import PricingError, lookup_price
 
     try:
         _, p_in, p_out = lookup_price(cfg.model or name)
@@ -233,12 +234,12 @@ def model_price(name: str, cfg: ModelConfig) -> tuple[float, float] | None:
 
 def build_state(config: Config) -> ProxyState:
     """Backends for every model and an engine per cascade (policy artifacts loaded)."""
-    from proxy.backends.factory import make_backend
+    from upstreams.factory import make_backend
 
     if any(
         c.price_in_per_mtok is None or c.price_out_per_mtok is None for c in config.models.values()
     ):
-        from proxy.backends.pricing import warm_up
+        from upstreams.pricing import warm_up
 
         warm_up()  # litellm's price map and tokenizer now, not on the first request
     for name, cfg in config.models.items():

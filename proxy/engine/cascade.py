@@ -22,7 +22,7 @@ from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_art
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
 from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
-from proxy.backends.base import Backend, CallResult
+from upstreams.base import Backend, CallResult
 
 POLICIES = ("index", "threshold", "agreement", "single")
 

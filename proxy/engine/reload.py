@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from policies.artifact import ArtifactError, parse_artifact
-from proxy.engine import CascadeEngine, LoadedPolicy
+from proxy.engine.cascade import CascadeEngine, LoadedPolicy
 
 log = logging.getLogger("cascade.reload")
 

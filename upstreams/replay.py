@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.traceformat import TraceError, parse_trace_text
-from proxy.backends.base import CallResult, StreamChunk
-from proxy.backends.common import Pricer, count_usage, last_user_text, message_text
-from proxy.config import ModelConfig
+from upstreams.base import CallResult, StreamChunk
+from upstreams.common import Pricer, count_usage, last_user_text, message_text
+from upstreams.settings import ModelConfig
 
 _WORDS = re.compile(r"\s*\S+\s*")
 WORDS_PER_CHUNK = 3

@@ -9,9 +9,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.backends.base import CallResult
-from proxy.backends.pricing import PricingError, count_message_tokens, count_tokens, lookup_price
-from proxy.config import ModelConfig
+from upstreams.base import CallResult
+from upstreams.pricing import PricingError, count_message_tokens, count_tokens, lookup_price
+from upstreams.settings import ModelConfig
 
 # OpenAI chat parameters, plus the sampling extras vLLM and SGLang accept, that a client may
 # set. Everything else (stream, cascade, model, messages, logprobs, unknown keys) is dropped;

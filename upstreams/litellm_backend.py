@@ -20,16 +20,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from proxy.backends.base import CallResult, StreamChunk
-from proxy.backends.circuit import CircuitBreaker
-from proxy.backends.common import (
+from upstreams.base import CallResult, StreamChunk
+from upstreams.circuit import CircuitBreaker
+from upstreams.common import (
     Pricer,
     choice_object,
     count_usage,
     failed_result,
     forward_params,
 )
-from proxy.config import ModelConfig
+from upstreams.settings import ModelConfig
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:

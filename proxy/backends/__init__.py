@@ -1,1 +1,0 @@
-"""Upstream backends: openai (any OpenAI-compatible server), litellm (external APIs), replay."""

@@ -1,0 +1,1 @@
+"""The HTTP face of the proxy: the app factory, its routes, the request contract, errors."""
