@@ -16,6 +16,7 @@ from calibration.fit import DEFAULT_MUS, FittedIndex, Progress, lambda_of
 from calibration.replay import Outcome
 from calibration.traces import TraceSet
 from policies.artifact import HASH_RULE, SCHEMA, ArtifactError, content_hash, parse_artifact
+from policies.errors import InvalidInput
 from policies.transitions import describe
 
 __all__ = [
@@ -186,10 +187,10 @@ def choose_mu(
     """
     given = [x is not None for x in (lam, target_accuracy, max_cost_usd)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of --lambda, --target-accuracy, --max-cost-usd")
+        raise InvalidInput("give exactly one of --lambda, --target-accuracy, --max-cost-usd")
     if lam is not None:
         if not 0.0 < lam <= 1.0:
-            raise ValueError(f"--lambda must be in (0, 1], got {lam}")
+            raise InvalidInput(f"--lambda must be in (0, 1], got {lam}")
         return (1.0 - lam) / lam, {"lambda": lam}
     train = fitted.train
     ref = train.reference
@@ -202,14 +203,14 @@ def choose_mu(
         points.append((mu, o.accuracy, o.mean_cost))
     if target_accuracy is not None:
         if not 0.0 < target_accuracy <= 1.5:
-            raise ValueError(
+            raise InvalidInput(
                 f"--target-accuracy is relative to the reference model, got {target_accuracy}"
             )
         goal = target_accuracy * ref_acc
         ok = [p for p in points if p[1] >= goal - 1e-12]
         if not ok:
             best = max(points, key=lambda p: p[1])
-            raise ValueError(
+            raise InvalidInput(
                 f"no setting reaches {target_accuracy:.3f} x reference accuracy {ref_acc:.3f} "
                 f"on train (best is {best[1]:.3f})"
             )
@@ -219,7 +220,7 @@ def choose_mu(
     ok = [p for p in points if p[2] <= max_cost_usd + 1e-15]
     if not ok:
         cheapest = min(points, key=lambda p: p[2])
-        raise ValueError(
+        raise InvalidInput(
             f"no setting costs at most ${max_cost_usd:g} per query on train "
             f"(cheapest is ${cheapest[2]:.3g})"
         )

@@ -23,6 +23,7 @@ from calibration.metrics import CurvePoint, curve_stats, oracle_savings
 from calibration.pricing import PricingError, fill_costs
 from calibration.replay import PolicyFamily
 from calibration.traces import TraceError, TraceSet, load_traces
+from policies.errors import InvalidInput
 
 # Order of columns in bench.md and of lines in the plots; oracles last.
 MAIN_POLICIES = ("index", "index-norecall", "threshold", "agreement", "singles")
@@ -61,7 +62,7 @@ def find_pairs(folder: Path) -> tuple[list[Pair], list[str]]:
     return pairs, sorted(skipped)
 
 
-class PairError(ValueError):
+class PairError(InvalidInput):
     """A pair that cannot be benchmarked: a bad trace file, a model without a price, or
     halves with different models. The bench skips it with this message."""
 
@@ -319,10 +320,10 @@ def run_bench(
     if only:
         unknown = [n for n in only if n not in {p.name for p in pairs}]
         if unknown:
-            raise ValueError(f"no complete pair named {unknown} in {traces}")
+            raise InvalidInput(f"no complete pair named {unknown} in {traces}")
         pairs = [p for p in pairs if p.name in only]
     if not pairs:
-        raise ValueError(f"no NAME-train.jsonl / NAME-test.jsonl pair in {traces}")
+        raise InvalidInput(f"no NAME-train.jsonl / NAME-test.jsonl pair in {traces}")
     results: list[PairResult] = []
     failed: list[str] = []
     for pair in pairs:

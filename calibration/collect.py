@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from calibration.graders import Grade, Grader, default_grader, parse_grader
 from policies.answers import detect_kind
+from policies.errors import InvalidInput
 from policies.signals import answer_confidence
 from policies.traceformat import messages_problems, parse_jsonl
 
@@ -46,7 +47,7 @@ class Config(Protocol):
     cascades: Mapping[str, Any]
 
 
-class CollectError(ValueError):
+class CollectError(InvalidInput):
     """Bad input to collect (dataset, output file, cascade); the message names file:line."""
 
 

@@ -22,6 +22,7 @@ from calibration.difficulty import fit_difficulty
 from calibration.replay import Outcome, outcome_from_choices
 from calibration.traces import TraceSet
 from policies.difficulty import DifficultyModel
+from policies.errors import InvalidInput
 from policies.index import ROOT, STOP, solve_skips
 from policies.lengthcal import (
     MIN_DISTINCT_LENGTHS,
@@ -688,7 +689,7 @@ class FittedIndex:
         if models:
             missing = [m for m in models if m not in train.models]
             if missing:
-                raise ValueError(
+                raise InvalidInput(
                     f"unknown model(s) {missing}; the traces have {list(train.models)}"
                 )
             chosen = [train.models.index(m) for m in models]

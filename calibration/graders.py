@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from policies.answers import extract_answer, extract_choice, extract_number, normalise_text
+from policies.errors import InvalidInput
 from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ GRADER_SPECS = ("mc", "numeric", "exact", "regex:PATTERN", "judge:MODEL")
 DEFAULT_FOR_KIND = {"choice": "mc", "number": "numeric", "text": "exact"}
 
 
-class GraderError(ValueError):
+class GraderError(InvalidInput):
     """A grader spec that does not parse (unknown name, bad regex, unknown judge model)."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from policies.errors import InvalidInput
+
 SCHEMA = "cascade.policy/v1"
 # How `hash` is computed. Artifacts without this field were hashed over everything but the
 # hash, `created` included, so refitting the same data gave a new hash every time; they are
@@ -29,7 +31,7 @@ REQUIRED = (
 )
 
 
-class ArtifactError(ValueError):
+class ArtifactError(InvalidInput):
     """A policy artifact is missing, unreadable, or not one this version can use."""
 
 

@@ -11,8 +11,10 @@ import json
 import math
 from collections.abc import Callable
 
+from policies.errors import InvalidInput
 
-class TraceError(ValueError):
+
+class TraceError(InvalidInput):
     """A trace file is malformed; the message names the file and line."""
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from policies.errors import InvalidInput
 from policies.index import ROOT, STOP
 
 START = "start"  # the name of the root in an explicit transition map
@@ -21,7 +22,7 @@ TransitionSpec = str | Mapping[str, Sequence[str]]
 Edge = tuple[int, int]  # (from node, to node); from ROOT = -1 is the start
 
 
-class TransitionError(ValueError):
+class TransitionError(InvalidInput):
     """A transition spec is malformed or names nodes the cascade does not have."""
 
 

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from policies.errors import InvalidInput
 from policies.tiers import tier_members, tier_name
 from policies.transitions import TransitionError, allowed_edges
 from upstreams.settings import ModelConfig
@@ -39,7 +40,7 @@ from upstreams.settings import ModelConfig
 DEFAULT_DATABASE_URL = "sqlite:///cascade.db"
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput):
     """The configuration is unreadable or invalid; the message names the offending key."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from policies.errors import InvalidInput
 from upstreams.base import Backend
 from upstreams.settings import ModelConfig
 
@@ -21,4 +22,4 @@ def make_backend(name: str, cfg: ModelConfig) -> Backend:
         from upstreams.replay import ReplayBackend
 
         return ReplayBackend(name, cfg)
-    raise ValueError(f"model {name!r}: unknown backend {cfg.backend!r}")
+    raise InvalidInput(f"model {name!r}: unknown backend {cfg.backend!r}")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+from policies.errors import InvalidInput
+
 PREFERRED_PROVIDERS = ("openai", "anthropic", "together_ai", "deepinfra", "fireworks_ai")
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators per chat message (OpenAI's rule of thumb)
 
 
-class PricingError(ValueError):
+class PricingError(InvalidInput):
     """A model has no known price."""
 
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from policies.errors import InvalidInput
 from policies.traceformat import TraceError, parse_trace_text
 from upstreams.base import CallResult, StreamChunk
 from upstreams.common import Pricer, count_usage, last_user_text, message_text
@@ -63,7 +64,7 @@ class ReplayBackend:
 
     def __init__(self, name: str, cfg: ModelConfig, *, simulate_latency: bool = False) -> None:
         if not cfg.traces:
-            raise ValueError(f"replay model {name!r}: no trace files (traces: [...])")
+            raise InvalidInput(f"replay model {name!r}: no trace files (traces: [...])")
         self.name = name
         self.cfg = cfg
         self.model = cfg.model or name
@@ -76,9 +77,9 @@ class ReplayBackend:
             try:
                 models, rows = _read_traces(path)
             except ValueError as exc:  # TraceError: names file and line
-                raise ValueError(f"replay model {name!r}: bad trace file {path}: {exc}") from exc
+                raise InvalidInput(f"replay model {name!r}: bad trace file {path}: {exc}") from exc
             if self.model not in models:
-                raise ValueError(
+                raise InvalidInput(
                     f"replay model {name!r}: trace file {path} has no model column "
                     f"{self.model!r} (it has {list(models)}); set `model:` to one of them"
                 )

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from policies.answers import extract_answer
+from policies.artifact import ArtifactError
+from policies.errors import InvalidInput
 from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_artifact
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
@@ -27,7 +29,7 @@ from upstreams.base import Backend, CallResult
 POLICIES = ("index", "threshold", "agreement", "single")
 
 
-class OverrideError(ValueError):
+class OverrideError(InvalidInput):
     """A per-request `cascade` override is invalid; `param` names the field."""
 
     def __init__(self, message: str, param: str) -> None:
@@ -209,7 +211,7 @@ class CascadeEngine:
         names = [n["model"] for n in artifact["nodes"]]
         missing = [m for m in _models_of(names) if m not in self.backends]
         if missing:
-            raise ValueError(
+            raise ArtifactError(
                 f"cascade {self.name}: the policy's node(s) {missing} are not configured models "
                 f"(have {sorted(self.backends)})"
             )
@@ -219,7 +221,7 @@ class CascadeEngine:
                 used = setting.get("chain") or [m for tier in setting["tiers"] for m in tier]
                 missing = sorted(set(used) - set(self.backends))
                 if missing:
-                    raise ValueError(
+                    raise ArtifactError(
                         f"cascade {self.name}: the policy's {kind} baseline uses model(s) "
                         f"{missing} that are not configured"
                     )
@@ -247,7 +249,7 @@ class CascadeEngine:
         forbidden = sorted(taken - self._allowed_names)
         if forbidden:
             shown = ", ".join(f"{a}>{b}" for a, b in forbidden)
-            raise ValueError(
+            raise ArtifactError(
                 f"cascade {self.name}: the policy artifact can take transition(s) {shown}, "
                 f"which `transitions: {self.transitions}` forbids; refit it with `cascade fit "
                 "--transitions ...` matching the config"

@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass
 
 from policies.artifact import ArtifactError, parse_artifact
+from policies.errors import InvalidInput
 from proxy.engine.cascade import CascadeEngine, LoadedPolicy
 
 log = logging.getLogger("cascade.reload")
 
 
-class ReloadError(ValueError):
+class ReloadError(InvalidInput):
     """An artifact could not be read or does not fit its cascade; nothing was changed."""
 
 

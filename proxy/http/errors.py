@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 from starlette.responses import Response
 
+from policies.errors import CascadeError
+
 REDACTED = "[redacted]"
 
 TYPES = {
@@ -24,7 +26,7 @@ TYPES = {
 }
 
 
-class ApiError(Exception):
+class ApiError(CascadeError):
     """Raised inside a handler; rendered as an OpenAI error object with this status."""
 
     def __init__(

@@ -27,16 +27,18 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 
+from policies.errors import LedgerError
+
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 VERSION_TABLE = "cascade_alembic_version"
 UPGRADE_HINT = "run `cascade db upgrade`"
 
 
-class SchemaError(RuntimeError):
+class SchemaError(LedgerError):
     """The ledger database's schema is missing, behind, or unknown to this version."""
 
 
-class DatabaseUnavailable(RuntimeError):
+class DatabaseUnavailable(LedgerError):
     """The ledger database could not be reached."""
 
 
@@ -278,5 +280,5 @@ def check_schema(url: str | URL) -> str:
         ) from exc
     except DBAPIError as exc:  # the URL itself is wrong (an unknown option, say)
         detail = redact(str(exc.orig or exc), url)
-        raise ValueError(f"ledger database {safe_url(url)}: {detail}") from exc
+        raise SchemaError(f"ledger database {safe_url(url)}: {detail}") from exc
     return verify_revision(current, url)

@@ -42,6 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 
+from policies.errors import InvalidInput
 from proxy.ledger.schema import calls_table, daily_table, requests_table
 
 GROUPINGS = ("day", "model", "cascade", "key")
@@ -53,7 +54,7 @@ _CALL = calls_table.c
 _DAY = daily_table.c
 
 
-class ReportError(ValueError):
+class ReportError(InvalidInput):
     """A bad report name, window or grouping."""
 
 

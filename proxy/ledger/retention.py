@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, bindparam, delete, func, select
 
+from policies.errors import InvalidInput
 from proxy.ledger.schema import calls_table, requests_table
 
 DEFAULT_BATCH_SIZE = 5000
@@ -32,7 +33,7 @@ _CALL = calls_table.c
 _RELATIVE_DAYS = re.compile(r"^\s*(\d+)\s*d\s*$")
 
 
-class RetentionError(ValueError):
+class RetentionError(InvalidInput):
     """A bad ``--before`` or ``--batch-size``."""
 
 
