@@ -54,7 +54,7 @@ def serve(
 
 
 def _build_state(cfg):
-    from proxy.http.app import build_state
+    from proxy.http.state import build_state
 
     return build_state(cfg)
 

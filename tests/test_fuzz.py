@@ -404,7 +404,7 @@ def test_nesting_is_forwarded_up_to_the_documented_depth_and_refused_past_it(
 ) -> None:
     """MAX_DEPTH levels of JSON (counting the body itself) are answered; one more is a 400
     that says so, whichever encoder would have had to forward it."""
-    from proxy.http.request_checks import MAX_DEPTH
+    from proxy.http.contract import MAX_DEPTH
 
     def nested(levels: int) -> str:  # a body whose "tools" field makes it `levels` deep
         inner = levels - 1

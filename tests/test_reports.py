@@ -322,7 +322,8 @@ def test_cli_bad_options_and_schema(tmp_path):
 def test_admin_endpoint(tmp_path, monkeypatch):
     from proxy import demo
     from proxy.config import parse_config
-    from proxy.http.app import build_state, create_app
+    from proxy.http.app import create_app
+    from proxy.http.state import build_state
 
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     _fill(url, tmp_path)

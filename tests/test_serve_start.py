@@ -22,7 +22,7 @@ import pytest
 from calibration.artifact import build_artifact, save_artifact
 from proxy.config import parse_config
 from proxy.http.announce import start_line
-from proxy.http.app import ProxyState
+from proxy.http.state import ProxyState
 from tests.policy_walk import fit_small_large
 from tests.serving import (
     CASCADE,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -44,46 +43,6 @@ class Overrides:
     policy: str = "index"
     max_cost_usd: float | None = None
     lam: float | None = None  # per-request lambda: the artifact's nearest swept setting
-
-    @classmethod
-    def parse(cls, raw: object) -> Overrides:
-        if raw is None:
-            return cls()
-        if not isinstance(raw, dict):
-            raise OverrideError("'cascade' must be an object", "cascade")
-        unknown = sorted(set(raw) - {"policy", "max_cost_usd", "lambda"})
-        if unknown:
-            raise OverrideError(f"unknown field(s) {unknown} in 'cascade'", "cascade")
-        lam = raw.get("lambda")
-        if lam is not None and (
-            isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 < lam <= 1
-        ):
-            raise OverrideError(
-                "'cascade.lambda' must be a number in (0, 1]: the weight of accuracy against "
-                "cost (1 = accuracy only)",
-                "cascade.lambda",
-            )
-        policy = raw.get("policy", "index")
-        if policy not in POLICIES:
-            raise OverrideError(
-                f"'cascade.policy' must be one of {list(POLICIES)}, got {policy!r}",
-                "cascade.policy",
-            )
-        cap = raw.get("max_cost_usd")
-        if cap is not None and (  # NaN, Infinity and ints past a float's range fail too
-            isinstance(cap, bool)
-            or not isinstance(cap, int | float)
-            or not 0 <= cap <= sys.float_info.max
-        ):
-            raise OverrideError(
-                "'cascade.max_cost_usd' must be a finite non-negative number",
-                "cascade.max_cost_usd",
-            )
-        return cls(
-            policy=policy,
-            max_cost_usd=None if cap is None else float(cap),
-            lam=None if lam is None else float(lam),
-        )
 
 
 @dataclass

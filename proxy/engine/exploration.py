@@ -15,13 +15,19 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
 from proxy.engine.cascade import CascadeRun
+from proxy.engine.recording import LedgerEntry, Recording
 from upstreams.base import Backend
 from upstreams.common import last_user_text
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 LABEL_AGREEMENT = "agreement"
 LABEL_JUDGE = "judge"
@@ -107,3 +113,64 @@ class TraceAppender:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
             self.written += 1
+
+
+class Explorer:
+    """Where the explored requests of a serving process go: each cascade's trace file, and
+    the LLM judge runs still going in the background (awaited at shutdown, so their calls
+    reach the ledger)."""
+
+    def __init__(self, config: Config, backends: dict[str, Backend], recording: Recording):
+        self.config, self.backends, self.recording = config, backends, recording
+        self.appenders = {
+            name: TraceAppender(cascade.explore_out or f"explore-{name}.jsonl")
+            for name, cascade in config.cascades.items()
+            if cascade.explore_rate > 0
+        }
+        self.background: set[asyncio.Task] = set()
+
+    async def record(
+        self, request_id: str, key: str | None, cascade: str, messages: list[dict], run: CascadeRun
+    ) -> None:
+        """Append an explored request to its cascade's trace file. Agreement labels are
+        written at once (off the event loop); an LLM judge runs in the background after the
+        response, each of its calls ledgered as a request of its own. Failures are logged,
+        never the client's problem."""
+        appender = self.appenders.get(cascade)
+        config = self.config.cascades[cascade]
+        row = trace_row(request_id, cascade, messages, run, config.reference)
+        if appender is None or row is None:
+            return
+        if config.explore_grader.startswith("judge:"):
+            judge = config.explore_grader.removeprefix("judge:")
+            task = asyncio.create_task(self._judge_and_write(appender, row, messages, judge, key))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+            return
+        await _append(appender, row)
+
+    async def _judge_and_write(
+        self, appender: TraceAppender, row: dict, messages: list[dict], judge: str, key: str | None
+    ) -> None:
+        results = await judge_row(row, messages, judge, self.backends[judge])
+        for i, result in enumerate(results):
+            entry = LedgerEntry(
+                self.recording, f"{row['id']}-judge-{i}", key, f"judge:{judge}", False
+            )
+            entry.call_done(judge, result, 200 if result.ok else 502, result.error)
+        if row["label"] is not None:
+            await _append(appender, row)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait (a while) for the judge runs in flight: their calls belong in the ledger."""
+        if self.background:
+            await asyncio.wait(self.background, timeout=timeout_s)
+
+
+async def _append(appender: TraceAppender, row: dict) -> None:
+    try:
+        await asyncio.to_thread(appender.append, row)
+    except OSError as exc:
+        logging.getLogger("cascade.explore").warning(
+            "cannot write the explored trace to %s: %s", appender.path, exc
+        )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from proxy.ledger.db import safe_url, sqlite_file
 
 if TYPE_CHECKING:
-    from proxy.http.app import ProxyState
+    from proxy.http.state import ProxyState
 
 log = logging.getLogger("cascade")
 

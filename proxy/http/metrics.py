@@ -56,15 +56,14 @@ def record_call(model: str, result: CallResult) -> None:
         _child(UPSTREAM_ERRORS, model, result.error or "unknown").inc()
 
 
-def record_request(cascade: str, status: int) -> None:
-    """A cascade request refused before any model was called; `status` is the client's."""
-    _child(REQUESTS, cascade, str(status)).inc()
-
-
 def record_run(run: CascadeRun, status: int) -> None:
-    """A cascade request that ran; `status` is the HTTP status the client got (200, 400 for
-    a prompt no trace recorded, 499 client gone, 502 every model failed, 504 timed out)."""
+    """A cascade request, once the client has its answer or error; `status` is the HTTP
+    status the client got (200; 400 refused, or a prompt no trace recorded; 499 client gone;
+    502 every model failed; 504 timed out). A request refused before any call adds to the
+    request count only."""
     _child(REQUESTS, run.cascade, str(status)).inc()
+    if not run.calls:
+        return
     _child(OVERHEAD, run.cascade).observe(run.overhead_ms / 1000.0)
     if len(run.calls) > 1:
         _child(ESCALATIONS, run.cascade).inc()

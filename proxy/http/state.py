@@ -1,0 +1,171 @@
+"""A serving process's state, built once at start from the configuration: the backends, an
+engine per cascade (its policy artifact loaded), the keys, the ledger writer, the policy
+files to watch and the explorer. Every route reads it from `app.state.proxy`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from policies.artifact import ArtifactError, parse_artifact
+from proxy.config import Config
+from proxy.engine.cascade import CascadeEngine
+from proxy.engine.exploration import Explorer
+from proxy.engine.reload import RELOAD_SIGNAL_ENV, PolicyFiles, ReloadSignal
+from proxy.ledger.writer import LedgerWriter
+from upstreams.base import Backend
+from upstreams.settings import ModelConfig
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+
+@dataclass
+class ProxyState:
+    """Everything the handlers need, built once at startup."""
+
+    config: Config
+    backends: dict[str, Backend]
+    engines: dict[str, CascadeEngine]
+    reference_prices: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    client_keys: set[str] = field(default_factory=set)
+    key_names: dict[str, str] = field(default_factory=dict)  # key -> name, for the ledger
+    admin_key: str | None = None
+    ledger: LedgerWriter | None = None
+    secrets: frozenset[str] = frozenset()  # keys never to echo in an error body
+    policy_files: PolicyFiles | None = None  # reloaded on POST /admin/reload or file change
+    reload_signal: ReloadSignal | None = None  # shared by `serve --workers N`: reload them all
+    explorer: Explorer | None = None  # explored requests' traces, judge runs in flight
+    reports: Engine | None = None  # the ledger's reports' engine, made on first use
+
+    def reports_engine(self) -> Engine:
+        """The engine the report endpoint reads the ledger with (one per process)."""
+        if self.reports is None:
+            from proxy.ledger.db import make_engine
+
+            self.reports = make_engine(self.config.database_url)
+        return self.reports
+
+
+def load_policy(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"policy artifact {p} does not exist (create one with `cascade fit`)")
+    return parse_artifact(p.read_text(), str(p))
+
+
+def model_price(name: str, cfg: ModelConfig) -> tuple[float, float] | None:
+    """USD per input and output token of a configured model; None if unknown."""
+    if cfg.price_in_per_mtok is not None and cfg.price_out_per_mtok is not None:
+        return cfg.price_in_per_mtok / 1e6, cfg.price_out_per_mtok / 1e6
+    from upstreams.pricing import PricingError, lookup_price
+
+    try:
+        _, p_in, p_out = lookup_price(cfg.model or name)
+    except PricingError:
+        return None
+    return p_in, p_out
+
+
+def build_state(config: Config) -> ProxyState:
+    """Backends for every model and an engine per cascade (policy artifacts loaded)."""
+    from upstreams.factory import make_backend
+
+    if any(
+        c.price_in_per_mtok is None or c.price_out_per_mtok is None for c in config.models.values()
+    ):
+        from upstreams.pricing import warm_up
+
+        warm_up()  # litellm's price map and tokenizer now, not on the first request
+    for name, cfg in config.models.items():
+        if cfg.gpu_hourly_usd is None and model_price(name, cfg) is None:
+            print(
+                f"warning: model {name!r} has no known price (set price_in_per_mtok/"
+                "price_out_per_mtok or gpu_hourly_usd): its cost is ledgered as NULL and "
+                "flagged in every report",
+                file=sys.stderr,
+            )
+    backends = {name: make_backend(name, cfg) for name, cfg in config.models.items()}
+    engines = {}
+    prices = {}
+    for name, cascade in config.cascades.items():
+        artifact = load_policy(cascade.policy) if cascade.policy else None
+        engines[name] = CascadeEngine(
+            name,
+            cascade.nodes,
+            backends,
+            cascade.reference,
+            artifact=artifact,
+            transitions=cascade.transitions,
+        )
+        prices[name] = model_price(cascade.reference, config.models[cascade.reference])
+    policy_paths = {name: cascade.policy for name, cascade in config.cascades.items()}
+    upstream_keys = {os.environ.get(m.api_key_env) for m in config.models.values() if m.api_key_env}
+    shared_signal = os.environ.get(RELOAD_SIGNAL_ENV)  # set for the workers of `serve --workers`
+    admin_key = config.admin_key()
+    state = ProxyState(
+        config=config,
+        backends=backends,
+        engines=engines,
+        reference_prices=prices,
+        client_keys=config.client_keys(),
+        key_names={k: name for k, name in config.key_names().items() if name},
+        admin_key=admin_key,
+        ledger=make_ledger(config),
+        secrets=frozenset(k for k in {*upstream_keys, *config.client_keys(), admin_key} if k),
+        policy_files=PolicyFiles.of(engines, policy_paths),
+        reload_signal=ReloadSignal(shared_signal) if shared_signal else None,
+    )
+    state.explorer = Explorer(config, backends, state)
+    return state
+
+
+def make_ledger(config: Config) -> LedgerWriter:
+    """The ledger writer, after checking the database schema is current: an outdated one
+    raises SchemaError, which says the command to run. A database that cannot be reached
+    does not stop the proxy: records spool, and the writer checks the schema, then replays
+    them, once it is back. Records spool beside a SQLite file, or in the working directory."""
+    from proxy.ledger.db import DatabaseUnavailable, check_schema
+
+    url = config.database_url
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        spool = Path(url.removeprefix("sqlite:///")).with_suffix(".spool.jsonl")
+    else:
+        spool = Path("cascade-ledger.spool.jsonl")
+    writer = LedgerWriter(
+        url,
+        spool,
+        write_timeout_s=config.ledger.write_timeout_s,
+        max_pending=config.ledger.max_pending,
+        check_schema=True,
+    )
+    try:
+        check_schema(url)
+    except DatabaseUnavailable as exc:
+        print(
+            f"warning: {exc}\nwarning: serving anyway: ledger records spool to {spool} and "
+            "go to the database once it is back (its schema is checked then)",
+            file=sys.stderr,
+        )
+        writer.mark_unavailable(str(exc.__cause__ or exc))
+    return writer
+
+
+def ledger_status(state: ProxyState) -> dict:
+    """The ledger's part of /health: `degraded`, with the reason, while records are not
+    going straight to the database (it is down or too slow, its schema is outdated, or the
+    spool is being replayed)."""
+    if state.ledger is None:
+        return {"status": "off"}
+    stats = state.ledger.stats()
+    return {
+        "status": "degraded" if stats["degraded"] else "ok",
+        "reason": stats["reason"],
+        "outage_s": stats["outage_s"],
+        "written": stats["written"],
+        "pending": stats["pending"],
+        "spooled": stats["spool_backlog"],
+    }
