@@ -674,8 +674,10 @@ class LedgerWriter:
                         self._duplicates += dups
             spool.replay_offset = end
             with self._stats_lock:
-                self._spool_backlog = max(0, self._spool_backlog - lines)
-            if time.monotonic() >= stop_at:
+                self._spool_backlog = backlog = max(0, self._spool_backlog - lines)
+            # with no backlog left nothing asks for another slice: empty the spool now, or
+            # the next start would replay all of it again
+            if backlog and time.monotonic() >= stop_at:
                 return False
 
     def _recover_spool(self) -> None:
