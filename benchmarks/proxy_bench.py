@@ -23,8 +23,8 @@ by the run): the ledger is on, as in production. Cascade and the forwarder get t
 upstream connection limit (256).
 
 With `taskset`, the proxies run on CPU 0, the upstream and the load generator (a separate
-aiohttp process, benchmarks/proxy_overhead.py --loadgen) on CPU 1. Per concurrency, rounds
-interleave the targets (their order rotated each round) so machine drift cancels. Per target:
+aiohttp process, benchmarks/loadgen.py) on CPU 1. Per concurrency, rounds interleave the
+targets (their order rotated each round) so machine drift cancels. Per target:
 requests/s (median over rounds), p50/p99 latency (pooled), added p50/p99 against direct,
 proxy CPU time per request (/proc utime+stime of the server over the measured requests,
 ledger thread included), RSS after the run; then the ledger rows each cascade server wrote
@@ -48,22 +48,11 @@ import sqlite3
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import common
-import proxy_overhead as po
-
-REPO = po.REPO
-CHAT = "/v1/chat/completions"
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-MODELS = ("m1", "m2", "m3")
-THREE_SOURCES = ("llama3.2-1b", "llama3.1-8b", "llama3.1-405b")
-THREE_MU = 0.05  # lambda 0.95: the fitted policy calls every node, whatever they answer
-THREE_PRICES = {"m1": 0.1, "m2": 0.2, "m3": 3.0}  # USD per million tokens (in = out)
-# unconfident, disagreeing small models; a confident large one
-THREE_ANSWERS = {"m1": ("A", -2.0), "m2": ("C", -2.0), "m3": ("B", -0.05)}
-UPSTREAM_LIMIT = 256  # connections to the upstream, for cascade and the forwarder alike
+from common import CHAT, MODELS, REPO, THREE_ANSWERS, THREE_MU, pg_create, pg_drop
+from loadgen import LoadGen, Phase, Target, add_round_options, run_rounds, smoke_all, summaries
 
 # the issue's targets
 ADDED_P50_MS = 1.0  # one-model cascade, concurrency 1
@@ -73,68 +62,7 @@ RSS_MB = 250.0
 CPU_THREE_X_ONE = 3.5  # three-model cascade's CPU per request over the one-model's
 
 
-# ================================================================== policies and configs
-
-
-def fit_policies(traces: Path, folder: Path) -> tuple[Path, Path, dict, dict]:
-    """The one-node (m1) and three-node (m1-m3) policy artifacts, saved in `folder`."""
-    from calibration.artifact import build_artifact, save_artifact
-    from calibration.fit import FittedIndex
-    from calibration.traces import load_traces
-
-    train = load_traces(traces / "mmlu-llama-train.jsonl")
-    one = dataclasses.replace(train.select_models([po.ONE_NODE_SOURCE]), models=("m1",))
-    art1 = build_artifact(
-        FittedIndex(one, recall=True, models=["m1"]),
-        0.2,
-        train_path="mmlu-llama-train.jsonl",
-        answer_kind=one.kind,
-    )
-    three = dataclasses.replace(train.select_models(list(THREE_SOURCES)), models=MODELS)
-    art3 = build_artifact(
-        FittedIndex(three, recall=True, models=list(MODELS)),
-        THREE_MU,
-        train_path="mmlu-llama-train.jsonl",
-        answer_kind=three.kind,
-    )
-    path1, path3 = folder / "policy-1node.json", folder / "policy-3node.json"
-    save_artifact(art1, path1)
-    save_artifact(art3, path3)
-    return path1, path3, art1, art3
-
-
-def cascade_config(upstream: str, key: str, kind: str, policy: Path) -> dict:
-    """`one` (m1) or `three` (m1 -> m2 -> m3) with its policy, for `cascade serve`."""
-    nodes = ["m1"] if kind == "one" else list(MODELS)
-    config = po.cascade_config(
-        upstream,
-        key,
-        {m: THREE_PRICES[m] for m in nodes},
-        {kind: {"nodes": nodes, "reference": nodes[-1], "policy": str(policy)}},
-    )
-    for model in config["models"].values():
-        model["max_concurrency"] = UPSTREAM_LIMIT
-    return config
-
-
-# ================================================================== PostgreSQL
-
-
-def pg_create() -> tuple[str, str]:
-    """A fresh database for the run's ledgers: (name, url)."""
-    import psycopg
-
-    name = f"cascade_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return name, f"postgresql://postgres@127.0.0.1:5432/{name}"
-
-
-def pg_drop(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+# ================================================================== the ledgers
 
 
 def ledger_counts(url: str, cascade: str) -> tuple[int, int, int, int]:
@@ -170,7 +98,7 @@ class Cascade:
     kind: str
     db: str
     url: str
-    server: po.Server | None = None
+    server: common.Server | None = None
     sent: int = 0  # requests sent to it (smoke + warm-ups + measured)
     not_three: int = 0  # three-model answers that did not call three nodes
 
@@ -184,7 +112,7 @@ def header(args: argparse.Namespace, taskset: str | None) -> None:
     top = [("load avg", f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) at start")]
     if load[0] > 1.0:
         top.append(("WARNING", "the machine is busy with other work: the figures will be noisy"))
-    po.print_header(
+    common.print_header(
         "cascade proxy benchmark (benchmarks/proxy_bench.py)",
         taskset,
         "proxies on CPU 0; upstream + load generator on CPU 1",
@@ -205,14 +133,14 @@ def run(args: argparse.Namespace) -> int:
     header(args, taskset)
     wall0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
-    procs = po.Processes(taskset)
+    procs = common.Processes(taskset)
     client_key = "sk-bench-" + secrets.token_hex(16)
     master_key = "sk-bench-" + secrets.token_hex(32)
-    env = po._clean_env(PYTHONUNBUFFERED="1")
+    env = common.clean_env(PYTHONUNBUFFERED="1")
     pg_name: str | None = None
     try:
         # ---- the upstream
-        up = po.start_upstream(procs, tmp, env, MODELS, THREE_ANSWERS)
+        up = common.start_upstream(procs, tmp, env, MODELS, THREE_ANSWERS)
         upstream = up.url
 
         # ---- LiteLLM boots slowly: start it first
@@ -220,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
 
         # ---- policies
         t = time.perf_counter()
-        path1, path3, art1, art3 = fit_policies(args.traces, tmp)
-        walked = po.policy_walk(art3, THREE_ANSWERS)
+        fitted = common.fit_policies(args.traces, tmp, ("one", "three"))
+        (path1, art1), (path3, art3) = fitted["one"], fitted["three"]
+        walked = common.policy_walk(art3, THREE_ANSWERS)
         print(
             f"policies fitted on mmlu-llama-train in {time.perf_counter() - t:.1f} s: one node "
             f"(lambda {art1['lambda']:.3f}, {art1['hash'][:19]}); three nodes "
@@ -233,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"the three-node policy calls {walked}, not all three nodes")
 
         # ---- servers: the forwarder and every cascade
-        thin_port = po._free_port()
-        thin = po.Server(
+        thin_port = common.free_port()
+        thin = common.Server(
             "thin",
             procs.spawn(
                 [
@@ -258,19 +187,21 @@ def run(args: argparse.Namespace) -> int:
                 folder = tmp / c.name  # its working folder: spool slots live here
                 folder.mkdir()
                 config = folder / "cascade.yaml"
-                config.write_text(json.dumps(cascade_config(upstream, client_key, kind, policy)))
-                c.server = po.start_cascade(
+                config.write_text(
+                    json.dumps(common.ladder_config(upstream, client_key, kind, policy))
+                )
+                c.server = common.start_cascade(
                     procs, c.name, config, folder / "serve.log", c.url, env, cwd=folder
                 )
                 cascades.append(c)
 
         print()
         print("servers")
-        print(f"  {'upstream':<16} pid {up.pid:>7}  CPUs {po.cpus_of(up.pid):<4} {upstream}")
+        print(f"  {'upstream':<16} pid {up.pid:>7}  CPUs {common.cpus_of(up.pid):<4} {upstream}")
         for server in [thin, *(c.server for c in cascades)]:
-            took = po.wait_ready(server, "/health")
+            took = common.wait_ready(server, "/health")
             print(
-                f"  {server.name:<16} pid {server.pid:>7}  CPUs {po.cpus_of(server.pid):<4} "
+                f"  {server.name:<16} pid {server.pid:>7}  CPUs {common.cpus_of(server.pid):<4} "
                 f"{server.url}  ready in {took:.1f} s"
             )
         if litellm is not None:
@@ -280,20 +211,20 @@ def run(args: argparse.Namespace) -> int:
         print()
 
         targets = [
-            po.Target("direct", upstream + CHAT, "m1", client_key, None, "the upstream"),
-            po.Target("thin", thin.url + CHAT, "m1", client_key, thin, "thin forwarder"),
+            Target("direct", upstream + CHAT, "m1", client_key, None, "the upstream"),
+            Target("thin", thin.url + CHAT, "m1", client_key, thin, "thin forwarder"),
         ]
         by_name = {c.name: c for c in cascades}
         for c in cascades:
             targets.append(
-                po.Target(c.name, c.server.url + CHAT, c.kind, client_key, c.server, c.name)
+                Target(c.name, c.server.url + CHAT, c.kind, client_key, c.server, c.name)
             )
         if litellm is not None:
             targets.append(
-                po.Target("litellm", litellm.url + CHAT, "m1", master_key, litellm, "LiteLLM")
+                Target("litellm", litellm.url + CHAT, "m1", master_key, litellm, "LiteLLM")
             )
 
-        targets, failed = po.smoke_all(targets, 16, "skipping LiteLLM")
+        targets, failed = smoke_all(targets, 16, "skipping LiteLLM")
         litellm_note = failed or litellm_note
         for c in cascades:  # each answered its smoke request
             c.sent += 1
@@ -302,16 +233,16 @@ def run(args: argparse.Namespace) -> int:
         if taskset:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, {1})  # keep this (idle) process off the proxies' CPU
-        loadgen = po.LoadGen(procs, tmp / "loadgen.log", env)
+        loadgen = LoadGen(procs, tmp / "loadgen.log", env)
         servers = [t.server for t in targets if t.server is not None]
 
-        def tally(target: po.Target, phase: po.Phase, got: dict) -> None:
+        def tally(target: Target, phase: Phase, got: dict) -> None:
             c = by_name.get(target.name)
             if c is not None:
                 c.sent += loadgen.last["warmup_sent"] + phase.ok + phase.errors
                 c.not_three += sum(v != "3" for v in got.get("x-cascade-calls", []))
 
-        results, budget_hit = po.run_rounds(
+        results, budget_hit = run_rounds(
             args,
             loadgen,
             targets,
@@ -324,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
             collect_of=lambda t: ("x-cascade-calls",) if t.model == "three" else (),
             on_phase=tally,
         )
-        rss = po.rss_of(servers)
+        rss = common.rss_of(servers)
         loadgen.quit()
         for c in cascades:  # SIGTERM: the ledger writer flushes before the process ends
             procs.stop(c.server.proc, wait_s=30.0)
@@ -349,12 +280,12 @@ def run(args: argparse.Namespace) -> int:
 
 def start_litellm(
     args: argparse.Namespace,
-    procs: po.Processes,
+    procs: common.Processes,
     tmp: Path,
     env: dict[str, str],
     upstream: str,
     master_key: str,
-) -> tuple[po.Server | None, str]:
+) -> tuple[common.Server | None, str]:
     """LiteLLM's proxy on CPU 0 (not yet ready), or None and why not."""
     if args.no_litellm:
         return None, "skipped (--no-litellm)"
@@ -362,24 +293,27 @@ def start_litellm(
 
     if find_spec("litellm") is None:
         return None, "skipped: litellm is not installed (pip install 'litellm[proxy]')"
-    return po.spawn_litellm(procs, tmp, env, upstream, master_key), ""
+    return common.spawn_litellm(procs, tmp, env, upstream, master_key), ""
 
 
-def wait_litellm(litellm: po.Server, procs: po.Processes) -> tuple[po.Server | None, str]:
+def wait_litellm(
+    litellm: common.Server, procs: common.Processes
+) -> tuple[common.Server | None, str]:
     try:
-        took = po.wait_ready(litellm, "/health/liveliness")
+        took = common.wait_ready(litellm, "/health/liveliness")
     except RuntimeError as exc:
-        missing = po.litellm_missing_reason(litellm.log)
+        missing = common.litellm_missing_reason(litellm.log)
         procs.stop(litellm.proc)
         if missing:
             return None, (
                 f"skipped: the LiteLLM proxy extra is missing ({missing}); install "
-                f"'litellm[proxy]' or by name: {po.LITELLM_PROXY_DEPS}"
+                f"'litellm[proxy]' or by name: {common.LITELLM_PROXY_DEPS}"
             )
         return None, f"skipped: LiteLLM's proxy did not start ({exc})"
     print(
-        f"  {'litellm':<16} pid {litellm.pid:>7}  CPUs {po.cpus_of(litellm.pid):<4} "
-        f"{litellm.url}  ready in {took:.1f} s (children: {po.child_pids(litellm.pid) or 'none'})"
+        f"  {'litellm':<16} pid {litellm.pid:>7}  CPUs {common.cpus_of(litellm.pid):<4} "
+        f"{litellm.url}  ready in {took:.1f} s "
+        f"(children: {common.child_pids(litellm.pid) or 'none'})"
     )
     return litellm, ""
 
@@ -389,8 +323,8 @@ def wait_litellm(litellm: po.Server, procs: po.Processes) -> tuple[po.Server | N
 
 def report(
     args: argparse.Namespace,
-    targets: list[po.Target],
-    results: dict[tuple[int, str], list[po.Phase]],
+    targets: list[Target],
+    results: dict[tuple[int, str], list[Phase]],
     rss: dict[str, tuple[float | None, float | None, int]],
     litellm_note: str,
 ) -> dict[tuple[int, str], dict[str, float]]:
@@ -409,7 +343,7 @@ def report(
             f"  {'target':<16} {'req/s':>8} {'[min-max]':>15} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/req':>10} {'errors':>6}"
         )
-        for target, s, _ in po.summaries(targets, results, conc):
+        for target, s, _ in summaries(targets, results, conc):
             summary[(conc, target.name)] = s
             direct = target.name == "direct"
             spread = f"[{s['rps_min']:.0f}-{s['rps_max']:.0f}]"
@@ -429,7 +363,7 @@ def report(
     )
     print()
     print("memory after the run (/proc/PID/status, summed over the process and its children)")
-    po.print_memory(rss, 16)
+    common.print_memory(rss, 16)
     return summary
 
 
@@ -534,7 +468,7 @@ def report_targets(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    po.add_round_options(parser)
+    add_round_options(parser)
     parser.add_argument(
         "--litellm-requests",
         type=int,

@@ -62,8 +62,6 @@ from pathlib import Path
 from typing import Any
 
 import common
-import proxy_bench as pb
-import proxy_overhead as po
 
 from tests.tcp_relay import Relay, tcp_relay
 
@@ -198,15 +196,15 @@ def fault_spec(rate: float, retry_after: float, hang_ms: float, seed: int) -> di
 
 
 def soak_config(upstream: str, kind: str, policy: Path, call_timeout_s: float) -> dict:
-    config = pb.cascade_config(upstream, KEY, kind, policy)
+    config = common.ladder_config(upstream, KEY, kind, policy)
     for model in config["models"].values():
         model["timeout_s"] = call_timeout_s
     return config
 
 
 def rss_mb(pid: int) -> float | None:
-    pids = [pid, *po.child_pids(pid)]
-    values = [po.proc_status_mb(p, "VmRSS") for p in pids]
+    pids = [pid, *common.child_pids(pid)]
+    values = [common.proc_status_mb(p, "VmRSS") for p in pids]
     return None if None in values else sum(values)
 
 
@@ -230,7 +228,7 @@ def ledger_rows(url: str) -> tuple[dict[str, int], int, int, int]:
 
 
 def pct(values: list[float], q: float) -> float:
-    return po.pct(values, q)
+    return common.pct(values, q)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -252,26 +250,27 @@ def run(args: argparse.Namespace) -> int:
         + (f"{taskset}: proxy on CPU 0; upstream + load on CPU 1" if taskset else "none")
     )
     tmp = Path(tempfile.mkdtemp(prefix="cascade-soak-"))
-    procs = po.Processes(taskset)
-    env = po._clean_env(PYTHONUNBUFFERED="1")
+    procs = common.Processes(taskset)
+    env = common.clean_env(PYTHONUNBUFFERED="1")
     pg_name: str | None = None
     failures: list[str] = []
     try:
-        upstream = po.start_upstream(procs, tmp, env, pb.MODELS, pb.THREE_ANSWERS).url
+        upstream = common.start_upstream(procs, tmp, env, common.MODELS, common.THREE_ANSWERS).url
 
-        path1, path3, _, art3 = pb.fit_policies(args.traces, tmp)
-        policy = path3 if args.cascade == "three" else path1
-        if args.cascade == "three" and po.policy_walk(art3, pb.THREE_ANSWERS) != list(pb.MODELS):
+        fitted = common.fit_policies(args.traces, tmp, ("one", "three"))
+        policy = fitted[args.cascade][0]
+        walked = common.policy_walk(fitted["three"][1], common.THREE_ANSWERS)
+        if args.cascade == "three" and walked != list(common.MODELS):
             raise RuntimeError("the three-node policy does not call all three nodes")
         if args.db == "pg":
-            pg_name, url = pb.pg_create()
+            pg_name, url = common.pg_create()
         else:
             url = f"sqlite:///{tmp / 'ledger.db'}"
         config = tmp / "cascade.yaml"
         config.write_text(
             json.dumps(soak_config(upstream, args.cascade, policy, args.call_timeout_s))
         )
-        server = po.start_cascade(
+        server = common.start_cascade(
             procs,
             "cascade",
             config,
@@ -282,16 +281,16 @@ def run(args: argparse.Namespace) -> int:
             extra=("--workers", str(args.workers)),
         )
         proc = server.proc
-        po.wait_ready(server, "/health")
+        common.wait_ready(server, "/health")
         if taskset:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, {1})
-        chat = server.url + pb.CHAT
+        chat = server.url + common.CHAT
         body = json.dumps(
             {
                 "model": args.cascade,
-                "messages": [{"role": "user", "content": po.PROMPT}],
-                "max_tokens": po.MAX_TOKENS,
+                "messages": [{"role": "user", "content": common.PROMPT}],
+                "max_tokens": common.MAX_TOKENS,
             }
         ).encode()
         print(f"  servers     upstream {upstream}; cascade pid {proc.pid} {server.url}")
@@ -318,22 +317,22 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"the proxy is not healthy without faults: {peak}")
 
         spec = fault_spec(args.fault_rate, args.retry_after_s, args.hang_ms, args.seed)
-        status, _, raw = po.http("POST", upstream + "/admin/faults", spec)
+        status, _, raw = common.http("POST", upstream + "/admin/faults", spec)
         if status != 200:
             raise RuntimeError(f"POST /admin/faults: HTTP {status}: {raw[:300]!r}")
-        po.http("DELETE", upstream + "/admin/stats")
+        common.http("DELETE", upstream + "/admin/stats")
         rss: list[tuple[float, float]] = []
         start_rss = rss_mb(proc.pid)
         print(
             f"soak: {rate:.0f} requests/s ({args.load:.0%} of the maximum) for "
             f"{args.minutes:g} min with faults {json.dumps(spec)}; RSS at start {start_rss:.1f} MB"
         )
-        proxy_pids = [proc.pid, *po.child_pids(proc.pid)]
+        proxy_pids = [proc.pid, *common.child_pids(proc.pid)]
         last: dict[str, Any] = {
             "t": 0.0,
             "sent": 0,
-            "cpu": po._cpu_seconds(proxy_pids),
-            "ticks": po._cpu_ticks(),
+            "cpu": common.cpu_seconds(proxy_pids),
+            "ticks": common.cpu_ticks(),
         }
 
         def sample(elapsed: float, tally: Tally) -> None:
@@ -345,8 +344,8 @@ def run(args: argparse.Namespace) -> int:
                 got = dict(collections.Counter({f"{s}": n for (s, _), n in tally.statuses.items()}))
                 span = max(elapsed - last["t"], 1e-9)
                 r = (tally.sent - last["sent"]) / span
-                cpu, ticks = po._cpu_seconds(proxy_pids), po._cpu_ticks()
-                busy = po._cpu_use(last["ticks"], ticks)
+                cpu, ticks = common.cpu_seconds(proxy_pids), common.cpu_ticks()
+                busy = common.cpu_use(last["ticks"], ticks)
                 share = (cpu - last["cpu"]) / span if cpu is not None and last["cpu"] else 0.0
                 last.update(t=elapsed, sent=tally.sent, cpu=cpu, ticks=ticks)
                 cpus = " ".join(f"{c} {b:.0%}" for c, (b, _) in sorted(busy.items()))
@@ -371,17 +370,17 @@ def run(args: argparse.Namespace) -> int:
         )
         end_rss = rss_mb(proc.pid)
         runner.close()
-        po.http("DELETE", upstream + "/admin/faults")
-        _, _, raw = po.http("GET", upstream + "/admin/stats")
+        common.http("DELETE", upstream + "/admin/faults")
+        _, _, raw = common.http("GET", upstream + "/admin/stats")
         upstream_stats = json.loads(raw)
-        health = po.http("GET", server.url + "/health")[2]
+        health = common.http("GET", server.url + "/health")[2]
         procs.stop(proc, wait_s=60.0)  # SIGTERM: the ledger writer flushes
         ledger, rows, n_calls, call_rows = ledger_rows(url)
     finally:
         procs.stop_all()
         if pg_name is not None and not args.keep:
             with contextlib.suppress(Exception):
-                pb.pg_drop(pg_name)
+                common.pg_drop(pg_name)
 
     # ---- the report
     print()
@@ -452,7 +451,7 @@ FLUSH_S = 0.25  # the ledger writer's flush interval in `cascade serve`
 
 
 def kill_round(
-    procs: po.Processes,
+    procs: common.Processes,
     folder: Path,
     config: Path,
     env: dict[str, str],
@@ -467,9 +466,11 @@ def kill_round(
     thawed and the proxy restarted in the same folder (it replays its spool). What the
     clients got and what the ledger holds of it."""
     folder.mkdir()
-    server = po.start_cascade(procs, folder.name, config, folder / "serve.log", url, env, folder)
-    po.wait_ready(server, "/health")
-    chat = server.url + pb.CHAT
+    server = common.start_cascade(
+        procs, folder.name, config, folder / "serve.log", url, env, folder
+    )
+    common.wait_ready(server, "/health")
+    chat = server.url + common.CHAT
     seen: dict[str, Any] = {}
 
     async def scenario() -> Tally:
@@ -478,7 +479,7 @@ def kill_round(
             if frozen_s:
                 relay.freeze()
                 await asyncio.sleep(frozen_s)
-            _, _, raw = await asyncio.to_thread(po.http, "GET", server.url + "/health")
+            _, _, raw = await asyncio.to_thread(common.http, "GET", server.url + "/health")
             seen["health"] = json.loads(raw).get("database")
             server.proc.send_signal(signal.SIGKILL)
 
@@ -499,10 +500,10 @@ def kill_round(
     server.proc.wait(timeout=30)
     spool = folder / "cascade-ledger.spool.jsonl"
     spooled = len(spool.read_text().splitlines()) if spool.exists() else 0
-    again = po.start_cascade(
+    again = common.start_cascade(
         procs, folder.name + "-again", config, folder / "restart.log", url, env, folder
     )
-    po.wait_ready(again, "/health")
+    common.wait_ready(again, "/health")
     deadline = time.monotonic() + 120.0
     while spool.exists() and spool.stat().st_size and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -526,13 +527,13 @@ def run_kill(args: argparse.Namespace) -> int:
     print(f"  machine     {common.machine()}")
     print(f"  command     {common.command(cwd=False)}")
     tmp = Path(tempfile.mkdtemp(prefix="cascade-kill-"))
-    procs = po.Processes(None)
-    env = po._clean_env(PYTHONUNBUFFERED="1")
+    procs = common.Processes(None)
+    env = common.clean_env(PYTHONUNBUFFERED="1")
     pg_name: str | None = None
     try:
-        upstream = po.start_upstream(procs, tmp, env, pb.MODELS, pb.THREE_ANSWERS).url
-        path1, path3, _, _ = pb.fit_policies(args.traces, tmp)
-        policy = path3 if args.cascade == "three" else path1
+        upstream = common.start_upstream(procs, tmp, env, common.MODELS, common.THREE_ANSWERS).url
+        fitted = common.fit_policies(args.traces, tmp, ("one", "three"))
+        policy = fitted[args.cascade][0]
         config = tmp / "cascade.yaml"
         config.write_text(
             json.dumps(soak_config(upstream, args.cascade, policy, args.call_timeout_s))
@@ -540,11 +541,11 @@ def run_kill(args: argparse.Namespace) -> int:
         body = json.dumps(
             {
                 "model": args.cascade,
-                "messages": [{"role": "user", "content": po.PROMPT}],
-                "max_tokens": po.MAX_TOKENS,
+                "messages": [{"role": "user", "content": common.PROMPT}],
+                "max_tokens": common.MAX_TOKENS,
             }
         ).encode()
-        pg_name, _ = pb.pg_create()
+        pg_name, _ = common.pg_create()
         with tcp_relay(5432) as relay:
             url = f"postgresql://postgres@127.0.0.1:{relay.port}/{pg_name}"
             print(
@@ -560,7 +561,7 @@ def run_kill(args: argparse.Namespace) -> int:
         procs.stop_all()
         if pg_name is not None and not args.keep:
             with contextlib.suppress(Exception):
-                pb.pg_drop(pg_name)
+                common.pg_drop(pg_name)
     rate = args.kill_rate
     print("=" * 100)
     for name, r in (("database up", up), (f"database frozen {args.kill_frozen_db:g} s", frozen)):

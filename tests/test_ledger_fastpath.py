@@ -26,6 +26,7 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.types import TypeDecorator
 
 from proxy.ledger import CallRecord, RequestRecord, make_engine, upgrade
+from proxy.ledger import dialect as D
 from proxy.ledger import writer as W
 from proxy.ledger.schema import calls_table, daily_table, requests_table
 
@@ -138,9 +139,9 @@ def _ref_rollup_rows(records: Iterable[RequestRecord]) -> list[dict[str, Any]]:
             key or "",
         )
         if k not in acc:
-            acc[k] = dict(zip(W._DAILY_KEY, k, strict=True))
-            acc[k].update(dict.fromkeys(W._DAILY_COUNTS, 0))
-            acc[k].update(dict.fromkeys(W._DAILY_COSTS))
+            acc[k] = dict(zip(D._DAILY_KEY, k, strict=True))
+            acc[k].update(dict.fromkeys(D._DAILY_COUNTS, 0))
+            acc[k].update(dict.fromkeys(D._DAILY_COSTS))
         return acc[k]
 
     for r in records:
@@ -196,14 +197,14 @@ def _ref_write(engine: Engine, records: list[RequestRecord]) -> tuple[int, int, 
             up = ins(daily_table)
             ex = up.excluded
             t = daily_table.c
-            set_ = {c: t[c] + ex[c] for c in W._DAILY_COUNTS}
-            for c in W._DAILY_COSTS:
+            set_ = {c: t[c] + ex[c] for c in D._DAILY_COUNTS}
+            for c in D._DAILY_COSTS:
                 set_[c] = case(
                     (t[c].is_(None), ex[c]),
                     (ex[c].is_(None), t[c]),
                     else_=t[c] + ex[c],
                 )
-            conn.execute(up.on_conflict_do_update(index_elements=W._DAILY_KEY, set_=set_), daily)
+            conn.execute(up.on_conflict_do_update(index_elements=D._DAILY_KEY, set_=set_), daily)
     return len(fresh), len(call_rows), len(records) - len(fresh)
 
 
@@ -387,7 +388,7 @@ def test_fast_path_stores_what_core_stored(two_urls, tmp_path):
 def test_postgres_without_raw_cursor_stores_the_same(pg_dbs, tmp_path, monkeypatch):
     """psycopg before 3.2 has no RawCursor: the writer falls back to %s placeholders."""
     monkeypatch.delattr(psycopg, "RawCursor")
-    assert W._Backend("postgresql").raw_cursor is None
+    assert D._Backend("postgresql").raw_cursor is None
     urls = [f"postgresql://postgres@127.0.0.1:5432/{n}" for n in pg_dbs]
     for url in urls:
         upgrade(url)
@@ -407,21 +408,21 @@ def test_sqlite_timestamps_match_sqlalchemy():
         whole = rng.randint(-(10**9), 3 * 10**9)
         stamps.append(whole + rng.choice([0.0, 5e-7, 0.9999995, 1 - 1e-7, rng.random()]))
         stamps.append(rng.uniform(-2e9, 4e9))
-    W._SECOND_TEXT.clear()
+    D._SECOND_TEXT.clear()
     for ts in stamps + stamps:  # the second pass reads the cache
         when = dt.datetime.fromtimestamp(float(ts), dt.UTC)
-        assert W._stamp_sqlite(ts) == (bind_ts(when), bind_day(when.date())), ts
+        assert D._stamp_sqlite(ts) == (bind_ts(when), bind_day(when.date())), ts
 
 
 def test_statement_texts_are_few_and_fixed():
     for name in ("sqlite", "postgresql"):
-        backend = W._Backend(name)
+        backend = D._Backend(name)
         texts = {*backend.requests_sql.values(), *backend.calls_sql.values()}
         texts |= set(backend.daily_sql.values())
-        assert len(texts) == 3 * len(W._PAGE_SIZES) <= 3 * 6
-    sizes = [list(W._page_sizes(n)) for n in range(1, 600)]
+        assert len(texts) == 3 * len(D._PAGE_SIZES) <= 3 * 6
+    sizes = [list(D._page_sizes(n)) for n in range(1, 600)]
     assert all(sum(s) == n for n, s in enumerate(sizes, 1))
-    assert {x for s in sizes for x in s} == set(W._PAGE_SIZES)
+    assert {x for s in sizes for x in s} == set(D._PAGE_SIZES)
 
 
 def test_refused_record_is_poison_and_isolated(two_urls, tmp_path):
@@ -436,7 +437,7 @@ def test_refused_record_is_poison_and_isolated(two_urls, tmp_path):
         if url.startswith("sqlite"):  # no lengths enforced: SQLite stores it, like before
             assert w._write([*good, bad])[0] == 6
             return
-        with pytest.raises(W._Poison) as info:
+        with pytest.raises(D._Poison) as info:
             w._write([*good, bad])
         assert isinstance(info.value.__cause__, DataError)
         w._write_each([*good, bad], replay=False)
@@ -460,7 +461,7 @@ def test_sqlite_integrity_error_is_poison(tmp_path):
     rng = random.Random(5)
     try:
         assert w._write([_request(rng, "r1", 1.7e9)])[0] == 1
-        with pytest.raises(W._Poison) as info:
+        with pytest.raises(D._Poison) as info:
             w._write([_request(rng, "r2", 1.7e9)])
         assert isinstance(info.value.__cause__, IntegrityError)
     finally:
@@ -477,7 +478,7 @@ def test_sqlite_locked_database_is_an_outage(tmp_path):
         blocker.execute("BEGIN EXCLUSIVE")
         with pytest.raises(OperationalError) as info:
             w._write([_request(random.Random(1), "r1", 1.7e9)])
-        assert W._is_outage(info.value)
+        assert D._is_outage(info.value)
         blocker.execute("ROLLBACK")
         assert w._write([_request(random.Random(1), "r1", 1.7e9)])[0] == 1
     finally:
@@ -502,7 +503,7 @@ def test_postgres_lost_connection_is_an_outage_then_recovers(pg_dbs, tmp_path):
             )
         with pytest.raises(OperationalError) as info:
             w._write([_request(rng, "r2", 1.7e9)])
-        assert W._is_outage(info.value) and info.value.connection_invalidated
+        assert D._is_outage(info.value) and info.value.connection_invalidated
         assert w._write([_request(rng, "r2", 1.7e9)])[0] == 1
     finally:
         w._engine.dispose()

@@ -8,6 +8,11 @@ Typical wiring in the proxy::
     writer = LedgerWriter(url, spool_path).start()
     writer.submit(RequestRecord(...))      # from the event loop; never blocks
     await writer.aclose()                  # at shutdown (SIGTERM)
+
+The writer in parts: ``writer`` (the queue and its thread: batching, outages, replay,
+close), ``dialect`` (records to rows, statements, the write transaction), ``spool`` (the
+local file records wait in, its slots and orphans), ``deadline`` (database calls that must
+answer in time).
 """
 
 from proxy.ledger.db import (
