@@ -60,12 +60,25 @@ class Step:
 
     next_node: int | None  # None: stop
     answer_node: int | None  # whose answer to return if stopping now (None: nothing yet)
-    p_correct: float  # posterior that that answer is right
+    p_correct: float | None  # posterior that that answer is right (None: the rule has none)
     state: int
+    parallel: tuple[int, ...] = ()  # nodes called at once with next_node (an ensemble's tier)
+    reason: str = ""  # why the rule stops here, for the response and the ledger
+
+    @property
+    def calls(self) -> tuple[int, ...]:
+        """The nodes to call next, at once (empty: stop)."""
+        return () if self.next_node is None else (self.next_node, *self.parallel)
 
 
 class CascadePolicy:
-    """Online decisions for one query; the same tables drive the vectorised replay."""
+    """Online decisions for one query; the same tables drive the vectorised replay.
+
+    The step interface every decision rule shares (policies/rules.py, walked by
+    policies/walk.py): `name`, `n_nodes`, `root_state(prompt)`, `first(root_state)`,
+    `signal(node, confidence, tokens_out, text)`, `step(explored, extracted, confidence)`."""
+
+    name = "index"
 
     def __init__(
         self,

@@ -12,17 +12,18 @@ through the backends.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass, field
 
 from policies.answers import extract_answer
 from policies.artifact import ArtifactError
 from policies.errors import InvalidInput
-from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_artifact
+from policies.policy import CascadePolicy, nearest_lambda, policy_from_artifact
+from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy, decode_threshold
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
 from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
+from policies.walk import Rule, Walk
 from upstreams.base import Backend, CallResult
 
 POLICIES = ("index", "threshold", "agreement", "single")
@@ -94,6 +95,18 @@ class CascadeRun:
         )
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A decision rule with the models behind its nodes and their expected costs: what the
+    engine walks for one request (policies/walk.py)."""
+
+    rule: Rule
+    names: list[str]
+    node_cost: list[float | None]
+    allowed: set[tuple[int, int]] | None = None  # the config's transitions (index only)
+    node_ids: list[int] | None = None  # the node numbers the ledger records (default: k)
+
+
 @dataclass
 class LoadedPolicy:
     """Everything one policy artifact decides, swapped as a whole on reload so that a
@@ -108,6 +121,7 @@ class LoadedPolicy:
     allowed: set[tuple[int, int]] = field(default_factory=set)  # by node index, start = -1
     expected_cost: dict[str, float] = field(default_factory=dict)
     by_lambda: dict[float, CascadePolicy] = field(default_factory=dict)
+    plans: dict[tuple[str, float], Plan] = field(default_factory=dict)
 
     def policy_for(self, lam: float | None) -> CascadePolicy | None:
         """The policy for a per-request lambda (the artifact's nearest swept setting)."""
@@ -127,6 +141,32 @@ class LoadedPolicy:
         assert self.artifact is not None
         target = self.artifact["lambda"] if lam is None else lam
         return min(settings, key=lambda e: (abs(e["lambda"] - target), -e["lambda"]))
+
+    def plan(self, policy: str, lam: float | None, reference: str) -> Plan | None:
+        """The rule a request's `cascade.policy` asks for (None: the artifact holds no such
+        baseline setting); built once per setting and kept."""
+        if self.policy is None or policy == "single":
+            cost = self.expected_cost.get(reference)
+            return Plan(SinglePolicy(), [reference], [cost], node_ids=[len(self.nodes)])
+        if policy == "index":
+            rule = self.policy_for(lam)
+            assert rule is not None
+            return Plan(rule, self.nodes, self.node_cost, self.allowed)
+        setting = self.baseline(policy, lam)
+        if setting is None:
+            return None
+        key = (policy, setting["lambda"])
+        if key not in self.plans:
+            if policy == "threshold":
+                chain = list(setting["chain"])
+                thresholds = [decode_threshold(t) for t in setting["thresholds"]]
+                rule: Rule = ThresholdPolicy(chain, thresholds)
+            else:
+                chain = [m for tier in setting["tiers"] for m in tier]
+                rule = AgreementPolicy([len(t) for t in setting["tiers"]], setting["theta"])
+            costs = [self.expected_cost.get(m, 0.0) for m in chain]
+            self.plans[key] = Plan(rule, chain, costs)
+        return self.plans[key]
 
 
 class CascadeEngine:
@@ -197,7 +237,10 @@ class CascadeEngine:
                 for j in range(len(names))
                 if (_start_or(names, i), names[j]) in self._allowed_names
             },
-            expected_cost={n["model"]: float(n["cost_usd"]) for n in artifact["nodes"]},
+            expected_cost={
+                artifact.get("reference_model"): artifact.get("reference_cost_usd"),
+                **{n["model"]: float(n["cost_usd"]) for n in artifact["nodes"]},
+            },
         )
 
     def _check_transitions(self, artifact: dict, names: list[str]) -> None:
@@ -261,151 +304,62 @@ class CascadeEngine:
         messages: list[dict],
         overrides: Overrides,
     ) -> None:
-        if cur.policy is None or overrides.policy == "single":
-            call = await caller.call(len(cur.nodes), self.reference)
-            run.calls.append(call)
-            run.answer = call if call.result.ok else None
-            run.reason = "single: the reference model answers"
-            run.overhead_ms = call.signal_ms
-            return
-        if overrides.policy in ("threshold", "agreement"):
-            setting = cur.baseline(overrides.policy, overrides.lam)
-            if setting is None:
-                raise OverrideError(
-                    f"the policy artifact of cascade {self.name} holds no {overrides.policy} "
-                    "setting: refit it with this version of `cascade fit`",
-                    "cascade.policy",
-                )
-            if overrides.policy == "threshold":
-                await _run_threshold(cur, caller, run, setting, overrides)
-            else:
-                await _run_agreement(caller, run, setting)
-            run.overhead_ms = sum(c.signal_ms for c in run.calls)
-            return
-        await _run_index(cur, caller, run, messages, overrides)
+        plan = cur.plan(overrides.policy, overrides.lam, self.reference)
+        if plan is None:
+            raise OverrideError(
+                f"the policy artifact of cascade {self.name} holds no {overrides.policy} "
+                "setting: refit it with this version of `cascade fit`",
+                "cascade.policy",
+            )
+        await _walk(plan, caller, run, messages, overrides.max_cost_usd)
 
 
-async def _run_index(
-    cur: LoadedPolicy,
+async def _walk(
+    plan: Plan,
     caller: _Caller,
     run: CascadeRun,
     messages: list[dict],
-    overrides: Overrides,
+    max_cost_usd: float | None,
 ) -> None:
-    """The fitted index policy: stop, or pay for the node it names, until it stops."""
-    decide = 0.0
+    """Walk any rule (policies/walk.py): call the node(s) it names, read their signals,
+    until it stops or the cap binds; answer with the node the walk chooses."""
     t0 = time.perf_counter()
-    policy = cur.policy_for(overrides.lam)
-    assert policy is not None
-    n = len(cur.nodes)
-    extracted: list[str | None] = [None] * n
-    confidence: list[float | None] = [None] * n
-    explored: list[int] = []
-    step: Step = policy.first(policy.root_state(_prompt_text(messages)))
-    decide += time.perf_counter() - t0
-    spent = 0.0
-    while True:
-        k = step.next_node
-        if k is None and not any(c.result.ok for c in run.calls):
-            last = explored[-1] if explored else -1  # nothing answered: next allowed node
-            k = next((j for j in range(n) if j not in explored and (last, j) in cur.allowed), None)
-            if k is None:
-                run.reason = "every node failed"
-                break
-        if k is None:
-            run.reason = "policy stopped"
-            break
-        cost_k = cur.node_cost[k] or 0.0
-        if overrides.max_cost_usd is not None and spent + cost_k > overrides.max_cost_usd:
-            run.reason = f"max_cost_usd: {cur.nodes[k]} would exceed the cap"
-            break
+    rule, names = plan.rule, plan.names
+    ids = plan.node_ids or range(len(names))
+    root = rule.root_state(_prompt_text(messages))
+    walk = Walk(rule, plan.node_cost, max_cost_usd, root, plan.allowed, names)
+    by_node: dict[int, NodeCall] = {}
+    decide = time.perf_counter() - t0
+    while calls := walk.next_calls():
         if run.calls:
-            run.calls[-1].decision = f"continue:{cur.nodes[k]}"
-        call = await caller.call(k, cur.nodes[k])
+            run.calls[-1].decision = "continue:" + ",".join(names[k] for k in calls)
+        if len(calls) == 1:
+            made = [await caller.call(ids[calls[0]], names[calls[0]])]
+        else:
+            made = list(await asyncio.gather(*(caller.call(ids[k], names[k]) for k in calls)))
         t0 = time.perf_counter()
-        run.calls.append(call)
-        spent += call.result.cost_usd if call.result.cost_usd is not None else cost_k
-        explored.append(k)
-        extracted[k] = call.extracted
-        confidence[k] = policy.signal(k, call.confidence, call.result.tokens_out, call.result.text)
-        step = policy.step(explored, extracted, confidence)
-        call.p_correct = step.p_correct
+        run.calls.extend(made)
+        for k, call in zip(calls, made, strict=True):
+            by_node[k] = call
+            result = call.result
+            conf = rule.signal(k, call.confidence, result.tokens_out, result.text)
+            walk.record(k, result.ok, call.extracted, conf, result.cost_usd)
+        step = walk.decide()
+        for call in made:
+            call.p_correct = step.p_correct
         decide += time.perf_counter() - t0
-    run.answer = _answer(run, step)
+    run.reason = walk.reason
+    chosen = walk.answer()
+    run.answer = None if chosen is None else _credited(by_node[chosen])
     run.overhead_ms = decide * 1000.0 + sum(c.signal_ms for c in run.calls)
 
 
-async def _run_threshold(
-    cur: LoadedPolicy,
-    caller: _Caller,
-    run: CascadeRun,
-    setting: dict,
-    overrides: Overrides,
-) -> None:
-    """Confidence-threshold cascade without recall: stop at the first model whose raw
-    confidence reaches its threshold and return its answer (bench's `threshold`)."""
-    chain, thresholds = setting["chain"], setting["thresholds"]
-    spent = 0.0
-    for i, model in enumerate(chain):
-        expected = cur.expected_cost.get(model, 0.0)
-        cap = overrides.max_cost_usd
-        if cap is not None and spent + expected > cap and run.calls:
-            run.reason = f"max_cost_usd: {model} would exceed the cap"
-            break
-        if run.calls:
-            run.calls[-1].decision = f"continue:{model}"
-        call = await caller.call(i, model)
-        run.calls.append(call)
-        spent += call.result.cost_usd if call.result.cost_usd is not None else expected
-        if not call.result.ok:
-            continue
-        limit = "always" if i == len(chain) - 1 else thresholds[i]
-        conf = -math.inf if call.confidence is None else call.confidence
-        if limit == "always" or (limit != "never" and conf >= limit):
-            run.answer, run.reason = call, f"threshold: confident enough at {model}"
-            return
-    answered = [c for c in run.calls if c.result.ok]
-    run.answer = answered[-1] if answered else None
-    run.reason = run.reason or "threshold: the last model that answered"
-
-
-async def _run_agreement(caller: _Caller, run: CascadeRun, setting: dict) -> None:
-    """Cascade of Ensembles: call each tier's models in parallel; stop when the majority's
-    vote fraction reaches theta (bench's `agreement`); answer with the majority."""
-    tiers, theta = setting["tiers"], float(setting["theta"])
-    for t, tier in enumerate(tiers):
-        calls = await asyncio.gather(*(caller.call(k, model) for k, model in enumerate(tier)))
-        if run.calls:
-            run.calls[-1].decision = f"continue:{','.join(tier)}"
-        run.calls.extend(calls)
-        votes: dict[str, list[NodeCall]] = {}
-        for call in calls:  # tier order is cheapest first: the last voter is the priciest
-            if call.result.ok and call.extracted is not None:
-                votes.setdefault(call.extracted, []).append(call)
-        last = t == len(tiers) - 1
-        if votes:
-            top = max(votes, key=lambda a: (len(votes[a]), tier.index(votes[a][-1].model)))
-            if len(votes[top]) / len(tier) >= theta - 1e-9 or last:
-                run.answer = votes[top][-1]
-                run.reason = f"agreement: {len(votes[top])} of {len(tier)} agree"
-                return
-    answered = [c for c in run.calls if c.result.ok]
-    run.answer = answered[-1] if answered else None
-    run.reason = "agreement: no majority; the last model that answered"
-
-
-def _answer(run: CascadeRun, step: Step) -> NodeCall | None:
-    """The policy's recalled answer if that call answered, else the last that did; for a
-    tier node, the member whose answer the tier gives (the model that is credited)."""
-    answered = [c for c in run.calls if c.result.ok]
-    if not answered:
-        return None
-    chosen = answered[-1]
-    if step.answer_node is not None:
-        chosen = next((c for c in answered if c.node == step.answer_node), chosen)
-    if chosen.members:
-        return next(m for m in chosen.members if m.model == chosen.result.served_model)
-    return chosen
+def _credited(call: NodeCall) -> NodeCall:
+    """The call whose model is credited with the answer: for a tier node, the member whose
+    answer the tier gives."""
+    if call.members:
+        return next(m for m in call.members if m.model == call.result.served_model)
+    return call
 
 
 class _Caller:
