@@ -17,6 +17,7 @@ from calibration.replay import Outcome
 from calibration.traces import TraceSet
 from policies.artifact import HASH_RULE, SCHEMA, ArtifactError, content_hash, parse_artifact
 from policies.errors import InvalidInput
+from policies.rules import encode_threshold
 from policies.transitions import describe
 
 __all__ = [
@@ -66,10 +67,6 @@ def _sweep(fitted: FittedIndex) -> list[dict]:
 BASELINE_MAX_ROWS = 2000
 
 
-def _encode_threshold(t: float) -> float | str:
-    return "always" if t == -np.inf else "never" if t == np.inf else float(t)
-
-
 def baseline_settings(train: TraceSet) -> dict:
     """The threshold and agreement baselines, tuned on train for every cost price, so the
     proxy can run them per request (`cascade.policy`). Past BASELINE_MAX_ROWS rows a random
@@ -83,7 +80,7 @@ def baseline_settings(train: TraceSet) -> dict:
         {
             "lambda": lambda_of(s.knob),
             "chain": s.params["chain"],
-            "thresholds": [_encode_threshold(t) for t in s.params["thresholds"]],
+            "thresholds": [encode_threshold(t) for t in s.params["thresholds"]],
         }
         for s in ThresholdFamily().fit_sweep(train)
     ]

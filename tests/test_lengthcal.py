@@ -25,7 +25,12 @@ from policies.lengthcal import (
     marker_columns,
 )
 from proxy import demo
-from tests.policy_walk import assert_engine_equals_replay, assert_online_equals_replay
+from tests.policy_walk import (
+    assert_cap_binds_alike,
+    assert_engine_equals_replay,
+    assert_online_equals_replay,
+    assert_walk_equals_replay,
+)
 
 CAL = LengthCalibrator((1.2, -0.8, 0.1, 0.9), 0.3, (0.5, 4.0, 17.0, 0.8), (1.5, 0.9, 7.0, 0.4))
 TEXTS = ["so 7\n#### 7", "it is 12", "The answer is 3.", "#### 40", "cut off mid-", "B"]
@@ -152,4 +157,22 @@ def test_a_model_without_confidences_is_judged_by_its_length_and_final_answer(
 def test_without_confidences_online_proxy_and_replay_decide_alike(routellm) -> None:
     art, path, test = routellm
     assert assert_online_equals_replay(art, test) > 0
-    assert_engine_equals_replay(art, path, test)
+    assert_walk_equals_replay(art, test)  # every policy, by the driver on the traces
+    assert_engine_equals_replay(art, path, test)  # every policy, through the engine
+
+
+def test_the_cost_cap_binds_every_policy_alike(routellm) -> None:
+    """A cap that affords the cheap model but not the dear one after it: every policy stops
+    before the dear call in the engine as in the driver's walk on the traces."""
+    art, path, test = routellm
+    cheap, dear = (n["cost_usd"] for n in art["nodes"])
+    answered = assert_cap_binds_alike(art, path, test, cheap + dear / 2)
+    # Mixtral answers every row of every cascade; the reference alone is over the cap
+    assert answered == {
+        "index": len(test),
+        "threshold": len(test),
+        "agreement": len(test),
+        "single": 0,
+    }
+    none = assert_cap_binds_alike(art, path, test, cheap / 2)  # nothing affordable
+    assert none == dict.fromkeys(answered, 0)

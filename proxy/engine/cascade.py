@@ -87,6 +87,15 @@ class CascadeRun:
         costs = [c.result.cost_usd for c in self.calls]
         return None if any(c is None for c in costs) else float(sum(costs))
 
+    def reference_cost(self, price: tuple[float, float] | None) -> float | None:
+        """What the reference model would have cost for this request, priced per token
+        (`price`: USD per token in, out): the prompt (the largest prompt count of the calls)
+        and the answer's length. None without a price or an answer."""
+        if price is None or self.answer is None:
+            return None
+        prompt_tokens = max((c.result.tokens_in or 0 for c in self.model_calls), default=0)
+        return prompt_tokens * price[0] + (self.answer.result.tokens_out or 0) * price[1]
+
     @property
     def tokens(self) -> tuple[int, int]:
         return (
