@@ -15,7 +15,14 @@ import numpy as np
 from calibration.fit import DEFAULT_MUS, FittedIndex, Progress, lambda_of
 from calibration.replay import Outcome
 from calibration.traces import TraceSet
-from policies.artifact import HASH_RULE, SCHEMA, ArtifactError, content_hash, parse_artifact
+from policies.artifact import (
+    HASH_RULE,
+    SCHEMA,
+    ArtifactError,
+    PolicyArtifact,
+    content_hash,
+    parse_artifact,
+)
 from policies.errors import InvalidInput
 from policies.rules import encode_threshold
 from policies.transitions import describe
@@ -23,6 +30,7 @@ from policies.transitions import describe
 __all__ = [
     "SCHEMA",
     "ArtifactError",
+    "PolicyArtifact",
     "build_artifact",
     "choose_mu",
     "content_hash",
@@ -99,7 +107,8 @@ def build_artifact(
     answer_kind: str | None = None,
     target: dict | None = None,
     progress: Progress | None = None,
-) -> dict:
+) -> PolicyArtifact:
+    """The artifact of `fitted` at cost price `mu`, hashed, and checked by the loader."""
     if progress is not None:
         progress("baselines and decision tables", 0, 1)
     tables = fitted.tables(mu)
@@ -149,14 +158,14 @@ def build_artifact(
         },
     }
     art["hash"] = content_hash(art)
-    return art
+    return PolicyArtifact.from_dict(json.loads(json.dumps(art)), "(just fitted)")
 
 
-def save_artifact(art: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(art, indent=1) + "\n")
+def save_artifact(art: PolicyArtifact, path: str | Path) -> None:
+    Path(path).write_text(art.to_json())
 
 
-def load_artifact(path: str | Path) -> dict:
+def load_artifact(path: str | Path) -> PolicyArtifact:
     """Read and check a policy artifact file (policies/artifact.py says what is checked)."""
     p = Path(path)
     if not p.is_file():

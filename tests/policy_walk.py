@@ -15,61 +15,57 @@ from calibration.evaluate import replay_artifact
 from calibration.fit import DEFAULT_MUS, FittedIndex
 from calibration.replay import Outcome, walk_traces
 from calibration.traces import TraceSet, load_traces
+from policies.artifact import PolicyArtifact
 from policies.index import STOP
-from policies.policy import policy_from_artifact
-from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy, decode_threshold
+from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy
 from policies.walk import Rule
 from proxy.engine.cascade import POLICIES, CascadeEngine, Overrides
 from upstreams.factory import make_backend
 from upstreams.settings import ModelConfig
 
 
-def assert_online_equals_replay(art: dict, test: TraceSet) -> int:
+def assert_online_equals_replay(art: PolicyArtifact, test: TraceSet) -> int:
     """For every row of `test`, CascadePolicy walked by the proxy's driver (policies/walk.py:
     first, signal, step, as the engine calls them) explores the same models and returns the
     same answer as the vectorised replay_artifact. Returns how many rows called more than one
     node."""
     outcome = replay_artifact(art, test)
-    names = [n["model"] for n in art["nodes"]]
-    walked = walk_traces(policy_from_artifact(art), names, test)
+    walked = walk_traces(art.policy(), art.models, test)
     _assert_same(walked, outcome, "index")
     return int((walked.calls > 1).sum())
 
 
-def replays(art: dict, test: TraceSet) -> dict[str, Outcome]:
+def replays(art: PolicyArtifact, test: TraceSet) -> dict[str, Outcome]:
     """Every policy the proxy serves, replayed on `test` by calibration's own vectorised
     code: the index (replay_artifact), the artifact's threshold and agreement settings at
     its lambda (calibration/baselines.py) and the reference model alone."""
-    threshold = _setting(art, "threshold")
-    agreement = _setting(art, "agreement")
-    chain = list(threshold["chain"])
-    thresholds = np.array([decode_threshold(t) for t in threshold["thresholds"]])
+    threshold = art.threshold_setting()
+    agreement = art.agreement_setting()
     return {
         "index": replay_artifact(art, test),
-        "threshold": threshold_outcome(test, chain, thresholds),
-        "agreement": agreement_outcome(test, agreement["tiers"], float(agreement["theta"])),
-        "single": single_outcome(test, test.models.index(art["nodes"][-1]["model"])),
+        "threshold": threshold_outcome(test, threshold.chain, np.array(threshold.thresholds)),
+        "agreement": agreement_outcome(test, agreement.tiers, agreement.theta),
+        "single": single_outcome(test, test.models.index(art.models[-1])),
     }
 
 
-def rules(art: dict) -> dict[str, tuple[Rule, list[str]]]:
+def rules(art: PolicyArtifact) -> dict[str, tuple[Rule, list[str]]]:
     """Every policy of `art` as the rule the driver walks, with the models of its nodes."""
-    threshold = _setting(art, "threshold")
-    agreement = _setting(art, "agreement")
-    tiers = agreement["tiers"]
-    thresholds = [decode_threshold(t) for t in threshold["thresholds"]]
+    threshold = art.threshold_setting()
+    agreement = art.agreement_setting()
+    tiers = agreement.tiers
     return {
-        "index": (policy_from_artifact(art), [n["model"] for n in art["nodes"]]),
-        "threshold": (ThresholdPolicy(threshold["chain"], thresholds), threshold["chain"]),
+        "index": (art.policy(), art.models),
+        "threshold": (ThresholdPolicy(threshold.chain, threshold.thresholds), threshold.chain),
         "agreement": (
-            AgreementPolicy([len(t) for t in tiers], agreement["theta"]),
+            AgreementPolicy([len(t) for t in tiers], agreement.theta),
             [m for t in tiers for m in t],
         ),
-        "single": (SinglePolicy(), [art["nodes"][-1]["model"]]),
+        "single": (SinglePolicy(), [art.models[-1]]),
     }
 
 
-def assert_walk_equals_replay(art: dict, test: TraceSet) -> None:
+def assert_walk_equals_replay(art: PolicyArtifact, test: TraceSet) -> None:
     """Every policy walked row by row by the driver (calibration.replay.walk_traces) makes
     the decisions of its vectorised replay."""
     expected = replays(art, test)
@@ -78,7 +74,7 @@ def assert_walk_equals_replay(art: dict, test: TraceSet) -> None:
 
 
 def assert_engine_equals_replay(
-    art: dict, test_path: Path, test: TraceSet, policies: tuple[str, ...] = POLICIES
+    art: PolicyArtifact, test_path: Path, test: TraceSet, policies: tuple[str, ...] = POLICIES
 ) -> None:
     """The proxy engine over replay backends of `test_path`, asked for each of `policies`
     (`cascade.policy`), calls the models the offline replay of that policy explores and
@@ -96,15 +92,15 @@ def assert_engine_equals_replay(
 
 
 def assert_cap_binds_alike(
-    art: dict, test_path: Path, test: TraceSet, cap: float
+    art: PolicyArtifact, test_path: Path, test: TraceSet, cap: float
 ) -> dict[str, int]:
     """Under `max_cost_usd` = cap, every policy served by the engine calls what the driver's
     walk on the traces calls with the same expected node costs (the artifact's), and never
     starts a call whose expected cost would pass the cap. Returns per policy how many rows
     got an answer."""
     engine_runs = _engine_runs(art, test_path, test, POLICIES, cap)
-    expected_cost = {n["model"]: n["cost_usd"] for n in art["nodes"]}
-    expected_cost[art["reference_model"]] = art["reference_cost_usd"]
+    expected_cost: dict[str | None, float | None] = {n.model: n.cost_usd for n in art.nodes}
+    expected_cost[art.reference_model] = art.reference_cost_usd
     answered: dict[str, int] = {}
     for name, (rule, nodes) in rules(art).items():
         costs = [expected_cost.get(m, 0.0) for m in nodes]
@@ -119,9 +115,13 @@ def assert_cap_binds_alike(
 
 
 def _engine_runs(
-    art: dict, test_path: Path, test: TraceSet, policies: tuple[str, ...], cap: float | None
+    art: PolicyArtifact,
+    test_path: Path,
+    test: TraceSet,
+    policies: tuple[str, ...],
+    cap: float | None,
 ) -> dict[str, list]:
-    names = [n["model"] for n in art["nodes"]]
+    names = art.models
     backends = {
         m: make_backend(m, ModelConfig(backend="replay", traces=[str(test_path)]))
         for m in test.models
@@ -138,12 +138,6 @@ def _engine_runs(
         }
 
     return asyncio.run(run_all())
-
-
-def _setting(art: dict, kind: str) -> dict:
-    """The artifact's `kind` baseline setting at its own lambda (the engine's default)."""
-    settings = art["baselines"][kind]
-    return min(settings, key=lambda e: (abs(e["lambda"] - art["lambda"]), -e["lambda"]))
 
 
 def _assert_same(got: Outcome, expected: Outcome, name: str) -> None:

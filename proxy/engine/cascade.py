@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 
 from policies.answers import extract_answer
-from policies.artifact import ArtifactError
+from policies.artifact import AgreementSetting, ArtifactError, PolicyArtifact
 from policies.errors import InvalidInput
-from policies.policy import CascadePolicy, nearest_lambda, policy_from_artifact
-from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy, decode_threshold
+from policies.policy import CascadePolicy
+from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
 from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
@@ -126,7 +126,7 @@ class LoadedPolicy:
     kind: str = "text"
     policy: CascadePolicy | None = None
     policy_hash: str | None = None
-    artifact: dict | None = None
+    artifact: PolicyArtifact | None = None
     allowed: set[tuple[int, int]] = field(default_factory=set)  # by node index, start = -1
     expected_cost: dict[str, float] = field(default_factory=dict)
     by_lambda: dict[float, CascadePolicy] = field(default_factory=dict)
@@ -136,43 +136,32 @@ class LoadedPolicy:
         """The policy for a per-request lambda (the artifact's nearest swept setting)."""
         if lam is None or self.policy is None or self.artifact is None:
             return self.policy
-        key = nearest_lambda(self.artifact, lam)
+        key = self.artifact.nearest_lambda(lam)
         if key not in self.by_lambda:
-            self.by_lambda[key] = policy_from_artifact(self.artifact, key)
+            self.by_lambda[key] = self.artifact.policy(key)
         return self.by_lambda[key]
-
-    def baseline(self, kind: str, lam: float | None) -> dict | None:
-        """The artifact's `kind` baseline setting for the lambda nearest `lam` (default: the
-        artifact's own), or None when the artifact has none."""
-        settings = ((self.artifact or {}).get("baselines") or {}).get(kind) or []
-        if not settings:
-            return None
-        assert self.artifact is not None
-        target = self.artifact["lambda"] if lam is None else lam
-        return min(settings, key=lambda e: (abs(e["lambda"] - target), -e["lambda"]))
 
     def plan(self, policy: str, lam: float | None, reference: str) -> Plan | None:
         """The rule a request's `cascade.policy` asks for (None: the artifact holds no such
         baseline setting); built once per setting and kept."""
-        if self.policy is None or policy == "single":
+        if self.policy is None or self.artifact is None or policy == "single":
             cost = self.expected_cost.get(reference)
             return Plan(SinglePolicy(), [reference], [cost], node_ids=[len(self.nodes)])
         if policy == "index":
             rule = self.policy_for(lam)
             assert rule is not None
             return Plan(rule, self.nodes, self.node_cost, self.allowed)
-        setting = self.baseline(policy, lam)
+        setting = self.artifact.baseline(policy, lam)
         if setting is None:
             return None
-        key = (policy, setting["lambda"])
+        key = (policy, setting.lam)
         if key not in self.plans:
-            if policy == "threshold":
-                chain = list(setting["chain"])
-                thresholds = [decode_threshold(t) for t in setting["thresholds"]]
-                rule: Rule = ThresholdPolicy(chain, thresholds)
+            if isinstance(setting, AgreementSetting):
+                chain = [m for tier in setting.tiers for m in tier]
+                rule: Rule = AgreementPolicy([len(t) for t in setting.tiers], setting.theta)
             else:
-                chain = [m for tier in setting["tiers"] for m in tier]
-                rule = AgreementPolicy([len(t) for t in setting["tiers"]], setting["theta"])
+                chain = list(setting.chain)
+                rule = ThresholdPolicy(chain, setting.thresholds)
             costs = [self.expected_cost.get(m, 0.0) for m in chain]
             self.plans[key] = Plan(rule, chain, costs)
         return self.plans[key]
@@ -187,7 +176,7 @@ class CascadeEngine:
         nodes: list[str],
         backends: dict[str, Backend],
         reference: str,
-        artifact: dict | None = None,
+        artifact: PolicyArtifact | None = None,
         transitions: TransitionSpec = "skips",
     ) -> None:
         self.name = name
@@ -208,15 +197,16 @@ class CascadeEngine:
     policy = property(lambda self: self.current.policy)
     policy_hash = property(lambda self: self.current.policy_hash)
 
-    def load(self, artifact: dict) -> None:
+    def load(self, artifact: PolicyArtifact) -> None:
         """Adopt a policy artifact (at start or on reload): checked in full first, then
         swapped in one assignment."""
         self.current = self.prepare(artifact)
 
-    def prepare(self, artifact: dict) -> LoadedPolicy:
+    def prepare(self, artifact: PolicyArtifact) -> LoadedPolicy:
         """Check an artifact against this cascade (its nodes and baselines must be configured
-        models, its transitions allowed) and build what `load` swaps in; ValueError if not."""
-        names = [n["model"] for n in artifact["nodes"]]
+        models, its transitions allowed) and build what `load` swaps in; ArtifactError if
+        not."""
+        names = artifact.models
         missing = [m for m in _models_of(names) if m not in self.backends]
         if missing:
             raise ArtifactError(
@@ -224,21 +214,31 @@ class CascadeEngine:
                 f"(have {sorted(self.backends)})"
             )
         self._check_transitions(artifact, names)
-        for kind, settings in (artifact.get("baselines") or {}).items():
+        for kind, settings in (
+            ("threshold", artifact.threshold),
+            ("agreement", artifact.agreement),
+        ):
             for setting in settings:
-                used = setting.get("chain") or [m for tier in setting["tiers"] for m in tier]
+                used = (
+                    [m for tier in setting.tiers for m in tier]
+                    if isinstance(setting, AgreementSetting)
+                    else setting.chain
+                )
                 missing = sorted(set(used) - set(self.backends))
                 if missing:
                     raise ArtifactError(
                         f"cascade {self.name}: the policy's {kind} baseline uses model(s) "
                         f"{missing} that are not configured"
                     )
+        expected_cost = {n.model: n.cost_usd for n in artifact.nodes}
+        if artifact.reference_model is not None and artifact.reference_cost_usd is not None:
+            expected_cost.setdefault(artifact.reference_model, artifact.reference_cost_usd)
         return LoadedPolicy(
             nodes=names,
-            node_cost=[float(n["cost_usd"]) for n in artifact["nodes"]],
-            kind=artifact.get("answer_kind") or "text",
-            policy=policy_from_artifact(artifact),
-            policy_hash=artifact["hash"],
+            node_cost=[n.cost_usd for n in artifact.nodes],
+            kind=artifact.answer_kind or "text",
+            policy=artifact.policy(),
+            policy_hash=artifact.hash,
             artifact=artifact,
             allowed={
                 (i, j)
@@ -246,16 +246,12 @@ class CascadeEngine:
                 for j in range(len(names))
                 if (_start_or(names, i), names[j]) in self._allowed_names
             },
-            expected_cost={
-                artifact.get("reference_model"): artifact.get("reference_cost_usd"),
-                **{n["model"]: float(n["cost_usd"]) for n in artifact["nodes"]},
-            },
+            expected_cost=expected_cost,
         )
 
-    def _check_transitions(self, artifact: dict, names: list[str]) -> None:
+    def _check_transitions(self, artifact: PolicyArtifact, names: list[str]) -> None:
         """Refuse a policy that can take a transition the cascade's config forbids."""
-        tables = [artifact["tables"]["decision"]]
-        tables += [entry["decision"] for entry in artifact.get("sweep") or []]
+        tables = artifact.decision_tables()
         taken = {(_start_or(names, i), names[j]) for t in tables for i, j in taken_edges(t)}
         forbidden = sorted(taken - self._allowed_names)
         if forbidden:
