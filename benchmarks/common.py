@@ -35,7 +35,10 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from policies.artifact import PolicyArtifact
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without the editable install too
@@ -721,13 +724,11 @@ def fit_policies(
     return fitted
 
 
-def policy_walk(art: dict, answers: dict[str, tuple[str, float]]) -> list[str]:
+def policy_walk(art: PolicyArtifact, answers: dict[str, tuple[str, float]]) -> list[str]:
     """The nodes the policy calls for PROMPT under `answers` ({model: (answer, confidence)};
     no I/O)."""
-    from policies.policy import policy_from_artifact
-
-    policy = policy_from_artifact(art)
-    names = [n["model"] for n in art["nodes"]]
+    policy = art.policy()
+    names = art.models
     step = policy.first(policy.root_state(PROMPT))
     explored: list[int] = []
     extracted: list[str | None] = [None] * len(names)
@@ -759,8 +760,8 @@ def fit_policies_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, (path, art) in fitted.items():
-        nodes = " -> ".join(n["model"] for n in art["nodes"])
-        print(f"{name:<5}  {path}  nodes {nodes}; lambda {art['lambda']:.4f}; {art['hash'][:19]}")
+        nodes = " -> ".join(art.models)
+        print(f"{name:<5}  {path}  nodes {nodes}; lambda {art.lam:.4f}; {art.hash[:19]}")
     print(
         f"fitted on {args.traces / 'mmlu-llama-train.jsonl'} in {time.perf_counter() - start:.1f} s"
     )

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import common
 from common import (
@@ -71,6 +72,9 @@ from common import (
     start_upstream,
     wait_ready,
 )
+
+if TYPE_CHECKING:
+    from policies.artifact import PolicyArtifact
 from loadgen import LoadGen, Phase, Target, add_round_options, run_rounds, smoke_all, summaries
 
 TARGET_ADDED_P50_MS = 1.0
@@ -98,16 +102,15 @@ FIVE_ANSWERS = {
 }
 
 
-def time_steps(art5: dict, traces: Path, reps: int) -> dict[str, float]:
+def time_steps(art5: PolicyArtifact, traces: Path, reps: int) -> dict[str, float]:
     """CascadePolicy.step over mmlu-llama-test rows x explored prefixes 1..5, one by one."""
     import numpy as np
 
     from calibration.traces import load_traces
-    from policies.policy import policy_from_artifact
 
-    policy = policy_from_artifact(art5)
+    policy = art5.policy()
     test = load_traces(traces / "mmlu-llama-test.jsonl")
-    cols = [test.models.index(n["model"]) for n in art5["nodes"]]
+    cols = [test.models.index(m) for m in art5.models]
     n = len(cols)
     calls = []
     for r in range(len(test)):
@@ -221,12 +224,11 @@ def run(args: argparse.Namespace) -> int:
         (path1, art1), (path5, art5) = fitted["one"], fitted["five"]
         print(
             f"  one node  : {ONE_NODE_SOURCE} rows renamed {MODEL}; lambda "
-            f"{art1['lambda']:.4f}; {art1['hash'][:19]}"
+            f"{art1.lam:.4f}; {art1.hash[:19]}"
         )
-        nodes5 = " -> ".join(n["model"] for n in art5["nodes"])
+        nodes5 = " -> ".join(art5.models)
         print(
-            f"  five nodes: {nodes5}; target accuracy 0.97; lambda {art5['lambda']:.4f}; "
-            f"{art5['hash'][:19]}"
+            f"  five nodes: {nodes5}; target accuracy 0.97; lambda {art5.lam:.4f}; {art5.hash[:19]}"
         )
         walk = policy_walk(art5, FIVE_ANSWERS)
         print(f"  fitted both in {fit_s:.1f} s; in process, the 5-node policy calls {walk}")

@@ -26,7 +26,8 @@ import numpy as np
 from calibration.artifact import build_artifact, choose_mu
 from calibration.fit import DEFAULT_MUS, FittedIndex
 from calibration.traces import TraceSet, load_traces
-from policies.policy import CascadePolicy, policy_from_artifact
+from policies.artifact import PolicyArtifact
+from policies.policy import CascadePolicy
 
 FIT_TARGET_S = 20.0
 STEP_TARGET_US = 20.0
@@ -85,16 +86,16 @@ def bench_fit(traces_dir: Path, rows: int) -> None:
         print(f"   {name:<48} {s:8.2f} s")
     verdict = "within" if total < FIT_TARGET_S else "OVER"
     print(f"   {'total':<48} {total:8.2f} s  (target < {FIT_TARGET_S:.0f} s: {verdict})")
-    exp = art["expected"]
-    nodes = " -> ".join(n["model"] for n in art["nodes"])
+    exp = art.expected
+    nodes = " -> ".join(art.models)
     print(
-        f"   nodes {nodes}; lambda {art['lambda']:.4f}; expected accuracy "
-        f"{exp['accuracy']:.3f}, cost {exp['cost_fraction']:.3f} x reference"
+        f"   nodes {nodes}; lambda {art.lam:.4f}; expected accuracy "
+        f"{exp.accuracy:.3f}, cost {exp.cost_fraction:.3f} x reference"
     )
     print()
 
 
-def fit_small_policy(traces_dir: Path) -> tuple[CascadePolicy, dict, TraceSet]:
+def fit_small_policy(traces_dir: Path) -> tuple[CascadePolicy, PolicyArtifact, TraceSet]:
     """A policy fitted on mmlu-llama-train with all 5 models as nodes (the widest state)."""
     train = load_traces(traces_dir / "mmlu-llama-train.jsonl")
     test = load_traces(traces_dir / "mmlu-llama-test.jsonl")
@@ -105,15 +106,15 @@ def fit_small_policy(traces_dir: Path) -> tuple[CascadePolicy, dict, TraceSet]:
     art = build_artifact(
         fitted, mu, train_path="mmlu-llama-train.jsonl", answer_kind=train.kind, target=target
     )
-    return policy_from_artifact(art), art, test
+    return art.policy(), art, test
 
 
 def percentiles(ns: np.ndarray) -> tuple[float, float, float]:
     return float(np.mean(ns)), float(np.percentile(ns, 50)), float(np.percentile(ns, 99))
 
 
-def bench_step(policy: CascadePolicy, art: dict, test: TraceSet, reps: int) -> None:
-    cols = [test.models.index(n["model"]) for n in art["nodes"]]
+def bench_step(policy: CascadePolicy, art: PolicyArtifact, test: TraceSet, reps: int) -> None:
+    cols = [test.models.index(m) for m in art.models]
     n = len(cols)
     calls = []  # (explored, extracted, confidence) for every row and prefix 1..n
     for r in range(len(test)):
@@ -143,11 +144,11 @@ def bench_step(policy: CascadePolicy, art: dict, test: TraceSet, reps: int) -> N
     timer_ns = np.median([-(clock() - clock()) for _ in range(10_000)])  # two-clock overhead
     mean, p50, p99 = percentiles(each / 1e3)
     by_k = each.reshape(reps, len(test), n)
-    names = ", ".join(node["model"] for node in art["nodes"])
+    names = ", ".join(art.models)
     bins = [len(v) for v in policy.tables.values]
     print(
         f"b. CascadePolicy.step: policy fitted on mmlu-llama-train, {n} nodes ({names}), "
-        f"recall on, loss bins per node {bins}, lambda {art['lambda']:.4f}"
+        f"recall on, loss bins per node {bins}, lambda {art.lam:.4f}"
     )
     print(
         f"   {len(calls)} (row, prefix) inputs = {len(test)} mmlu-llama-test rows x prefixes "

@@ -15,13 +15,22 @@ import numpy as np
 from calibration.fit import DEFAULT_MUS, FittedIndex, Progress, lambda_of
 from calibration.replay import Outcome
 from calibration.traces import TraceSet
-from policies.artifact import HASH_RULE, SCHEMA, ArtifactError, content_hash, parse_artifact
+from policies.artifact import (
+    HASH_RULE,
+    SCHEMA,
+    ArtifactError,
+    PolicyArtifact,
+    content_hash,
+    parse_artifact,
+)
 from policies.errors import InvalidInput
+from policies.rules import encode_threshold
 from policies.transitions import describe
 
 __all__ = [
     "SCHEMA",
     "ArtifactError",
+    "PolicyArtifact",
     "build_artifact",
     "choose_mu",
     "content_hash",
@@ -66,10 +75,6 @@ def _sweep(fitted: FittedIndex) -> list[dict]:
 BASELINE_MAX_ROWS = 2000
 
 
-def _encode_threshold(t: float) -> float | str:
-    return "always" if t == -np.inf else "never" if t == np.inf else float(t)
-
-
 def baseline_settings(train: TraceSet) -> dict:
     """The threshold and agreement baselines, tuned on train for every cost price, so the
     proxy can run them per request (`cascade.policy`). Past BASELINE_MAX_ROWS rows a random
@@ -83,7 +88,7 @@ def baseline_settings(train: TraceSet) -> dict:
         {
             "lambda": lambda_of(s.knob),
             "chain": s.params["chain"],
-            "thresholds": [_encode_threshold(t) for t in s.params["thresholds"]],
+            "thresholds": [encode_threshold(t) for t in s.params["thresholds"]],
         }
         for s in ThresholdFamily().fit_sweep(train)
     ]
@@ -102,7 +107,8 @@ def build_artifact(
     answer_kind: str | None = None,
     target: dict | None = None,
     progress: Progress | None = None,
-) -> dict:
+) -> PolicyArtifact:
+    """The artifact of `fitted` at cost price `mu`, hashed, and checked by the loader."""
     if progress is not None:
         progress("baselines and decision tables", 0, 1)
     tables = fitted.tables(mu)
@@ -152,14 +158,14 @@ def build_artifact(
         },
     }
     art["hash"] = content_hash(art)
-    return art
+    return PolicyArtifact.from_dict(json.loads(json.dumps(art)), "(just fitted)")
 
 
-def save_artifact(art: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(art, indent=1) + "\n")
+def save_artifact(art: PolicyArtifact, path: str | Path) -> None:
+    Path(path).write_text(art.to_json())
 
 
-def load_artifact(path: str | Path) -> dict:
+def load_artifact(path: str | Path) -> PolicyArtifact:
     """Read and check a policy artifact file (policies/artifact.py says what is checked)."""
     p = Path(path)
     if not p.is_file():

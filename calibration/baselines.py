@@ -3,10 +3,9 @@
 - singles: route every query to one model (each model is a setting; the curve through
   them is the hull of single models: randomising between two reaches any point between);
 - single:NAME: one model, one point;
-- threshold: confidence-threshold cascade without recall (WoC-style): models in chain order,
-  stop at the first whose raw confidence reaches its own threshold, return its answer;
-- agreement: Cascade of Ensembles (Kolawole et al.): tiers of models called in parallel,
-  stop when the majority's vote fraction reaches theta, return the majority answer;
+- threshold: confidence-threshold cascade without recall (WoC-style), policies/rules.py's
+  ThresholdPolicy;
+- agreement: Cascade of Ensembles (Kolawole et al.), policies/rules.py's AgreementPolicy;
 - oracle-routing / oracle-cascade: the cheapest correct model, paying only it, or paying
   every model up to it (they read test correctness: bounds, not policies).
 
@@ -24,8 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from calibration.fit import DEFAULT_MUS, select_nodes
-from calibration.replay import Outcome, PolicyFamily, outcome_from_choices
+from calibration.replay import Outcome, PolicyFamily, outcome_from_choices, walk_traces
 from calibration.traces import TraceSet
+from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy, stop_positions
+from policies.tiers import majority
+from policies.walk import Rule
 
 THRESHOLD_QUANTILES = 24
 THRESHOLD_PASSES = 3
@@ -40,8 +42,14 @@ class FixedSetting:
     knob: float
     run: Callable[[TraceSet], Outcome]
     params: dict = field(default_factory=dict)  # what the proxy needs to run it live
+    rule: Rule | None = None  # the decision rule, as the proxy walks it (policies/walk.py)
+    nodes: list[str] = field(default_factory=list)  # the models of the rule's nodes
 
     def replay(self, traces: TraceSet) -> Outcome:
+        """A rule's setting is walked row by row by the proxy's driver (walk_traces); the
+        oracles, which read correctness, by their own function."""
+        if self.rule is not None:
+            return walk_traces(self.rule, self.nodes, traces)
         return self.run(traces)
 
 
@@ -88,7 +96,9 @@ class SinglesFamily:
 
     def fit_sweep(self, train: TraceSet) -> list[FixedSetting]:
         return [
-            FixedSetting(self.name, float(j), _by_name(name, single_outcome))
+            FixedSetting(
+                self.name, float(j), _by_name(name, single_outcome), {}, SinglePolicy(), [name]
+            )
             for j, name in enumerate(train.models)
         ]
 
@@ -101,7 +111,8 @@ class SingleModel:
         self.name = f"single:{model}"
 
     def fit_sweep(self, train: TraceSet) -> list[FixedSetting]:
-        return [FixedSetting(self.name, 0.0, _by_name(self.model, single_outcome))]
+        single = _by_name(self.model, single_outcome)
+        return [FixedSetting(self.name, 0.0, single, {}, SinglePolicy(), [self.model])]
 
 
 def _by_name(model: str, fn: Callable[[TraceSet, int], Outcome]) -> Callable:
@@ -112,19 +123,9 @@ def _by_name(model: str, fn: Callable[[TraceSet, int], Outcome]) -> Callable:
 # ---------------------------------------------------------------- threshold cascade
 
 
-def _chain_stop(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Position in the chain where each row stops: the first conf >= its threshold."""
-    n_rows, n = conf.shape
-    hit = np.zeros((n_rows, n), dtype=bool)
-    hit[:, :-1] = conf[:, :-1] >= thresholds[None, :]
-    hit[:, -1] = True
-    return np.argmax(hit, axis=1)
-
-
 def threshold_outcome(traces: TraceSet, chain: list[str], thresholds: np.ndarray) -> Outcome:
     cols = [traces.models.index(m) for m in chain]
-    conf = np.nan_to_num(traces.confidence[:, cols], nan=-np.inf)
-    stop = _chain_stop(conf, thresholds)
+    stop = ThresholdPolicy(chain, thresholds).stop_positions(traces.confidence[:, cols])
     n = len(traces)
     explored = np.zeros((n, traces.n_models), dtype=bool)
     for pos, col in enumerate(cols):
@@ -165,7 +166,7 @@ class ThresholdFamily:
         rows = np.arange(len(train))
 
         def objective(t: np.ndarray, mu: float) -> float:
-            stop = _chain_stop(conf, t)
+            stop = stop_positions(conf, t)
             return float(1.0 - correct[rows, stop].mean() + mu * cum_cost[rows, stop].mean())
 
         settings: list[FixedSetting] = []
@@ -201,6 +202,8 @@ class ThresholdFamily:
                     float(mu),
                     lambda traces, th=thresholds: threshold_outcome(traces, chain, th),
                     {"chain": chain, "thresholds": thresholds.tolist()},
+                    ThresholdPolicy(chain, thresholds),
+                    chain,
                 )
             )
         return settings
@@ -210,27 +213,17 @@ class ThresholdFamily:
 
 
 def _majority(extracted: list[list[str | None]], cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the majority answer's representative column and its vote fraction.
-
-    The representative is the most expensive member voting for the majority answer; ties
-    between answers go to the one whose representative is more expensive. A member whose
-    answer cannot be extracted votes for nothing.
-    """
+    """Per row: the majority answer's representative column and its vote fraction, by
+    policies/tiers.py's `majority` over `cols` (cheapest first); a row where no member
+    answered gives the last column and fraction 0."""
     rep = np.empty(len(extracted), dtype=int)
     frac = np.empty(len(extracted))
     for r, row in enumerate(extracted):
-        counts: dict[str, int] = {}
-        owner: dict[str, int] = {}
-        for c in cols:
-            a = row[c]
-            if a is not None:
-                counts[a] = counts.get(a, 0) + 1
-                owner[a] = c  # cols ascend in cost: the last voter is the most expensive
-        if not counts:
+        voters = majority([row[c] for c in cols])
+        if not voters:
             rep[r], frac[r] = cols[-1], 0.0
             continue
-        top = max(counts, key=lambda a: (counts[a], owner[a]))
-        rep[r], frac[r] = owner[top], counts[top] / len(cols)
+        rep[r], frac[r] = cols[voters[-1]], len(voters) / len(cols)
     return rep, frac
 
 
@@ -245,6 +238,7 @@ def agreement_outcome(
     `votes` caches each tier's majority on these traces across calls.
     """
     votes = {} if votes is None else votes
+    rule = AgreementPolicy([len(t) for t in tiers], theta)
     n = len(traces)
     explored = np.zeros((n, traces.n_models), dtype=bool)
     answer = np.full(n, -1)
@@ -260,7 +254,7 @@ def agreement_outcome(
         for c in cols:
             explored[active, c] = True
         latency[active] += np.max(traces.latency_ms[np.ix_(active, cols)], axis=1)
-        done = active & ((frac >= theta - 1e-9) | (t == len(tiers) - 1))
+        done = active & rule.agrees(frac, t == len(tiers) - 1)
         answer[done] = rep[done]
         stop_col[done] = cols[-1]
         active &= ~done
@@ -316,6 +310,8 @@ class AgreementFamily:
                 mu,
                 lambda traces, s=setting: agreement_outcome(traces, s[0], s[1]),
                 {"tiers": setting[0], "theta": setting[1]},
+                AgreementPolicy([len(t) for t in setting[0]], setting[1]),
+                [m for t in setting[0] for m in t],
             )
             for mu, setting in priced_selection(candidates, ref)
         ]

@@ -8,27 +8,25 @@ from calibration.fit import Signals, replay_tables, score_sets
 from calibration.replay import Outcome
 from calibration.tiers import add_tiers
 from calibration.traces import TraceError, TraceSet
-from policies.difficulty import DifficultyModel
-from policies.lengthcal import calibrated_columns, calibrators_from
-from policies.policy import StateTables
-from policies.posterior import PosteriorModel
+from policies.artifact import PolicyArtifact
+from policies.lengthcal import calibrated_columns
 from policies.tiers import tier_members
 
 
-def with_artifact_tiers(art: dict, traces: TraceSet) -> TraceSet:
+def with_artifact_tiers(art: PolicyArtifact, traces: TraceSet) -> TraceSet:
     """`traces` plus a column for every tier node of the artifact (from its members)."""
     tiers = [
         members
-        for n in art["nodes"]
-        if (members := tier_members(n["model"])) is not None and n["model"] not in traces.models
+        for name in art.models
+        if (members := tier_members(name)) is not None and name not in traces.models
     ]
     return add_tiers(traces, tiers) if tiers else traces
 
 
-def replay_artifact(art: dict, traces: TraceSet) -> Outcome:
+def replay_artifact(art: PolicyArtifact, traces: TraceSet) -> Outcome:
     """Decisions of the artifact's tables on every row of `traces` (same code as fitting);
     `traces` must hold the artifact's tier columns (with_artifact_tiers)."""
-    names = [n["model"] for n in art["nodes"]]
+    names = art.models
     missing = [m for m in names if m not in traces.models]
     if missing:
         raise TraceError(
@@ -36,22 +34,19 @@ def replay_artifact(art: dict, traces: TraceSet) -> Outcome:
             f"the traces have {list(traces.models)}"
         )
     nodes = [traces.models.index(m) for m in names]
-    posterior = PosteriorModel.from_dict(art["posterior"])
-    tables = StateTables.from_dict(art["tables"])
-    calibrators = calibrators_from(art.get("length_calibration"), len(nodes))
     conf = calibrated_columns(
-        calibrators, traces.confidence, traces.tokens_out, traces.answers, nodes
+        art.length_calibrators, traces.confidence, traces.tokens_out, traces.answers, nodes
     )
-    scores = score_sets(posterior, Signals.of(traces, nodes, conf))
-    scores = scores.with_margin(float(art.get("recall_margin", 0.0)))
+    scores = score_sets(art.posterior, Signals.of(traces, nodes, conf))
+    scores = scores.with_margin(art.recall_margin)
     root = None
-    if art.get("difficulty"):
-        difficulty = DifficultyModel.from_dict(art["difficulty"])
+    if art.difficulty is not None:
+        difficulty = art.difficulty
         root = np.array([difficulty.root_state(traces.prompt(i)) for i in range(len(traces))])
-    return replay_tables(tables, scores, bool(art["recall"]), nodes, traces, root_state=root)
+    return replay_tables(art.tables, scores, art.recall, nodes, traces, root_state=root)
 
 
-def evaluate_artifact(art: dict, traces: TraceSet) -> dict:
+def evaluate_artifact(art: PolicyArtifact, traces: TraceSet) -> dict:
     traces = with_artifact_tiers(art, traces)
     o = replay_artifact(art, traces)
     n = len(traces)
@@ -68,7 +63,7 @@ def evaluate_artifact(art: dict, traces: TraceSet) -> dict:
     ref_cost = traces.reference_cost
     ref = traces.reference
     return {
-        "policy_hash": art["hash"],
+        "policy_hash": art.hash,
         "traces": traces.path,
         "rows": n,
         "accuracy": o.accuracy,

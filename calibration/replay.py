@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from calibration.traces import TraceSet
+from policies.walk import Rule, Walk
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,43 @@ def outcome_from_choices(
         answer_model=answer_model.astype(int),
         stop_model=stop_model.astype(int),
     )
+
+
+def walk_traces(
+    rule: Rule,
+    nodes: Sequence[str],
+    traces: TraceSet,
+    max_cost_usd: float | None = None,
+    node_cost: Sequence[float] | None = None,
+) -> Outcome:
+    """Replay any decision rule on traces row by row through policies/walk.py, the driver
+    the proxy walks it with: the recorded answers stand for the calls. `nodes` names the
+    traces' model of each rule node; `node_cost` (default: the traces' mean cost per node)
+    is what the cost cap expects a node to cost."""
+    cols = [traces.models.index(m) for m in nodes]
+    if node_cost is None:
+        node_cost = np.nan_to_num(np.nanmean(traces.cost_usd[:, cols], axis=0)).tolist()
+    n = len(traces)
+    explored = np.zeros((n, traces.n_models), dtype=bool)
+    answer = np.full(n, -1)
+    stop = np.full(n, -1)
+    latency = np.zeros(n)
+    for r in range(n):
+        walk = Walk(rule, node_cost, max_cost_usd, rule.root_state(traces.prompt(r)))
+        while calls := walk.next_calls():
+            latency[r] += max(traces.latency_ms[r, cols[k]] for k in calls)  # at once
+            for k in calls:
+                c = cols[k]
+                raw = float(traces.confidence[r, c])
+                text = traces.answers[r][c]
+                conf = rule.signal(k, raw, float(traces.tokens_out[r, c]), text)
+                cost = float(traces.cost_usd[r, c])
+                walk.record(k, True, traces.extracted[r][c], conf, cost if cost == cost else None)
+            walk.decide()
+        for k in walk.explored:
+            explored[r, cols[k]] = True
+        chosen = walk.answer()
+        answer[r] = -1 if chosen is None else cols[chosen]
+        stop[r] = cols[walk.explored[-1]] if walk.explored else -1
+    base = outcome_from_choices(traces, explored, answer, stop)
+    return dataclasses.replace(base, latency=latency)

@@ -106,18 +106,17 @@ def fit(
             progress=shown,
         )
     save_artifact(art, out)
-    exp = art["expected"]
-    nodes = " -> ".join(n["model"] for n in art["nodes"])
-    typer.echo(f"wrote {out} ({art['hash'][:19]}) in {time.perf_counter() - start:.1f} s")
-    typer.echo(f"nodes (cheapest first): {nodes}; transitions: {art['transitions']}")
+    exp = art.expected
+    typer.echo(f"wrote {out} ({art.hash[:19]}) in {time.perf_counter() - start:.1f} s")
+    typer.echo(f"nodes (cheapest first): {' -> '.join(art.models)}; transitions: {art.transitions}")
     for warning in fitted.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"lambda {art['lambda']:.4f}; recall {'on' if art['recall'] else 'off'}")
+    typer.echo(f"lambda {art.lam:.4f}; recall {'on' if art.recall else 'off'}")
+    low, high = exp.accuracy_95 or (float("nan"), float("nan"))
     typer.echo(
-        f"expected on train (out-of-fold): accuracy {exp['accuracy']:.3f} "
-        f"[{exp['accuracy_95'][0]:.3f}, {exp['accuracy_95'][1]:.3f}], "
-        f"cost {exp['cost_fraction']:.3f} x {art['reference_model']} "
-        f"(${exp['mean_cost_usd']:.3g}/query), {exp['calls_per_query']:.2f} calls/query"
+        f"expected on train (out-of-fold): accuracy {exp.accuracy:.3f} [{low:.3f}, {high:.3f}], "
+        f"cost {exp.cost_fraction:.3f} x {art.reference_model} "
+        f"(${exp.mean_cost_usd:.3g}/query), {exp.calls_per_query:.2f} calls/query"
     )
 
 

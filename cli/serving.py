@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli.app import app, console, fail, load_with_costs
+
+if TYPE_CHECKING:
+    from policies.artifact import PolicyArtifact
 
 
 @app.command()
@@ -296,7 +299,7 @@ def _ask(state, question: str, test) -> None:
     out.print(run.answer.result.text)
 
 
-def _print_demo_banner(url: str, example: str, art: dict, database_url: str) -> None:
+def _print_demo_banner(url: str, example: str, art: PolicyArtifact, database_url: str) -> None:
     from proxy import demo as demo_data
     from proxy.ledger.db import safe_url, sqlite_file
 
@@ -306,15 +309,15 @@ def _print_demo_banner(url: str, example: str, art: dict, database_url: str) -> 
         {"model": demo_data.CASCADE, "messages": [{"role": "user", "content": example}]}
     )
     quoted = "'" + body.replace("'", "'\\''") + "'"
-    nodes = " -> ".join(n["model"] for n in art["nodes"])
-    exp = art["expected"]
+    exp = art.expected
+    ref_acc = art.training.reference_accuracy or float("nan")
     lines = [
-        f"cascade demo: policy {art['hash'][:19]}, nodes {nodes}",
-        f"expected (train, out-of-fold): accuracy {exp['accuracy']:.3f} against "
-        f"{art['training']['reference_accuracy']:.3f} for {art['reference_model']} alone, at "
-        f"{exp['cost_fraction']:.2f} of its cost; {exp['calls_per_query']:.2f} calls per question",
-        f"lambda {art['lambda']:.3f} (the cheapest setting reaching {DEMO_TARGET:.0%} of "
-        f'{art["reference_model"]}\'s accuracy on train); per request, "cascade": '
+        f"cascade demo: policy {art.hash[:19]}, nodes {' -> '.join(art.models)}",
+        f"expected (train, out-of-fold): accuracy {exp.accuracy:.3f} against "
+        f"{ref_acc:.3f} for {art.reference_model} alone, at "
+        f"{exp.cost_fraction:.2f} of its cost; {exp.calls_per_query:.2f} calls per question",
+        f"lambda {art.lam:.3f} (the cheapest setting reaching {DEMO_TARGET:.0%} of "
+        f'{art.reference_model}\'s accuracy on train); per request, "cascade": '
         '{"lambda": 0.99} buys accuracy, {"max_cost_usd": 0.001} caps the cost',
         f"ledger: {ledger}  (from any folder: cascade report spend --database-url {ledger})",
         f"serving on {url}  (Ctrl-C to stop); it answers the questions of {demo_data.TEST.name}",

@@ -1,6 +1,7 @@
 """The fitted cascade policy as the proxy uses it: state -> next node or stop -> answer.
 
-Built from a policy artifact (calibration/artifact.py writes it). The state after each
+Built from a policy artifact (calibration/artifact.py writes it; PolicyArtifact.policy in
+policies/artifact.py builds this). The state after each
 call is (last node explored, bin of the posterior loss); the decision table comes from the
 T-Tamer backward induction with skips (policies/index.py). With recall the loss is that
 of the best answer seen so far and the answer returned is that best one; without recall
@@ -16,7 +17,7 @@ import numpy as np
 
 from policies.difficulty import DifficultyModel
 from policies.index import ROOT, STOP
-from policies.lengthcal import LengthCalibrator, calibrators_from
+from policies.lengthcal import LengthCalibrator
 from policies.posterior import PosteriorModel
 
 
@@ -60,12 +61,25 @@ class Step:
 
     next_node: int | None  # None: stop
     answer_node: int | None  # whose answer to return if stopping now (None: nothing yet)
-    p_correct: float  # posterior that that answer is right
+    p_correct: float | None  # posterior that that answer is right (None: the rule has none)
     state: int
+    parallel: tuple[int, ...] = ()  # nodes called at once with next_node (an ensemble's tier)
+    reason: str = ""  # why the rule stops here, for the response and the ledger
+
+    @property
+    def calls(self) -> tuple[int, ...]:
+        """The nodes to call next, at once (empty: stop)."""
+        return () if self.next_node is None else (self.next_node, *self.parallel)
 
 
 class CascadePolicy:
-    """Online decisions for one query; the same tables drive the vectorised replay."""
+    """Online decisions for one query; the same tables drive the vectorised replay.
+
+    The step interface every decision rule shares (policies/rules.py, walked by
+    policies/walk.py): `name`, `n_nodes`, `root_state(prompt)`, `first(root_state)`,
+    `signal(node, confidence, tokens_out, text)`, `step(explored, extracted, confidence)`."""
+
+    name = "index"
 
     def __init__(
         self,
@@ -139,31 +153,3 @@ class CascadePolicy:
         return Step(
             next_node=None if nxt == STOP else nxt, answer_node=answer, p_correct=p, state=state
         )
-
-
-def nearest_lambda(art: dict, lam: float) -> float:
-    """The lambda of the artifact's sweep closest to `lam` (the artifact's own if no sweep)."""
-    sweep = art.get("sweep") or [{"lambda": art["lambda"]}]
-    return min((entry["lambda"] for entry in sweep), key=lambda x: (abs(x - lam), -x))
-
-
-def policy_from_artifact(art: dict, lam: float | None = None) -> CascadePolicy:
-    """The online policy described by a loaded artifact dict (see calibration/artifact.py).
-
-    With `lam`, the decisions are those the artifact's sweep holds for the nearest lambda
-    (bins, values and the answer posterior do not depend on lambda).
-    """
-    tables = StateTables.from_dict(art["tables"])
-    if lam is not None and art.get("sweep"):
-        chosen = nearest_lambda(art, lam)
-        entry = next(e for e in art["sweep"] if e["lambda"] == chosen)
-        decision = [np.asarray(d, dtype=int) for d in entry["decision"]]
-        tables = StateTables(tables.edges, tables.values, decision, tables.sigma)
-    return CascadePolicy(
-        PosteriorModel.from_dict(art["posterior"]),
-        tables,
-        bool(art["recall"]),
-        float(art.get("recall_margin", 0.0)),
-        DifficultyModel.from_dict(art["difficulty"]) if art.get("difficulty") else None,
-        calibrators_from(art.get("length_calibration"), len(tables.edges)),
-    )

@@ -30,19 +30,30 @@ def tier_members(name: str) -> list[str] | None:
     return name.removeprefix(TIER_PREFIX).split("+")
 
 
-def tier_vote(
-    extracted: Sequence[str | None], confidence: Sequence[float | None]
-) -> tuple[int | None, float | None]:
-    """(index of the member whose answer the tier gives, the tier's confidence); (None,
-    None) when no member answered. Members are in tier order, cheapest first."""
+def majority(extracted: Sequence[str | None]) -> list[int]:
+    """The members voting for the majority answer, in tier order (empty when none answered).
+
+    The one vote rule of every ensemble (tier nodes, the agreement baseline): members are in
+    tier order, cheapest first; a member whose answer was not extracted votes for nothing;
+    a tie between answers goes to the one whose priciest voter is pricier, and that voter
+    (the last of the list) is the one whose answer is given."""
     votes: dict[str, list[int]] = {}
     for k, answer in enumerate(extracted):
         if answer is not None:
             votes.setdefault(answer, []).append(k)
     if not votes:
+        return []
+    return votes[max(votes, key=lambda a: (len(votes[a]), votes[a][-1]))]
+
+
+def tier_vote(
+    extracted: Sequence[str | None], confidence: Sequence[float | None]
+) -> tuple[int | None, float | None]:
+    """(index of the member whose answer the tier gives, the tier's confidence); (None,
+    None) when no member answered. Members are in tier order, cheapest first."""
+    voters = majority(extracted)
+    if not voters:
         return None, None
-    top = max(votes, key=lambda a: (len(votes[a]), votes[a][-1]))
-    voters = votes[top]
     fraction = len(voters) / len(extracted)
     known = [c for k in voters if (c := confidence[k]) is not None and c == c]
     mean = sum(min(c, 0.0) for c in known) / len(known) if known else 0.0

@@ -94,12 +94,13 @@ def test_target_accuracy_is_met_on_train_and_the_hash_identifies_content(pair) -
         fitted, lam=None, target_accuracy=0.97, max_cost_usd=None, mus=DEFAULT_MUS
     )
     art = build_artifact(fitted, mu, train_path="t.jsonl", target=target)
-    assert art["expected"]["accuracy"] >= 0.97 * target["reference_accuracy"] - 1e-12
-    assert art["hash"] == content_hash(art)
-    art["lambda"] = 0.5
-    assert art["hash"] != content_hash(art)
-    lo, hi = art["expected"]["accuracy_95"]
-    assert lo <= art["expected"]["accuracy"] <= hi
+    assert art.expected.accuracy >= 0.97 * target["reference_accuracy"] - 1e-12
+    data = dict(art.data)
+    assert art.hash == content_hash(data)
+    data["lambda"] = 0.5
+    assert art.hash != content_hash(data)
+    lo, hi = art.expected.accuracy_95
+    assert lo <= art.expected.accuracy <= hi
 
 
 def test_choose_mu_rejects_conflicting_or_impossible_targets(pair) -> None:
@@ -132,7 +133,7 @@ def test_shrinkage_and_bins_are_the_held_out_best_and_recorded(fitted, pair) -> 
     assert areas[(fitted.kappa, fitted.n_bins)] == pytest.approx(max(areas.values()))
     assert all(len(v) <= fitted.n_bins for v in fitted.states.values)
     art = build_artifact(fitted, DEFAULT_MUS[15], train_path="t.jsonl")
-    assert art["training"]["shrinkage_kappa"] == fitted.kappa
+    assert art.data["training"]["shrinkage_kappa"] == fitted.kappa  # as written
 
 
 def test_held_out_curve_rows_are_capped_and_never_fitted_on(pair, monkeypatch) -> None:

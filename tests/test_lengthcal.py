@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.artifact import build_artifact
+from calibration.artifact import PolicyArtifact, build_artifact
 from calibration.evaluate import replay_artifact
 from calibration.fit import DEFAULT_MUS, FittedIndex
 from calibration.pricing import fill_costs
@@ -25,7 +25,12 @@ from policies.lengthcal import (
     marker_columns,
 )
 from proxy import demo
-from tests.policy_walk import assert_engine_equals_replay, assert_online_equals_replay
+from tests.policy_walk import (
+    assert_cap_binds_alike,
+    assert_engine_equals_replay,
+    assert_online_equals_replay,
+    assert_walk_equals_replay,
+)
 
 CAL = LengthCalibrator((1.2, -0.8, 0.1, 0.9), 0.3, (0.5, 4.0, 17.0, 0.8), (1.5, 0.9, 7.0, 0.4))
 TEXTS = ["so 7\n#### 7", "it is 12", "The answer is 3.", "#### 40", "cut off mid-", "B"]
@@ -86,7 +91,7 @@ def gsm(traces_dir: Path, tmp_path_factory) -> tuple[Path, Path]:  # research te
 
 
 @pytest.fixture(scope="module")
-def gsm_artifact(gsm) -> dict:
+def gsm_artifact(gsm) -> PolicyArtifact:
     train = load_traces(gsm[0])
     fitted = FittedIndex(train, recall=True)
     return build_artifact(fitted, DEFAULT_MUS[16], train_path=str(gsm[0]), answer_kind=train.kind)
@@ -96,8 +101,8 @@ def gsm_artifact(gsm) -> dict:
 def test_lengths_are_used_on_chains_of_thought_not_on_one_letter_answers(
     gsm_artifact, traces_dir: Path
 ) -> None:
-    used = [c for c in gsm_artifact["length_calibration"] if c is not None]
-    assert len(used) >= 2, gsm_artifact["length_calibration"]
+    used = [c for c in gsm_artifact.length_calibrators if c is not None]
+    assert len(used) >= 2, gsm_artifact.length_calibrators
     mmlu = FittedIndex(load_traces(traces_dir / "mmlu-llama-train.jsonl"), recall=True)
     assert mmlu.length_calibrators == [None] * len(mmlu.nodes)
 
@@ -113,7 +118,7 @@ def test_the_proxy_engine_decides_as_the_replay_over_recorded_calls(gsm, gsm_art
 
 
 @pytest.fixture(scope="module")
-def routellm(tmp_path_factory) -> tuple[dict, Path, TraceSet]:
+def routellm(tmp_path_factory) -> tuple[PolicyArtifact, Path, TraceSet]:
     """A policy over the shipped Mixtral/GPT-4 GSM8K traces, which record no confidence
     (their costs and lengths come from token counts), and 120 of their test rows."""
     train = fill_costs(load_traces(demo.TRAIN))
@@ -129,7 +134,7 @@ def test_lengths_are_used_on_shipped_chains_of_thought_not_on_one_letter_answers
     routellm, synthetic
 ) -> None:
     art, _, _ = routellm
-    assert all(c is not None for c in art["length_calibration"]), art["length_calibration"]
+    assert all(c is not None for c in art.length_calibrators), art.length_calibrators
     letters = FittedIndex(load_traces(synthetic[0]), recall=True)
     assert letters.length_calibrators == [None] * len(letters.nodes)
 
@@ -138,8 +143,8 @@ def test_a_model_without_confidences_is_judged_by_its_length_and_final_answer(
     routellm,
 ) -> None:
     art, _, test = routellm
-    cals = calibrators_from(art["length_calibration"], len(art["nodes"]))
-    mixtral = cals[[n["model"] for n in art["nodes"]].index(demo.SMALL)]
+    cals = calibrators_from(art.data["length_calibration"], len(art.nodes))  # as written
+    mixtral = cals[art.models.index(demo.SMALL)]
     assert mixtral is not None and not mixtral.uses_confidence
     # a chain that never states its answer (cut off) is less likely right than one that does
     assert mixtral.one(None, 120.0, "so she pays 36 * 68/1") < mixtral.one(None, 120.0, "#### 7")
@@ -152,4 +157,22 @@ def test_a_model_without_confidences_is_judged_by_its_length_and_final_answer(
 def test_without_confidences_online_proxy_and_replay_decide_alike(routellm) -> None:
     art, path, test = routellm
     assert assert_online_equals_replay(art, test) > 0
-    assert_engine_equals_replay(art, path, test)
+    assert_walk_equals_replay(art, test)  # every policy, by the driver on the traces
+    assert_engine_equals_replay(art, path, test)  # every policy, through the engine
+
+
+def test_the_cost_cap_binds_every_policy_alike(routellm) -> None:
+    """A cap that affords the cheap model but not the dear one after it: every policy stops
+    before the dear call in the engine as in the driver's walk on the traces."""
+    art, path, test = routellm
+    cheap, dear = (n.cost_usd for n in art.nodes)
+    answered = assert_cap_binds_alike(art, path, test, cheap + dear / 2)
+    # Mixtral answers every row of every cascade; the reference alone is over the cap
+    assert answered == {
+        "index": len(test),
+        "threshold": len(test),
+        "agreement": len(test),
+        "single": 0,
+    }
+    none = assert_cap_binds_alike(art, path, test, cheap / 2)  # nothing affordable
+    assert none == dict.fromkeys(answered, 0)

@@ -17,6 +17,7 @@ import pytest
 
 from calibration.artifact import build_artifact, save_artifact
 from calibration.traces import load_traces
+from policies.artifact import content_hash
 from policies.judging import judge_messages
 from tests.policy_walk import fit_small_large, textbook_mu
 from tests.serving import (
@@ -214,6 +215,27 @@ def test_a_bad_artifact_changes_nothing(served, artifacts) -> None:
     assert _chat(url).status_code == 200
     assert _reload(url, key=KEY).status_code == 403
     assert _reload(url, key="sk-wrong").status_code == 401
+    _replace(live, artifacts["cheap"])
+    assert _reload(url).status_code == 200
+
+
+def test_a_well_hashed_artifact_with_a_bad_field_is_refused_by_name(served, artifacts) -> None:
+    """An artifact whose hash matches its content but whose field has the wrong shape (as
+    a hand-edited file re-hashed, or a foreign writer, would give) is refused by
+    /admin/reload naming the key, and the running policy stays."""
+    url, live = served["url"], served["live"]
+    before = _served_hash(url)
+    art = json.loads(artifacts["accurate"].read_text())
+    art["nodes"][1]["cost_usd"] = "ten cents"
+    art["hash"] = content_hash(art)  # the hash matches: only the field is wrong
+    _replace(live, json.dumps(art))
+    bad = _reload(url)
+    assert bad.status_code == 400, bad.text
+    message = bad.json()["error"]["message"]
+    assert "policy.json: nodes[1].cost_usd: expected a number, got str" in message
+    time.sleep(0.5)  # the watcher sees the file too and must keep the old policy
+    assert _served_hash(url) == before
+    assert _chat(url).status_code == 200
     _replace(live, artifacts["cheap"])
     assert _reload(url).status_code == 200
 

@@ -9,7 +9,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from calibration.artifact import build_artifact
+from calibration.artifact import PolicyArtifact, build_artifact
 from calibration.fit import FittedIndex, resolution_warnings
 from calibration.traces import load_traces
 from policies.transitions import (
@@ -83,9 +83,9 @@ def fitted(train) -> dict[str, FittedIndex]:
     }
 
 
-def _taken_by_name(art: dict) -> set[tuple[str, str]]:
-    names = [n["model"] for n in art["nodes"]]
-    tables = [art["tables"]["decision"], *(e["decision"] for e in art["sweep"])]
+def _taken_by_name(art: PolicyArtifact) -> set[tuple[str, str]]:
+    names = art.models
+    tables = art.decision_tables()
     return {("start" if i < 0 else names[i], names[j]) for t in tables for i, j in taken_edges(t)}
 
 
@@ -97,7 +97,7 @@ def test_the_fit_takes_only_allowed_transitions(train, fitted) -> None:
 
     art = build_artifact(fitted["line"], 0.5, train_path=train.path)
     assert _taken_by_name(art) <= _line(models)
-    assert art["transitions"] == describe(allowed_edges("line", models), models)
+    assert art.transitions == describe(allowed_edges("line", models), models)
 
     spec = {"start": [models[0], models[1]], models[0]: [models[3]], models[1]: [models[2]]}
     lines = FittedIndex(train, recall=True, transitions=spec)  # the map names the nodes

@@ -12,17 +12,18 @@ through the backends.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass, field
 
 from policies.answers import extract_answer
-from policies.artifact import ArtifactError
+from policies.artifact import AgreementSetting, ArtifactError, PolicyArtifact
 from policies.errors import InvalidInput
-from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_artifact
+from policies.policy import CascadePolicy
+from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
 from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
+from policies.walk import Rule, Walk
 from upstreams.base import Backend, CallResult
 
 POLICIES = ("index", "threshold", "agreement", "single")
@@ -86,12 +87,33 @@ class CascadeRun:
         costs = [c.result.cost_usd for c in self.calls]
         return None if any(c is None for c in costs) else float(sum(costs))
 
+    def reference_cost(self, price: tuple[float, float] | None) -> float | None:
+        """What the reference model would have cost for this request, priced per token
+        (`price`: USD per token in, out): the prompt (the largest prompt count of the calls)
+        and the answer's length. None without a price or an answer."""
+        if price is None or self.answer is None:
+            return None
+        prompt_tokens = max((c.result.tokens_in or 0 for c in self.model_calls), default=0)
+        return prompt_tokens * price[0] + (self.answer.result.tokens_out or 0) * price[1]
+
     @property
     def tokens(self) -> tuple[int, int]:
         return (
             sum(c.result.tokens_in or 0 for c in self.calls),
             sum(c.result.tokens_out or 0 for c in self.calls),
         )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A decision rule with the models behind its nodes and their expected costs: what the
+    engine walks for one request (policies/walk.py)."""
+
+    rule: Rule
+    names: list[str]
+    node_cost: list[float | None]
+    allowed: set[tuple[int, int]] | None = None  # the config's transitions (index only)
+    node_ids: list[int] | None = None  # the node numbers the ledger records (default: k)
 
 
 @dataclass
@@ -104,29 +126,45 @@ class LoadedPolicy:
     kind: str = "text"
     policy: CascadePolicy | None = None
     policy_hash: str | None = None
-    artifact: dict | None = None
+    artifact: PolicyArtifact | None = None
     allowed: set[tuple[int, int]] = field(default_factory=set)  # by node index, start = -1
     expected_cost: dict[str, float] = field(default_factory=dict)
     by_lambda: dict[float, CascadePolicy] = field(default_factory=dict)
+    plans: dict[tuple[str, float], Plan] = field(default_factory=dict)
 
     def policy_for(self, lam: float | None) -> CascadePolicy | None:
         """The policy for a per-request lambda (the artifact's nearest swept setting)."""
         if lam is None or self.policy is None or self.artifact is None:
             return self.policy
-        key = nearest_lambda(self.artifact, lam)
+        key = self.artifact.nearest_lambda(lam)
         if key not in self.by_lambda:
-            self.by_lambda[key] = policy_from_artifact(self.artifact, key)
+            self.by_lambda[key] = self.artifact.policy(key)
         return self.by_lambda[key]
 
-    def baseline(self, kind: str, lam: float | None) -> dict | None:
-        """The artifact's `kind` baseline setting for the lambda nearest `lam` (default: the
-        artifact's own), or None when the artifact has none."""
-        settings = ((self.artifact or {}).get("baselines") or {}).get(kind) or []
-        if not settings:
+    def plan(self, policy: str, lam: float | None, reference: str) -> Plan | None:
+        """The rule a request's `cascade.policy` asks for (None: the artifact holds no such
+        baseline setting); built once per setting and kept."""
+        if self.policy is None or self.artifact is None or policy == "single":
+            cost = self.expected_cost.get(reference)
+            return Plan(SinglePolicy(), [reference], [cost], node_ids=[len(self.nodes)])
+        if policy == "index":
+            rule = self.policy_for(lam)
+            assert rule is not None
+            return Plan(rule, self.nodes, self.node_cost, self.allowed)
+        setting = self.artifact.baseline(policy, lam)
+        if setting is None:
             return None
-        assert self.artifact is not None
-        target = self.artifact["lambda"] if lam is None else lam
-        return min(settings, key=lambda e: (abs(e["lambda"] - target), -e["lambda"]))
+        key = (policy, setting.lam)
+        if key not in self.plans:
+            if isinstance(setting, AgreementSetting):
+                chain = [m for tier in setting.tiers for m in tier]
+                rule: Rule = AgreementPolicy([len(t) for t in setting.tiers], setting.theta)
+            else:
+                chain = list(setting.chain)
+                rule = ThresholdPolicy(chain, setting.thresholds)
+            costs = [self.expected_cost.get(m, 0.0) for m in chain]
+            self.plans[key] = Plan(rule, chain, costs)
+        return self.plans[key]
 
 
 class CascadeEngine:
@@ -138,7 +176,7 @@ class CascadeEngine:
         nodes: list[str],
         backends: dict[str, Backend],
         reference: str,
-        artifact: dict | None = None,
+        artifact: PolicyArtifact | None = None,
         transitions: TransitionSpec = "skips",
     ) -> None:
         self.name = name
@@ -159,15 +197,16 @@ class CascadeEngine:
     policy = property(lambda self: self.current.policy)
     policy_hash = property(lambda self: self.current.policy_hash)
 
-    def load(self, artifact: dict) -> None:
+    def load(self, artifact: PolicyArtifact) -> None:
         """Adopt a policy artifact (at start or on reload): checked in full first, then
         swapped in one assignment."""
         self.current = self.prepare(artifact)
 
-    def prepare(self, artifact: dict) -> LoadedPolicy:
+    def prepare(self, artifact: PolicyArtifact) -> LoadedPolicy:
         """Check an artifact against this cascade (its nodes and baselines must be configured
-        models, its transitions allowed) and build what `load` swaps in; ValueError if not."""
-        names = [n["model"] for n in artifact["nodes"]]
+        models, its transitions allowed) and build what `load` swaps in; ArtifactError if
+        not."""
+        names = artifact.models
         missing = [m for m in _models_of(names) if m not in self.backends]
         if missing:
             raise ArtifactError(
@@ -175,21 +214,31 @@ class CascadeEngine:
                 f"(have {sorted(self.backends)})"
             )
         self._check_transitions(artifact, names)
-        for kind, settings in (artifact.get("baselines") or {}).items():
+        for kind, settings in (
+            ("threshold", artifact.threshold),
+            ("agreement", artifact.agreement),
+        ):
             for setting in settings:
-                used = setting.get("chain") or [m for tier in setting["tiers"] for m in tier]
+                used = (
+                    [m for tier in setting.tiers for m in tier]
+                    if isinstance(setting, AgreementSetting)
+                    else setting.chain
+                )
                 missing = sorted(set(used) - set(self.backends))
                 if missing:
                     raise ArtifactError(
                         f"cascade {self.name}: the policy's {kind} baseline uses model(s) "
                         f"{missing} that are not configured"
                     )
+        expected_cost = {n.model: n.cost_usd for n in artifact.nodes}
+        if artifact.reference_model is not None and artifact.reference_cost_usd is not None:
+            expected_cost.setdefault(artifact.reference_model, artifact.reference_cost_usd)
         return LoadedPolicy(
             nodes=names,
-            node_cost=[float(n["cost_usd"]) for n in artifact["nodes"]],
-            kind=artifact.get("answer_kind") or "text",
-            policy=policy_from_artifact(artifact),
-            policy_hash=artifact["hash"],
+            node_cost=[n.cost_usd for n in artifact.nodes],
+            kind=artifact.answer_kind or "text",
+            policy=artifact.policy(),
+            policy_hash=artifact.hash,
             artifact=artifact,
             allowed={
                 (i, j)
@@ -197,13 +246,12 @@ class CascadeEngine:
                 for j in range(len(names))
                 if (_start_or(names, i), names[j]) in self._allowed_names
             },
-            expected_cost={n["model"]: float(n["cost_usd"]) for n in artifact["nodes"]},
+            expected_cost=expected_cost,
         )
 
-    def _check_transitions(self, artifact: dict, names: list[str]) -> None:
+    def _check_transitions(self, artifact: PolicyArtifact, names: list[str]) -> None:
         """Refuse a policy that can take a transition the cascade's config forbids."""
-        tables = [artifact["tables"]["decision"]]
-        tables += [entry["decision"] for entry in artifact.get("sweep") or []]
+        tables = artifact.decision_tables()
         taken = {(_start_or(names, i), names[j]) for t in tables for i, j in taken_edges(t)}
         forbidden = sorted(taken - self._allowed_names)
         if forbidden:
@@ -261,151 +309,62 @@ class CascadeEngine:
         messages: list[dict],
         overrides: Overrides,
     ) -> None:
-        if cur.policy is None or overrides.policy == "single":
-            call = await caller.call(len(cur.nodes), self.reference)
-            run.calls.append(call)
-            run.answer = call if call.result.ok else None
-            run.reason = "single: the reference model answers"
-            run.overhead_ms = call.signal_ms
-            return
-        if overrides.policy in ("threshold", "agreement"):
-            setting = cur.baseline(overrides.policy, overrides.lam)
-            if setting is None:
-                raise OverrideError(
-                    f"the policy artifact of cascade {self.name} holds no {overrides.policy} "
-                    "setting: refit it with this version of `cascade fit`",
-                    "cascade.policy",
-                )
-            if overrides.policy == "threshold":
-                await _run_threshold(cur, caller, run, setting, overrides)
-            else:
-                await _run_agreement(caller, run, setting)
-            run.overhead_ms = sum(c.signal_ms for c in run.calls)
-            return
-        await _run_index(cur, caller, run, messages, overrides)
+        plan = cur.plan(overrides.policy, overrides.lam, self.reference)
+        if plan is None:
+            raise OverrideError(
+                f"the policy artifact of cascade {self.name} holds no {overrides.policy} "
+                "setting: refit it with this version of `cascade fit`",
+                "cascade.policy",
+            )
+        await _walk(plan, caller, run, messages, overrides.max_cost_usd)
 
 
-async def _run_index(
-    cur: LoadedPolicy,
+async def _walk(
+    plan: Plan,
     caller: _Caller,
     run: CascadeRun,
     messages: list[dict],
-    overrides: Overrides,
+    max_cost_usd: float | None,
 ) -> None:
-    """The fitted index policy: stop, or pay for the node it names, until it stops."""
-    decide = 0.0
+    """Walk any rule (policies/walk.py): call the node(s) it names, read their signals,
+    until it stops or the cap binds; answer with the node the walk chooses."""
     t0 = time.perf_counter()
-    policy = cur.policy_for(overrides.lam)
-    assert policy is not None
-    n = len(cur.nodes)
-    extracted: list[str | None] = [None] * n
-    confidence: list[float | None] = [None] * n
-    explored: list[int] = []
-    step: Step = policy.first(policy.root_state(_prompt_text(messages)))
-    decide += time.perf_counter() - t0
-    spent = 0.0
-    while True:
-        k = step.next_node
-        if k is None and not any(c.result.ok for c in run.calls):
-            last = explored[-1] if explored else -1  # nothing answered: next allowed node
-            k = next((j for j in range(n) if j not in explored and (last, j) in cur.allowed), None)
-            if k is None:
-                run.reason = "every node failed"
-                break
-        if k is None:
-            run.reason = "policy stopped"
-            break
-        cost_k = cur.node_cost[k] or 0.0
-        if overrides.max_cost_usd is not None and spent + cost_k > overrides.max_cost_usd:
-            run.reason = f"max_cost_usd: {cur.nodes[k]} would exceed the cap"
-            break
+    rule, names = plan.rule, plan.names
+    ids = plan.node_ids or range(len(names))
+    root = rule.root_state(_prompt_text(messages))
+    walk = Walk(rule, plan.node_cost, max_cost_usd, root, plan.allowed, names)
+    by_node: dict[int, NodeCall] = {}
+    decide = time.perf_counter() - t0
+    while calls := walk.next_calls():
         if run.calls:
-            run.calls[-1].decision = f"continue:{cur.nodes[k]}"
-        call = await caller.call(k, cur.nodes[k])
+            run.calls[-1].decision = "continue:" + ",".join(names[k] for k in calls)
+        if len(calls) == 1:
+            made = [await caller.call(ids[calls[0]], names[calls[0]])]
+        else:
+            made = list(await asyncio.gather(*(caller.call(ids[k], names[k]) for k in calls)))
         t0 = time.perf_counter()
-        run.calls.append(call)
-        spent += call.result.cost_usd if call.result.cost_usd is not None else cost_k
-        explored.append(k)
-        extracted[k] = call.extracted
-        confidence[k] = policy.signal(k, call.confidence, call.result.tokens_out, call.result.text)
-        step = policy.step(explored, extracted, confidence)
-        call.p_correct = step.p_correct
+        run.calls.extend(made)
+        for k, call in zip(calls, made, strict=True):
+            by_node[k] = call
+            result = call.result
+            conf = rule.signal(k, call.confidence, result.tokens_out, result.text)
+            walk.record(k, result.ok, call.extracted, conf, result.cost_usd)
+        step = walk.decide()
+        for call in made:
+            call.p_correct = step.p_correct
         decide += time.perf_counter() - t0
-    run.answer = _answer(run, step)
+    run.reason = walk.reason
+    chosen = walk.answer()
+    run.answer = None if chosen is None else _credited(by_node[chosen])
     run.overhead_ms = decide * 1000.0 + sum(c.signal_ms for c in run.calls)
 
 
-async def _run_threshold(
-    cur: LoadedPolicy,
-    caller: _Caller,
-    run: CascadeRun,
-    setting: dict,
-    overrides: Overrides,
-) -> None:
-    """Confidence-threshold cascade without recall: stop at the first model whose raw
-    confidence reaches its threshold and return its answer (bench's `threshold`)."""
-    chain, thresholds = setting["chain"], setting["thresholds"]
-    spent = 0.0
-    for i, model in enumerate(chain):
-        expected = cur.expected_cost.get(model, 0.0)
-        cap = overrides.max_cost_usd
-        if cap is not None and spent + expected > cap and run.calls:
-            run.reason = f"max_cost_usd: {model} would exceed the cap"
-            break
-        if run.calls:
-            run.calls[-1].decision = f"continue:{model}"
-        call = await caller.call(i, model)
-        run.calls.append(call)
-        spent += call.result.cost_usd if call.result.cost_usd is not None else expected
-        if not call.result.ok:
-            continue
-        limit = "always" if i == len(chain) - 1 else thresholds[i]
-        conf = -math.inf if call.confidence is None else call.confidence
-        if limit == "always" or (limit != "never" and conf >= limit):
-            run.answer, run.reason = call, f"threshold: confident enough at {model}"
-            return
-    answered = [c for c in run.calls if c.result.ok]
-    run.answer = answered[-1] if answered else None
-    run.reason = run.reason or "threshold: the last model that answered"
-
-
-async def _run_agreement(caller: _Caller, run: CascadeRun, setting: dict) -> None:
-    """Cascade of Ensembles: call each tier's models in parallel; stop when the majority's
-    vote fraction reaches theta (bench's `agreement`); answer with the majority."""
-    tiers, theta = setting["tiers"], float(setting["theta"])
-    for t, tier in enumerate(tiers):
-        calls = await asyncio.gather(*(caller.call(k, model) for k, model in enumerate(tier)))
-        if run.calls:
-            run.calls[-1].decision = f"continue:{','.join(tier)}"
-        run.calls.extend(calls)
-        votes: dict[str, list[NodeCall]] = {}
-        for call in calls:  # tier order is cheapest first: the last voter is the priciest
-            if call.result.ok and call.extracted is not None:
-                votes.setdefault(call.extracted, []).append(call)
-        last = t == len(tiers) - 1
-        if votes:
-            top = max(votes, key=lambda a: (len(votes[a]), tier.index(votes[a][-1].model)))
-            if len(votes[top]) / len(tier) >= theta - 1e-9 or last:
-                run.answer = votes[top][-1]
-                run.reason = f"agreement: {len(votes[top])} of {len(tier)} agree"
-                return
-    answered = [c for c in run.calls if c.result.ok]
-    run.answer = answered[-1] if answered else None
-    run.reason = "agreement: no majority; the last model that answered"
-
-
-def _answer(run: CascadeRun, step: Step) -> NodeCall | None:
-    """The policy's recalled answer if that call answered, else the last that did; for a
-    tier node, the member whose answer the tier gives (the model that is credited)."""
-    answered = [c for c in run.calls if c.result.ok]
-    if not answered:
-        return None
-    chosen = answered[-1]
-    if step.answer_node is not None:
-        chosen = next((c for c in answered if c.node == step.answer_node), chosen)
-    if chosen.members:
-        return next(m for m in chosen.members if m.model == chosen.result.served_model)
-    return chosen
+def _credited(call: NodeCall) -> NodeCall:
+    """The call whose model is credited with the answer: for a tier node, the member whose
+    answer the tier gives."""
+    if call.members:
+        return next(m for m in call.members if m.model == call.result.served_model)
+    return call
 
 
 class _Caller:

@@ -88,13 +88,7 @@ class LedgerEntry:
         ]
         tokens_in, tokens_out = run.tokens
         answer = run.answer
-        reference = self.state.reference_prices.get(run.cascade)
-        prompt_tokens = max((c.result.tokens_in or 0 for c in run.model_calls), default=0)
-        reference_cost = None
-        if reference is not None and answer is not None:
-            reference_cost = (
-                prompt_tokens * reference[0] + (answer.result.tokens_out or 0) * (reference[1])
-            )
+        reference_cost = run.reference_cost(self.state.reference_prices.get(run.cascade))
         self._submit(
             RequestRecord(
                 request_id=self.request_id,

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from policies.artifact import ArtifactError, parse_artifact
+from policies.artifact import ArtifactError, PolicyArtifact, parse_artifact
 from policies.errors import InvalidInput
 from proxy.engine.cascade import CascadeEngine, LoadedPolicy
 
@@ -28,6 +28,21 @@ log = logging.getLogger("cascade.reload")
 
 class ReloadError(InvalidInput):
     """An artifact could not be read or does not fit its cascade; nothing was changed."""
+
+
+def read_policy(path: str) -> PolicyArtifact:
+    """The policy artifact file at `path`, read and checked (policies/artifact.py's loader);
+    ArtifactError names what is wrong (missing, unreadable, or the bad key)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"policy artifact {path} does not exist (create one with `cascade fit`)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"policy artifact {path} cannot be read: {exc}") from None
+    return parse_artifact(text, path)
 
 
 @dataclass
@@ -53,14 +68,8 @@ class PolicyFiles:
             path = self.paths[name]
             stamp = _stamp(path)
             try:
-                with open(path, encoding="utf-8") as f:
-                    artifact = parse_artifact(f.read(), path)
-                prepared[name] = (self.engines[name].prepare(artifact), stamp)
-            except FileNotFoundError:
-                raise ReloadError(f"cascade {name}: policy artifact {path} is missing") from None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ReloadError(f"cascade {name}: cannot read {path}: {exc}") from None
-            except (ArtifactError, ValueError, KeyError, TypeError) as exc:
+                prepared[name] = (self.engines[name].prepare(read_policy(path)), stamp)
+            except ArtifactError as exc:
                 raise ReloadError(f"cascade {name}: {exc}") from None
         out = {}
         for name, (loaded, stamp) in prepared.items():

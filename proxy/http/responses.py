@@ -69,16 +69,12 @@ def completion(
         "usage": tokens,
     }
     if run is not None:
-        payload["cascade"] = cascade_object(run, result, state)
+        payload["cascade"] = cascade_object(run, state)
     return payload
 
 
-def cascade_object(run: CascadeRun, answer: CallResult, state: ProxyState) -> dict:
-    price = state.reference_prices.get(run.cascade)
-    tokens_in = max((c.result.tokens_in or 0 for c in run.model_calls), default=0)
-    reference_cost = (
-        None if price is None else tokens_in * price[0] + (answer.tokens_out or 0) * price[1]
-    )
+def cascade_object(run: CascadeRun, state: ProxyState) -> dict:
+    reference_cost = run.reference_cost(state.reference_prices.get(run.cascade))
     return {
         "name": run.cascade,
         "policy_hash": run.policy_hash,

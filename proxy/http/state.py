@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from policies.artifact import ArtifactError, parse_artifact
 from proxy.config import Config
 from proxy.engine.cascade import CascadeEngine
 from proxy.engine.exploration import Explorer
-from proxy.engine.reload import RELOAD_SIGNAL_ENV, PolicyFiles, ReloadSignal
+from proxy.engine.reload import RELOAD_SIGNAL_ENV, PolicyFiles, ReloadSignal, read_policy
 from proxy.ledger.writer import LedgerWriter
 from upstreams.base import Backend
 from upstreams.settings import ModelConfig
@@ -48,13 +47,6 @@ class ProxyState:
 
             self.reports = make_engine(self.config.database_url)
         return self.reports
-
-
-def load_policy(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ArtifactError(f"policy artifact {p} does not exist (create one with `cascade fit`)")
-    return parse_artifact(p.read_text(), str(p))
 
 
 def model_price(name: str, cfg: ModelConfig) -> tuple[float, float] | None:
@@ -92,7 +84,7 @@ def build_state(config: Config) -> ProxyState:
     engines = {}
     prices = {}
     for name, cascade in config.cascades.items():
-        artifact = load_policy(cascade.policy) if cascade.policy else None
+        artifact = read_policy(cascade.policy) if cascade.policy else None
         engines[name] = CascadeEngine(
             name,
             cascade.nodes,
