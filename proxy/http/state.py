@@ -22,6 +22,8 @@ from upstreams.settings import ModelConfig
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from proxy.http.keys import KeyCache, RateLimiter
+
 
 @dataclass
 class ProxyState:
@@ -40,6 +42,24 @@ class ProxyState:
     reload_signal: ReloadSignal | None = None  # shared by `serve --workers N`: reload them all
     explorer: Explorer | None = None  # explored requests' traces, judge runs in flight
     reports: Engine | None = None  # the ledger's reports' engine, made on first use
+    keys: KeyCache | None = None  # keys of the ledger database (server.database_keys)
+    rate_limiter: RateLimiter | None = None
+    worst_prices: dict = field(default_factory=dict)  # model -> (price, output limit)
+
+    def database_key(self, secret: str) -> bool:
+        """A key of the ledger database (proxy/http/keys.py); its name goes to the ledger."""
+        assert self.keys is not None
+        if not self.keys.accepts(secret):
+            return False
+        stored = self.keys.lookup(secret)
+        if stored is not None and secret not in self.key_names:
+            self.key_names[secret] = stored.name
+        return True
+
+    @property
+    def key_check(self):
+        """What `authenticate` asks about a key it does not know (None: no database keys)."""
+        return self.database_key if self.keys is not None else None
 
     def reports_engine(self) -> Engine:
         """The engine the report endpoint reads the ledger with (one per process)."""
@@ -120,6 +140,20 @@ def build_state(config: Config) -> ProxyState:
         reload_signal=ReloadSignal(shared_signal) if shared_signal else None,
     )
     state.explorer = Explorer(config, backends, state)
+    if config.server.database_keys:
+        from functools import partial
+
+        from proxy.http.keys import KeyCache, RateLimiter
+        from proxy.ledger.db import make_engine
+
+        state.keys = KeyCache(
+            partial(make_engine, config.database_url),
+            refresh_s=config.server.keys_refresh_s,
+            reserved_names=frozenset(n for n in config.key_names().values() if n),
+        )
+        state.rate_limiter = RateLimiter(Path(shared_signal).parent if shared_signal else None)
+        if state.ledger is not None:
+            state.ledger.on_submit = state.keys.note
     return state
 
 
