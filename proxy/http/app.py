@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from starlette.requests import Request
 
-from proxy.http import admin, announce, errors
+from proxy.http import admin, announce, errors, ui
 from proxy.http.chat import CHAT_PATH, chat_completions
 from proxy.http.contract import chat_request_schema
 from proxy.http.errors import error_responses
@@ -115,6 +115,7 @@ def create_app(state: ProxyState) -> FastAPI:
         },
     )
     app.include_router(admin.router)
+    app.include_router(ui.router)
     return app
 
 

@@ -249,18 +249,6 @@ class RateLimiter:
 # ------------------------------------------------------------------ admission
 
 
-def _output_limit(model: str) -> int | None:
-    """The model's output token limit from litellm's offline map, if it is there."""
-    try:
-        import litellm
-
-        info = litellm.model_cost.get(model) or {}
-    except Exception:  # pragma: no cover - litellm is a dependency
-        return None
-    limit = info.get("max_output_tokens") or info.get("max_tokens")
-    return int(limit) if isinstance(limit, int | float) and limit > 0 else None
-
-
 @dataclass
 class WorstCase:
     """The most a request can cost: `usd`, and the models whose price is not known (they
@@ -286,8 +274,6 @@ def worst_case(state, chat, messages: list[dict]) -> WorstCase:
     """The request's worst case: its `max_cost_usd` cap, else the cost of calling every model
     of its path with the prompt's bytes as input tokens (an upper bound) and `max_tokens`
     (else the model's output limit, else 4096) as output tokens."""
-    from proxy.http.state import model_price
-
     cap = chat.overrides.max_cost_usd if chat.model in state.engines else None
     if cap is not None:
         return WorstCase(cap, [])
@@ -295,12 +281,7 @@ def worst_case(state, chat, messages: list[dict]) -> WorstCase:
     asked = chat.max_tokens or chat.max_completion_tokens
     usd, unpriced = 0.0, []
     for name in path_models(state, chat.model):
-        cfg = state.config.models[name]
-        price = state.worst_prices.get(name)
-        if price is None:
-            price = model_price(name, cfg), _output_limit(cfg.model or name)
-            state.worst_prices[name] = price
-        (per_token, limit) = price
+        per_token, limit = state.worst_price(name)
         if per_token is None:
             unpriced.append(name)
             continue

@@ -46,6 +46,14 @@ class ProxyState:
     rate_limiter: RateLimiter | None = None
     worst_prices: dict = field(default_factory=dict)  # model -> (price, output limit)
 
+    def worst_price(self, name: str) -> tuple[tuple[float, float] | None, int | None]:
+        """A model's USD per input and output token (None: unknown) and its output token
+        limit (None: unknown), for budgets' worst cases; looked up once."""
+        if name not in self.worst_prices:
+            cfg = self.config.models[name]
+            self.worst_prices[name] = (model_price(name, cfg), output_limit(cfg.model or name))
+        return self.worst_prices[name]
+
     def database_key(self, secret: str) -> bool:
         """A key of the ledger database (proxy/http/keys.py); its name goes to the ledger."""
         assert self.keys is not None
@@ -88,6 +96,15 @@ def model_price(name: str, cfg: ModelConfig) -> tuple[float, float] | None:
     except PricingError:
         return None
     return p_in, p_out
+
+
+def output_limit(model: str) -> int | None:
+    """The model's output token limit from litellm's offline map, if it is there."""
+    import litellm
+
+    info = litellm.model_cost.get(model) or {}
+    limit = info.get("max_output_tokens") or info.get("max_tokens")
+    return int(limit) if isinstance(limit, int | float) and limit > 0 else None
 
 
 def build_state(config: Config) -> ProxyState:
