@@ -171,6 +171,8 @@ def build_state(config: Config) -> ProxyState:
         state.rate_limiter = RateLimiter(Path(shared_signal).parent if shared_signal else None)
         if state.ledger is not None:
             state.ledger.on_submit = state.keys.note
+        for name in config.models:  # prices and output limits now, not on a request
+            state.worst_price(name)
     return state
 
 
