@@ -247,3 +247,73 @@ def test_budget_holds_under_concurrent_requests_from_two_instances(pg_env, tmp_p
     assert sum(costs) <= budget + 16 * worst, (sum(costs), budget, worst)
     daily = _sql(dbname, "SELECT sum(cost_usd) FROM ledger_daily WHERE api_key = 'tight'")
     assert daily[0][0] == pytest.approx(sum(costs))
+
+
+# ------------------------------------------------------------------ the cache itself
+
+
+def test_spend_not_yet_in_the_database_counts_and_is_counted_once(tmp_path):
+    """A process's spend counts from the moment its record goes to the writer: while queued,
+    while the database is down (kept in the spool), and once written it is read from the
+    rollups instead, never twice."""
+    from proxy.http.errors import ApiError
+    from proxy.http.keys import KeyCache
+    from proxy.ledger import LedgerWriter
+    from proxy.ledger.db import make_engine, upgrade
+    from proxy.ledger.keys import create_key
+    from proxy.ledger.records import RequestRecord
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    now = dt.datetime.now(dt.UTC)
+    engine = make_engine(url)
+    create_key(engine, "k", budget_usd=1.0, period="day", rpm=None, cascades=None,
+               expires_at=None, now=now)  # fmt: skip
+    engine.dispose()
+    cache = KeyCache(lambda: make_engine(url), refresh_s=60)
+    cache.refresh()
+    (key,) = cache.by_hash.values()
+    cache.reserve(key, "r1", 0.5, now)  # in flight: 0.5 reserved
+    with pytest.raises(ApiError) as refused:
+        cache.reserve(key, "r2", 0.6, now)
+    assert refused.value.code == "budget_exceeded" and "resets at" in refused.value.message
+    record = RequestRecord(
+        request_id="r1", ts=time.time(), api_key="sk-x", key_label="k", cascade="qa",
+        model_requested="qa", policy_hash=None, status=200, chosen_model="small", n_calls=1,
+        tokens_in=1, tokens_out=1, cost_usd=0.7, reference_cost_usd=0.7, latency_ms=1.0,
+        overhead_ms=0.0, error=None,
+    )  # fmt: skip
+    cache.note(record)  # r1 ended: its reservation gives way to its cost, not yet written
+    assert cache.spent(key, now) == pytest.approx(0.7)
+    with pytest.raises(ApiError):
+        cache.reserve(key, "r3", 0.4, now)
+    cache.refresh()  # the database does not have it: it still counts
+    assert cache.spent(key, now) == pytest.approx(0.7)
+    cache._engine = make_engine("postgresql://postgres@127.0.0.1:1/none?connect_timeout=1")
+    cache.refresh()  # the database is down: the last view stays, and so does the spend
+    assert cache.last_error and cache.spent(key, now) == pytest.approx(0.7)
+    writer = LedgerWriter(url, tmp_path / "spool.jsonl", flush_interval_s=0.05).start()
+    writer.submit(record)
+    writer.close()
+    cache._engine = make_engine(url)
+    cache.refresh()  # now in the rollups, and no longer counted as unwritten
+    assert cache.last_error is None and cache.spent(key, now) == pytest.approx(0.7)
+    cache.reserve(key, "r4", 0.3, now)  # 0.7 + 0.3 is within 1.0
+    cache.stop()
+
+
+def test_rate_limit_is_shared_by_limiters_on_one_folder(tmp_path):
+    """Two workers' limiters on the folder they share count one window per key."""
+    from proxy.http.errors import ApiError
+    from proxy.http.keys import RateLimiter
+
+    a, b = RateLimiter(tmp_path), RateLimiter(tmp_path)
+    t = 120.0 * 60 + 10  # 10 s into a minute
+    a.hit("k", 3, t)
+    b.hit("k", 3, t)
+    a.hit("k", 3, t)
+    with pytest.raises(ApiError) as limited:
+        b.hit("k", 3, t)
+    assert limited.value.code == "rate_limited" and limited.value.headers == {"Retry-After": "50"}
+    a.hit("other", 3, t)  # per key
+    b.hit("k", 3, t + 60)  # the next minute starts afresh

@@ -54,6 +54,7 @@ class KeyCache:
     by_hash: dict[str, StoredKey] = field(default_factory=dict)
     spend: dict[tuple[str, dt.date], float] = field(default_factory=dict)  # from the database
     loaded: bool = False
+    budgeted: frozenset[str] = frozenset()  # names of keys with a budget: their spend is tracked
     _unwritten: dict[str, tuple[str, float, float]] = field(default_factory=dict)
     _inflight: dict[str, tuple[str, float, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -118,6 +119,7 @@ class KeyCache:
             for rid in [r for r, (_, _, t) in self._inflight.items() if t < stale]:
                 self._inflight.pop(rid, None)
             self.by_hash, self.spend, self.loaded = by_hash, spend, True
+            self.budgeted = frozenset(k.name for k in budgeted)
         self.last_error = None
 
     # -------------------------------------------------------------- the request path
@@ -152,7 +154,7 @@ class KeyCache:
         and its request's reservation ends."""
         with self._lock:
             self._inflight.pop(record.request_id, None)
-            if record.api_key and record.cost_usd:
+            if record.cost_usd and record.api_key in self.budgeted:
                 self._unwritten[record.request_id] = (record.api_key, record.cost_usd, record.ts)
 
     def release(self, request_id: str) -> None:
