@@ -199,3 +199,39 @@ def test_dashboard_in_headless_chromium(pg_db, tmp_path):  # noqa: F811
     assert page["charts"] == 3
     assert "team-a" in page["budget"] and "$5" in page["budget"]
     assert shot.stat().st_size > 10_000
+
+
+def test_ui_needs_the_admin_key_or_its_session_cookie(tmp_path):
+    """Without the admin key: the sign-in form (401); a wrong key changes nothing; the right
+    one sets a session cookie that opens the page, as does the admin key as a bearer; a
+    client key does not open it."""
+    env = {**os.environ, "CASCADE_DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}",
+           "UI_TEST_ADMIN": ADMIN}  # fmt: skip
+    db_upgrade(env)
+    config = write_config(
+        tmp_path,
+        {
+            "models": {"small": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+            "server": {"admin_key_env": "UI_TEST_ADMIN", "api_keys": ["sk-client"]},
+        },
+    )
+    with running_proxy(config, env, cwd=tmp_path) as proxy:
+        with httpx.Client(base_url=proxy.url, timeout=30) as client:
+            first = client.get("/ui")
+            assert first.status_code == 401 and 'action="/ui/login"' in first.text
+            wrong = client.post("/ui/login", data={"key": "sk-client"})
+            assert wrong.status_code == 401 and "not the admin key" in wrong.text
+            assert "cascade_ui" not in client.cookies
+            right = client.post("/ui/login", data={"key": ADMIN})
+            assert right.status_code == 303 and right.headers["location"] == "/ui"
+            page = client.get("/ui?days=30")
+            assert page.status_code == 200 and 'id="total-spend"' in page.text
+            assert "no requests in the window" in page.text
+            client.get("/ui/logout")
+            assert client.get("/ui").status_code == 401
+        bearer = httpx.get(f"{proxy.url}/ui", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert bearer.status_code == 200 and 'id="total-spend"' in bearer.text
+        client_key = httpx.get(f"{proxy.url}/ui", headers={"Authorization": "Bearer sk-client"})
+        assert client_key.status_code == 401
+        forged = httpx.get(f"{proxy.url}/ui", cookies={"cascade_ui": "0" * 64})
+        assert forged.status_code == 401

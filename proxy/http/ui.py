@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import hmac
 import html
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -29,6 +30,7 @@ COOKIE = "cascade_ui"
 STYLE = (Path(__file__).parent / "static" / "ui.css").read_text()
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563")
 MAX_DAYS = 90
+QUERY_THREADS = 4  # within the engine's pool of 5 connections
 
 
 def _session(admin_key: str) -> str:
@@ -116,18 +118,20 @@ def gather(engine: Any, days: int, now: dt.datetime | None = None) -> dict[str, 
     first = last - dt.timedelta(days=days - 1)
     since = first.isoformat()
     out: dict[str, Any] = {"first": first, "last": last, "now": now}
-    for name, by in (
-        ("spend_cascade", "cascade"),
-        ("spend_key", "key"),
-    ):
-        out[name] = reports.spend(engine, since, by)
-    out["savings"] = reports.savings(engine, since, "cascade")
-    out["exits"] = reports.exits(engine, since, "cascade")
-    out["latency"] = reports.latency(engine, since, "model")
-    out["errors"] = reports.errors(engine, since, "model")
-    out["by_cascade"] = dashboard.daily_series(engine, first, last, "cascade")
-    out["by_key"] = dashboard.daily_series(engine, first, last, "key")
-    out["recent"] = dashboard.recent_requests(engine, 20)
+    jobs = {  # independent queries: run side by side, each on its own connection
+        "spend_cascade": (reports.spend, engine, since, "cascade"),
+        "spend_key": (reports.spend, engine, since, "key"),
+        "savings": (reports.savings, engine, since, "cascade"),
+        "exits": (reports.exits, engine, since, "cascade"),
+        "latency": (reports.latency, engine, since, "model"),
+        "errors": (reports.errors, engine, since, "model"),
+        "by_cascade": (dashboard.daily_series, engine, first, last, "cascade"),
+        "by_key": (dashboard.daily_series, engine, first, last, "key"),
+        "recent": (dashboard.recent_requests, engine, 20),
+    }
+    with ThreadPoolExecutor(QUERY_THREADS) as pool:
+        futures = {name: pool.submit(fn, *args) for name, (fn, *args) in jobs.items()}
+        out.update({name: f.result() for name, f in futures.items()})
     stored = keys.list_keys(engine)
     budgeted = [k for k in stored if k.budget_usd is not None and k.period]
     start = min((keys.period_start(k.period, now) for k in budgeted), default=now)  # type: ignore[arg-type]
