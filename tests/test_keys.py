@@ -245,6 +245,10 @@ def test_budget_holds_under_concurrent_requests_from_two_instances(pg_env, tmp_p
     # each instance holds its own in-flight requests to the budget; the other instance's
     # (up to 16 at once) and those started within one refresh can pass it
     assert sum(costs) <= budget + 16 * worst, (sum(costs), budget, worst)
+    print(
+        f"budget {budget}: {len(costs)} answered, {codes.count(429)} refused, "
+        f"spend {sum(costs):.6f}"
+    )
     daily = _sql(dbname, "SELECT sum(cost_usd) FROM ledger_daily WHERE api_key = 'tight'")
     assert daily[0][0] == pytest.approx(sum(costs))
 
