@@ -5,8 +5,9 @@ applies the ledger migrations (what `cascade db upgrade` runs), loads a syntheti
 realistic ledger with COPY, builds its daily rollups the way the writer would, checks that
 rollups and detail rows agree, then times every report (spend, savings, exits, latency,
 errors) grouped by each of day, model, cascade and key, over the default window (--since 7d)
-and, for information, any further windows asked for. Target: each report under 0.5 s over
-the default window. The database is dropped at the end (unless --keep).
+and, for information, any further windows asked for, then the dashboard's page (/ui).
+Target: each report under 0.5 s over the default window. The database is dropped at the end
+(unless --keep).
 
 The ledger spans --days days up to now: a diurnal load over five cascades (three nodes each,
 parallel tiers make up to five calls) plus pass-through requests, 40 API keys with a skewed
@@ -517,6 +518,24 @@ def sizes(dsn: str) -> None:
             print(f"  {table:<16} {n:>10,} rows  {size} with indexes")
 
 
+def time_dashboard(url: str, reps: int, days: int = 7) -> dict:
+    """The dashboard's page (/ui) over `days` whole days: its queries and the HTML render,
+    as the proxy runs them (proxy/http/ui.py), without HTTP."""
+    from proxy.http.ui import gather, render
+
+    engine = make_engine(url)
+    times = []
+    try:
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            page = render(gather(engine, days), days)
+            times.append(time.perf_counter() - t)
+    finally:
+        engine.dispose()
+    return {"first": times[0], "median": statistics.median(times[1:]), "max": max(times[1:]),
+            "bytes": len(page)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
@@ -554,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes(dsn)
         check_rollups(url)
         results = time_reports(url, windows, args.reps)
+        ui = time_dashboard(url, args.reps)
         if args.prune_before:
             prune_at_volume(url, dsn, args.prune_before, args.prune_batch_size)
     finally:
@@ -577,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\nmedian and max of {args.reps} runs after a first one; "
         f"{'every report under the target' if not slow else f'{slow} report(s) over the target'}"
         f" over --since {windows[0]}"
+    )
+    print(
+        f"dashboard page (/ui, 7 whole days: every query and the HTML, {ui['bytes']:,} bytes): "
+        f"first {ui['first']:.3f} s, median {ui['median']:.3f} s, max {ui['max']:.3f} s"
     )
     return 0
 

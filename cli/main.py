@@ -4,7 +4,7 @@ the ledger (cli/ledger.py). `python -m cli.main` runs it as the console script d
 
 from __future__ import annotations
 
-from cli import calibrate, ledger, serving  # noqa: F401  (each registers its commands)
+from cli import calibrate, keys, ledger, serving  # noqa: F401  (each registers its commands)
 from cli.app import app
 
 __all__ = ["app"]

@@ -97,6 +97,9 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     policy_watch_s: float = Field(default=2.0, ge=0)  # reload changed artifacts; 0: never
     request_timeout_s: float = Field(default=300.0, gt=0)
+    # keys made by `cascade keys` in the ledger database, read every keys_refresh_s seconds
+    database_keys: bool = False
+    keys_refresh_s: float = Field(default=2.0, gt=0, le=300)
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -45,7 +45,7 @@ from proxy.ledger.schema import Base, LedgerCall, LedgerDaily, LedgerRequest
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 REPO = Path(__file__).resolve().parents[1]
-LEDGER_TABLES = {"ledger_requests", "ledger_calls", "ledger_daily"}
+LEDGER_TABLES = {"ledger_requests", "ledger_calls", "ledger_daily", "api_keys"}
 D1 = dt.datetime(2025, 3, 1, 10, 0, tzinfo=dt.UTC)
 D2 = dt.datetime(2025, 3, 2, 23, 59, 59, tzinfo=dt.UTC)
 
@@ -290,17 +290,35 @@ def test_migrations_up_and_down(db_url):
     assert check_schema(db_url) == head
 
 
+def test_keys_migration_down_to_0001_and_up(db_url):
+    """0002 adds only `api_keys`: down to 0001 drops it and keeps the ledger's rows."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        assert "api_keys" in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    assert downgrade(db_url, "0001") == "0001"
+    engine = make_engine(db_url)
+    try:
+        tables = set(inspect(engine).get_table_names())
+        assert "api_keys" not in tables and LEDGER_TABLES - {"api_keys"} <= tables
+    finally:
+        engine.dispose()
+    assert upgrade(db_url) == head_revision()
+
+
 def _migrations_with_a_second_revision(tmp_path: Path) -> Path:
     root = tmp_path / "migrations"
     shutil.copytree(REPO / "migrations", root, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "versions" / "0002_note.py").write_text(
+    (root / "versions" / "9999_note.py").write_text(
         textwrap.dedent(
-            """
+            f"""
             import sqlalchemy as sa
             from alembic import op
 
-            revision = "0002"
-            down_revision = "0001"
+            revision = "9999"
+            down_revision = "{head_revision()}"
             branch_labels = None
             depends_on = None
 
@@ -328,20 +346,21 @@ def test_check_schema_empty_behind_current_and_ahead(tmp_path, monkeypatch):
     with pytest.raises(SchemaError, match=r"no ledger schema; run `cascade db upgrade`"):
         check_schema(url)
 
+    shipped = head_revision()  # the newest revision the package ships
     monkeypatch.setattr(ledger_db, "MIGRATIONS_DIR", _migrations_with_a_second_revision(tmp_path))
-    assert head_revision() == "0002"
-    assert upgrade(url, "0001") == "0001"
+    assert head_revision() == "9999"
+    assert upgrade(url, shipped) == shipped
     w = _writer(url, tmp_path).start()
     w.submit(known_set()[0])
     w.close()
     with pytest.raises(
-        SchemaError, match=r"at revision 0001 .* needs 0002; run `cascade db upgrade`"
+        SchemaError, match=rf"at revision {shipped} .* needs 9999; run `cascade db upgrade`"
     ):
         check_schema(url)
-    assert upgrade(url) == "0002"
-    assert check_schema(url) == "0002"
+    assert upgrade(url) == "9999"
+    assert check_schema(url) == "9999"
     # Batch mode rebuilds ledger_requests on SQLite; the calls that reference it survive.
-    assert downgrade(url, "0001") == "0001"
+    assert downgrade(url, shipped) == shipped
     assert count(url, LedgerCall) == (2, 1)
     assert count(url, LedgerRequest) == (1, 1)
 

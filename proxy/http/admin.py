@@ -36,7 +36,7 @@ def _state(request: Request) -> ProxyState:
 @router.get("/v1/models", responses=error_responses(401))
 async def list_models(request: Request) -> Response:
     state = _state(request)
-    authenticate(request, state.client_keys, state.admin_key)
+    authenticate(request, state.client_keys, state.admin_key, state.key_check)
     now = int(time.time())
     data = [
         {"id": name, "object": "model", "created": now, "owned_by": "cascade"}

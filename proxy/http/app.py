@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from starlette.requests import Request
 
-from proxy.http import admin, announce, errors
+from proxy.http import admin, announce, errors, ui
 from proxy.http.chat import CHAT_PATH, chat_completions
 from proxy.http.contract import chat_request_schema
 from proxy.http.errors import error_responses
@@ -63,6 +63,9 @@ def create_app(state: ProxyState) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if state.ledger is not None:
             state.ledger.start()
+        if state.keys is not None:  # the first read now, bounded; then in the background
+            await asyncio.wait_for(asyncio.to_thread(state.keys.refresh), 10.0)
+            state.keys.start()
         watch_s = state.config.server.policy_watch_s
         watchers = []
         files = state.policy_files
@@ -85,6 +88,8 @@ def create_app(state: ProxyState) -> FastAPI:
         await asyncio.gather(*(b.aclose() for b in state.backends.values()))
         if state.ledger is not None:  # SIGTERM ends here too: flush every record
             await asyncio.to_thread(state.ledger.close)
+        if state.keys is not None:
+            await asyncio.to_thread(state.keys.stop)
         if state.reports is not None:
             state.reports.dispose()
         announce.stopped(state)
@@ -110,6 +115,7 @@ def create_app(state: ProxyState) -> FastAPI:
         },
     )
     app.include_router(admin.router)
+    app.include_router(ui.router)
     return app
 
 

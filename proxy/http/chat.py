@@ -22,6 +22,7 @@ from proxy.engine.recording import LedgerEntry
 from proxy.http import metrics
 from proxy.http.contract import ChatRequest, authenticate, check_chat_request, read_json
 from proxy.http.errors import ApiError, as_api_error
+from proxy.http.keys import admit
 from proxy.http.responses import (
     FastJSONResponse,
     all_failed,
@@ -55,16 +56,27 @@ async def chat_completions(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
     # 96 random bits from the (per-process seeded) Mersenne twister: no syscall per request
     request_id = request.state.request_id = f"chatcmpl-{random.getrandbits(96):024x}"
-    key = authenticate(request, state.client_keys, state.admin_key)
+    key = authenticate(request, state.client_keys, state.admin_key, state.key_check)
     body = await read_json(request, state.config.server.max_body_bytes)
     chat = check_chat_request(body)
     params = {k: v for k, v in body.items() if k in FORWARDED_PARAMS}
     asked = Asked(chat, body["messages"], params, key)
     entry = LedgerEntry(state, request_id, key, chat.model, chat.stream)
-    if chat.model in state.engines:
-        return await _cascade(request, state, asked, entry)
-    if chat.model in state.backends:
-        return await _passthrough(request, state, asked, entry)
+    known = chat.model in state.engines or chat.model in state.backends
+    worst = admit(request, state, chat, asked.messages, request_id, key) if known else None
+    try:
+        if chat.model in state.engines:
+            response = await _cascade(request, state, asked, entry)
+        elif chat.model in state.backends:
+            response = await _passthrough(request, state, asked, entry)
+    except BaseException:
+        if worst is not None:
+            state.keys.release(request_id)  # nothing was ledgered, or it was and ended it
+        raise
+    if known:
+        if worst is not None and worst.unpriced:  # counted 0 in the budget: say so
+            response.headers["x-cascade-budget-unpriced"] = ",".join(worst.unpriced)
+        return response
     raise ApiError(
         404,
         f"The model '{chat.model}' does not exist: use a cascade "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 import orjson
@@ -59,10 +60,17 @@ def _bearer(request: Request) -> str:
     return header[7:].strip() if header.lower().startswith("bearer ") else ""
 
 
-def authenticate(request: Request, client_keys: set[str], admin_key: str | None) -> str | None:
-    """The client's API key (None when the proxy requires none); 401 when it is wrong."""
+def authenticate(
+    request: Request,
+    client_keys: set[str],
+    admin_key: str | None,
+    database_key: Callable[[str], bool] | None = None,
+) -> str | None:
+    """The client's API key (None when the proxy requires none); 401 when it is wrong.
+    `database_key` (with `server.database_keys`) accepts a key of the ledger database, or
+    raises why not (proxy/http/keys.py)."""
     key = _bearer(request)
-    if not client_keys:
+    if not client_keys and database_key is None:
         return key or None
     if not key:
         raise ApiError(
@@ -70,9 +78,11 @@ def authenticate(request: Request, client_keys: set[str], admin_key: str | None)
             "Missing API key: send 'Authorization: Bearer <key>'",
             code="missing_api_key",
         )
-    if key not in client_keys and key != admin_key:
-        raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
-    return key
+    if key in client_keys or key == admin_key:
+        return key
+    if database_key is not None and database_key(key):
+        return key
+    raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
 
 def authenticate_admin(request: Request, client_keys: set[str], admin_key: str | None) -> None:

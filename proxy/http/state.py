@@ -21,6 +21,8 @@ from upstreams.settings import ModelConfig
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from proxy.http.keys import KeyCache, RateLimiter
+
 
 @dataclass
 class ProxyState:
@@ -39,6 +41,32 @@ class ProxyState:
     reload_signal: ReloadSignal | None = None  # shared by `serve --workers N`: reload them all
     explorer: Explorer | None = None  # explored requests' traces, judge runs in flight
     reports: Engine | None = None  # the ledger's reports' engine, made on first use
+    keys: KeyCache | None = None  # keys of the ledger database (server.database_keys)
+    rate_limiter: RateLimiter | None = None
+    worst_prices: dict = field(default_factory=dict)  # model -> (price, output limit)
+
+    def worst_price(self, name: str) -> tuple[tuple[float, float] | None, int | None]:
+        """A model's USD per input and output token (None: unknown) and its output token
+        limit (None: unknown), for budgets' worst cases; looked up once."""
+        if name not in self.worst_prices:
+            cfg = self.config.models[name]
+            self.worst_prices[name] = (model_price(name, cfg), output_limit(cfg.model or name))
+        return self.worst_prices[name]
+
+    def database_key(self, secret: str) -> bool:
+        """A key of the ledger database (proxy/http/keys.py); its name goes to the ledger."""
+        assert self.keys is not None
+        if not self.keys.accepts(secret):
+            return False
+        stored = self.keys.lookup(secret)
+        if stored is not None and secret not in self.key_names:
+            self.key_names[secret] = stored.name
+        return True
+
+    @property
+    def key_check(self):
+        """What `authenticate` asks about a key it does not know (None: no database keys)."""
+        return self.database_key if self.keys is not None else None
 
     def reports_engine(self) -> Engine:
         """The engine the report endpoint reads the ledger with (one per process)."""
@@ -60,6 +88,15 @@ def model_price(name: str, cfg: ModelConfig) -> tuple[float, float] | None:
     except PricingError:
         return None
     return p_in, p_out
+
+
+def output_limit(model: str) -> int | None:
+    """The model's output token limit from litellm's offline map, if it is there."""
+    import litellm
+
+    info = litellm.model_cost.get(model) or {}
+    limit = info.get("max_output_tokens") or info.get("max_tokens")
+    return int(limit) if isinstance(limit, int | float) and limit > 0 else None
 
 
 def build_state(config: Config) -> ProxyState:
@@ -112,6 +149,22 @@ def build_state(config: Config) -> ProxyState:
         reload_signal=ReloadSignal(shared_signal) if shared_signal else None,
     )
     state.explorer = Explorer(config, backends, state)
+    if config.server.database_keys:
+        from functools import partial
+
+        from proxy.http.keys import KeyCache, RateLimiter
+        from proxy.ledger.db import make_engine
+
+        state.keys = KeyCache(
+            partial(make_engine, config.database_url),
+            refresh_s=config.server.keys_refresh_s,
+            reserved_names=frozenset(n for n in config.key_names().values() if n),
+        )
+        state.rate_limiter = RateLimiter(Path(shared_signal).parent if shared_signal else None)
+        if state.ledger is not None:
+            state.ledger.on_submit = state.keys.note
+        for name in config.models:  # prices and output limits now, not on a request
+            state.worst_price(name)
     return state
 
 

@@ -4,6 +4,9 @@
 - ``ledger_calls``: one row per upstream call, linked to its request by ``request_id``.
 - ``ledger_daily``: per (UTC day, cascade, model, key) rollups, kept when detail rows are
   pruned. ``''`` stands for "none" in the key columns so the unique constraint holds.
+- ``api_keys``: client keys made by `cascade keys create` (only a hash of each secret), with
+  their budget, period, rate limit, cascades and expiry; the ledger's ``api_key`` column
+  holds the key's name.
 
 Rollup semantics: each request is counted once, under the model whose answer was returned
 (``''`` when none was); each call is counted once, under the model it called. So summing a
@@ -167,6 +170,25 @@ class LedgerDaily(Base):
     )
 
 
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False)  # sha256 hex
+    key_prefix: Mapped[str] = mapped_column(String(16), nullable=False)  # shown by `keys list`
+    budget_usd: Mapped[float | None] = mapped_column(Double)
+    period: Mapped[str | None] = mapped_column(String(8))  # day, week or month (UTC)
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    cascades: Mapped[str | None] = mapped_column(Text)  # comma-separated; NULL: every model
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (UniqueConstraint("name"), UniqueConstraint("key_hash"))
+
+
 requests_table = LedgerRequest.__table__
 calls_table = LedgerCall.__table__
 daily_table = LedgerDaily.__table__
+keys_table = ApiKey.__table__

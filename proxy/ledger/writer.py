@@ -144,6 +144,8 @@ class LedgerWriter:
         self._pending = 0
         self._written = 0
         self._calls_written = 0
+        # told of every record submitted (the key cache counts spend not yet in the database)
+        self.on_submit: Callable[[RequestRecord], None] | None = None
         self._duplicates = 0
         self._spooled = 0
         self._replayed = 0
@@ -187,6 +189,8 @@ class LedgerWriter:
         try:
             if not isinstance(record, RequestRecord):
                 raise TypeError(f"expected a RequestRecord, got {type(record).__name__}")
+            if self.on_submit is not None:
+                self.on_submit(record)
             with self._submit_lock:
                 if not self._closed:
                     self._queue.put(record)

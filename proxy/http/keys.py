@@ -1,0 +1,319 @@
+"""Keys from the ledger database on the request path: who the bearer is, whether the key may
+call this cascade, its rate limit and its budget. The request path never waits on the
+database: `KeyCache` holds every key and its spend so far, refreshed by a thread every
+`server.keys_refresh_s` seconds.
+
+Budget: the key's known spend in its calendar period (UTC) from the ledger's daily rollups,
+plus what this process submitted that the database does not hold yet (queued, or spooled
+during an outage), plus the worst cases of this process's requests in flight, plus this
+request's worst case, must stay within the budget. Several processes on one database each
+see the others' spend once it is written and refreshed, so a budget can be passed by at most
+the worst cases of the other processes' requests in flight plus the spend of those started
+within one refresh (read the README's keys section).
+
+Rate limit (`rpm`): a fixed one-minute window per key, counted in memory by one process,
+and in a file under the folder `serve --workers N` shares between its workers (with an
+exclusive lock), so the limit holds per key across the workers of one instance; each
+instance counts on its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from proxy.http.errors import ApiError
+from proxy.ledger.keys import StoredKey, hash_secret, period_end, period_start
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from proxy.ledger.records import RequestRecord
+
+log = logging.getLogger("cascade.keys")
+
+DEFAULT_OUTPUT_LIMIT = 4096  # output tokens assumed for a model whose limit is not known
+
+
+@dataclass
+class KeyCache:
+    """Every key of `api_keys` by the hash of its secret, and each key's spend so far."""
+
+    engine_factory: object  # () -> Engine, made on the refresh thread's first run
+    refresh_s: float = 2.0
+    reserved_names: frozenset[str] = frozenset()  # the config's key names: DB keys may not
+    by_hash: dict[str, StoredKey] = field(default_factory=dict)
+    spend: dict[tuple[str, dt.date], float] = field(default_factory=dict)  # from the database
+    loaded: bool = False
+    budgeted: frozenset[str] = frozenset()  # names of keys with a budget: their spend is tracked
+    _unwritten: dict[str, tuple[str, float, float]] = field(default_factory=dict)
+    _inflight: dict[str, tuple[str, float, float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _engine: Engine | None = None
+    last_error: str | None = None
+
+    # -------------------------------------------------------------- background refresh
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cascade-keys", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.refresh_s)
+
+    def refresh(self) -> None:
+        """Read the keys and their spend. Which unwritten records reached the database is
+        asked before the spend is read, so a record written in between is counted twice
+        (for one refresh), never missed."""
+        from proxy.ledger.keys import list_keys, spend_since, written_request_ids
+
+        try:
+            if self._engine is None:
+                self._engine = self.engine_factory()  # type: ignore[operator]
+            engine = self._engine
+            now = dt.datetime.now(dt.UTC)
+            keys = list_keys(engine)
+            with self._lock:
+                pending = list(self._unwritten)
+            written = written_request_ids(engine, pending) if pending else set()
+            budgeted = [k for k in keys if k.budget_usd is not None and k.period]
+            first = min((period_start(k.period, now) for k in budgeted), default=now)  # type: ignore[arg-type]
+            spend = spend_since(engine, [k.name for k in budgeted], first.date())
+        except Exception as exc:  # the database is down: keep the last view, keep counting
+            if self.last_error is None:
+                log.warning("keys: cannot refresh from the ledger database: %s", exc)
+            self.last_error = str(exc)
+            return
+        by_hash = {}
+        for k in keys:
+            if k.name in self.reserved_names:
+                log.warning(
+                    "keys: %r is also a config key name: the database key is ignored", k.name
+                )
+                continue
+            by_hash[k.key_hash] = k
+        stale = time.time() - 3600.0  # a reservation left by a bug must not hold forever
+        with self._lock:
+            for rid in written:
+                self._unwritten.pop(rid, None)
+            for rid in [r for r, (_, _, t) in self._inflight.items() if t < stale]:
+                self._inflight.pop(rid, None)
+            self.by_hash, self.spend, self.loaded = by_hash, spend, True
+            self.budgeted = frozenset(k.name for k in budgeted)
+        self.last_error = None
+
+    # -------------------------------------------------------------- the request path
+
+    def lookup(self, secret: str) -> StoredKey | None:
+        return self.by_hash.get(hash_secret(secret)) if self.by_hash else None
+
+    def accepts(self, secret: str) -> bool:
+        """True for a usable database key; False for a key it does not know; a 401 naming
+        why for a revoked or expired one, a 503 before the keys were first read."""
+        key = self.lookup(secret)
+        if key is None:
+            if not self.loaded:
+                raise ApiError(
+                    503,
+                    "API keys are not loaded yet (the ledger database has not answered)",
+                    code="keys_unavailable",
+                )
+            return False
+        if key.revoked_at is not None:
+            raise ApiError(401, f"The API key {key.name!r} was revoked", code="revoked_api_key")
+        if key.expires_at is not None and key.expires_at <= dt.datetime.now(dt.UTC):
+            raise ApiError(
+                401,
+                f"The API key {key.name!r} expired at {key.expires_at:%Y-%m-%dT%H:%M:%SZ}",
+                code="expired_api_key",
+            )
+        return True
+
+    def note(self, record: RequestRecord) -> None:
+        """A record went to the ledger writer: its spend counts until the database has it,
+        and its request's reservation ends."""
+        with self._lock:
+            self._inflight.pop(record.request_id, None)
+            if record.cost_usd and record.api_key in self.budgeted:
+                self._unwritten[record.request_id] = (record.api_key, record.cost_usd, record.ts)
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._inflight.pop(request_id, None)
+
+    def reserve(self, key: StoredKey, request_id: str, worst: float, now: dt.datetime) -> None:
+        """Count `worst` against the key's budget while the request runs, or refuse it (429
+        budget_exceeded, with the reset time) when spend plus it would pass the budget."""
+        if key.budget_usd is None or not key.period:
+            return
+        start = period_start(key.period, now)
+        since = start.timestamp()
+        with self._lock:
+            spent = sum(
+                c for (n, day), c in self.spend.items() if n == key.name and day >= start.date()
+            )
+            spent += sum(
+                c for n, c, ts in self._unwritten.values() if n == key.name and ts >= since
+            )
+            spent += sum(c for n, c, _ in self._inflight.values() if n == key.name)
+            if spent + worst > key.budget_usd:
+                reset = period_end(key.period, now)
+                raise ApiError(
+                    429,
+                    f"Budget exceeded for key {key.name!r}: ${spent:.6f} of ${key.budget_usd:g} "
+                    f"spent or reserved this {key.period} (UTC), and this request could cost up "
+                    f"to ${worst:.6f}. The budget resets at {reset:%Y-%m-%dT%H:%M:%SZ}.",
+                    code="budget_exceeded",
+                )
+            self._inflight[request_id] = (key.name, worst, time.time())
+
+    def spent(self, key: StoredKey, now: dt.datetime) -> float:
+        """The key's spend in its current period, as the budget check sees it."""
+        if not key.period:
+            return 0.0
+        start = period_start(key.period, now)
+        with self._lock:
+            total = sum(
+                c for (n, day), c in self.spend.items() if n == key.name and day >= start.date()
+            )
+            total += sum(
+                c
+                for n, c, ts in self._unwritten.values()
+                if n == key.name and ts >= start.timestamp()
+            )
+        return total
+
+
+# ------------------------------------------------------------------ rate limits
+
+
+class RateLimiter:
+    """A fixed one-minute window per key: in memory, or in files of a folder the workers of
+    one instance share (an exclusive lock per count)."""
+
+    def __init__(self, shared_dir: Path | None) -> None:
+        self.shared_dir = shared_dir
+        self.counts: dict[str, tuple[int, int]] = {}
+
+    def hit(self, name: str, rpm: int, now: float) -> None:
+        minute = int(now // 60)
+        if self.shared_dir is None:
+            window, count = self.counts.get(name, (minute, 0))
+            count = count + 1 if window == minute else 1
+            self.counts[name] = (minute, count)
+        else:
+            count = self._shared_hit(name, minute)
+        if count > rpm:
+            retry = max(1, int(60 - now % 60 + 0.999))
+            error = ApiError(
+                429,
+                f"Rate limit reached for key {name!r}: {rpm} requests per minute. "
+                f"Try again in {retry} s.",
+                code="rate_limited",
+            )
+            error.headers = {"Retry-After": str(retry)}  # type: ignore[attr-defined]
+            raise error
+
+    def _shared_hit(self, name: str, minute: int) -> int:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        fd = os.open(self.shared_dir / f"rpm-{digest}", os.O_RDWR | os.O_CREAT, 0o600)  # type: ignore[operator]
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 16, 0)
+            window, count = struct.unpack("<qq", raw) if len(raw) == 16 else (minute, 0)
+            count = count + 1 if window == minute else 1
+            os.pwrite(fd, struct.pack("<qq", minute, count), 0)
+            return count
+        finally:
+            os.close(fd)  # releases the lock
+
+
+# ------------------------------------------------------------------ admission
+
+
+@dataclass
+class WorstCase:
+    """The most a request can cost: `usd`, and the models whose price is not known (they
+    count 0) or whose output limit was assumed."""
+
+    usd: float
+    unpriced: list[str]
+
+
+def path_models(state, model: str) -> list[str]:
+    """Every model a request for `model` may call: a cascade's nodes (each member of a tier)
+    and its reference, the longest path (and what exploration calls); else the model."""
+    from policies.tiers import tier_members
+
+    cascade = state.config.cascades.get(model)
+    if cascade is None:
+        return [model]
+    names = [m for n in cascade.nodes for m in tier_members(n) or [n]]
+    return list(dict.fromkeys([*names, cascade.reference]))
+
+
+def worst_case(state, chat, messages: list[dict]) -> WorstCase:
+    """The request's worst case: its `max_cost_usd` cap, else the cost of calling every model
+    of its path with the prompt's bytes as input tokens (an upper bound) and `max_tokens`
+    (else the model's output limit, else 4096) as output tokens."""
+    cap = chat.overrides.max_cost_usd if chat.model in state.engines else None
+    if cap is not None:
+        return WorstCase(cap, [])
+    size = sum(len(str(m.get("content") or "").encode()) + 8 for m in messages)
+    asked = chat.max_tokens or chat.max_completion_tokens
+    usd, unpriced = 0.0, []
+    for name in path_models(state, chat.model):
+        per_token, limit = state.worst_price(name)
+        if per_token is None:
+            unpriced.append(name)
+            continue
+        usd += size * per_token[0] + (asked or limit or DEFAULT_OUTPUT_LIMIT) * per_token[1]
+    return WorstCase(usd, unpriced)
+
+
+def admit(request, state, chat, messages: list[dict], request_id: str, secret: str | None):
+    """A database key's limits, checked before anything is spent: the cascades it may call
+    (403), its rate (429 rate_limited, Retry-After) and its budget (429 budget_exceeded).
+    Returns the worst case when a budget was checked (None otherwise)."""
+    cache: KeyCache | None = state.keys
+    if cache is None or not secret:
+        return None
+    key = cache.lookup(secret)
+    if key is None:
+        return None
+    if key.cascades is not None and chat.model not in key.cascades:
+        raise ApiError(
+            403,
+            f"The key {key.name!r} may not call {chat.model!r} (it may call: "
+            f"{', '.join(key.cascades)})",
+            param="model",
+            code="model_not_allowed",
+        )
+    now = time.time()
+    if key.rpm is not None:
+        state.rate_limiter.hit(key.name, key.rpm, now)
+    if key.budget_usd is None:
+        return None
+    worst = worst_case(state, chat, messages)
+    cache.reserve(key, request_id, worst.usd, dt.datetime.fromtimestamp(now, dt.UTC))
+    return worst
