@@ -40,6 +40,9 @@ class TraceSet:
     cost_source: str = RECORDED_COSTS  # or how the costs were computed (pricing.fill_costs)
     kind: str = "text"  # answer kind used for `extracted` (choice | number | text)
     notes: list[str] = field(default_factory=list)
+    # further sampled answers to the same prompt, [row][model] (DESIGN.md `samples`); empty
+    # when the traces hold none
+    samples: list[list[list[str | None]]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,6 +90,7 @@ class TraceSet:
             cost_source=self.cost_source,
             kind=self.kind,
             notes=list(self.notes),
+            samples=[self.samples[i] for i in pick] if self.samples else [],
         )
 
     def select_models(self, names: list[str]) -> TraceSet:
@@ -113,6 +117,7 @@ class TraceSet:
             cost_source=self.cost_source,
             kind=self.kind,
             notes=list(self.notes),
+            samples=[[r[c] for c in cols] for r in self.samples] if self.samples else [],
         )
 
 
@@ -167,4 +172,7 @@ def _build(path: str, models: tuple[str, ...], rows: list[dict], kind: str | Non
         tokens_in=column("tokens_in"),
         tokens_out=column("tokens_out"),
         kind=kind,
+        samples=[[list(r["models"][m].get("samples") or []) for m in models] for r in rows]
+        if any(r["models"][m].get("samples") for r in rows for m in models)
+        else [],
     )
