@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from policies.answers import detect_kind, extract_answer
+from policies.sampling import is_sampled
 from policies.tiers import TIER_PREFIX
 from policies.traceformat import TraceError, parse_trace_text
 
@@ -54,9 +55,13 @@ class TraceSet:
     @property
     def reference(self) -> int:
         """Column of the reference model: the most expensive single model (the one a user
-        would otherwise always call; a tier column is never the reference)."""
+        would otherwise always call; a tier or sampled column is never the reference)."""
         cost = np.nanmean(self.cost_usd, axis=0)
-        singles = [j for j, m in enumerate(self.models) if not m.startswith(TIER_PREFIX)]
+        singles = [
+            j
+            for j, m in enumerate(self.models)
+            if not m.startswith(TIER_PREFIX) and not is_sampled(m)
+        ]
         return max(singles, key=lambda j: (np.nan_to_num(cost[j], nan=-np.inf), -j))
 
     @property

@@ -70,6 +70,12 @@ def check_k(k: object, where: str) -> int:
     return k
 
 
+def is_sampled(name: str) -> bool:
+    """True for a node name of the form `model@k` (k digits)."""
+    model, sep, tail = name.rpartition(SAMPLED_SEP)
+    return bool(sep and model and tail.isdigit())
+
+
 def parse_sampled(name: str) -> tuple[str, int] | None:
     """(model, k) of a node name `model@k`; None for any other name. A malformed `@k`
     (`a@0`, `a@x`, `tier:a+b@3`) is a SamplingError."""
