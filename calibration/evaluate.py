@@ -6,17 +6,27 @@ import numpy as np
 
 from calibration.fit import Signals, replay_tables, score_sets
 from calibration.replay import Outcome
+from calibration.sampling import add_sampled
 from calibration.tiers import add_tiers
 from calibration.traces import TraceError, TraceSet
 from policies.difficulty import DifficultyModel
 from policies.lengthcal import calibrated_columns, calibrators_from
 from policies.policy import StateTables
 from policies.posterior import PosteriorModel
+from policies.sampling import parse_sampled
 from policies.tiers import tier_members
 
 
 def with_artifact_tiers(art: dict, traces: TraceSet) -> TraceSet:
-    """`traces` plus a column for every tier node of the artifact (from its members)."""
+    """`traces` plus a column for every tier node of the artifact (from its members) and
+    every sampled node (`model@k`, from the model's samples)."""
+    sampled = [
+        parsed
+        for n in art["nodes"]
+        if n["model"] not in traces.models and (parsed := parse_sampled(n["model"])) is not None
+    ]
+    if sampled:
+        traces = add_sampled(traces, sampled)
     tiers = [
         members
         for n in art["nodes"]

@@ -57,6 +57,14 @@ def fit(
             "or --transitions, or let node selection consider it)."
         ),
     ] = None,
+    samples: Annotated[
+        str | None,
+        typer.Option(
+            help="Sampled nodes to offer, e.g. '3,5' (every model whose traces hold samples) "
+            "or 'a@3,b@5': the model sampled k times (its recorded answer plus k - 1 of its "
+            "`samples`), answered by their vote; each becomes node 'a@k'."
+        ),
+    ] = None,
 ) -> None:
     """Fit the index policy on training traces and write a versioned policy artifact.
 
@@ -76,6 +84,10 @@ def fit(
     with _FitProgress() as shown:
         shown("reading traces", 0, 1)
         traces = load_with_costs(train)
+        if samples:
+            from calibration.sampling import add_sampled, parse_samples
+
+            traces = add_sampled(traces, parse_samples(samples))
         if tiers:
             from calibration.tiers import add_tiers, parse_tiers
 
@@ -170,6 +182,10 @@ def bench(
         Path, typer.Option(help="Folder of NAME-train.jsonl / NAME-test.jsonl pairs.")
     ] = DEFAULT_TRACES,
     only: Annotated[list[str] | None, typer.Option(help="Run only this pair (repeatable).")] = None,
+    samples: Annotated[
+        str | None,
+        typer.Option(help="Offer sampled nodes on every pair, as `fit --samples` ('3,5')."),
+    ] = None,
 ) -> None:
     """Run the evaluation protocol on every train/test pair: fit on train, replay on test.
 
@@ -187,7 +203,9 @@ def bench(
     the pair finishes; on a terminal, bars show pairs and policies done and the time left.
     """
     from calibration.bench import find_pairs, run_bench, verdict
+    from calibration.sampling import parse_samples
 
+    specs = parse_samples(samples) if samples is not None else None
     pairs, skipped = find_pairs(traces)
     for message in skipped:
         typer.echo(message, err=True)
@@ -212,6 +230,7 @@ def bench(
             on_skip=skip,
             on_pair=shown.pair_started,
             on_done=done,
+            samples=specs,
         )
     _print_bench_summary(doc, n - len(failed), out)
     if failed:
