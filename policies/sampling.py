@@ -5,8 +5,10 @@ is more likely right. A sampled node's answer is the majority of the extracted a
 go to the earliest, so the first sample, the recorded answer of a trace, wins a tie); for free
 text it is the medoid under an agreement function (normalised exact match by default; any
 graded agreement in [0, 1] plugs in). Its confidence is the log of the vote share (free text:
-of the mean pairwise agreement), so that it reads like a log-probability, 0 at best, and is
-calibrated like any other signal. Calibration builds trace columns with this rule and the
+of the mean pairwise agreement), smoothed as (share k + 1/2) / (k + 1), so that it reads like
+a log-probability and a unanimous vote is not an infinitely sure one (the posterior reads a
+confidence as log-odds: unsmoothed, a share of 1 would sit at its clip, far from the rest);
+it is calibrated like any other signal. Calibration builds trace columns with this rule and the
 proxy applies it to live samples, so a sampled node is an ordinary node to the policy.
 """
 
@@ -21,7 +23,6 @@ from policies.tiers import TIER_PREFIX
 
 SAMPLED_SEP = "@"
 MAX_SAMPLES = 128  # what an upstream's `n` may be (the proxy's limit on `n`)
-MIN_AGREEMENT = 1e-3  # floor of the free-text agreement before its log (all samples disagree)
 
 Agreement = Callable[[str, str], float]  # two answers -> agreement in [0, 1]
 
@@ -39,7 +40,7 @@ class Vote:
     votes: int  # samples that agree with it (itself included; free text: rounded soft votes)
     share: float  # votes / k (free text: the medoid's soft vote share)
     agreement: float  # mean pairwise agreement of the answered samples (1 for a single one)
-    confidence: float  # the node's raw signal: log of share (free text: of agreement)
+    confidence: float  # the node's raw signal: share_confidence(share or agreement, k)
 
     def as_dict(self) -> dict:
         """What the response's `cascade` object shows of the vote."""
@@ -50,6 +51,12 @@ class Vote:
             "agreement": round(self.agreement, 6),
             "chosen_sample": self.index,
         }
+
+
+def share_confidence(x: float, k: int) -> float:
+    """The confidence of a vote share (or mean agreement) `x` among `k` samples: the log of
+    the smoothed share (x k + 1/2) / (k + 1)."""
+    return math.log((x * k + 0.5) / (k + 1))
 
 
 def sampled_name(model: str, k: int) -> str:
@@ -117,7 +124,7 @@ def majority(extracted: Sequence[str | None]) -> Vote | None:
         votes=counts[top],
         share=share,
         agreement=agree_pairs / pairs if pairs else 1.0,
-        confidence=math.log(share),
+        confidence=share_confidence(share, k),
     )
 
 
@@ -153,7 +160,7 @@ def medoid(texts: Sequence[str | None], agree: Agreement = exact_agreement) -> V
         votes=round(totals[best]),
         share=totals[best] / k,
         agreement=mean,
-        confidence=math.log(max(mean, MIN_AGREEMENT)),
+        confidence=share_confidence(mean, k),
     )
 
 
