@@ -290,17 +290,20 @@ def test_migrations_up_and_down(db_url):
     assert check_schema(db_url) == head
 
 
+REAL_HEAD = "0002"  # the repository's head; the tests add a revision on top of it
+
+
 def _migrations_with_a_second_revision(tmp_path: Path) -> Path:
     root = tmp_path / "migrations"
     shutil.copytree(REPO / "migrations", root, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "versions" / "0002_note.py").write_text(
+    (root / "versions" / "9999_note.py").write_text(
         textwrap.dedent(
             """
             import sqlalchemy as sa
             from alembic import op
 
-            revision = "0002"
-            down_revision = "0001"
+            revision = "9999"
+            down_revision = "REAL_HEAD"
             branch_labels = None
             depends_on = None
 
@@ -314,7 +317,7 @@ def _migrations_with_a_second_revision(tmp_path: Path) -> Path:
                 with op.batch_alter_table("ledger_requests") as batch:
                     batch.drop_column("note")
             """
-        )
+        ).replace("REAL_HEAD", REAL_HEAD)
     )
     return root
 
@@ -329,19 +332,19 @@ def test_check_schema_empty_behind_current_and_ahead(tmp_path, monkeypatch):
         check_schema(url)
 
     monkeypatch.setattr(ledger_db, "MIGRATIONS_DIR", _migrations_with_a_second_revision(tmp_path))
-    assert head_revision() == "0002"
-    assert upgrade(url, "0001") == "0001"
+    assert head_revision() == "9999"
+    assert upgrade(url, REAL_HEAD) == REAL_HEAD
     w = _writer(url, tmp_path).start()
     w.submit(known_set()[0])
     w.close()
     with pytest.raises(
-        SchemaError, match=r"at revision 0001 .* needs 0002; run `cascade db upgrade`"
+        SchemaError, match=rf"at revision {REAL_HEAD} .* needs 9999; run `cascade db upgrade`"
     ):
         check_schema(url)
-    assert upgrade(url) == "0002"
-    assert check_schema(url) == "0002"
+    assert upgrade(url) == "9999"
+    assert check_schema(url) == "9999"
     # Batch mode rebuilds ledger_requests on SQLite; the calls that reference it survive.
-    assert downgrade(url, "0001") == "0001"
+    assert downgrade(url, REAL_HEAD) == REAL_HEAD
     assert count(url, LedgerCall) == (2, 1)
     assert count(url, LedgerRequest) == (1, 1)
 
