@@ -20,7 +20,7 @@ from policies.answers import extract_answer
 from policies.artifact import ArtifactError
 from policies.errors import InvalidInput
 from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_artifact
-from policies.sampling import Vote, parse_sampled, vote
+from policies.sampling import Vote, is_sampled, parse_sampled, vote
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
 from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
@@ -178,11 +178,12 @@ class CascadeEngine:
                 f"cascade {self.name}: the policy's node(s) {missing} are not configured models "
                 f"(have {sorted(self.backends)})"
             )
+        self._check_sampled(names)
         self._check_transitions(artifact, names)
         for kind, settings in (artifact.get("baselines") or {}).items():
             for setting in settings:
                 used = setting.get("chain") or [m for tier in setting["tiers"] for m in tier]
-                missing = sorted(set(used) - set(self.backends))
+                missing = sorted(set(_models_of(used)) - set(self.backends))
                 if missing:
                     raise ArtifactError(
                         f"cascade {self.name}: the policy's {kind} baseline uses model(s) "
@@ -203,6 +204,28 @@ class CascadeEngine:
             },
             expected_cost={n["model"]: float(n["cost_usd"]) for n in artifact["nodes"]},
         )
+
+    def _check_sampled(self, names: list[str]) -> None:
+        """Refuse a policy whose sampled nodes (`model@k`) are not the config's: a node the
+        config does not sample, or the config sampling a node the policy was not fitted on."""
+        fitted = {n for n in names if is_sampled(n)}
+        configured = {n for n in self.config_nodes if is_sampled(n)}
+        problems = []
+        if fitted - configured:
+            problems.append(
+                f"the policy artifact has sampled node(s) {sorted(fitted - configured)} that "
+                f"the config's nodes {self.config_nodes} do not name"
+            )
+        if configured - fitted:
+            problems.append(
+                f"the config names sampled node(s) {sorted(configured - fitted)} that the "
+                f"policy artifact was not fitted with (its nodes: {names})"
+            )
+        if problems:
+            raise ArtifactError(
+                f"cascade {self.name}: {'; '.join(problems)}; refit with `cascade fit "
+                "--samples ...` matching the config's nodes"
+            )
 
     def _check_transitions(self, artifact: dict, names: list[str]) -> None:
         """Refuse a policy that can take a transition the cascade's config forbids."""
