@@ -408,6 +408,13 @@ def collect(
     max_cost_usd: Annotated[
         float | None, typer.Option(help="Stop starting items once this run would spend more.")
     ] = None,
+    samples: Annotated[
+        int,
+        typer.Option(
+            help="Answers recorded per model: k > 1 adds `samples` (k - 1 further answers, "
+            "by `n` or parallel calls as the model's `sampling` says) for `fit --samples k`."
+        ),
+    ] = 1,
 ) -> None:
     """Call every model of a cascade on a dataset and write full-information traces.
 
@@ -468,6 +475,7 @@ def collect(
                 max_cost_usd=max_cost_usd,
                 on_start=on_start,
                 on_row=on_row,
+                samples=samples,
             )
         )
     for note in summary.notes:

@@ -185,3 +185,57 @@ def test_the_sampling_migration_goes_up_and_down(dialect: str, tmp_path: Path) -
         if dialect == "postgresql":
             with psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("sampling", ["n", "parallel"])
+def test_collect_records_k_samples_per_model(
+    upstream: str, sampled_policy: Path, tmp_path: Path, sampling: str
+) -> None:
+    """`cascade collect --samples 5` records the answer as before plus 4 samples per model,
+    through the same backends (one more call with n: 4, or 4 parallel calls), and `fit`
+    builds the sampled node from them; a bad k is refused with nothing written."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    up = httpx.Client(base_url=upstream, timeout=5.0)
+    up.delete("/admin/faults").raise_for_status()
+    up.delete("/admin/stats").raise_for_status()
+    up.post("/admin/answers", json=[
+        {"model": "small", "answer": "B", "confidence": -0.2, "samples": ["C", "B", "A", "B"]},
+        {"model": "large", "answer": "B", "confidence": -0.01},
+    ]).raise_for_status()  # fmt: skip
+    config = write_config(
+        tmp_path, _config(upstream, sampled_policy, ["small@5", "large"], sampling)
+    )
+    data = tmp_path / "data.jsonl"
+    items = [
+        {"id": f"q{i}", "messages": [{"role": "user", "content": QUESTION + " please" * i}],
+         "reference": "B"}
+        for i in range(3)
+    ]  # fmt: skip
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+    out = tmp_path / "traces.jsonl"
+
+    def collect(*extra: str):
+        args = ["collect", "--config", str(config), "--cascade", "qa", "--dataset", str(data)]
+        return CliRunner().invoke(
+            app, [*args, "--out", str(out), *extra], env={"CASCADE_NO_PROGRESS": "1"}
+        )
+
+    for bad in ("0", "200"):
+        got = collect("--samples", bad)
+        assert got.exit_code == 2 and "k must be" in got.stderr and not out.exists()
+    got = collect("--samples", "5", "--concurrency", "1")
+    assert got.exit_code == 0, got.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert "samples" in row["models"]["large"]
+        small = row["models"]["small"]
+        assert len(small["samples"]) == 4 and set(small["samples"]) <= {"A", "B", "C"}
+        assert small["tokens_out"] == 1  # the answer's own call, not its samples'
+    stats = up.get("/admin/stats").json()["models"]
+    assert stats["small"]["calls"] == (3 * 2 if sampling == "n" else 3 * 5)
+    traces = add_sampled(load_traces(out), parse_samples("small@5"))
+    assert "small@5" in traces.models
