@@ -19,7 +19,14 @@ import numpy as np
 from calibration.graders import default_grader
 from calibration.traces import TraceError, TraceSet
 from policies.answers import extract_answer
-from policies.sampling import SamplingError, check_k, parse_sampled, sampled_name, vote
+from policies.sampling import (
+    Agreement,
+    SamplingError,
+    check_k,
+    parse_sampled,
+    sampled_name,
+    vote,
+)
 from upstreams.pricing import PricingError, count_tokens, lookup_price
 
 SampleSpec = tuple[str | None, int]  # (model, or None: every model holding samples; k)
@@ -101,10 +108,13 @@ def output_price(traces: TraceSet, j: int) -> float:
         ) from None
 
 
-def add_sampled(traces: TraceSet, specs: Sequence[SampleSpec]) -> TraceSet:
+def add_sampled(
+    traces: TraceSet, specs: Sequence[SampleSpec], agree: Agreement | None = None
+) -> TraceSet:
     """`traces` with one `model@k` column per (model, k), then every column ordered by mean
     cost (cheapest first). A row holding fewer than k - 1 samples of the model is a
-    TraceError naming it (nothing is built)."""
+    TraceError naming it (nothing is built). `agree` is the free-text agreement (default:
+    normalised exact match)."""
     pairs = expand(traces, specs)
     grader = default_grader(traces.kind)
     n = len(traces)
@@ -141,7 +151,7 @@ def add_sampled(traces: TraceSet, specs: Sequence[SampleSpec]) -> TraceSet:
             col["tokens_in"][i] = traces.tokens_in[i, j]
             col["tokens_out"][i] = traces.tokens_out[i, j] + extra_tokens
             col["latency_ms"][i] = traces.latency_ms[i, j]
-            v = vote(forms, traces.kind)
+            v = vote(forms, traces.kind, agree)
             if v is None:
                 answers[i].append(None)
                 extracted[i].append(None)

@@ -24,7 +24,14 @@ from calibration.traces import load_traces
 from policies.artifact import ArtifactError
 from proxy.engine.cascade import CascadeEngine
 from proxy.ledger.db import downgrade, make_engine, upgrade
-from tests.serving import QUESTION, db_upgrade, running_proxy, sqlite_env, write_config
+from tests.serving import (
+    QUESTION,
+    db_upgrade,
+    running_proxy,
+    sqlite_env,
+    start_proxy,
+    write_config,
+)
 from tests.synthetic import write_choice_traces
 
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -131,8 +138,15 @@ def test_the_proxy_samples_votes_and_ledgers_each_call(
 
 
 def test_serve_refuses_a_config_and_artifact_that_disagree_on_sampled_nodes(
-    sampled_policy: Path,
+    upstream: str, sampled_policy: Path, tmp_path: Path
 ) -> None:
+    env = sqlite_env(tmp_path / "ledger.db")
+    db_upgrade(env)
+    config = write_config(tmp_path, _config(upstream, sampled_policy, ["small@3", "large"]))
+    running = start_proxy(config, env)
+    _, err = running.proc.communicate(timeout=60)
+    assert running.proc.returncode == 2
+    assert err.startswith("error: ") and "['small@3']" in err and "['small@5']" in err
     art = json.loads(sampled_policy.read_text())
     backends = {"small": object(), "large": object()}
     for nodes, named in (
