@@ -253,3 +253,21 @@ def test_collect_records_k_samples_per_model(
     assert stats["small"]["calls"] == (3 * 2 if sampling == "n" else 3 * 5)
     traces = add_sampled(load_traces(out), parse_samples("small@5"))
     assert "small@5" in traces.models
+
+
+def test_an_explored_trace_row_holds_models_not_sampled_nodes() -> None:
+    """Explored requests become trace rows with one entry per model: a sampled node's
+    `n: k` call is left out (the same request calls its model alone), so every row of an
+    explore file has the same models whatever the policy called."""
+    from proxy.engine.cascade import CascadeRun, NodeCall
+    from proxy.engine.exploration import trace_row
+    from upstreams.base import CallResult
+
+    def call(node: int, model: str, text: str) -> NodeCall:
+        return NodeCall(node, model, CallResult(model=model, text=text), text, -0.1)
+
+    run = CascadeRun(cascade="qa")
+    run.calls = [call(0, "small@5", "B"), call(1, "large", "B"), call(2, "small", "C")]
+    row = trace_row("r1", "qa", [{"role": "user", "content": QUESTION}], run, "large")
+    assert row is not None and sorted(row["models"]) == ["large", "small"]
+    assert row["models"]["small"]["answer"] == "C" and not row["models"]["small"]["correct"]
