@@ -6,9 +6,13 @@ Measures, and prints against the targets:
      build_artifact, the path `cli/main.py fit` runs (target: under 20 s in all);
   b. one online decision, CascadePolicy.step, over real test rows and explored prefixes of
      1..5 nodes (target: under 20 us per step), and CascadePolicy.first;
-  c. the prompt-difficulty estimate, CascadePolicy.root_state(prompt) (target: under 10 ms).
+  c. the prompt-difficulty estimate, CascadePolicy.root_state(prompt) (target: under 10 ms);
+  d. a sampled node at k = 5 (`small@5`, synthetic traces with samples: the recorded traces
+     hold none): CascadePolicy.step with the vote's confidence (target: under 20 us), and
+     apart from it, extracting the 5 answers and voting on them (policies/sampling.py).
 
 Run from the repository root:  .venv/bin/python benchmarks/speed.py [--traces DIR] [--rows N]
+(`--sampled-only`: part d alone, which needs no recorded traces).
 """
 
 from __future__ import annotations
@@ -215,12 +219,85 @@ def bench_difficulty(policy: CascadePolicy, test: TraceSet, reps: int) -> None:
     print()
 
 
+def bench_sampled(reps: int) -> None:
+    """d. The decision step over a policy whose first node is sampled (k = 5), and the
+    extraction and vote of its 5 answers, measured apart."""
+    import tempfile
+
+    from calibration.sampling import add_sampled, parse_samples
+    from policies.answers import extract_answer
+    from policies.sampling import vote
+    from tests.synthetic import write_choice_traces
+
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = {"models": ["small", "big", "large"], "samples": 4}
+        train = write_choice_traces(Path(tmp) / "tr.jsonl", n_rows=600, seed=1, prefix="tr", **kw)
+        test = write_choice_traces(Path(tmp) / "te.jsonl", n_rows=600, seed=2, prefix="te", **kw)
+        spec = parse_samples("small@5")
+        plain = load_traces(test)
+        train_set = add_sampled(load_traces(train), spec)
+        test_set = add_sampled(plain, spec)
+    names = ["small@5", "big", "large"]
+    fitted = FittedIndex(train_set, recall=True, models=names)
+    mu, target = choose_mu(
+        fitted, lam=None, target_accuracy=0.97, max_cost_usd=None, mus=DEFAULT_MUS
+    )
+    art = build_artifact(fitted, mu, train_path="synthetic", answer_kind="choice", target=target)
+    policy = art.policy()
+    cols = [test_set.models.index(m) for m in art.models]
+    n = len(cols)
+    calls = []
+    for r in range(len(test_set)):
+        for k in range(1, n + 1):
+            extracted = [test_set.extracted[r][cols[j]] if j < k else None for j in range(n)]
+            conf = [float(test_set.confidence[r, cols[j]]) if j < k else None for j in range(n)]
+            calls.append((list(range(k)), extracted, conf))
+    step = policy.step
+    for args in calls[:200]:
+        step(*args)
+    t = time.perf_counter_ns()
+    for _ in range(reps):
+        for explored, extracted, conf in calls:
+            step(explored, extracted, conf)
+    step_us = (time.perf_counter_ns() - t) / (reps * len(calls)) / 1e3
+    j = plain.models.index("small")
+    texts = [[plain.answers[r][j], *plain.samples[r][j][:4]] for r in range(len(plain))]
+    forms = [[extract_answer(a, "choice") for a in row] for row in texts]
+    t = time.perf_counter_ns()
+    for _ in range(reps):
+        for row in texts:
+            [extract_answer(a, "choice") for a in row]
+    extract_us = (time.perf_counter_ns() - t) / (reps * len(texts)) / 1e3
+    t = time.perf_counter_ns()
+    for _ in range(reps):
+        for row in forms:
+            vote(row, "choice")
+    vote_us = (time.perf_counter_ns() - t) / (reps * len(forms)) / 1e3
+    print(
+        f"d. sampled node small@5 (synthetic traces with 4 samples per model, nodes "
+        f"{art.models}, lambda {art.lam:.4f})"
+    )
+    verdict = "within" if step_us < STEP_TARGET_US else "OVER"
+    print(
+        f"   CascadePolicy.step: mean {step_us:6.2f} us/step over {len(calls)} (row, prefix) "
+        f"inputs x {reps} (target < {STEP_TARGET_US:.0f} us: {verdict})"
+    )
+    print(
+        f"   apart from it: extracting 5 answers {extract_us:6.2f} us, their vote {vote_us:6.2f} us"
+    )
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_traces_option(parser)
     parser.add_argument("--rows", type=int, default=10_000, help="queries in the fit benchmark")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of b and c")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of b, c and d")
+    parser.add_argument("--sampled-only", action="store_true", help="run part d only")
     args = parser.parse_args(argv)
+    if args.sampled_only:
+        bench_sampled(args.reps)
+        return 0
     if not args.traces.is_dir():
         print(f"error: trace folder not found: {args.traces}", file=sys.stderr)
         return 2
@@ -233,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     policy, art, test = fit_small_policy(args.traces)
     bench_step(policy, art, test, args.reps)
     bench_difficulty(policy, test, args.reps)
+    bench_sampled(args.reps)
     print(f"benchmark wall time {time.perf_counter() - start:.1f} s")
     return 0
 

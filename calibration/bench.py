@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from calibration.baselines import baseline_families
-from calibration.fit import IndexFamily
+from calibration.fit import IndexFamily, select_nodes
 from calibration.metrics import CurvePoint, curve_stats, oracle_savings
 from calibration.pricing import PricingError, fill_costs
 from calibration.replay import PolicyFamily
+from calibration.sampling import SampleSpec, add_sampled
 from calibration.traces import TraceError, TraceSet, load_traces
 from policies.errors import InvalidInput
 
@@ -67,8 +68,9 @@ class PairError(InvalidInput):
     halves with different models. The bench skips it with this message."""
 
 
-def load_pair(pair: Pair) -> tuple[TraceSet, TraceSet]:
-    """Both halves of a pair, with costs filled from token counts and prices where missing."""
+def load_pair(pair: Pair, samples: list[SampleSpec] | None = None) -> tuple[TraceSet, TraceSet]:
+    """Both halves of a pair, with costs filled from token counts and prices where missing
+    (and the sampled columns `samples` asks for, built alike on each half)."""
     try:
         train, test = load_traces(pair.train), load_traces(pair.test)
         if train.models != test.models and set(train.models) == set(test.models):
@@ -78,7 +80,10 @@ def load_pair(pair: Pair) -> tuple[TraceSet, TraceSet]:
                 f"{pair.name}: train and test have different models: "
                 f"{list(train.models)} vs {list(test.models)}"
             )
-        return fill_costs(train), fill_costs(test)
+        train, test = fill_costs(train), fill_costs(test)
+        if samples:
+            train, test = add_sampled(train, samples), add_sampled(test, samples)
+        return train, test
     except (TraceError, PricingError) as exc:
         raise PairError(str(exc)) from None
 
@@ -91,11 +96,13 @@ def run_pair(
     pair: Pair,
     on_policy: Callable[[str], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    samples: list[SampleSpec] | None = None,
 ) -> PairResult:
     """Fit every family on train, replay every setting on test, summarise the curves.
-    `on_start(n)` is told how many policies there are, `on_policy(name)` each one done."""
+    `on_start(n)` is told how many policies there are, `on_policy(name)` each one done;
+    `samples` offers sampled nodes (model@k) as `--samples` does."""
     start = time.perf_counter()
-    train, test = load_pair(pair)
+    train, test = load_pair(pair, samples)
     mean_cost = np.nanmean(test.cost_usd, axis=0)
     ref = test.reference
     ref_cost = float(mean_cost[ref])
@@ -125,6 +132,7 @@ def run_pair(
         "train_rows": len(train),
         "test_rows": len(test),
         "models": list(test.models),
+        "nodes": [train.models[j] for j in select_nodes(train)],  # kept by node selection
         "policies": policies,
         "oracle_savings": oracle_savings(policies["index"], policies["oracle-routing"]),
     }
@@ -300,6 +308,12 @@ def plot_pair(res: PairResult, path: Path) -> None:
     plt.close(fig)
 
 
+def _samples_flag(samples: list[SampleSpec] | None) -> str:
+    if not samples:
+        return ""
+    return " --samples " + ",".join(str(k) if m is None else f"{m}@{k}" for m, k in samples)
+
+
 def run_bench(
     traces: Path,
     out: Path,
@@ -308,6 +322,7 @@ def run_bench(
     on_skip: Callable[[str], None] | None = None,
     on_pair: Callable[[str, int], None] | None = None,
     on_done: Callable[[PairResult], None] | None = None,
+    samples: list[SampleSpec] | None = None,
 ) -> tuple[dict, list[str]]:
     """Run every pair, write bench.json, bench.md and the plots; return (json, skipped).
 
@@ -332,6 +347,7 @@ def run_bench(
                 pair,
                 on_policy=progress,
                 on_start=None if on_pair is None else lambda n, name=pair.name: on_pair(name, n),
+                samples=samples,
             )
         except PairError as exc:
             failed.append(f"skipped {pair.name}: {exc}")
@@ -348,7 +364,8 @@ def run_bench(
     skipped = sorted(skipped + failed)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     how = (
-        f"Run: `cascade bench --traces {traces}` on {platform.node() or 'this machine'} "
+        f"Run: `cascade bench --traces {traces}{_samples_flag(samples)}` on "
+        f"{platform.node() or 'this machine'} "
         f"(Python {platform.python_version()}, {stamp})."
         " Every policy is fitted and tuned on `NAME-train.jsonl` only; each train-selected "
         "setting is replayed on `NAME-test.jsonl`. Cost is mean cost per query as a fraction "

@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from calibration.graders import Grade, Grader, default_grader, parse_grader
 from policies.answers import detect_kind
 from policies.errors import InvalidInput
+from policies.sampling import check_k, parse_sampled
 from policies.signals import answer_confidence
+from policies.tiers import tier_members
 from policies.traceformat import messages_problems, parse_jsonl
 
 if TYPE_CHECKING:
@@ -117,7 +119,8 @@ def cascade_models(config: Config, cascade: str) -> tuple[list[str], str | None]
         have = ", ".join(sorted(config.cascades)) or "none"
         raise CollectError(f"no cascade {cascade!r} in the configuration (cascades: {have})")
     c = config.cascades[cascade]
-    names = list(dict.fromkeys([*c.nodes, c.reference]))
+    behind = [tier_members(n) or [s[0] if (s := parse_sampled(n)) else n] for n in c.nodes]
+    names = list(dict.fromkeys([*(m for ms in behind for m in ms), c.reference]))
     keys = {n: _price_key(config.models[n]) for n in names}
     unpriced = [n for n, k in keys.items() if k is None]
     if unpriced:
@@ -313,14 +316,24 @@ async def collect(
     on_start: Callable[[Status, list[str]], None] | None = None,
     on_row: Callable[[Status], None] | None = None,
     backends: Mapping[str, Backend] | None = None,
+    samples: int = 1,
 ) -> Summary:
     """Collect traces of `cascade`'s models on `dataset`, appended to `out`.
 
     `concurrency` is the number of items in flight (each calls every model at once);
     `params` are OpenAI sampling parameters sent with every call (default: the upstream's).
+    `samples` k > 1 records k answers per model: the answer, as without samples, and the
+    `samples` of k - 1 more (one further call with `n: k - 1`, or k - 1 parallel calls, as
+    the model's `sampling` says), for sampled nodes (`model@k`). Their cost counts against
+    the budget; the row's cost and tokens are the answer's call, as `fit` expects.
     """
     if concurrency < 1:
         raise CollectError("--concurrency must be at least 1")
+    if samples != 1:
+        try:
+            check_k(samples, "--samples")
+        except InvalidInput as exc:
+            raise CollectError(str(exc)) from None
     if max_cost_usd is not None and not max_cost_usd > 0:
         raise CollectError("--max-cost-usd must be positive")
     out = Path(out)
@@ -355,10 +368,27 @@ async def collect(
         backends = {m: make_backend(m, config.models[m]) for m in models}
     call_params = dict(params or {})
 
+    async def sampled(m: str, messages: list[dict]) -> tuple[list[str | None], float]:
+        """k - 1 further answers of model `m` and what they cost."""
+        if samples < 2:
+            return [], 0.0
+        backend = backends[m]
+        if config.models[m].sampling == "n" and samples > 2:
+            got = [await backend.complete(messages, {**call_params, "n": samples - 1})]
+            texts = [c["message"]["content"] for c in got[0].extra.get("choices") or []]
+            texts = texts or ([got[0].text] if got[0].ok else [])
+        else:
+            one_call = [backend.complete(messages, call_params) for _ in range(samples - 1)]
+            got = list(await asyncio.gather(*one_call))
+            texts = [r.text if r.ok else None for r in got]
+        texts += [None] * (samples - 1 - len(texts))
+        return texts[: samples - 1], sum(_finite(r.cost_usd) or 0.0 for r in got)
+
     async def one(item: Item) -> tuple[dict | None, float]:
         nonlocal unpriced
-        results = await asyncio.gather(
-            *(backends[m].complete(item.messages, call_params) for m in models)
+        results, extra = await asyncio.gather(
+            asyncio.gather(*(backends[m].complete(item.messages, call_params) for m in models)),
+            asyncio.gather(*(sampled(m, item.messages) for m in models)),
         )
 
         async def graded(r: CallResult) -> Grade | None:
@@ -367,7 +397,7 @@ async def collect(
             return await grader.grade(r.text, item.reference, item.messages, kind)
 
         grades = await asyncio.gather(*(graded(r) for r in results))
-        cost = 0.0
+        cost = sum(c for _, c in extra)
         for m, r, g in zip(models, results, grades, strict=True):
             if r.ok and r.cost_usd is None:
                 unpriced += 1
@@ -390,8 +420,8 @@ async def collect(
             "reference": item.reference,
             "grader": grader.spec,
             "models": {
-                m: _entry(r, g, kind, judged)
-                for m, r, g in zip(models, results, grades, strict=True)
+                m: _entry(r, g, kind, judged) | ({"samples": s} if samples > 1 else {})
+                for m, r, g, (s, _) in zip(models, results, grades, extra, strict=True)
             },
         }
         return row, cost

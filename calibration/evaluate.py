@@ -6,15 +6,25 @@ import numpy as np
 
 from calibration.fit import Signals, replay_tables, score_sets
 from calibration.replay import Outcome
+from calibration.sampling import add_sampled
 from calibration.tiers import add_tiers
 from calibration.traces import TraceError, TraceSet
 from policies.artifact import PolicyArtifact
 from policies.lengthcal import calibrated_columns
+from policies.sampling import parse_sampled
 from policies.tiers import tier_members
 
 
 def with_artifact_tiers(art: PolicyArtifact, traces: TraceSet) -> TraceSet:
-    """`traces` plus a column for every tier node of the artifact (from its members)."""
+    """`traces` plus a column for every tier node of the artifact (from its members) and
+    every sampled node (`model@k`, from the model's samples)."""
+    sampled = [
+        parsed
+        for name in art.models
+        if name not in traces.models and (parsed := parse_sampled(name)) is not None
+    ]
+    if sampled:
+        traces = add_sampled(traces, sampled)
     tiers = [
         members
         for name in art.models

@@ -41,6 +41,7 @@ from policies.posterior import (
     confidence_feature,
     subset_members,
 )
+from policies.sampling import is_sampled
 from policies.tiers import tier_members
 from policies.transitions import START, TransitionSpec, allowed_edges
 
@@ -279,6 +280,7 @@ def fit_length_calibrators(
         y = train.correct[:, j]
         if (
             tier_members(train.models[j]) is not None  # a tier's length is its members' sum
+            or is_sampled(train.models[j])  # so is a sampled node's (its k samples')
             or ok.sum() < min_rows
             or len(np.unique(tokens[ok, k])) < MIN_DISTINCT_LENGTHS
             or len(np.unique(y[ok])) < 2

@@ -79,6 +79,7 @@ def add_tiers(traces: TraceSet, tiers: Sequence[Sequence[str]]) -> TraceSet:
         cost_source=traces.cost_source,
         kind=traces.kind,
         notes=[*traces.notes, f"tiers added: {[tier_name(t) for t in tiers]}"],
+        samples=[[[*r, *[[]] * (len(models) - len(r))][j] for j in order] for r in traces.samples],
     )
 
 

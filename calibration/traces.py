@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from policies.answers import detect_kind, extract_answer
+from policies.sampling import is_sampled
 from policies.tiers import TIER_PREFIX
 from policies.traceformat import TraceError, parse_trace_text
 
@@ -40,6 +41,9 @@ class TraceSet:
     cost_source: str = RECORDED_COSTS  # or how the costs were computed (pricing.fill_costs)
     kind: str = "text"  # answer kind used for `extracted` (choice | number | text)
     notes: list[str] = field(default_factory=list)
+    # further sampled answers to the same prompt, [row][model] (DESIGN.md `samples`); empty
+    # when the traces hold none
+    samples: list[list[list[str | None]]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,9 +55,13 @@ class TraceSet:
     @property
     def reference(self) -> int:
         """Column of the reference model: the most expensive single model (the one a user
-        would otherwise always call; a tier column is never the reference)."""
+        would otherwise always call; a tier or sampled column is never the reference)."""
         cost = np.nanmean(self.cost_usd, axis=0)
-        singles = [j for j, m in enumerate(self.models) if not m.startswith(TIER_PREFIX)]
+        singles = [
+            j
+            for j, m in enumerate(self.models)
+            if not m.startswith(TIER_PREFIX) and not is_sampled(m)
+        ]
         return max(singles, key=lambda j: (np.nan_to_num(cost[j], nan=-np.inf), -j))
 
     @property
@@ -87,6 +95,7 @@ class TraceSet:
             cost_source=self.cost_source,
             kind=self.kind,
             notes=list(self.notes),
+            samples=[self.samples[i] for i in pick] if self.samples else [],
         )
 
     def select_models(self, names: list[str]) -> TraceSet:
@@ -113,6 +122,7 @@ class TraceSet:
             cost_source=self.cost_source,
             kind=self.kind,
             notes=list(self.notes),
+            samples=[[r[c] for c in cols] for r in self.samples] if self.samples else [],
         )
 
 
@@ -167,4 +177,7 @@ def _build(path: str, models: tuple[str, ...], rows: list[dict], kind: str | Non
         tokens_in=column("tokens_in"),
         tokens_out=column("tokens_out"),
         kind=kind,
+        samples=[[list(r["models"][m].get("samples") or []) for m in models] for r in rows]
+        if any(r["models"][m].get("samples") for r in rows for m in models)
+        else [],
     )

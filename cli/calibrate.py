@@ -57,6 +57,14 @@ def fit(
             "or --transitions, or let node selection consider it)."
         ),
     ] = None,
+    samples: Annotated[
+        str | None,
+        typer.Option(
+            help="Sampled nodes to offer, e.g. '3,5' (every model whose traces hold samples) "
+            "or 'a@3,b@5': the model sampled k times (its recorded answer plus k - 1 of its "
+            "`samples`), answered by their vote; each becomes node 'a@k'."
+        ),
+    ] = None,
 ) -> None:
     """Fit the index policy on training traces and write a versioned policy artifact.
 
@@ -76,6 +84,10 @@ def fit(
     with _FitProgress() as shown:
         shown("reading traces", 0, 1)
         traces = load_with_costs(train)
+        if samples:
+            from calibration.sampling import add_sampled, parse_samples
+
+            traces = add_sampled(traces, parse_samples(samples))
         if tiers:
             from calibration.tiers import add_tiers, parse_tiers
 
@@ -169,6 +181,10 @@ def bench(
         Path, typer.Option(help="Folder of NAME-train.jsonl / NAME-test.jsonl pairs.")
     ] = DEFAULT_TRACES,
     only: Annotated[list[str] | None, typer.Option(help="Run only this pair (repeatable).")] = None,
+    samples: Annotated[
+        str | None,
+        typer.Option(help="Offer sampled nodes on every pair, as `fit --samples` ('3,5')."),
+    ] = None,
 ) -> None:
     """Run the evaluation protocol on every train/test pair: fit on train, replay on test.
 
@@ -186,7 +202,9 @@ def bench(
     the pair finishes; on a terminal, bars show pairs and policies done and the time left.
     """
     from calibration.bench import find_pairs, run_bench, verdict
+    from calibration.sampling import parse_samples
 
+    specs = parse_samples(samples) if samples is not None else None
     pairs, skipped = find_pairs(traces)
     for message in skipped:
         typer.echo(message, err=True)
@@ -211,6 +229,7 @@ def bench(
             on_skip=skip,
             on_pair=shown.pair_started,
             on_done=done,
+            samples=specs,
         )
     _print_bench_summary(doc, n - len(failed), out)
     if failed:
@@ -388,6 +407,13 @@ def collect(
     max_cost_usd: Annotated[
         float | None, typer.Option(help="Stop starting items once this run would spend more.")
     ] = None,
+    samples: Annotated[
+        int,
+        typer.Option(
+            help="Answers recorded per model: k > 1 adds `samples` (k - 1 further answers, "
+            "by `n` or parallel calls as the model's `sampling` says) for `fit --samples k`."
+        ),
+    ] = 1,
 ) -> None:
     """Call every model of a cascade on a dataset and write full-information traces.
 
@@ -448,6 +474,7 @@ def collect(
                 max_cost_usd=max_cost_usd,
                 on_start=on_start,
                 on_row=on_row,
+                samples=samples,
             )
         )
     for note in summary.notes:

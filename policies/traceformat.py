@@ -94,6 +94,11 @@ def check_row(row: object, models: tuple[str, ...] | None) -> list[str]:
             v = entry.get(f)
             if _number(v) and v < 0:
                 errors.append(f"models.{name}.{f} must not be negative, got {v!r}")
+        samples = entry.get("samples")
+        if samples is not None and (
+            not isinstance(samples, list) or not all(isinstance(s, str | None) for s in samples)
+        ):
+            errors.append(f"models.{name}.samples must be a list of answer strings (or null)")
     return errors
 
 

@@ -33,11 +33,19 @@ from pydantic import (
 )
 
 from policies.errors import InvalidInput
+from policies.sampling import SamplingError, parse_sampled
 from policies.tiers import tier_members, tier_name
 from policies.transitions import TransitionError, allowed_edges
 from upstreams.settings import ModelConfig
 
 DEFAULT_DATABASE_URL = "sqlite:///cascade.db"
+
+
+def node_models(node: str) -> list[str]:
+    """The configured models behind a node name: a tier's members, a sampled node's model,
+    or the model itself."""
+    sampled = parse_sampled(node)
+    return tier_members(node) or [sampled[0] if sampled else node]
 
 
 class ConfigError(InvalidInput):
@@ -53,7 +61,8 @@ class CascadeConfig(_Strict):
     (`skips`, `line`, or a map such as {start: [small], small: [medium, large]}; see
     policies/transitions.py), reference model and policy artifact."""
 
-    nodes: list[str | list[str]] = Field(min_length=1)  # a list is a tier: [a, b, c]
+    # a list is a tier: [a, b, c]; `model@k` is a sampled node (the model sampled k times)
+    nodes: list[str | list[str]] = Field(min_length=1)
     transitions: Literal["skips", "line"] | dict[str, list[str]] = "skips"
     reference: str
     policy: str | None = None  # artifact path; None: always call the reference model
@@ -66,8 +75,15 @@ class CascadeConfig(_Strict):
     @field_validator("nodes", mode="after")
     @classmethod
     def _tiers(cls, nodes: list[str | list[str]]) -> list[str]:
-        """A tier (models called in parallel, majority answer) becomes node `tier:a+b+c`."""
-        return [n if isinstance(n, str) else tier_name(n) for n in nodes]
+        """A tier (models called in parallel, majority answer) becomes node `tier:a+b+c`; a
+        sampled node `model@k` must have a valid k and name no tier."""
+        names = [n if isinstance(n, str) else tier_name(n) for n in nodes]
+        for name in names:
+            try:
+                parse_sampled(name)
+            except SamplingError as exc:
+                raise ValueError(str(exc)) from None
+        return names
 
     @model_validator(mode="after")
     def _transitions(self) -> CascadeConfig:
@@ -148,10 +164,20 @@ class Config(_Strict):
         if clash:
             raise ValueError(f"names used for both a model and a cascade: {clash}")
         for name, cascade in self.cascades.items():
-            named = [m for n in cascade.nodes for m in tier_members(n) or [n]]
+            named = [m for n in cascade.nodes for m in node_models(n)]
             unknown = [n for n in [*named, cascade.reference] if n not in self.models]
             if unknown:
                 raise ValueError(f"cascades.{name}: unknown model(s) {unknown}")
+            replayed = [
+                n
+                for n in cascade.nodes
+                if (s := parse_sampled(n)) and self.models[s[0]].backend == "replay"
+            ]
+            if replayed:
+                raise ValueError(
+                    f"cascades.{name}: sampled node(s) {replayed} name a replay model, which "
+                    "holds one recorded answer per prompt"
+                )
             judge = cascade.explore_grader.removeprefix("judge:")
             if cascade.explore_grader.startswith("judge:") and judge not in self.models:
                 raise ValueError(

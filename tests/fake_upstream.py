@@ -17,7 +17,9 @@ Endpoints:
     DELETE /admin/faults          clear every spec (or only `?model=NAME`)
     GET    /admin/stats           per-model counters
     DELETE /admin/stats           reset the counters
-    POST   /admin/answers         set a model's canned answer, or the answer to one prompt
+    POST   /admin/answers         set a model's canned answer, or the answer to one prompt;
+                                  `samples` (with a canned answer): the answers of further
+                                  samples, for controlled disagreement (see below)
 
 Run it: `python -m tests.fake_upstream --host 127.0.0.1 --port 0 [--models a,b] [--traces F]`
 prints `listening on http://HOST:PORT` once it accepts connections. In process:
@@ -29,6 +31,10 @@ other token has logprob 0.0, so the sum, the minimum and the last token's logpro
 confidence (for one-token answers, also the first). Alternatives in `top_logprobs` share the
 remaining probability (other letters A-H for a letter token) and are sorted most likely first,
 so the chosen token is missing from them when it is not among the k most likely.
+
+Samples: a model given `samples` [s1, s2, ...] with its canned answer a answers from the
+cycle [a, s1, s2, ...]: the choices of an `n: k` request are its first k entries, and
+successive calls with n = 1 take the next entry each (so k parallel calls get the k answers).
 """
 
 from __future__ import annotations
@@ -395,6 +401,8 @@ class FakeUpstream:
         for name, spec in (answers or {}).items():
             text, conf = (spec, confidence) if isinstance(spec, str) else spec
             self.canned[name] = Answer(text, conf, default=confidence)
+        self.cycles: dict[str, list[Answer]] = {}  # a model's answer and its samples
+        self.turns: dict[str, int] = {}  # n = 1 calls served from a model's cycle so far
         self.faults: dict[str, FaultSpec] = {}
         self.bad_requests = 0
         self.closing = asyncio.Event()
@@ -417,13 +425,24 @@ class FakeUpstream:
             self.stats[name] = ModelStats()
 
     def set_answer(
-        self, model: str, answer: str, confidence: float | None, prompt: str | None = None
+        self,
+        model: str,
+        answer: str,
+        confidence: float | None,
+        prompt: str | None = None,
+        samples: list[str] | None = None,
     ) -> None:
-        """Set the canned answer of `model` (added if new), or its answer to one prompt."""
+        """Set the canned answer of `model` (added if new), or its answer to one prompt;
+        `samples` (canned only) makes it answer from the cycle [answer, *samples]."""
         self.add_model(model)
         ans = Answer(answer, confidence, default=self.default_confidence)
         if prompt is None:
             self.canned[model] = ans
+            self.cycles.pop(model, None)
+            self.turns[model] = 0
+            if samples:
+                extra = [Answer(s, confidence, default=self.default_confidence) for s in samples]
+                self.cycles[model] = [ans, *extra]
         else:
             self.table[(model, prompt)] = ans
 
@@ -567,16 +586,25 @@ class FakeUpstream:
                         and not isinstance(it["confidence"], bool)
                     )
                 )
-                and not set(it) - {"model", "answer", "confidence", "prompt"}
+                and (
+                    it.get("samples") is None
+                    or (
+                        "prompt" not in it
+                        and isinstance(it["samples"], list)
+                        and all(isinstance(s, str) for s in it["samples"])
+                    )
+                )
+                and not set(it) - {"model", "answer", "confidence", "prompt", "samples"}
             )
             if not ok:
                 return _bad(
                     "each item needs model and answer (strings), optional confidence "
-                    "(number or null) and prompt (string), nothing else"
+                    "(number or null), prompt (string) or samples (strings, without a "
+                    "prompt), nothing else"
                 )
         for it in items:
             conf = it.get("confidence", self.default_confidence)
-            self.set_answer(it["model"], it["answer"], conf, it.get("prompt"))
+            self.set_answer(it["model"], it["answer"], conf, it.get("prompt"), it.get("samples"))
         return web.Response(body=_dumps({"models": self.models}), content_type=_JSON)
 
     # ---- the chat API
@@ -683,6 +711,20 @@ class FakeUpstream:
                     await self._sleep(spec.hang_ms)  # then the normal answer, late
             prompt = last_user_text(messages) or ""
             ans = self.table.get((model, prompt)) or self.canned[model]
+            cycle = None if (model, prompt) in self.table else self.cycles.get(model)
+            if cycle is not None:
+                turn = self.turns.get(model, 0)
+                self.turns[model] = turn + n
+                if n == 1:
+                    ans = cycle[turn % len(cycle)]
+                else:
+                    st.ok += 1
+                    body = self._completion(model, ans, 0, logprobs, top, n, max_tokens, cycle)
+                    body["usage"]["prompt_tokens"] = sum(
+                        len(message_text(m.get("content")).split()) for m in messages
+                    )
+                    body["usage"]["total_tokens"] += body["usage"]["prompt_tokens"]
+                    return web.Response(body=_dumps(body), content_type=_JSON)
             if ans.prompt_tokens is not None:
                 prompt_tokens = ans.prompt_tokens
             else:
@@ -735,28 +777,32 @@ class FakeUpstream:
     def _next_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
 
-    def _completion(self, model, ans: Answer, prompt_tokens, logprobs, top, n, max_tokens):
-        tokens = ans.tokens
-        finish = "stop"
-        content = ans.content
-        lps = ans.logprobs(top) if logprobs else None
-        if max_tokens is not None and len(tokens) > max_tokens:
-            tokens = tokens[:max_tokens]
-            content = "".join(tokens)
-            finish = "length"
-            if lps is not None:
-                lps = lps[:max_tokens]
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": content, "tool_calls": []},
-                "logprobs": {"content": lps} if logprobs else None,
-                "finish_reason": finish,
-                "stop_reason": None,
-            }
-            for i in range(n)
-        ]
-        completion_tokens = len(tokens) * n
+    def _completion(self, model, ans: Answer, prompt_tokens, logprobs, top, n, max_tokens,
+                    cycle: list[Answer] | None = None):  # fmt: skip
+        """A completion of n choices: each `ans`, or the first n entries of `cycle`."""
+        choices, completion_tokens = [], 0
+        for i in range(n):
+            one = cycle[i % len(cycle)] if cycle else ans
+            tokens = one.tokens
+            finish = "stop"
+            content = one.content
+            lps = one.logprobs(top) if logprobs else None
+            if max_tokens is not None and len(tokens) > max_tokens:
+                tokens = tokens[:max_tokens]
+                content = "".join(tokens)
+                finish = "length"
+                if lps is not None:
+                    lps = lps[:max_tokens]
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": content, "tool_calls": []},
+                    "logprobs": {"content": lps} if logprobs else None,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                }
+            )
+            completion_tokens += len(tokens)
         return {
             "id": self._next_id(),
             "object": "chat.completion",

@@ -15,6 +15,13 @@ price), from a known model of the world, so a test can rely on what a fit must f
   recorded models do; then a cheaper model's letter can beat the priciest model's answer.
 
 Everything is drawn from one seeded generator: the same arguments write the same bytes.
+
+With `samples=S`, every model also carries S further sampled answers (DESIGN.md `samples`),
+drawn from a second seeded generator (so the rows are otherwise the same bytes) with a planted
+agreement structure: `independent` samples are right with the row's own p, independently
+given p (the self-consistency world: the vote share carries information beyond one answer,
+and the majority of five is right more often than one answer); `copies` repeat the recorded
+answer (a vote that tells nothing, so a sampled node only costs more).
 """
 
 from __future__ import annotations
@@ -62,8 +69,31 @@ WORDS = (  # noqa: SIM905 (a list literal would take 37 lines)
 ).split()
 
 
-def _rows(models: tuple[SyntheticModel, ...], n_rows: int, seed: int, prefix: str) -> list[dict]:
+SAMPLE_MODES = ("independent", "copies")
+
+
+def _sample(rng: np.random.Generator, p: float, reference: str, distractor: str) -> str:
+    """One sampled answer, right with probability p; wrong ones favour the distractor."""
+    wrong = [c for c in LETTERS if c != reference]
+    if rng.random() < NO_ANSWER_RATE:
+        return NO_ANSWER
+    if rng.random() < p:
+        return reference
+    return distractor if rng.random() < 0.6 else wrong[int(rng.integers(3))]
+
+
+def _rows(
+    models: tuple[SyntheticModel, ...],
+    n_rows: int,
+    seed: int,
+    prefix: str,
+    samples: int = 0,
+    mode: str = "independent",
+) -> list[dict]:
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"unknown sample mode {mode!r}; expected one of {SAMPLE_MODES}")
     rng = np.random.default_rng(seed)
+    sample_rng = np.random.default_rng([seed, 17])
     subjects = list(SUBJECTS)
     rows = []
     for i in range(n_rows):
@@ -102,6 +132,11 @@ def _rows(models: tuple[SyntheticModel, ...], n_rows: int, seed: int, prefix: st
                 "tokens_in": tokens_in,
                 "tokens_out": 1,
             }
+            if samples:
+                entries[m.name]["samples"] = [
+                    answer if mode == "copies" else _sample(sample_rng, p, reference, distractor)
+                    for _ in range(samples)
+                ]
         rows.append(
             {
                 "id": f"{prefix}-{i}",
@@ -120,13 +155,16 @@ def write_choice_traces(
     n_rows: int = 300,
     seed: int = 0,
     prefix: str = "syn",
+    samples: int = 0,
+    mode: str = "independent",
 ) -> Path:
     """Write `n_rows` synthetic rows answered by `models` (names of LADDER, default all) to
     `path` and return it. Ids are `prefix`-0, `prefix`-1, ...: give the train and the test
-    file of a pair different prefixes and seeds."""
+    file of a pair different prefixes and seeds. `samples` further answers per model, with
+    the agreement structure `mode` (see the module docstring)."""
     chosen = tuple(MODELS[name] for name in models) if models else LADDER
     chosen = tuple(sorted(chosen, key=lambda m: LADDER.index(m)))  # cheapest first
-    rows = _rows(chosen, n_rows, seed, prefix)
+    rows = _rows(chosen, n_rows, seed, prefix, samples, mode)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 

@@ -27,6 +27,9 @@ class ModelConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=10)
     max_concurrency: int = Field(default=64, ge=1)
     logprobs: bool = True  # ask the upstream for token logprobs (confidence signal)
+    # how a sampled node `NAME@k` gets its k samples: one call with `n: k` (vLLM shares the
+    # prefill), or k parallel calls for an upstream that does not honour `n`
+    sampling: Literal["n", "parallel"] = "n"
 
     @model_validator(mode="after")
     def _backend_fields(self) -> ModelConfig:

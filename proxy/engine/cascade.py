@@ -20,6 +20,7 @@ from policies.artifact import AgreementSetting, ArtifactError, PolicyArtifact
 from policies.errors import InvalidInput
 from policies.policy import CascadePolicy
 from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy
+from policies.sampling import Vote, is_sampled, parse_sampled, vote
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
 from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
@@ -59,6 +60,9 @@ class NodeCall:
     decision: str = "stop"  # "stop" or "continue:<model>"
     signal_ms: float = 0.0  # time spent extracting the answer and reading its confidence
     members: list[NodeCall] = field(default_factory=list)  # a tier node: its models' calls
+    vote: Vote | None = None  # a sampled node (`model@k`): the vote of its samples
+    samples: int | None = None  # a sampled node's k (also set on each of its parallel calls)
+    sample_answers: list[str | None] | None = None  # a sampled node's extracted answers
 
     def model_calls(self) -> list[NodeCall]:
         """The upstream calls behind this node: itself, or a tier's members."""
@@ -213,6 +217,7 @@ class CascadeEngine:
                 f"cascade {self.name}: the policy's node(s) {missing} are not configured models "
                 f"(have {sorted(self.backends)})"
             )
+        self._check_sampled(names)
         self._check_transitions(artifact, names)
         for kind, settings in (
             ("threshold", artifact.threshold),
@@ -224,7 +229,7 @@ class CascadeEngine:
                     if isinstance(setting, AgreementSetting)
                     else setting.chain
                 )
-                missing = sorted(set(used) - set(self.backends))
+                missing = sorted(set(_models_of(used)) - set(self.backends))
                 if missing:
                     raise ArtifactError(
                         f"cascade {self.name}: the policy's {kind} baseline uses model(s) "
@@ -248,6 +253,28 @@ class CascadeEngine:
             },
             expected_cost=expected_cost,
         )
+
+    def _check_sampled(self, names: list[str]) -> None:
+        """Refuse a policy whose sampled nodes (`model@k`) are not the config's: a node the
+        config does not sample, or the config sampling a node the policy was not fitted on."""
+        fitted = {n for n in names if is_sampled(n)}
+        configured = {n for n in self.config_nodes if is_sampled(n)}
+        problems = []
+        if fitted - configured:
+            problems.append(
+                f"the policy artifact has sampled node(s) {sorted(fitted - configured)} that "
+                f"the config's nodes {self.config_nodes} do not name"
+            )
+        if configured - fitted:
+            problems.append(
+                f"the config names sampled node(s) {sorted(configured - fitted)} that the "
+                f"policy artifact was not fitted with (its nodes: {names})"
+            )
+        if problems:
+            raise ArtifactError(
+                f"cascade {self.name}: {'; '.join(problems)}; refit with `cascade fit "
+                "--samples ...` matching the config's nodes"
+            )
 
     def _check_transitions(self, artifact: PolicyArtifact, names: list[str]) -> None:
         """Refuse a policy that can take a transition the cascade's config forbids."""
@@ -362,6 +389,8 @@ async def _walk(
 def _credited(call: NodeCall) -> NodeCall:
     """The call whose model is credited with the answer: for a tier node, the member whose
     answer the tier gives."""
+    if call.members and call.vote is not None:  # k parallel samples: the voted one
+        return call.members[call.vote.index]
     if call.members:
         return next(m for m in call.members if m.model == call.result.served_model)
     return call
@@ -388,6 +417,9 @@ class _Caller:
         members = tier_members(model)
         if members is not None:
             return await self._call_tier(node, model, members)
+        sampled = parse_sampled(model)
+        if sampled is not None:
+            return await self._call_sampled(node, model, *sampled)
         # a model's prefetched call serves it once; a second use (a model that is also in a
         # tier) calls again, as without exploration, so no call is counted twice
         task = None if model in self.used else self.prefetched.get(model)
@@ -434,6 +466,66 @@ class _Caller:
             node, name, result, extracted, confidence, signal_ms=signal_ms, members=list(calls)
         )
 
+    async def _call_sampled(self, node: int, name: str, model: str, k: int) -> NodeCall:
+        """A sampled node: k samples of `model`, from one call with `n: k` or from k parallel
+        calls (the model's `sampling`), answered by their vote (policies/sampling.py)."""
+        backend = self.backends[model]
+        by_n = getattr(getattr(backend, "cfg", None), "sampling", "n") == "n"
+        members: list[NodeCall] = []
+        if by_n:
+            result = await backend.complete(self.messages, {**self.params, "n": k})
+            t0 = time.perf_counter()
+            choices = result.extra.get("choices") or ([] if result.text is None else [None])
+            texts = [
+                result.text if c is None else c["message"]["content"] for c in choices[:k]
+            ] if result.ok else []  # fmt: skip
+        else:
+            members = list(await asyncio.gather(*(self.call(node, model) for _ in range(k))))
+            t0 = time.perf_counter()
+            texts = [c.result.text if c.result.ok else None for c in members]
+            costs = [c.result.cost_usd for c in members]
+            first = members[0].result
+            result = CallResult(
+                model=model,
+                text=first.text,
+                tokens_in=sum(c.result.tokens_in or 0 for c in members),
+                tokens_out=sum(c.result.tokens_out or 0 for c in members),
+                cost_usd=None if any(c is None for c in costs) else float(sum(costs)),
+                latency_ms=max(c.result.latency_ms for c in members),
+                attempts=sum(c.result.attempts for c in members),
+                status=first.status,
+                served_model=first.served_model,
+            )
+        texts += [None] * (k - len(texts))  # samples the upstream did not return: no vote
+        forms = [None if t is None else extract_answer(t, self.kind) for t in texts]
+        v = vote(forms, self.kind)
+        if v is None:
+            if result.ok or members:
+                result.error = "no_samples"
+                result.error_detail = result.error_detail or f"no sample of {name} answered"
+            extracted = None
+        else:
+            result.text = texts[v.index]
+            result.error = None
+            extracted = forms[v.index]
+        for i, c in enumerate(members):
+            c.decision, c.samples, c.vote = f"member:{name}", k, v
+            c.extracted = forms[i]
+        signal_ms = (time.perf_counter() - t0) * 1000.0 + sum(c.signal_ms for c in members)
+        call = NodeCall(
+            node,
+            name,
+            result,
+            extracted,
+            None if v is None else v.confidence,
+            signal_ms=signal_ms,
+            members=members,
+            vote=v,
+            samples=k,
+            sample_answers=forms,
+        )
+        return call
+
     async def rest(self, run: CascadeRun, nodes: list[str], reference: str) -> None:
         """The prefetched calls the policy did not make, appended as "explore" calls."""
         run.explored_all = True
@@ -451,8 +543,13 @@ class _Caller:
 
 
 def _models_of(names: list[str]) -> list[str]:
-    """The models behind node names: a tier's members, or the model itself."""
-    return [m for name in names for m in (tier_members(name) or [name])]
+    """The models behind node names: a tier's members, a sampled node's model, or the model
+    itself."""
+    out = []
+    for name in names:
+        sampled = parse_sampled(name)
+        out.extend(tier_members(name) or [sampled[0] if sampled else name])
+    return out
 
 
 def _start_or(nodes: list[str], i: int) -> str:

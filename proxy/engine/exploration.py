@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
+from policies.sampling import is_sampled
 from proxy.engine.cascade import CascadeRun
 from proxy.engine.recording import LedgerEntry, Recording
 from upstreams.base import Backend
@@ -37,7 +38,9 @@ def trace_row(
     request_id: str, cascade: str, messages: list[dict], run: CascadeRun, reference: str
 ) -> dict | None:
     """The trace row of an explored request, or None when the reference model gave no answer."""
-    by_model = {c.model: c for c in run.model_calls}  # a tier's members, one by one
+    # a tier's members, one by one; a sampled node's `n: k` call (`model@k`) is no model of
+    # the trace: every explored request also calls its model alone, which the row records
+    by_model = {c.model: c for c in run.model_calls if not is_sampled(c.model)}
     ref = by_model.get(reference)
     if ref is None or not ref.result.ok:
         return None

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 def _call_record(order: int, model: str, backend: str | None, call: NodeCall | None,
                  result: CallResult, tier: NodeCall | None = None) -> CallRecord:  # fmt: skip
     """One upstream call's row; a tier member carries its tier's p_correct and decision,
-    and in `agreement` whether it voted for the tier's answer."""
+    and in `agreement` whether it voted for the tier's answer. A sampled node's call (one
+    `n: k` call, or each of k parallel calls) carries k in `samples` and the vote share."""
     answered = [call] if call is not None else []
     node = tier or call
     return CallRecord(
@@ -43,6 +44,8 @@ def _call_record(order: int, model: str, backend: str | None, call: NodeCall | N
         decision=node.decision if node is not None else None,
         error=result.error_detail or result.error,
         node=node.node if node is not None else None,
+        samples=node.samples if node is not None else None,
+        vote_share=node.vote.share if node is not None and node.vote is not None else None,
     )
 
 

@@ -89,6 +89,11 @@ def cascade_object(run: CascadeRun, state: ProxyState) -> dict:
                 "decision": c.decision,
                 "attempts": c.result.attempts,
                 **({"members": [_member(m) for m in c.members]} if c.members else {}),
+                **(
+                    {"vote": {**c.vote.as_dict(), "answers": c.sample_answers}}
+                    if c.vote is not None
+                    else {}
+                ),
             }
             for c in run.calls
         ],

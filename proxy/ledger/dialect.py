@@ -86,7 +86,7 @@ _REQ_COLS = (
 _CALL_COLS = (
     "request_id", "call_order", "ts", "node", "model", "backend", "status", "http_status",
     "tokens_in", "tokens_out", "cost_usd", "latency_ms", "ttft_ms", "confidence", "p_correct",
-    "agreement", "decision", "error",
+    "agreement", "decision", "error", "samples", "vote_share",
 )
 # fmt: on
 _DAILY_COLS = _DAILY_KEY + _DAILY_COUNTS + _DAILY_COSTS
@@ -206,6 +206,8 @@ def _call_values(r: RequestRecord, rid: str, when: Any) -> list[tuple]:
             None if c.agreement is None else bool(c.agreement),
             _clean(c.decision, lim["decision"]),
             _clean(c.error, None),
+            None if c.samples is None else int(c.samples),
+            None if c.vote_share is None else float(c.vote_share),
         )
         for c in r.calls
     ]

@@ -57,6 +57,8 @@ class CallRecord:
     decision: str | None
     error: str | None
     node: int | None = None
+    samples: int | None = None  # a sampled node's k (model@k); None for any other call
+    vote_share: float | None = None  # a sampled node's vote share
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -134,6 +134,8 @@ class LedgerCall(Base):
     agreement: Mapped[bool | None] = mapped_column(Boolean)
     decision: Mapped[str | None] = mapped_column(String(256))
     error: Mapped[str | None] = mapped_column(Text)
+    samples: Mapped[int | None] = mapped_column(Integer)  # a sampled node's k (migration 0002)
+    vote_share: Mapped[float | None] = mapped_column(Double)
 
     __table_args__ = (
         UniqueConstraint("request_id", "call_order"),
