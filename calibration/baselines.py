@@ -325,19 +325,21 @@ class AgreementFamily:
 
 
 def oracle_outcome(traces: TraceSet, pay_prefix: bool) -> Outcome:
-    """Per row the cheapest correct model (the cheapest model when none is right).
+    """Per row the cheapest of the models with the best label: the cheapest correct model
+    (the cheapest model when none is right), or on graded labels the cheapest of highest
+    quality.
 
     Routing pays only that model; the cascade pays every model up to it in chain order.
     """
     n, m = traces.correct.shape
     cost = np.nan_to_num(traces.cost_usd)
-    if pay_prefix:  # chain order: first correct model in the trace's (cheapest-first) order
-        any_right = traces.correct.any(axis=1)
-        pick = np.where(any_right, np.argmax(traces.correct, axis=1), 0)
+    label = traces.correct.astype(float)
+    top = label >= label.max(axis=1, keepdims=True) - 1e-12
+    if pay_prefix:  # chain order: first best model in the trace's (cheapest-first) order
+        pick = np.argmax(top, axis=1)
         explored = np.arange(m)[None, :] <= pick[:, None]
     else:
-        masked = np.where(traces.correct, cost, np.inf)
-        pick = np.where(traces.correct.any(axis=1), np.argmin(masked, axis=1), np.argmin(cost, 1))
+        pick = np.argmin(np.where(top, cost, np.inf), axis=1)
         explored = np.zeros((n, m), dtype=bool)
         explored[np.arange(n), pick] = True
     return outcome_from_choices(traces, explored, pick, pick)

@@ -57,6 +57,14 @@ def fit(
             "or --transitions, or let node selection consider it)."
         ),
     ] = None,
+    label: Annotated[
+        str,
+        typer.Option(
+            help="What the policy optimises: 'correct' (loss 1 - P(correct)) or 'quality' "
+            "(graded labels in [0, 1]: loss 1 - E[quality]; accuracy targets are then shares "
+            "of the reference model's mean quality)."
+        ),
+    ] = "correct",
 ) -> None:
     """Fit the index policy on training traces and write a versioned policy artifact.
 
@@ -75,7 +83,7 @@ def fit(
     start = time.perf_counter()
     with _FitProgress() as shown:
         shown("reading traces", 0, 1)
-        traces = load_with_costs(train)
+        traces = load_with_costs(train).with_label(label)
         if tiers:
             from calibration.tiers import add_tiers, parse_tiers
 
@@ -113,8 +121,9 @@ def fit(
     for warning in fitted.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"lambda {art['lambda']:.4f}; recall {'on' if art['recall'] else 'off'}")
+    measure = "mean quality" if art["label"] == "quality" else "accuracy"
     typer.echo(
-        f"expected on train (out-of-fold): accuracy {exp['accuracy']:.3f} "
+        f"expected on train (out-of-fold): {measure} {exp['accuracy']:.3f} "
         f"[{exp['accuracy_95'][0]:.3f}, {exp['accuracy_95'][1]:.3f}], "
         f"cost {exp['cost_fraction']:.3f} x {art['reference_model']} "
         f"(${exp['mean_cost_usd']:.3g}/query), {exp['calls_per_query']:.2f} calls/query"
@@ -139,12 +148,13 @@ def evaluate(
     from rich.table import Table
 
     table = Table(title=f"{policy} on {test}", show_header=False)
+    measure = "mean quality" if report["label"] == "quality" else "accuracy"
     rows = [
         ("policy", report["policy_hash"][:19]),
         ("rows", str(report["rows"])),
-        ("accuracy", f"{report['accuracy']:.4f}"),
+        (measure, f"{report['accuracy']:.4f}"),
         (
-            f"reference {report['reference_model']} accuracy",
+            f"reference {report['reference_model']} {measure}",
             f"{report['reference_accuracy']:.4f}",
         ),
         ("mean cost per query", f"${report['mean_cost_usd']:.4g}"),
