@@ -360,22 +360,28 @@ class _BenchProgress:
 def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
     from rich.table import Table
 
-    summary = doc["summary"]
-    table = Table(title=f"cascade bench: {n_pairs} pair(s), test split (means over pairs)")
-    for col in ("policy", "auc", "cost_to_match_1pp", "acc@0.2", "acc@0.5"):
-        table.add_column(col)
-    for name, s in summary.items():
-        if name.startswith("single:"):
+    graded = [n for n, p in doc["pairs"].items() if "quality" in p]
+    for key, title in (
+        ("summary", f"cascade bench: {n_pairs} pair(s), test split (means over pairs)"),
+        ("summary_quality", f"mean quality against cost: {len(graded)} graded pair(s)"),
+    ):
+        if key not in doc:
             continue
-        never = f" ({s['never_1pp']} never)" if s["never_1pp"] else ""
-        table.add_row(
-            name,
-            f"{s['auc']:.4f}",
-            f"{s['cost_to_match_1pp']:.3f}{never}",
-            f"{s['acc_at_20']:.3f}",
-            f"{s['acc_at_50']:.3f}",
-        )
-    console().print(table)
+        table = Table(title=title)
+        for col in ("policy", "auc", "cost_to_match_1pp", "acc@0.2", "acc@0.5"):
+            table.add_column(col)
+        for name, s in doc[key].items():
+            if name.startswith("single:"):
+                continue
+            never = f" ({s['never_1pp']} never)" if s["never_1pp"] else ""
+            table.add_row(
+                name,
+                f"{s['auc']:.4f}",
+                f"{s['cost_to_match_1pp']:.3f}{never}",
+                f"{s['acc_at_20']:.3f}",
+                f"{s['acc_at_50']:.3f}",
+            )
+        console().print(table)
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'} and one PNG per pair")
 
 
