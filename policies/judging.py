@@ -1,7 +1,8 @@
-"""The LLM judge's protocol (pure): the prompt that asks a model whether an answer is right,
-and the reading of its yes/no verdict. `cascade collect --grader judge:MODEL` and the
-proxy's exploration (`explore_grader: judge:MODEL`) both use it, so a label means the same
-thing whichever path produced it.
+"""The LLM judge's protocols (pure): the prompt that asks a model whether an answer is right
+and the reading of its yes/no verdict (the proxy's exploration, `explore_grader:
+judge:MODEL`), and the graded ones `cascade collect --grader judge:MODEL` records as
+`quality`: a pairwise A/B comparison with the reference model's answer (a probability from
+the verdict's logprob) and a 1-10 rubric score.
 """
 
 from __future__ import annotations
