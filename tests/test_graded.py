@@ -18,8 +18,8 @@ from calibration.bench import Pair, run_pair
 from calibration.evaluate import replay_artifact
 from calibration.fit import fit_logistic
 from calibration.traces import load_traces
+from tests.serving import CASCADE
 from tests.shipped import ALPACA_TEST, ALPACA_TRAIN, GSM8K_TRAIN
-from tests.test_cli import CASCADE
 
 CURVE_FIELDS = {"curve", "cost_to_match", "cost_to_match_1pp", "acc_at_20", "acc_at_50", "auc"}
 
