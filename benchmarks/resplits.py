@@ -8,7 +8,9 @@ the bench protocol on every re-split pair (each still fitted on its own train ha
 scored on its own test half). A file without its test half (gsm8k-llama) is re-split from
 its train file alone, two thirds for training. It prints per pair the means over its
 re-splits, then the means over every re-split pair beside the decision-core goals, and the
-re-split pairs where the index policy is more than 0.005 below the best other policy.
+re-split pairs where the index policy is more than 0.005 below the best other policy; for
+pairs with graded labels (`quality`), the same again for the mean-quality curve. `--only NAME`
+re-splits only the pairs named (e.g. `--only alpaca-fusechat`).
 
 Use it to judge a change to the decision core: a difference smaller than the spread printed
 here is not evidence. It is not the issue's measurement, which is `cascade bench` on the dev
@@ -44,8 +46,11 @@ def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text().split("\n") if line.strip()]
 
 
-def write_resplits(traces: Path, out: Path, splits: int) -> list[str]:
-    """Write every re-split pair into `out`; return the names of the source pairs."""
+def write_resplits(
+    traces: Path, out: Path, splits: int, only: list[str] | None = None
+) -> list[str]:
+    """Write every re-split pair (of the pairs `only` names, if given) into `out`; return
+    the names of the source pairs."""
     try:
         pairs, _ = find_pairs(traces)
     except FileNotFoundError as exc:
@@ -57,6 +62,11 @@ def write_resplits(traces: Path, out: Path, splits: int) -> list[str]:
             rows = _lines(train)
             cut = round(len(rows) * TRAIN_SHARE_WITHOUT_TEST)
             sources[name] = (rows[:cut], rows[cut:])
+    if only:
+        unknown = sorted(set(only) - set(sources))
+        if unknown:
+            raise RuntimeError(f"no pair named {unknown} in {traces}; have {sorted(sources)}")
+        sources = {n: v for n, v in sources.items() if n in only}
     for name, (train_rows, test_rows) in sources.items():
         n_train = len(train_rows)
         pooled = train_rows + test_rows
@@ -83,17 +93,32 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cascade-resplits-") as tmp:
         folder = Path(tmp) / "traces"
         folder.mkdir()
-        names = write_resplits(args.traces, folder, args.splits)
+        names = write_resplits(args.traces, folder, args.splits, args.only)
         print(
             f"  traces    {args.traces}: {len(names)} pairs x {args.splits} re-splits", flush=True
         )
         bench, skipped = run_bench(folder, Path(tmp) / "out")
     for line in skipped:
         print(f"  {line}")
-    by_source: dict[str, list[dict]] = defaultdict(list)
-    for name, entry in sorted(bench["pairs"].items()):
-        by_source[name.rsplit("_s", 1)[0]].append(entry["policies"])
+    for curve in ("correct", "quality"):
+        entries = {
+            name: entry["policies"] if curve == "correct" else entry["quality"]["policies"]
+            for name, entry in sorted(bench["pairs"].items())
+            if curve == "correct" or "quality" in entry
+        }
+        if entries:
+            report(entries, curve)
+    return 0
+
+
+def report(pairs: dict[str, dict], curve: str) -> None:
+    """Per source pair the means over its re-splits, then over every re-split pair, for
+    one curve (`correct`: accuracy against cost; `quality`: mean quality against cost)."""
     print()
+    print("accuracy curve" if curve == "correct" else "mean-quality curve (graded pairs)")
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for name, policies in pairs.items():
+        by_source[name.rsplit("_s", 1)[0]].append(policies)
     print(f"{'AUC, mean over re-splits':30s} " + " ".join(f"{h:>14s}" for h in SHOWN))
     for source, entries in by_source.items():
         cells = []
@@ -102,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             spread = max(aucs) - min(aucs)
             cells.append(f"{statistics.mean(aucs):.4f} ±{spread / 2:.3f}")
         print(f"{source:30s} " + " ".join(f"{c:>14s}" for c in cells))
-    every = [e["policies"] for e in bench["pairs"].values()]
+    every = list(pairs.values())
     auc = {h: statistics.mean(e[h]["auc"] for e in every) for h in SHOWN}
     c1 = {h: statistics.mean(_c1pp(e[h]) for e in every) for h in SHOWN}
     print(f"{'mean AUC':30s} " + " ".join(f"{auc[h]:14.4f}" for h in SHOWN))
@@ -112,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"index - best baseline ({best_base}): {auc['index'] - auc[best_base]:+.4f} "
         f"(goal +{GOAL_AUC_MARGIN}); index - index-norecall: "
-        f"{auc['index'] - auc['index-norecall']:+.4f}"
+        f"{auc['index'] - auc['index-norecall']:+.4f}; index - singles (hull of single "
+        f"models): {auc['index'] - auc['singles']:+.4f}"
     )
     print(f"mean cost to come within 1 point: index {c1['index']:.3f} (goal <= {GOAL_COST_1PP})")
     worst = []
-    for name, entry in sorted(bench["pairs"].items()):
-        p = entry["policies"]
+    for name, p in pairs.items():
         best_other = max(OTHERS, key=lambda h: p[h]["auc"])
         gap = p["index"]["auc"] - p[best_other]["auc"]
         if gap < WORST_GAP:
@@ -126,13 +151,15 @@ def run(args: argparse.Namespace) -> int:
         f"re-split pairs where index is more than {-WORST_GAP} below the best other policy: "
         f"{len(worst)} of {len(every)}" + ("".join(f"\n  {w}" for w in worst))
     )
-    return 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_traces_option(parser)
     parser.add_argument("--splits", type=int, default=3, help="re-splits per pair (default 3)")
+    parser.add_argument(
+        "--only", action="append", metavar="NAME", help="re-split only this pair (repeatable)"
+    )
     sys.exit(common.run_main(run, parser.parse_args()))
 
 

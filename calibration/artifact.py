@@ -127,6 +127,8 @@ def build_artifact(
         "reference_model": train.models[ref],
         "reference_cost_usd": fitted.reference_cost,
         "answer_kind": answer_kind,
+        # what p and "accuracy" mean: P(correct), or E[quality] (`fit --label quality`)
+        "label": train.label,
         "recall": fitted.recall,
         "recall_margin": fitted.recall_margin,
         "lambda": lambda_of(mu),

@@ -320,32 +320,46 @@ class AgreementFamily:
 # ---------------------------------------------------------------- oracles
 
 
-def oracle_outcome(traces: TraceSet, pay_prefix: bool) -> Outcome:
-    """Per row the cheapest correct model (the cheapest model when none is right).
+def oracle_outcome(traces: TraceSet, pay_prefix: bool, mu: float | None = None) -> Outcome:
+    """Per row the cheapest of the models with the best label: the cheapest correct model
+    (the cheapest model when none is right). On graded labels, with a cost price `mu`, the
+    model of highest quality - mu x cost (cost as a fraction of the reference's): a
+    single best-quality point would not bound a curve that trades quality for cost.
 
     Routing pays only that model; the cascade pays every model up to it in chain order.
     """
     n, m = traces.correct.shape
     cost = np.nan_to_num(traces.cost_usd)
-    if pay_prefix:  # chain order: first correct model in the trace's (cheapest-first) order
-        any_right = traces.correct.any(axis=1)
-        pick = np.where(any_right, np.argmax(traces.correct, axis=1), 0)
+    label = traces.correct.astype(float)
+    if mu is not None:
+        paid = np.cumsum(cost, axis=1) if pay_prefix else cost
+        label = label - mu * paid / reference_cost(traces)
+    top = label >= label.max(axis=1, keepdims=True) - 1e-12
+    if pay_prefix:  # chain order: first best model in the trace's (cheapest-first) order
+        pick = np.argmax(top, axis=1)
         explored = np.arange(m)[None, :] <= pick[:, None]
     else:
-        masked = np.where(traces.correct, cost, np.inf)
-        pick = np.where(traces.correct.any(axis=1), np.argmin(masked, axis=1), np.argmin(cost, 1))
+        pick = np.argmin(np.where(top, cost, np.inf), axis=1)
         explored = np.zeros((n, m), dtype=bool)
         explored[np.arange(n), pick] = True
     return outcome_from_choices(traces, explored, pick, pick)
 
 
 class OracleFamily:
+    """The oracles read the test labels: bounds, not policies. On boolean labels one point
+    (every row at its cheapest correct model); on graded ones a sweep of the cost price."""
+
     def __init__(self, pay_prefix: bool) -> None:
         self.pay_prefix = pay_prefix
         self.name = "oracle-cascade" if pay_prefix else "oracle-routing"
 
     def fit_sweep(self, train: TraceSet) -> list[FixedSetting]:
-        return [FixedSetting(self.name, 0.0, lambda t: oracle_outcome(t, self.pay_prefix))]
+        if train.label == "correct":
+            return [FixedSetting(self.name, 0.0, lambda t: oracle_outcome(t, self.pay_prefix))]
+        return [
+            FixedSetting(self.name, mu, lambda t, mu=mu: oracle_outcome(t, self.pay_prefix, mu))
+            for mu in DEFAULT_MUS
+        ]
 
 
 def baseline_families(train: TraceSet) -> list[PolicyFamily]:

@@ -92,29 +92,19 @@ def families_for(train: TraceSet) -> list[PolicyFamily]:
     return [IndexFamily(recall=True), IndexFamily(recall=False), *baseline_families(train)]
 
 
-def run_pair(
-    pair: Pair,
-    on_policy: Callable[[str], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
-    samples: list[SampleSpec] | None = None,
-) -> PairResult:
-    """Fit every family on train, replay every setting on test, summarise the curves.
-    `on_start(n)` is told how many policies there are, `on_policy(name)` each one done;
-    `samples` offers sampled nodes (model@k) as `--samples` does."""
-    start = time.perf_counter()
-    train, test = load_pair(pair, samples)
+def _curves(
+    train: TraceSet, test: TraceSet, on_policy: Callable[[str], None] | None
+) -> tuple[dict, dict[str, float]]:
+    """Every family fitted on `train` and replayed on `test`, both scored on their label:
+    the curve entry of bench.json (best single, policies, oracle savings) and fit times."""
     mean_cost = np.nanmean(test.cost_usd, axis=0)
-    ref = test.reference
-    ref_cost = float(mean_cost[ref])
+    ref_cost = float(mean_cost[test.reference])
     accuracy = test.correct.mean(axis=0)
     best = int(np.argmax(accuracy))
     best_acc = float(accuracy[best])
     policies: dict[str, dict] = {}
     fit_seconds: dict[str, float] = {}
-    families = families_for(train)
-    if on_start:
-        on_start(len(families))
-    for family in families:
+    for family in families_for(train):
         t0 = time.perf_counter()
         settings = family.fit_sweep(train)
         fit_seconds[family.name] = time.perf_counter() - t0
@@ -125,42 +115,95 @@ def run_pair(
         policies[family.name] = curve_stats(points, best_acc)
         if on_policy:
             on_policy(family.name)
+    curve = {
+        "best_single": {"model": test.models[best], "accuracy": best_acc},
+        "policies": policies,
+        "oracle_savings": oracle_savings(
+            policies["index"],
+            policies["oracle-routing"],
+            None if train.label == "correct" else best_acc,  # graded: a swept oracle
+        ),
+    }
+    return curve, fit_seconds
+
+
+def run_pair(
+    pair: Pair,
+    on_policy: Callable[[str], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    samples: list[SampleSpec] | None = None,
+) -> PairResult:
+    """Fit every family on train, replay every setting on test, summarise the curves.
+    A pair whose traces all carry `quality` gets a second curve, mean quality against cost
+    (`quality`), from families fitted again on the graded labels (`fit --label quality`).
+    `on_start(n)` is told how many policies there are, `on_policy(name)` each one done;
+    `samples` offers sampled nodes (model@k) as `--samples` does."""
+    start = time.perf_counter()
+    train, test = load_pair(pair, samples)
+    graded = train.has_quality and test.has_quality
+    if on_start:
+        on_start(len(families_for(train)) * (2 if graded else 1))
+    ref = test.reference
+    curve, fit_seconds = _curves(train, test, on_policy)
     result = {
         "reference_model": test.models[ref],
-        "reference_cost_usd": ref_cost,
-        "best_single": {"model": test.models[best], "accuracy": best_acc},
+        "reference_cost_usd": float(np.nanmean(test.cost_usd, axis=0)[ref]),
+        "best_single": curve["best_single"],
         "train_rows": len(train),
         "test_rows": len(test),
         "models": list(test.models),
         "nodes": [train.models[j] for j in select_nodes(train)],  # kept by node selection
-        "policies": policies,
-        "oracle_savings": oracle_savings(policies["index"], policies["oracle-routing"]),
+        "policies": curve["policies"],
+        "oracle_savings": curve["oracle_savings"],
     }
+    if graded:
+        quality, seconds = _curves(
+            train.with_label("quality"), test.with_label("quality"), on_policy
+        )
+        result["quality"] = quality
+        fit_seconds.update({f"{k} (quality)": v for k, v in seconds.items()})
     return PairResult(pair.name, result, test.cost_source, time.perf_counter() - start, fit_seconds)
 
 
 BASELINES = ("threshold", "agreement", "singles")
 
 
+def curve_of(result: PairResult, curve: str) -> dict | None:
+    """One curve's entry of a pair (`best_single`, `policies`, `oracle_savings`): `correct`
+    (the pair's own fields) or `quality` (None for a pair without graded labels)."""
+    return result.result if curve == "correct" else result.result.get(curve)
+
+
 def verdict(result: PairResult) -> str:
     """One plain line on a finished pair: the index policy's AUC against the best
-    baseline's, and its cost to come within a point of the best single model."""
-    policies = result.result["policies"]
-    index = policies["index"]
-    best = max((n for n in BASELINES if n in policies), key=lambda n: policies[n]["auc"])
-    within = index["cost_to_match_1pp"]
-    return (
-        f"{result.name}: index AUC {index['auc']:.4f}, best baseline {best} "
-        f"{policies[best]['auc']:.4f}, cost within 1 pt {_fmt(within)} ({result.seconds:.1f} s)"
-    )
+    baseline's, and its cost to come within a point of the best single model (per curve)."""
+    parts = []
+    for curve in CURVES:
+        entry = curve_of(result, curve)
+        if entry is None:
+            continue
+        policies = entry["policies"]
+        index = policies["index"]
+        best = max((n for n in BASELINES if n in policies), key=lambda n: policies[n]["auc"])
+        within = index["cost_to_match_1pp"]
+        parts.append(
+            f"{'quality: ' if curve == 'quality' else ''}index AUC {index['auc']:.4f}, "
+            f"best baseline {best} {policies[best]['auc']:.4f}, cost within 1 pt {_fmt(within)}"
+        )
+    return f"{result.name}: {'; '.join(parts)} ({result.seconds:.1f} s)"
 
 
-def summary(results: list[PairResult]) -> dict:
-    """Means over pairs: auc and cost_to_match_1pp (never counts as 1.0, stated in bench.md)."""
-    names = [n for n in results[0].result["policies"]] if results else []
+CURVES = ("correct", "quality")  # accuracy against cost; mean quality against cost
+
+
+def summary(results: list[PairResult], curve: str = "correct") -> dict:
+    """Means over pairs: auc and cost_to_match_1pp (never counts as 1.0, stated in bench.md);
+    over the pairs that have `curve`."""
+    entries = [e for r in results if (e := curve_of(r, curve)) is not None]
+    names = [n for n in entries[0]["policies"]] if entries else []
     out = {}
     for name in names:
-        stats = [r.result["policies"][name] for r in results if name in r.result["policies"]]
+        stats = [e["policies"][name] for e in entries if name in e["policies"]]
         c1 = [s["cost_to_match_1pp"] for s in stats]
         out[name] = {
             "auc": float(np.mean([s["auc"] for s in stats])),
@@ -184,20 +227,23 @@ def _columns(results: list[PairResult]) -> list[str]:
 
 def write_markdown(results: list[PairResult], skipped: list[str], how: str) -> str:
     cols = _columns(results)
-    mean = summary(results)
     lines = ["# cascade bench", "", how, ""]
     if skipped:
         lines += ["Skipped pairs: " + "; ".join(s.removeprefix("skipped ") for s in skipped), ""]
 
-    def table(title: str, key: str, digits: int, note: str = "") -> None:
+    def table(title: str, key: str, digits: int, note: str = "", curve: str = "correct") -> None:
+        mean = summary(results, curve)
         lines.extend([f"## {title}", ""])
         if note:
             lines.extend([note, ""])
         lines.append("| pair | " + " | ".join(cols) + " |")
         lines.append("|---" * (len(cols) + 1) + "|")
         for r in results:
+            entry = curve_of(r, curve)
+            if entry is None:
+                continue
             cells = []
-            row_vals = {c: r.result["policies"][c][key] for c in cols}
+            row_vals = {c: entry["policies"][c][key] for c in cols}
             finite = [v for c, v in row_vals.items() if v is not None and c not in ORACLES]
             best = (min(finite) if key.startswith("cost") else max(finite)) if finite else None
             for c in cols:
@@ -223,6 +269,35 @@ def write_markdown(results: list[PairResult], skipped: list[str], how: str) -> s
     table("Cost to match the best single model's accuracy", "cost_to_match", 3)
     table("Accuracy at cost 0.2", "acc_at_20", 3)
     table("Accuracy at cost 0.5", "acc_at_50", 3)
+    graded = [r for r in results if curve_of(r, "quality") is not None]
+    if graded:
+        lines += [
+            "## Mean quality against cost (pairs with graded labels)",
+            "",
+            "Pairs whose answers all carry `quality` (a judge's graded score in [0, 1]) get a "
+            "second curve: every policy fitted again on the graded labels (`fit --label "
+            "quality`: loss 1 - E[quality]) and scored by the mean quality of the answers it "
+            "returns; `best single` is the single model of highest mean test quality. Means "
+            "are over these pairs: " + ", ".join(r.name for r in graded) + ".",
+            "",
+        ]
+        q = "quality"
+        table("Quality: area under the mean-quality-cost curve", "auc", 4, curve=q)
+        table(
+            "Quality: cost to come within 1 point of the best single model's mean quality",
+            "cost_to_match_1pp",
+            3,
+            "Lower is better; the mean counts `never` as 1.0.",
+            curve=q,
+        )
+        table(
+            "Quality: cost to match the best single model's mean quality",
+            "cost_to_match",
+            3,
+            curve=q,
+        )
+        table("Quality: mean quality at cost 0.2", "acc_at_20", 3, curve=q)
+        table("Quality: mean quality at cost 0.5", "acc_at_50", 3, curve=q)
 
     lines += [
         "## Index policy against the routing oracle",
@@ -256,8 +331,9 @@ def write_markdown(results: list[PairResult], skipped: list[str], how: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def plot_pair(res: PairResult, path: Path) -> None:
-    """Accuracy against cost: every policy's envelope, single models as points."""
+def plot_pair(res: PairResult, path: Path, curve: str = "correct") -> None:
+    """Accuracy (or mean quality) against cost: every policy's envelope, single models as
+    points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +349,9 @@ def plot_pair(res: PairResult, path: Path) -> None:
         "oracle-routing": ("grey", "-.", 1.0),
         "oracle-cascade": ("silver", "-.", 1.0),
     }
-    for name, stats in res.result["policies"].items():
+    entry = curve_of(res, curve)
+    assert entry is not None
+    for name, stats in entry["policies"].items():
         pts = stats["curve"]
         if name.startswith("single:"):
             if pts:
@@ -292,15 +370,16 @@ def plot_pair(res: PairResult, path: Path) -> None:
         xs.append(max(1.0, xs[-1]))
         ys.append(ys[-1])
         ax.plot(xs, ys, ls, color=color, lw=lw, label=f"{name} (auc {stats['auc']:.3f})")
-    best = res.result["best_single"]["accuracy"]
+    best = entry["best_single"]["accuracy"]
     ax.axhline(best, color="dimgrey", lw=0.6)
     ax.axhline(best - 0.01, color="dimgrey", lw=0.6, ls=":")
-    accs = [p["accuracy"] for s in res.result["policies"].values() for p in s["curve"]]
+    accs = [p["accuracy"] for s in entry["policies"].values() for p in s["curve"]]
     ax.set_ylim(max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.02))
     ax.set_xlim(0, 1.05)
     ax.set_xlabel(f"mean cost per query / {res.result['reference_model']} (test)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{res.name}: fitted on train, replayed on test")
+    ax.set_ylabel("test mean quality" if curve == "quality" else "test accuracy")
+    what = " (mean quality)" if curve == "quality" else ""
+    ax.set_title(f"{res.name}{what}: fitted on train, replayed on test")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -356,6 +435,8 @@ def run_bench(
             continue
         out.mkdir(parents=True, exist_ok=True)
         plot_pair(result, out / f"{pair.name}.png")
+        if curve_of(result, "quality") is not None:
+            plot_pair(result, out / f"{pair.name}-quality.png", "quality")
         results.append(result)
         if on_done:
             on_done(result)
@@ -375,6 +456,11 @@ def run_bench(
     doc = {
         "pairs": {r.name: r.result for r in results},
         "summary": summary(results),
+        **(
+            {"summary_quality": summary(results, "quality")}
+            if any(curve_of(r, "quality") is not None for r in results)
+            else {}
+        ),
         "skipped": skipped,
         "cost_sources": {r.name: r.cost_source for r in results},
     }

@@ -241,6 +241,7 @@ def _entry(result: CallResult, grade: Grade | None, kind: str, judged: bool) -> 
         entry: dict[str, Any] = {
             "answer": None,
             "correct": False,
+            **({"quality": 0.0} if judged else {}),  # no answer: the lowest grade
             "confidence": None,
             "cost_usd": _finite(result.cost_usd) or 0.0,  # nothing was generated
             "latency_ms": round(result.latency_ms, 3),
@@ -256,6 +257,7 @@ def _entry(result: CallResult, grade: Grade | None, kind: str, judged: bool) -> 
     entry = {
         "answer": grade.answer,
         "correct": grade.correct,
+        **({} if grade.quality is None else {"quality": grade.quality}),
         "confidence": _finite(confidence),
         "cost_usd": _finite(result.cost_usd),
         "latency_ms": round(result.latency_ms, 3),
@@ -340,6 +342,7 @@ async def collect(
     if not out.parent.is_dir():
         raise CollectError(f"output folder {out.parent} does not exist")
     models, order_note = cascade_models(config, cascade)
+    reference = config.cascades[cascade].reference
     notes = [order_note] if order_note else []
     if isinstance(grader, str):
         grader = parse_grader(grader, config.models)
@@ -391,12 +394,18 @@ async def collect(
             asyncio.gather(*(sampled(m, item.messages) for m in models)),
         )
 
-        async def graded(r: CallResult) -> Grade | None:
+        # a pairwise grader compares each answer with the reference model's (itself: a tie)
+        versus = results[models.index(reference)] if grader.pairwise else None
+        versus_text = versus.text if versus is not None and versus.ok else None
+
+        async def graded(m: str, r: CallResult) -> Grade | None:
             if not r.ok:
                 return None
-            return await grader.grade(r.text, item.reference, item.messages, kind)
+            if versus_text is not None and m == reference:
+                return Grade(grader.extract(r.text, kind), True, quality=0.5)
+            return await grader.grade(r.text, item.reference, item.messages, kind, versus_text)
 
-        grades = await asyncio.gather(*(graded(r) for r in results))
+        grades = await asyncio.gather(*(graded(m, r) for m, r in zip(models, results, strict=True)))
         cost = sum(c for _, c in extra)
         for m, r, g in zip(models, results, grades, strict=True):
             if r.ok and r.cost_usd is None:

@@ -57,7 +57,10 @@ def replay_artifact(art: PolicyArtifact, traces: TraceSet) -> Outcome:
 
 
 def evaluate_artifact(art: PolicyArtifact, traces: TraceSet) -> dict:
-    traces = with_artifact_tiers(art, traces)
+    """The artifact replayed on `traces`, scored on the label it was fitted on (`accuracy`
+    is mean quality for a `--label quality` policy)."""
+    label = art.label
+    traces = with_artifact_tiers(art, traces.with_label(label))
     o = replay_artifact(art, traces)
     n = len(traces)
     stops = {
@@ -76,6 +79,7 @@ def evaluate_artifact(art: PolicyArtifact, traces: TraceSet) -> dict:
         "policy_hash": art.hash,
         "traces": traces.path,
         "rows": n,
+        "label": label,
         "accuracy": o.accuracy,
         "mean_cost_usd": o.mean_cost,
         "cost_fraction_of_reference": o.mean_cost / ref_cost,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,6 +45,9 @@ from policies.posterior import (
 from policies.sampling import is_sampled
 from policies.tiers import tier_members
 from policies.transitions import START, TransitionSpec, allowed_edges
+
+if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
 
 DEFAULT_MUS = (0.0, *np.geomspace(0.005, 50.0, 48).tolist())
 MAX_NODES = 6
@@ -134,12 +138,26 @@ def _training_samples(sig: Signals, z: np.ndarray, max_set: int) -> tuple[np.nda
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def fit_logistic(x: np.ndarray, y: np.ndarray, c_reg: float, max_iter: int) -> LogisticRegression:
+    """An L2 logistic regression of `y` on `x`. Boolean labels are classified; graded ones
+    (quality in [0, 1]) are regressed under the logistic link, so the model's p estimates
+    E[quality]: cross-entropy against a soft label y is that of a right copy of the row
+    weighted y plus a wrong copy weighted 1 - y."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=c_reg, max_iter=max_iter)
+    if y.dtype == bool:
+        return clf.fit(x, y)
+    y = np.asarray(y, dtype=float)
+    both = np.concatenate([np.ones(len(y)), np.zeros(len(y))])
+    return clf.fit(np.vstack([x, x]), both, sample_weight=np.concatenate([y, 1.0 - y]))
+
+
 def fit_posterior(
     sig: Signals, c_reg: float = 1.0, max_set: int = 4, max_rows: int = 3000, seed: int = 0
 ) -> PosteriorModel:
-    """L2-regularised logistic regression of answer correctness on vote/dissent features."""
-    from sklearn.linear_model import LogisticRegression
-
+    """L2-regularised logistic regression of answer correctness (or quality) on vote/dissent
+    features."""
     if len(sig.classes) > max_rows:  # the fit needs thousands of rows, not all of them
         rng = np.random.default_rng(seed)
         sig = sig.rows(np.sort(rng.choice(len(sig.classes), max_rows, replace=False)))
@@ -152,11 +170,10 @@ def fit_posterior(
     shell = PosteriorModel(np.zeros(1), 0.0, mean, scale)
     z = shell.standardise(sig.conf_feat)
     x, y = _training_samples(sig, z, max_set)
-    if y.all() or not y.any():  # degenerate: a constant posterior
+    if y.min() == y.max():  # degenerate: a constant posterior
         rate = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
         return PosteriorModel(shell.weights, float(np.log(rate / (1 - rate))), mean, scale)
-    clf = LogisticRegression(C=c_reg, max_iter=500)
-    clf.fit(x, y)
+    clf = fit_logistic(x, y, c_reg, max_iter=500)
     return PosteriorModel(clf.coef_[0].astype(float), float(clf.intercept_[0]), mean, scale)
 
 
@@ -294,7 +311,7 @@ def fit_length_calibrators(
         for f in range(folds):
             held = ok & (fold == f)
             rest = np.flatnonzero(ok & (fold != f))
-            if held.any() and len(np.unique(y[rest])) == 2:
+            if held.any() and len(np.unique(y[rest])) >= 2:
                 args = (conf[held, k], tokens[held, k], marker[held, k])
                 cal = _fit_calibrator(x[rest], y[rest], mean, scale, uses_confidence)
                 calibrated[held] = cal.log_p(*args)
@@ -338,9 +355,7 @@ def _fit_calibrator(
     """Logistic regression of correctness on the first `n_used` standardised length
     features `x` (1: the confidence alone, the yardstick of _length_pays; for a node
     without confidences that feature is constant, so the yardstick is the base rate)."""
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(C=1.0, max_iter=1000).fit(x[:, :n_used], y)
+    clf = fit_logistic(x[:, :n_used], y, 1.0, max_iter=1000)
     return LengthCalibrator.from_dict(
         {
             "weights": [*clf.coef_[0], *[0.0] * N_FEATURES][:N_FEATURES],

@@ -8,8 +8,13 @@ their own tasks, so the grader is chosen on the command line (`--grader`):
     exact           normalised exact match (case, punctuation, articles, whitespace)
     regex:PATTERN   the last match of PATTERN (its first group if it has one) against the
                     reference, compared as numbers when both are numbers, else normalised text
-    judge:MODEL     a configured model asked whether the answer is right; costs money, so each
-                    grade returns its cost for `collect` to log and count against the budget
+    judge:MODEL     a configured model grades the answer (graded: `quality` in [0, 1], and
+                    correct = quality >= 0.5): its probability that the answer beats the
+                    reference model's answer to the same prompt, read from its logprobs
+                    (pairwise), or, from a judge that returns no logprobs or with no
+                    reference model's answer to compare, its 1-10 rubric score scaled to
+                    [0, 1]; costs money, so each grade returns its cost for `collect` to log
+                    and count against the budget
 
 Extraction reuses `policies.answers`, the code the proxy uses at serve time, so a label means
 the same thing in calibration as in serving.
@@ -24,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 from policies.answers import extract_answer, extract_choice, extract_number, normalise_text
 from policies.errors import InvalidInput
-from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
+from policies.judging import (
+    JUDGE_PARAMS,
+    pairwise_messages,
+    pairwise_quality,
+    parse_choice,
+    parse_rubric,
+    rubric_messages,
+)
 
 if TYPE_CHECKING:
     from upstreams.base import Backend
@@ -45,6 +57,7 @@ class Grade:
     correct: bool
     cost_usd: float | None = None  # what grading cost (the judge's call); None: free/unknown
     error: str | None = None
+    quality: float | None = None  # a graded label in [0, 1] (the judge's); None: boolean only
 
 
 def _exact_form(text: str | None) -> str | None:
@@ -61,6 +74,7 @@ class Grader:
     kind: str | None = None  # the answer kind this grader implies (None: from the data)
     needs_reference: bool = True
     paid: bool = False  # grading calls a model: its cost is logged per answer
+    pairwise: bool = False  # grades against the reference model's answer (`versus`)
 
     def extract(self, text: str | None, kind: str | None = None) -> str | None:
         """The answer to record; `kind` is used only by graders that imply none."""
@@ -80,8 +94,10 @@ class Grader:
         reference: str | None,
         messages: list[dict] | None = None,
         kind: str | None = None,
+        versus: str | None = None,
     ) -> Grade:
-        """Grade one output; async so a judge can call a model (the others never wait)."""
+        """Grade one output; async so a judge can call a model (the others never wait).
+        `versus` is the reference model's answer to the same prompt (pairwise graders)."""
         return Grade(self.extract(text, kind), self(text, reference))
 
     async def aclose(self) -> None:
@@ -155,24 +171,39 @@ def _is_number(text: str) -> bool:
 
 
 class JudgeGrader(Grader):
-    """Ask a configured model whether the answer is right (with the reference when known)."""
+    """A configured model grades the answer: `quality` is its probability that the answer
+    beats the reference model's (`versus`), from the logprob of its A/B reply; from a judge
+    without logprobs, or with nothing to compare, its 1-10 rubric score scaled to [0, 1].
+    A judge seen to return no logprobs is asked only for rubric scores from then on."""
 
     needs_reference = False
     paid = True
+    pairwise = True
 
     def __init__(self, model: str, backend: Backend, params: Mapping[str, Any] | None = None):
         self.model = model
         self.backend = backend
         self.params = dict(JUDGE_PARAMS if params is None else params)
         self.spec = f"judge:{model}"
+        self.gives_logprobs: bool | None = None  # unknown until the first pairwise reply
 
     def __call__(self, text: str | None, reference: str | None) -> bool:
         raise TypeError("the judge grader calls a model: use `await grader.grade(...)`")
 
-    def prompt(self, text: str, reference: str | None, messages: list[dict] | None) -> list[dict]:
+    def prompt(
+        self,
+        text: str,
+        reference: str | None,
+        messages: list[dict] | None,
+        versus: str | None = None,
+    ) -> list[dict]:
+        """The pairwise prompt when there is a `versus` answer, else the rubric prompt."""
         from upstreams.common import last_user_text
 
-        return judge_messages(last_user_text(messages or []), text, reference)
+        question = last_user_text(messages or [])
+        if versus is not None:
+            return pairwise_messages(question, text, versus)
+        return rubric_messages(question, text, reference)
 
     async def grade(
         self,
@@ -180,21 +211,48 @@ class JudgeGrader(Grader):
         reference: str | None,
         messages: list[dict] | None = None,
         kind: str | None = None,
+        versus: str | None = None,
     ) -> Grade:
         answer = self.extract(text, kind)
         if text is None or not text.strip():
-            return Grade(answer, False)  # nothing to judge, nothing spent
+            return Grade(answer, False, quality=0.0)  # nothing to judge, nothing spent
+        spent = 0.0
+        if versus is not None and self.gives_logprobs is not False:
+            result = await self.backend.complete(
+                self.prompt(text, None, messages, versus), self.params
+            )
+            spent += result.cost_usd or 0.0
+            if not result.ok:
+                return Grade(answer, False, result.cost_usd, f"judge {self.model}: {result.error}")
+            choice = parse_choice(result.text)
+            if choice is None:
+                error = f"judge {self.model}: no A/B verdict in {result.text[:60]!r}"
+                return Grade(answer, False, result.cost_usd, error)
+            self.gives_logprobs = bool(result.token_logprobs)
+            if result.token_logprobs:
+                q = _letter_quality(choice, result.token_logprobs)
+                return Grade(answer, q >= 0.5, result.cost_usd, quality=q)
         result = await self.backend.complete(self.prompt(text, reference, messages), self.params)
+        cost = None if result.cost_usd is None and not spent else spent + (result.cost_usd or 0.0)
         if not result.ok:
-            return Grade(answer, False, result.cost_usd, f"judge {self.model}: {result.error}")
-        verdict = parse_verdict(result.text)
-        if verdict is None:
-            error = f"judge {self.model}: no yes/no verdict in {result.text[:60]!r}"
-            return Grade(answer, False, result.cost_usd, error)
-        return Grade(answer, verdict, result.cost_usd)
+            return Grade(answer, False, cost, f"judge {self.model}: {result.error}")
+        q = parse_rubric(result.text)
+        if q is None:
+            error = f"judge {self.model}: no 1-10 score in {result.text[:60]!r}"
+            return Grade(answer, False, cost, error)
+        return Grade(answer, q >= 0.5, cost, quality=q)
 
     async def aclose(self) -> None:
         await self.backend.aclose()
+
+
+def _letter_quality(choice: str, logprobs: list[tuple[str, float]]) -> float:
+    """P(A is better) from the logprob of the reply's first letter token (past markdown or
+    quotes); 1 or 0 when no token is the letter alone (a tokenizer that merged it)."""
+    for token, logprob in logprobs:
+        if token.strip(" *\"'(:.\n").upper() == choice:
+            return pairwise_quality(choice, logprob)
+    return 1.0 if choice == "A" else 0.0
 
 
 _SIMPLE: dict[str, type[Grader]] = {

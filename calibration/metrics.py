@@ -85,13 +85,18 @@ def curve_stats(points: list[CurvePoint], best_accuracy: float) -> dict:
     }
 
 
-def oracle_savings(policy: dict, oracle: dict) -> dict:
+def oracle_savings(policy: dict, oracle: dict, at_accuracy: float | None = None) -> dict:
     """Share of the routing oracle's savings (1 - its cost) that `policy` captures.
 
     Measured where the policy first reaches the best single model's accuracy (`at_match`)
-    and one point below it (`at_1pp`); None where the policy never gets there.
+    and one point below it (`at_1pp`); None where the policy never gets there. The oracle's
+    cost is that of its last point (a one-point oracle), or, given `at_accuracy`, the least
+    cost at which its curve reaches that accuracy (an oracle swept over a cost price).
     """
     oracle_cost = oracle["curve"][-1]["cost"] if oracle["curve"] else None
+    if at_accuracy is not None and oracle["curve"]:
+        points = [CurvePoint(p["knob"], p["accuracy"], p["cost"]) for p in oracle["curve"]]
+        oracle_cost = cost_to_reach(points, at_accuracy)
 
     def share(cost: float | None) -> float | None:
         if cost is None or oracle_cost is None or oracle_cost >= 1.0:

@@ -23,7 +23,7 @@ class Outcome:
     and takes the max inside a parallel tier.
     """
 
-    correct: np.ndarray  # bool (N,)
+    correct: np.ndarray  # bool (N,); the quality returned (float) for traces scored on quality
     cost: np.ndarray  # float (N,) USD
     latency: np.ndarray  # float (N,) ms (nan if unknown)
     explored: np.ndarray  # bool (N, M)
@@ -75,7 +75,7 @@ def outcome_from_choices(
     explored = explored.astype(bool)
     rows = np.arange(len(traces))
     ok = answer_model >= 0
-    correct = np.zeros(len(traces), dtype=bool)
+    correct = np.zeros(len(traces), dtype=traces.correct.dtype)  # bool, or graded quality
     correct[ok] = traces.correct[rows[ok], answer_model[ok]]
     cost = np.where(explored, np.nan_to_num(traces.cost_usd), 0.0).sum(axis=1)
     latency = np.where(explored, traces.latency_ms, 0.0).sum(axis=1)

@@ -115,6 +115,11 @@ def add_sampled(
     cost (cheapest first). A row holding fewer than k - 1 samples of the model is a
     TraceError naming it (nothing is built). `agree` is the free-text agreement (default:
     normalised exact match)."""
+    if traces.label != "correct":
+        raise TraceError(
+            f"{traces.path}: sampled nodes are graded on `correct`; --samples with --label "
+            f"{traces.label} is not supported yet"
+        )
     pairs = expand(traces, specs)
     grader = default_grader(traces.kind)
     n = len(traces)
@@ -182,6 +187,7 @@ def add_sampled(
         kind=traces.kind,
         notes=[*traces.notes, f"sampled nodes added: {[sampled_name(m, k) for m, k in pairs]}"],
         samples=[[r[j] for j in order] for r in samples],
+        subsets=traces.subsets,
     )
 
 

@@ -30,10 +30,10 @@ def add_tiers(traces: TraceSet, tiers: Sequence[Sequence[str]]) -> TraceSet:
     n = len(traces)
     answers = [list(r) for r in traces.answers]
     extracted = [list(r) for r in traces.extracted]
-    cols = {
-        f: [getattr(traces, f)]
-        for f in ("correct", "confidence", "cost_usd", "latency_ms", "tokens_in", "tokens_out")
-    }
+    graded = ("quality",) if traces.quality is not None else ()
+    fields = ("correct", "confidence", "cost_usd", "latency_ms", "tokens_in", "tokens_out")
+    cols = {f: [getattr(traces, f)] for f in (*fields, *graded)}
+    reasons = None if traces.finish_reasons is None else [list(r) for r in traces.finish_reasons]
     for members in tiers:
         missing = [m for m in members if m not in traces.models]
         if missing:
@@ -57,7 +57,11 @@ def add_tiers(traces: TraceSet, tiers: Sequence[Sequence[str]]) -> TraceSet:
         for i in range(n):
             answers[i].append(traces.answers[i][chosen[i]] if answered[i] else None)
             extracted[i].append(traces.extracted[i][chosen[i]] if answered[i] else None)
-        cols["correct"].append((traces.correct[rows, pick] & answered)[:, None])
+            if reasons is not None:
+                reasons[i].append(reasons[i][chosen[i]] if answered[i] else None)
+        for f in ("correct", *graded):  # the voted answer's label; none if no member answered
+            label = getattr(traces, f)[rows, pick]
+            cols[f].append(np.where(answered, label, np.zeros_like(label))[:, None])
         cols["confidence"].append(conf[:, None])
         for f in ("cost_usd", "tokens_in", "tokens_out"):
             cols[f].append(getattr(traces, f)[:, idx].sum(axis=1)[:, None])  # nan if any nan
@@ -80,6 +84,9 @@ def add_tiers(traces: TraceSet, tiers: Sequence[Sequence[str]]) -> TraceSet:
         kind=traces.kind,
         notes=[*traces.notes, f"tiers added: {[tier_name(t) for t in tiers]}"],
         samples=[[[*r, *[[]] * (len(models) - len(r))][j] for j in order] for r in traces.samples],
+        finish_reasons=None if reasons is None else [[r[j] for j in order] for r in reasons],
+        subsets=traces.subsets,
+        label=traces.label,
     )
 
 

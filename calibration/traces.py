@@ -5,6 +5,7 @@ Every problem is reported with file and line; nothing is silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from policies.sampling import is_sampled
 from policies.tiers import TIER_PREFIX
 from policies.traceformat import TraceError, parse_trace_text
 
-__all__ = ["RECORDED_COSTS", "TraceError", "TraceSet", "load_traces"]
+__all__ = ["LABELS", "RECORDED_COSTS", "TraceError", "TraceSet", "load_traces"]
+
+# What a policy is fitted and scored on: `correct` (bool) or `quality` (graded, in [0, 1]).
+LABELS = ("correct", "quality")
 
 RECORDED_COSTS = "recorded in the traces (cost_usd)"  # cost_source of untouched traces
 
@@ -44,6 +48,13 @@ class TraceSet:
     # further sampled answers to the same prompt, [row][model] (DESIGN.md `samples`); empty
     # when the traces hold none
     samples: list[list[list[str | None]]] = field(default_factory=list)
+    # Optional fields of the format: graded labels (float (N, M), nan where absent), why
+    # each answer ended ([row][model]) and each row's subset.
+    quality: np.ndarray | None = None
+    finish_reasons: list[list[str | None]] | None = None
+    subsets: list[str | None] | None = None
+    # Which label `correct` holds: the recorded booleans, or `quality` (see with_label).
+    label: str = "correct"
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -73,13 +84,35 @@ class TraceSet:
         """The text of every message of one row, joined (input of the difficulty estimate)."""
         return "\n".join(str(m.get("content") or "") for m in self.messages[row])
 
+    @property
+    def has_quality(self) -> bool:
+        """True if every answer carries a graded `quality` (a `--label quality` fit needs it)."""
+        return self.quality is not None and bool(np.isfinite(self.quality).all())
+
+    def with_label(self, label: str) -> TraceSet:
+        """The same traces scored on `label`: for `quality`, `correct` holds the graded
+        labels (floats in [0, 1]), so every fit, replay and curve reads mean quality where it
+        read accuracy, and a loss 1 - P(correct) becomes 1 - E[quality]."""
+        if label not in LABELS:
+            raise TraceError(f"unknown label {label!r}: choose one of {list(LABELS)}")
+        if label == self.label:
+            return self
+        if label == "correct":
+            raise TraceError(f"{self.path}: traces scored on {self.label} have no booleans")
+        if not self.has_quality:
+            missing = 0 if self.quality is None else int(np.isnan(self.quality).sum())
+            what = "no model records" if self.quality is None else f"{missing} answer(s) lack"
+            raise TraceError(
+                f"{self.path}: --label quality needs a quality for every answer; {what} `quality`"
+            )
+        return dataclasses.replace(self, correct=np.array(self.quality, dtype=float), label=label)
+
     def subset(self, rows: np.ndarray) -> TraceSet:
         """Rows `rows` (indices or mask), same models."""
         idx = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
         pick = [int(i) for i in idx]
-        return TraceSet(
-            path=self.path,
-            models=self.models,
+        return dataclasses.replace(
+            self,
             ids=[self.ids[i] for i in pick],
             tasks=[self.tasks[i] for i in pick],
             messages=[self.messages[i] for i in pick],
@@ -92,10 +125,13 @@ class TraceSet:
             latency_ms=self.latency_ms[idx],
             tokens_in=self.tokens_in[idx],
             tokens_out=self.tokens_out[idx],
-            cost_source=self.cost_source,
-            kind=self.kind,
             notes=list(self.notes),
             samples=[self.samples[i] for i in pick] if self.samples else [],
+            quality=None if self.quality is None else self.quality[idx],
+            finish_reasons=None
+            if self.finish_reasons is None
+            else [self.finish_reasons[i] for i in pick],
+            subsets=None if self.subsets is None else [self.subsets[i] for i in pick],
         )
 
     def select_models(self, names: list[str]) -> TraceSet:
@@ -104,13 +140,9 @@ class TraceSet:
         if missing:
             raise TraceError(f"{self.path}: unknown model(s) {missing}; have {list(self.models)}")
         cols = [self.models.index(n) for n in names]
-        return TraceSet(
-            path=self.path,
+        return dataclasses.replace(
+            self,
             models=tuple(names),
-            ids=self.ids,
-            tasks=self.tasks,
-            messages=self.messages,
-            references=self.references,
             answers=[[r[c] for c in cols] for r in self.answers],
             extracted=[[r[c] for c in cols] for r in self.extracted],
             correct=self.correct[:, cols],
@@ -119,10 +151,12 @@ class TraceSet:
             latency_ms=self.latency_ms[:, cols],
             tokens_in=self.tokens_in[:, cols],
             tokens_out=self.tokens_out[:, cols],
-            cost_source=self.cost_source,
-            kind=self.kind,
             notes=list(self.notes),
             samples=[[r[c] for c in cols] for r in self.samples] if self.samples else [],
+            quality=None if self.quality is None else self.quality[:, cols],
+            finish_reasons=None
+            if self.finish_reasons is None
+            else [[r[c] for c in cols] for r in self.finish_reasons],
         )
 
 
@@ -148,11 +182,18 @@ def _build(path: str, models: tuple[str, ...], rows: list[dict], kind: str | Non
     def column(field: str) -> np.ndarray:
         return np.array(
             [
-                [np.nan if r["models"][m][field] is None else r["models"][m][field] for m in models]
+                [
+                    np.nan if r["models"][m].get(field) is None else r["models"][m][field]
+                    for m in models
+                ]
                 for r in rows
             ],
             dtype=float,
         )
+
+    graded = any(r["models"][m].get("quality") is not None for r in rows for m in models)
+    reasons = [[r["models"][m].get("finish_reason") for m in models] for r in rows]
+    subsets = [r.get("subset") for r in rows]
 
     tasks = [str(r.get("task") or "") for r in rows]
     references = [r.get("reference") for r in rows]
@@ -180,4 +221,7 @@ def _build(path: str, models: tuple[str, ...], rows: list[dict], kind: str | Non
         samples=[[list(r["models"][m].get("samples") or []) for m in models] for r in rows]
         if any(r["models"][m].get("samples") for r in rows for m in models)
         else [],
+        quality=column("quality") if graded else None,
+        finish_reasons=reasons if any(x is not None for r in reasons for x in r) else None,
+        subsets=subsets if any(x is not None for x in subsets) else None,
     )

@@ -65,6 +65,14 @@ def fit(
             "`samples`), answered by their vote; each becomes node 'a@k'."
         ),
     ] = None,
+    label: Annotated[
+        str,
+        typer.Option(
+            help="What the policy optimises: 'correct' (loss 1 - P(correct)) or 'quality' "
+            "(graded labels in [0, 1]: loss 1 - E[quality]; accuracy targets are then shares "
+            "of the reference model's mean quality)."
+        ),
+    ] = "correct",
 ) -> None:
     """Fit the index policy on training traces and write a versioned policy artifact.
 
@@ -83,7 +91,7 @@ def fit(
     start = time.perf_counter()
     with _FitProgress() as shown:
         shown("reading traces", 0, 1)
-        traces = load_with_costs(train)
+        traces = load_with_costs(train).with_label(label)
         if samples:
             from calibration.sampling import add_sampled, parse_samples
 
@@ -124,9 +132,10 @@ def fit(
     for warning in fitted.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"lambda {art.lam:.4f}; recall {'on' if art.recall else 'off'}")
+    measure = "mean quality" if art.label == "quality" else "accuracy"
     low, high = exp.accuracy_95 or (float("nan"), float("nan"))
     typer.echo(
-        f"expected on train (out-of-fold): accuracy {exp.accuracy:.3f} [{low:.3f}, {high:.3f}], "
+        f"expected on train (out-of-fold): {measure} {exp.accuracy:.3f} [{low:.3f}, {high:.3f}], "
         f"cost {exp.cost_fraction:.3f} x {art.reference_model} "
         f"(${exp.mean_cost_usd:.3g}/query), {exp.calls_per_query:.2f} calls/query"
     )
@@ -150,12 +159,13 @@ def evaluate(
     from rich.table import Table
 
     table = Table(title=f"{policy} on {test}", show_header=False)
+    measure = "mean quality" if report["label"] == "quality" else "accuracy"
     rows = [
         ("policy", report["policy_hash"][:19]),
         ("rows", str(report["rows"])),
-        ("accuracy", f"{report['accuracy']:.4f}"),
+        (measure, f"{report['accuracy']:.4f}"),
         (
-            f"reference {report['reference_model']} accuracy",
+            f"reference {report['reference_model']} {measure}",
             f"{report['reference_accuracy']:.4f}",
         ),
         ("mean cost per query", f"${report['mean_cost_usd']:.4g}"),
@@ -368,22 +378,28 @@ class _BenchProgress:
 def _print_bench_summary(doc: dict, n_pairs: int, out: Path) -> None:
     from rich.table import Table
 
-    summary = doc["summary"]
-    table = Table(title=f"cascade bench: {n_pairs} pair(s), test split (means over pairs)")
-    for col in ("policy", "auc", "cost_to_match_1pp", "acc@0.2", "acc@0.5"):
-        table.add_column(col)
-    for name, s in summary.items():
-        if name.startswith("single:"):
+    graded = [n for n, p in doc["pairs"].items() if "quality" in p]
+    for key, title in (
+        ("summary", f"cascade bench: {n_pairs} pair(s), test split (means over pairs)"),
+        ("summary_quality", f"mean quality against cost: {len(graded)} graded pair(s)"),
+    ):
+        if key not in doc:
             continue
-        never = f" ({s['never_1pp']} never)" if s["never_1pp"] else ""
-        table.add_row(
-            name,
-            f"{s['auc']:.4f}",
-            f"{s['cost_to_match_1pp']:.3f}{never}",
-            f"{s['acc_at_20']:.3f}",
-            f"{s['acc_at_50']:.3f}",
-        )
-    console().print(table)
+        table = Table(title=title)
+        for col in ("policy", "auc", "cost_to_match_1pp", "acc@0.2", "acc@0.5"):
+            table.add_column(col)
+        for name, s in doc[key].items():
+            if name.startswith("single:"):
+                continue
+            never = f" ({s['never_1pp']} never)" if s["never_1pp"] else ""
+            table.add_row(
+                name,
+                f"{s['auc']:.4f}",
+                f"{s['cost_to_match_1pp']:.3f}{never}",
+                f"{s['acc_at_20']:.3f}",
+                f"{s['acc_at_50']:.3f}",
+            )
+        console().print(table)
     typer.echo(f"wrote {out / 'bench.md'}, {out / 'bench.json'} and one PNG per pair")
 
 

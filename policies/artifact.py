@@ -204,6 +204,7 @@ _ARTIFACT = _object(
         "reference_model": _nullable(_string),
         "reference_cost_usd": _nullable(_number),
         "answer_kind": _nullable(_string),
+        "label": _string,
         "recall_margin": _number,
         "cost_price_mu": _nullable(_number),
         "length_calibration": _nullable(_list_of(_nullable(_CALIBRATOR))),
@@ -318,6 +319,7 @@ class PolicyArtifact:
     reference_model: str | None
     reference_cost_usd: float | None
     answer_kind: str | None
+    label: str  # what p means: P(correct), or E[quality] (`fit --label quality`)
     recall: bool
     recall_margin: float
     lam: float
@@ -430,6 +432,7 @@ class PolicyArtifact:
             reference_model=art.get("reference_model"),
             reference_cost_usd=None if ref_cost is None else float(ref_cost),
             answer_kind=art.get("answer_kind"),
+            label=str(art.get("label", "correct")),  # artifacts written before labels: correct
             recall=art["recall"],
             recall_margin=float(art.get("recall_margin", 0.0)),
             lam=float(art["lambda"]),

@@ -1,11 +1,13 @@
-"""The LLM judge's protocol (pure): the prompt that asks a model whether an answer is right,
-and the reading of its yes/no verdict. `cascade collect --grader judge:MODEL` and the
-proxy's exploration (`explore_grader: judge:MODEL`) both use it, so a label means the same
-thing whichever path produced it.
+"""The LLM judge's protocols (pure): the prompt that asks a model whether an answer is right
+and the reading of its yes/no verdict (the proxy's exploration, `explore_grader:
+judge:MODEL`), and the graded ones `cascade collect --grader judge:MODEL` records as
+`quality`: a pairwise A/B comparison with the reference model's answer (a probability from
+the verdict's logprob) and a 1-10 rubric score.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -40,3 +42,66 @@ def parse_verdict(text: str | None) -> bool | None:
         return match.group(1).lower() in ("yes", "correct", "true")
     words = {w.lower() for w in _YES_NO.findall(text)}
     return words == {"yes"} if len(words) == 1 else None
+
+
+# ------------------------------------------------------------------ graded judging (quality)
+
+PAIRWISE_SYSTEM = (
+    "You compare two responses to the same instruction. Reply with one letter: A if "
+    "response A is better, B if response B is better."
+)
+RUBRIC_SYSTEM = (
+    "You grade responses to instructions. Reply with one integer from 1 (useless or wrong) "
+    "to 10 (correct, complete and helpful)."
+)
+_CHOICE = re.compile(r"^\W*(?:response\s+)?([AB])\b", re.IGNORECASE)
+_SCORE = re.compile(r"^\W*(10|[1-9])\b")
+
+
+def pairwise_messages(question: str | None, candidate: str, versus: str) -> list[dict]:
+    """The chat messages asking whether `candidate` (A) answers `question` better than
+    `versus` (B), the reference model's answer to the same prompt (AlpacaEval's protocol)."""
+    parts = [
+        f"Instruction:\n{(question or '').strip() or '(no instruction given)'}",
+        f"Response A:\n{candidate}",
+        f"Response B:\n{versus}",
+        "Which response is better? Answer A or B.",
+    ]
+    return [
+        {"role": "system", "content": PAIRWISE_SYSTEM},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
+
+
+def parse_choice(text: str | None) -> str | None:
+    """`A` or `B` at the start of the judge's reply (`Response B`, `**A**`), else None."""
+    match = _CHOICE.match(text or "")
+    return match.group(1).upper() if match else None
+
+
+def pairwise_quality(choice: str, first_logprob: float) -> float:
+    """P(A is better) from the judge's chosen letter and that token's logprob: the letter's
+    probability, or its complement when the judge chose B (the rest of the mass is taken
+    to be on the other letter)."""
+    p = float(min(1.0, max(0.0, math.exp(min(first_logprob, 0.0)))))
+    return p if choice == "A" else 1.0 - p
+
+
+def rubric_messages(question: str | None, candidate: str, reference: str | None) -> list[dict]:
+    """The chat messages asking for a 1-10 score of `candidate` (with the reference answer
+    when one is known): the graded label when the judge gives no logprobs."""
+    parts = [f"Instruction:\n{(question or '').strip() or '(no instruction given)'}"]
+    if reference is not None:
+        parts.append(f"Reference answer:\n{reference}")
+    parts.append(f"Response:\n{candidate}")
+    parts.append("Score the response from 1 to 10. Reply with the number only.")
+    return [
+        {"role": "system", "content": RUBRIC_SYSTEM},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
+
+
+def parse_rubric(text: str | None) -> float | None:
+    """The reply's leading score 1-10 normalised to [0, 1] ((s - 1) / 9), else None."""
+    match = _SCORE.match(text or "")
+    return (int(match.group(1)) - 1) / 9.0 if match else None

@@ -59,6 +59,8 @@ def check_row(row: object, models: tuple[str, ...] | None) -> list[str]:
         errors.append("field 'task' must be a string")
     if row.get("reference") is not None and not isinstance(row["reference"], str):
         errors.append("field 'reference' must be a string or null")
+    if row.get("subset") is not None and not isinstance(row["subset"], str):
+        errors.append("field 'subset' must be a string or null")
     errors.extend(messages_problems(row.get("messages")))
     entries = row.get("models")
     if not isinstance(entries, dict) or not entries:
@@ -99,6 +101,20 @@ def check_row(row: object, models: tuple[str, ...] | None) -> list[str]:
             not isinstance(samples, list) or not all(isinstance(s, str | None) for s in samples)
         ):
             errors.append(f"models.{name}.samples must be a list of answer strings (or null)")
+        errors.extend(_optional_problems(name, entry))
+    return errors
+
+
+def _optional_problems(name: str, entry: dict) -> list[str]:
+    """The optional per-model fields: `quality`, a graded label in [0, 1] (an LLM judge's
+    score), and `finish_reason`, why the answer ended (`stop`, `length`, ...)."""
+    errors = []
+    q = entry.get("quality")
+    if q is not None and not (_number(q) and 0.0 <= q <= 1.0):
+        errors.append(f"models.{name}.quality must be a number in [0, 1] or null, got {q!r}")
+    reason = entry.get("finish_reason")
+    if reason is not None and not isinstance(reason, str):
+        errors.append(f"models.{name}.finish_reason must be a string or null, got {reason!r}")
     return errors
 
 

@@ -6,6 +6,7 @@ on what it wrote."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -282,18 +283,28 @@ def test_an_upstream_fault_is_recorded_not_fatal(
 def test_a_judge_grades_without_references_and_its_cost_is_logged(
     config: Path, recorded: dict, http: httpx.Client, tmp_path: Path
 ) -> None:
-    http.post("/admin/answers", json={"model": "judge", "answer": "Yes"}).raise_for_status()
+    """The judge compares each answer with the reference model's (pairwise, from the logprob
+    of its A/B verdict) and the trace records the graded `quality` that `fit --label
+    quality` reads."""
+    verdict = {"model": "judge", "answer": "A", "confidence": -0.3}
+    http.post("/admin/answers", json=verdict).raise_for_status()
     out = tmp_path / "traces.jsonl"
     data = dataset(tmp_path, items(recorded, 6, reference=False))
     res = collect(config, data, out, "--grader", "judge:judge")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in lines_of(out)]
     assert len(rows) == 6 and all(r["grader"] == "judge:judge" for r in rows)
-    entries = [e for r in rows for e in r["models"].values()]
-    assert all(e["correct"] is True and e["grader_cost_usd"] > 0 for e in entries)
-    graded = sum(e["grader_cost_usd"] for e in entries)
+    reference = CHEAPEST_FIRST[-1]
+    others = [e for r in rows for m, e in r["models"].items() if m != reference]
+    assert all(e["quality"] == pytest.approx(math.exp(-0.3)) for e in others)
+    assert all(e["correct"] is True and e["grader_cost_usd"] > 0 for e in others)
+    own = [r["models"][reference] for r in rows]  # against itself: a tie, never asked
+    assert all(e["quality"] == 0.5 and e["grader_cost_usd"] is None for e in own)
+    graded = sum(e["grader_cost_usd"] for e in others)
     assert f"(grading ${graded:.4f})" in res.stdout
-    assert calls(http)["judge"] == 18  # one verdict per answer
+    assert calls(http)["judge"] == 12  # one verdict per answer but the reference model's
+    traces = load_traces(out).with_label("quality")
+    assert traces.correct[:, traces.models.index(reference)].tolist() == [0.5] * 6
 
     http.post("/admin/answers", json={"model": "judge", "answer": "Perhaps"}).raise_for_status()
     more = dataset(tmp_path, items(recorded, 9, reference=False), "more.jsonl")

@@ -5,6 +5,7 @@ real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ from calibration.graders import (
     NumericGrader,
     RegexGrader,
     parse_grader,
-    parse_verdict,
 )
+from policies.judging import parse_choice, parse_rubric, parse_verdict
 from proxy import demo
 from tests.fake_upstream import FakeUpstream, build_app, serve
 from upstreams.settings import ModelConfig
@@ -174,9 +175,19 @@ class Judges:
         return self.state.stats[model].calls
 
 
+LOGPROB_A, LOGPROB_B = -0.25, -0.1  # the judges' logprob of their one-letter verdict
+
+
 @pytest.fixture
 async def judges() -> AsyncIterator[Judges]:
-    app = build_app(answers={"judge-yes": "Yes", "judge-no": "No.", "judge-vague": "Perhaps"})
+    app = build_app(
+        answers={
+            "judge-a": ("A", LOGPROB_A),
+            "judge-b": ("B", LOGPROB_B),
+            "judge-vague": "Perhaps",
+            "judge-plain": "A",  # configured without logprobs: graded by its rubric score
+        }
+    )
     async with serve(app) as up:
         cfg = ModelConfig(
             backend="openai",
@@ -185,50 +196,96 @@ async def judges() -> AsyncIterator[Judges]:
             price_out_per_mtok=PRICE_OUT,
             max_retries=0,
         )
-        yield Judges(up.state, {m: cfg for m in up.state.models})
+        models = {m: cfg for m in up.state.models}
+        models["judge-plain"] = cfg.model_copy(update={"logprobs": False})
+        yield Judges(up.state, models)
 
 
-def expected_cost(grader: JudgeGrader, text: str, reference: str | None, words_out: int) -> float:
+def expected_cost(
+    grader: JudgeGrader, text: str, reference: str | None, words_out: int, versus: str | None
+) -> float:
     """The fake counts prompt tokens as words; its answer's tokens are its words."""
-    prompt = grader.prompt(text, reference, QUESTION)
+    prompt = grader.prompt(text, reference, QUESTION, versus)
     words_in = sum(len(m["content"].split()) for m in prompt)
     return (words_in * PRICE_IN + words_out * PRICE_OUT) / 1e6
 
 
+def sent(judges: Judges, model: str) -> str:
+    return judges.state.stats[model].last_request["messages"][-1]["content"]
+
+
+def test_graded_verdicts() -> None:
+    assert parse_choice("A") == "A" and parse_choice("**Response B** is better") == "B"
+    assert parse_choice("Both are fine") is None and parse_choice(None) is None
+    assert parse_rubric("10") == 1.0 and parse_rubric("1/10") == 0.0
+    assert parse_rubric("7.") == pytest.approx(6 / 9) and parse_rubric("eleven") is None
+
+
 @pytest.mark.anyio
-async def test_the_judge_asks_a_model_and_returns_its_cost(judges: Judges) -> None:
-    yes = parse_grader("judge:judge-yes", judges.models)
-    assert isinstance(yes, JudgeGrader)
+async def test_the_judge_grades_pairwise_from_its_logprobs(judges: Judges) -> None:
+    """quality = P(the answer beats the reference model's), from the verdict's logprob."""
+    a = parse_grader("judge:judge-a", judges.models)
+    b = parse_grader("judge:judge-b", judges.models)
+    assert isinstance(a, JudgeGrader) and a.pairwise
     try:
-        grade = await yes.grade("Eight legs.", "8", QUESTION)
-        assert grade.correct is True and grade.error is None
-        assert grade.cost_usd == pytest.approx(expected_cost(yes, "Eight legs.", "8", 1))
-        sent = judges.state.stats["judge-yes"].last_request["messages"][-1]["content"]
-        assert "spider" in sent and "Reference answer:\n8" in sent and "Eight legs." in sent
-        no_ref = await yes.grade("Eight legs.", None, QUESTION)  # the judge needs no reference
-        assert no_ref.correct is True
-        sent = judges.state.stats["judge-yes"].last_request["messages"][-1]["content"]
-        assert "Reference answer" not in sent
-        empty = await yes.grade("", "8", QUESTION)  # nothing to judge: no call, no cost
-        assert empty.correct is False and empty.cost_usd is None
-        assert judges.calls("judge-yes") == 2
+        better = await a.grade("Eight legs.", None, QUESTION, versus="Six legs.")
+        assert better.quality == pytest.approx(math.exp(LOGPROB_A)) and better.correct is True
+        assert better.error is None
+        assert better.cost_usd == pytest.approx(
+            expected_cost(a, "Eight legs.", None, 1, "Six legs.")
+        )
+        prompt = sent(judges, "judge-a")
+        assert "spider" in prompt and "Response A:\nEight legs." in prompt
+        assert "Response B:\nSix legs." in prompt
+        worse = await b.grade("Six legs.", None, QUESTION, versus="Eight legs.")
+        assert worse.quality == pytest.approx(1 - math.exp(LOGPROB_B)) and worse.correct is False
+        empty = await a.grade("", None, QUESTION, versus="Eight.")  # nothing to judge: no call
+        assert empty.quality == 0.0 and empty.correct is False and empty.cost_usd is None
+        assert judges.calls("judge-a") == 1 and judges.calls("judge-b") == 1
     finally:
-        await yes.aclose()
+        await a.aclose()
+        await b.aclose()
 
 
 @pytest.mark.anyio
-async def test_the_judge_says_no_and_a_vague_or_failed_judge_is_an_error(judges: Judges) -> None:
-    no = parse_grader("judge:judge-no", judges.models)
+async def test_a_judge_without_logprobs_or_a_comparison_gives_a_rubric_score(
+    judges: Judges,
+) -> None:
+    plain = parse_grader("judge:judge-plain", judges.models)
+    assert isinstance(plain, JudgeGrader)
+    rubric = plain.prompt("Eight legs.", "8", QUESTION)[-1]["content"]
+    judges.state.set_answer("judge-plain", "8", None, prompt=rubric)
+    try:
+        # the pairwise reply has no logprobs: the judge is asked for a 1-10 score instead
+        first = await plain.grade("Eight legs.", "8", QUESTION, versus="Six legs.")
+        assert first.quality == pytest.approx(7 / 9) and first.correct is True
+        assert "Reference answer:\n8" in sent(judges, "judge-plain")
+        assert "from 1 to 10" in sent(judges, "judge-plain")
+        both = expected_cost(plain, "Eight legs.", None, 1, "Six legs.") + expected_cost(
+            plain, "Eight legs.", "8", 1, None
+        )
+        assert first.cost_usd == pytest.approx(both)  # the wasted pairwise call is counted
+        assert judges.calls("judge-plain") == 2
+        again = await plain.grade("Eight legs.", "8", QUESTION, versus="Six legs.")
+        assert again.quality == pytest.approx(7 / 9)
+        assert judges.calls("judge-plain") == 3  # known now: straight to the rubric
+        unscored = await plain.grade("Six legs.", None, QUESTION)  # replies "A": no score
+        assert unscored.error and "no 1-10 score" in unscored.error
+    finally:
+        await plain.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_vague_or_failed_judge_is_an_error(judges: Judges) -> None:
+    a = parse_grader("judge:judge-a", judges.models)
     vague = parse_grader("judge:judge-vague", judges.models)
     try:
-        grade = await no.grade("Six legs.", "8", QUESTION)
-        assert grade.correct is False and grade.error is None
-        assert grade.cost_usd == pytest.approx(expected_cost(no, "Six legs.", "8", 1))
-        unclear = await vague.grade("Eight.", "8", QUESTION)
-        assert unclear.correct is False and "no yes/no verdict" in unclear.error
-        judges.state.set_faults({"model": "judge-no", "error_rate": 1, "error_status": 500})
-        failed = await no.grade("Six legs.", "8", QUESTION)
-        assert failed.error == "judge judge-no: http_500" and failed.correct is False
+        unclear = await vague.grade("Eight.", None, QUESTION, versus="Six.")
+        assert unclear.correct is False and "no A/B verdict" in unclear.error
+        judges.state.set_faults({"model": "judge-a", "error_rate": 1, "error_status": 500})
+        failed = await a.grade("Six legs.", None, QUESTION, versus="Eight.")
+        assert failed.error == "judge judge-a: http_500" and failed.correct is False
+        assert failed.quality is None
     finally:
-        await no.aclose()
+        await a.aclose()
         await vague.aclose()

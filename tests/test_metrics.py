@@ -183,3 +183,18 @@ def test_oracle_savings_is_none_where_undefined() -> None:
     got = oracle_savings({"cost_to_match": 0.5, "cost_to_match_1pp": 0.4}, no_savings)
     assert got["at_match"] is None and got["at_1pp"] is None
     assert not math.isnan(got["oracle_cost"])
+
+
+def test_a_swept_oracle_is_costed_where_it_reaches_the_best_single_model() -> None:
+    """A graded oracle is a curve: its cost is where it first reaches `at_accuracy`."""
+    oracle = {
+        "curve": [
+            {"knob": 9.0, "accuracy": 0.5, "cost": 0.1},
+            {"knob": 0.0, "accuracy": 0.9, "cost": 0.6},
+        ]
+    }
+    policy = {"cost_to_match": 0.8, "cost_to_match_1pp": 0.6}
+    got = oracle_savings(policy, oracle, at_accuracy=0.7)
+    assert got["oracle_cost"] == pytest.approx(0.35)  # halfway between the two points
+    assert got["at_match"] == pytest.approx(0.2 / 0.65)
+    assert oracle_savings(policy, oracle)["oracle_cost"] == 0.6  # one point: the last

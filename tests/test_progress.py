@@ -22,7 +22,7 @@ from tests.shipped import ALPACA_TEST, ALPACA_TRAIN
 VERDICT = re.compile(
     r"^(?P<pair>[a-z]+): index AUC (?P<index>0\.\d{4}), best baseline "
     r"(?P<best>threshold|agreement|singles) (?P<auc>0\.\d{4}), cost within 1 pt "
-    r"(?P<within>\d\.\d{3}|never) \(\d+\.\d s\)$"
+    r"(?P<within>\d\.\d{3}|never)(?:; quality: [^()]+)? \(\d+\.\d s\)$"
 )
 
 

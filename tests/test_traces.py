@@ -11,7 +11,7 @@ import pytest
 
 from calibration.traces import TraceError, load_traces
 from policies.answers import extract_choice
-from tests.shipped import GSM8K_TRAIN, SHIPPED
+from tests.shipped import ALPACA_TRAIN, GSM8K_TRAIN, SHIPPED
 
 
 def _row(i: int, models=("small", "big"), **override) -> dict:
@@ -178,3 +178,50 @@ def test_a_line_separator_inside_a_string_is_not_a_line_break(tmp_path: Path) ->
     path = tmp_path / "u.jsonl"
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     assert load_traces(path).answers[0][0] == "A\u2028because"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(1.5, "1.5"), (-0.01, "-0.01"), ("0.7", "'0.7'"), (True, "True"), ([0.5], r"\[0.5\]")],
+)
+def test_a_quality_outside_0_1_or_not_a_number_is_refused_with_file_and_line(
+    tmp_path: Path, value, shown
+) -> None:
+    good = _row(0)
+    good["models"]["big"]["quality"] = 0.25
+    bad = _row(1)
+    bad["models"]["big"]["quality"] = value
+    path = _write(tmp_path, [json.dumps(good), json.dumps(bad)])
+    with pytest.raises(TraceError, match=r"models.big.quality must be a number in \[0, 1\]") as err:
+        load_traces(path)
+    assert f"{path}:2: models.big.quality" in str(err.value)
+    assert f"got {shown}".replace("\\", "") in str(err.value)
+
+
+def test_graded_fields_are_read_and_kept_aligned() -> None:
+    traces = load_traces(ALPACA_TRAIN)
+    assert traces.quality is not None and traces.has_quality
+    assert traces.subsets is not None and traces.subsets[0] == "helpful_base"
+    # AlpacaEval's `correct` is the thresholded quality
+    assert (traces.correct == (traces.quality >= 0.5)).all()
+    graded = traces.with_label("quality")
+    assert graded.label == "quality" and graded.correct.dtype == float
+    assert np.allclose(graded.correct, traces.quality)
+    sub = graded.subset(np.array([3, 1])).select_models([traces.models[2], traces.models[0]])
+    assert np.allclose(sub.correct, traces.quality[np.ix_([3, 1], [2, 0])])
+    assert np.allclose(sub.quality, sub.correct)
+    assert sub.subsets == [traces.subsets[3], traces.subsets[1]]
+
+
+def test_a_quality_label_needs_a_quality_for_every_answer(tmp_path: Path) -> None:
+    ungraded = load_traces(GSM8K_TRAIN)
+    assert ungraded.quality is None
+    with pytest.raises(TraceError, match="no model records `quality`"):
+        ungraded.with_label("quality")
+    part = _row(0)
+    part["models"]["big"]["quality"] = 0.9  # the small model's answer has none
+    path = _write(tmp_path, [json.dumps(part), json.dumps(_row(1))])
+    with pytest.raises(TraceError, match="3 answer"):
+        load_traces(path).with_label("quality")
+    with pytest.raises(TraceError, match="unknown label"):
+        ungraded.with_label("stars")
