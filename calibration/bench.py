@@ -22,11 +22,20 @@ from calibration.fit import IndexFamily
 from calibration.metrics import CurvePoint, curve_stats, oracle_savings
 from calibration.pricing import PricingError, fill_costs
 from calibration.replay import PolicyFamily
+from calibration.textfit import is_open_ended
 from calibration.traces import TraceError, TraceSet, load_traces
 from policies.errors import InvalidInput
 
 # Order of columns in bench.md and of lines in the plots; oracles last.
-MAIN_POLICIES = ("index", "index-norecall", "threshold", "agreement", "singles")
+MAIN_POLICIES = (
+    "index",
+    "index-norecall",
+    "index-length",
+    "threshold",
+    "agreement",
+    "prerouter",
+    "singles",
+)
 ORACLES = ("oracle-routing", "oracle-cascade")
 
 
@@ -84,7 +93,13 @@ def load_pair(pair: Pair) -> tuple[TraceSet, TraceSet]:
 
 
 def families_for(train: TraceSet) -> list[PolicyFamily]:
-    return [IndexFamily(recall=True), IndexFamily(recall=False), *baseline_families(train)]
+    """The index policy, its ablations and the baselines; on open-ended traces also
+    `index-length`, whose calibrators read the answers' length alone (how much of the
+    gain is the judge's taste for length)."""
+    families: list[PolicyFamily] = [IndexFamily(recall=True), IndexFamily(recall=False)]
+    if is_open_ended(train, list(range(train.n_models))):
+        families.append(IndexFamily(text_groups=("length",), name="index-length"))
+    return [*families, *baseline_families(train)]
 
 
 def run_pair(

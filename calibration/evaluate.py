@@ -39,8 +39,9 @@ def replay_artifact(art: dict, traces: TraceSet) -> Outcome:
     posterior = PosteriorModel.from_dict(art["posterior"])
     tables = StateTables.from_dict(art["tables"])
     calibrators = calibrators_from(art.get("length_calibration"), len(nodes))
+    prompts = [traces.prompt(i) for i in range(len(traces))]
     conf = calibrated_columns(
-        calibrators, traces.confidence, traces.tokens_out, traces.answers, nodes
+        calibrators, traces.confidence, traces.tokens_out, traces.answers, nodes, prompts
     )
     scores = score_sets(posterior, Signals.of(traces, nodes, conf))
     scores = scores.with_margin(float(art.get("recall_margin", 0.0)))

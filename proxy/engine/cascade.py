@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from policies.answers import extract_answer
 from policies.artifact import ArtifactError
 from policies.errors import InvalidInput
+from policies.freetext import word_count
 from policies.policy import CascadePolicy, Step, nearest_lambda, policy_from_artifact
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
@@ -301,7 +302,9 @@ async def _run_index(
     extracted: list[str | None] = [None] * n
     confidence: list[float | None] = [None] * n
     explored: list[int] = []
-    step: Step = policy.first(policy.root_state(_prompt_text(messages)))
+    prompt = _prompt_text(messages)
+    step: Step = policy.first(policy.root_state(prompt))
+    prompt_words = word_count(prompt)  # read by free-text calibrators (policies/textcal.py)
     decide += time.perf_counter() - t0
     spent = 0.0
     while True:
@@ -327,7 +330,10 @@ async def _run_index(
         spent += call.result.cost_usd if call.result.cost_usd is not None else cost_k
         explored.append(k)
         extracted[k] = call.extracted
-        confidence[k] = policy.signal(k, call.confidence, call.result.tokens_out, call.result.text)
+        result = call.result
+        confidence[k] = policy.signal(
+            k, call.confidence, result.tokens_out, result.text, prompt_words, result.finish_reason
+        )
         step = policy.step(explored, extracted, confidence)
         call.p_correct = step.p_correct
         decide += time.perf_counter() - t0
