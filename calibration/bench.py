@@ -20,6 +20,7 @@ import numpy as np
 from calibration.baselines import baseline_families
 from calibration.fit import IndexFamily
 from calibration.metrics import CurvePoint, curve_stats, oracle_savings
+from calibration.prerouter import PrerouterFamily
 from calibration.pricing import PricingError, fill_costs
 from calibration.replay import PolicyFamily
 from calibration.textfit import is_open_ended
@@ -99,7 +100,7 @@ def families_for(train: TraceSet) -> list[PolicyFamily]:
     families: list[PolicyFamily] = [IndexFamily(recall=True), IndexFamily(recall=False)]
     if is_open_ended(train, list(range(train.n_models))):
         families.append(IndexFamily(text_groups=("length",), name="index-length"))
-    return [*families, *baseline_families(train)]
+    return [*families, PrerouterFamily(), *baseline_families(train)]
 
 
 def run_pair(
@@ -146,7 +147,7 @@ def run_pair(
     return PairResult(pair.name, result, test.cost_source, time.perf_counter() - start, fit_seconds)
 
 
-BASELINES = ("threshold", "agreement", "singles")
+BASELINES = ("threshold", "agreement", "prerouter", "singles")
 
 
 def verdict(result: PairResult) -> str:
@@ -277,6 +278,8 @@ def plot_pair(res: PairResult, path: Path) -> None:
         "threshold": ("tab:blue", "-", 1.4),
         "agreement": ("tab:green", "-", 1.4),
         "singles": ("black", ":", 1.6),
+        "index-length": ("tab:pink", "--", 1.2),
+        "prerouter": ("tab:brown", "-", 1.2),
         "oracle-routing": ("grey", "-.", 1.0),
         "oracle-cascade": ("silver", "-.", 1.0),
     }

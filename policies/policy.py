@@ -17,8 +17,8 @@ import numpy as np
 from policies.difficulty import DifficultyModel
 from policies.index import ROOT, STOP
 from policies.lengthcal import NodeCalibrator, calibrators_from
-from policies.textcal import TextCalibrator
 from policies.posterior import PosteriorModel
+from policies.textcal import TextCalibrator
 
 
 @dataclass(frozen=True)
