@@ -14,7 +14,11 @@ Use it to judge a change to the decision core: a difference smaller than the spr
 here is not evidence. It is not the issue's measurement, which is `cascade bench` on the dev
 pairs as they are. Prints figures; asserts nothing. About 2 minutes here with 3 splits.
 
-Run from the repository root:  .venv/bin/python benchmarks/resplits.py [--traces DIR] [--splits 3]
+With `--only NAME` (repeatable) only those pairs are re-split (alpaca-fusechat: issue 14's
+note; its index-length ablation is shown where the pairs have it).
+
+Run from the repository root:
+  .venv/bin/python benchmarks/resplits.py [--traces DIR] [--splits 3] [--only NAME]
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ import common
 
 from calibration.bench import find_pairs, run_bench
 
-OTHERS = ("index-norecall", "threshold", "agreement", "singles")
-BASELINES = ("threshold", "agreement", "singles")  # the issue's "other" policies
-SHOWN = ("index", *OTHERS)
+OTHERS = ("index-norecall", "threshold", "agreement", "prerouter", "singles")
+BASELINES = ("threshold", "agreement", "prerouter", "singles")  # the issues' "other" policies
+SHOWN = ("index", *OTHERS, "index-length")  # index-length: open-ended pairs only
 GOAL_AUC_MARGIN = 0.015
 GOAL_COST_1PP = 0.5
 WORST_GAP = -0.005
@@ -44,8 +48,11 @@ def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text().split("\n") if line.strip()]
 
 
-def write_resplits(traces: Path, out: Path, splits: int) -> list[str]:
-    """Write every re-split pair into `out`; return the names of the source pairs."""
+def write_resplits(
+    traces: Path, out: Path, splits: int, only: list[str] | None = None
+) -> list[str]:
+    """Write every re-split pair (of `only`, if given) into `out`; return the names of
+    the source pairs."""
     try:
         pairs, _ = find_pairs(traces)
     except FileNotFoundError as exc:
@@ -57,6 +64,8 @@ def write_resplits(traces: Path, out: Path, splits: int) -> list[str]:
             rows = _lines(train)
             cut = round(len(rows) * TRAIN_SHARE_WITHOUT_TEST)
             sources[name] = (rows[:cut], rows[cut:])
+    if only:
+        sources = {n: v for n, v in sources.items() if n in only}
     for name, (train_rows, test_rows) in sources.items():
         n_train = len(train_rows)
         pooled = train_rows + test_rows
@@ -83,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cascade-resplits-") as tmp:
         folder = Path(tmp) / "traces"
         folder.mkdir()
-        names = write_resplits(args.traces, folder, args.splits)
+        names = write_resplits(args.traces, folder, args.splits, args.only)
+        if not names:
+            raise RuntimeError(f"no pair named {args.only} in {args.traces}")
         print(
             f"  traces    {args.traces}: {len(names)} pairs x {args.splits} re-splits", flush=True
         )
@@ -93,20 +104,21 @@ def run(args: argparse.Namespace) -> int:
     by_source: dict[str, list[dict]] = defaultdict(list)
     for name, entry in sorted(bench["pairs"].items()):
         by_source[name.rsplit("_s", 1)[0]].append(entry["policies"])
+    every = [e["policies"] for e in bench["pairs"].values()]
+    shown = [h for h in SHOWN if all(h in e for e in every)]
     print()
-    print(f"{'AUC, mean over re-splits':30s} " + " ".join(f"{h:>14s}" for h in SHOWN))
+    print(f"{'AUC, mean over re-splits':30s} " + " ".join(f"{h:>14s}" for h in shown))
     for source, entries in by_source.items():
         cells = []
-        for h in SHOWN:
+        for h in shown:
             aucs = [e[h]["auc"] for e in entries]
             spread = max(aucs) - min(aucs)
             cells.append(f"{statistics.mean(aucs):.4f} ±{spread / 2:.3f}")
         print(f"{source:30s} " + " ".join(f"{c:>14s}" for c in cells))
-    every = [e["policies"] for e in bench["pairs"].values()]
-    auc = {h: statistics.mean(e[h]["auc"] for e in every) for h in SHOWN}
-    c1 = {h: statistics.mean(_c1pp(e[h]) for e in every) for h in SHOWN}
-    print(f"{'mean AUC':30s} " + " ".join(f"{auc[h]:14.4f}" for h in SHOWN))
-    print(f"{'mean cost within 1 point':30s} " + " ".join(f"{c1[h]:14.3f}" for h in SHOWN))
+    auc = {h: statistics.mean(e[h]["auc"] for e in every) for h in shown}
+    c1 = {h: statistics.mean(_c1pp(e[h]) for e in every) for h in shown}
+    print(f"{'mean AUC':30s} " + " ".join(f"{auc[h]:14.4f}" for h in shown))
+    print(f"{'mean cost within 1 point':30s} " + " ".join(f"{c1[h]:14.3f}" for h in shown))
     best_base = max(BASELINES, key=lambda h: auc[h])
     print()
     print(
@@ -132,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_traces_option(parser)
+    parser.add_argument("--only", action="append", help="re-split only this pair (repeatable)")
     parser.add_argument("--splits", type=int, default=3, help="re-splits per pair (default 3)")
     sys.exit(common.run_main(run, parser.parse_args()))
 
