@@ -78,6 +78,21 @@ def held_out(
     return out
 
 
+def fit_group(
+    feats: np.ndarray,
+    conf: np.ndarray,
+    y: np.ndarray,
+    features: tuple[str, ...],
+    uses_confidence: bool = False,
+) -> TextCalibrator:
+    """A calibrator over `features` fitted on every row of (N, len(FEATURES)) `feats` that
+    holds its signals."""
+    shell = TextCalibrator(features, *_zeros(len(features) + int(uses_confidence)), uses_confidence)
+    design = shell.design(feats, conf)
+    ok = ~np.isnan(design).any(axis=1)
+    return _fit(design[ok], y[ok], features, uses_confidence)
+
+
 def _zeros(n: int) -> tuple:
     return (0.0,) * n, 0.0, (0.0,) * n, (1.0,) * n
 
@@ -138,4 +153,11 @@ def fit_text_calibrators(
     return out, conf, chosen
 
 
-__all__ = ["FEATURES", "OPEN_ENDED_TOKENS", "fit_text_calibrators", "is_open_ended"]
+__all__ = [
+    "FEATURES",
+    "OPEN_ENDED_TOKENS",
+    "fit_group",
+    "fit_text_calibrators",
+    "held_out",
+    "is_open_ended",
+]

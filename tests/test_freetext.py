@@ -140,7 +140,7 @@ def test_the_fitted_policy_reads_the_same_signals_offline_and_online(alpaca) -> 
     is fitted here on every feature)."""
     from calibration.artifact import build_artifact
     from calibration.fit import DEFAULT_MUS
-    from calibration.textfit import _fit
+    from calibration.textfit import fit_group
 
     test = fill_costs(load_traces(ALPACA_TEST))
     fitted = FittedIndex(alpaca, recall=True)
@@ -148,7 +148,7 @@ def test_the_fitted_policy_reads_the_same_signals_offline_and_online(alpaca) -> 
     feats = feature_columns(alpaca.answers, alpaca.tokens_out, prompts, fitted.nodes)
     assert feats.shape == (len(alpaca), len(fitted.nodes), len(FEATURES))
     k0, j0 = 0, fitted.nodes[0]
-    cal = _fit(feats[:, k0], alpaca.correct[:, j0], FEATURES, False)
+    cal = fit_group(feats[:, k0], alpaca.confidence[:, j0], alpaca.correct[:, j0], FEATURES)
     fitted.length_calibrators[k0] = cal
     art = build_artifact(fitted, DEFAULT_MUS[10], train_path=str(ALPACA_TRAIN))
     assert art["length_calibration"][k0]["kind"] == "text"
