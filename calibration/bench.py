@@ -164,8 +164,9 @@ def verdict(result: PairResult) -> str:
 
 
 def summary(results: list[PairResult]) -> dict:
-    """Means over pairs: auc and cost_to_match_1pp (never counts as 1.0, stated in bench.md)."""
-    names = [n for n in results[0].result["policies"]] if results else []
+    """Means over pairs: auc and cost_to_match_1pp (never counts as 1.0, stated in bench.md),
+    each over the pairs that ran the policy (index-length runs on open-ended pairs only)."""
+    names = list(dict.fromkeys(n for r in results for n in r.result["policies"]))
     out = {}
     for name in names:
         stats = [r.result["policies"][name] for r in results if name in r.result["policies"]]
@@ -205,12 +206,13 @@ def write_markdown(results: list[PairResult], skipped: list[str], how: str) -> s
         lines.append("|---" * (len(cols) + 1) + "|")
         for r in results:
             cells = []
-            row_vals = {c: r.result["policies"][c][key] for c in cols}
+            ran = r.result["policies"]
+            row_vals = {c: ran[c][key] if c in ran else None for c in cols}
             finite = [v for c, v in row_vals.items() if v is not None and c not in ORACLES]
             best = (min(finite) if key.startswith("cost") else max(finite)) if finite else None
             for c in cols:
                 v = row_vals[c]
-                cell = _fmt(v, digits)
+                cell = _fmt(v, digits) if c in ran else "–"
                 top = c not in ORACLES and v is not None and best is not None
                 if top and round(v, digits) == round(best, digits):
                     cell = f"**{cell}**"
