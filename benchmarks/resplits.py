@@ -10,7 +10,8 @@ its train file alone, two thirds for training. It prints per pair the means over
 re-splits, then the means over every re-split pair beside the decision-core goals, and the
 re-split pairs where the index policy is more than 0.005 below the best other policy; for
 pairs with graded labels (`quality`), the same again for the mean-quality curve. `--only NAME`
-re-splits only the pairs named (e.g. `--only alpaca-fusechat`).
+re-splits only the pairs named (e.g. `--only alpaca-fusechat`; its index-length ablation is
+shown where the pairs have it).
 
 Use it to judge a change to the decision core: a difference smaller than the spread printed
 here is not evidence. It is not the issue's measurement, which is `cascade bench` on the dev
@@ -33,9 +34,9 @@ import common
 
 from calibration.bench import find_pairs, run_bench
 
-OTHERS = ("index-norecall", "threshold", "agreement", "singles")
-BASELINES = ("threshold", "agreement", "singles")  # the issue's "other" policies
-SHOWN = ("index", *OTHERS)
+OTHERS = ("index-norecall", "threshold", "agreement", "prerouter", "singles")
+BASELINES = ("threshold", "agreement", "prerouter", "singles")  # the issues' "other" policies
+SHOWN = ("index", *OTHERS, "index-length")  # index-length: open-ended pairs only
 GOAL_AUC_MARGIN = 0.015
 GOAL_COST_1PP = 0.5
 WORST_GAP = -0.005
@@ -119,19 +120,20 @@ def report(pairs: dict[str, dict], curve: str) -> None:
     by_source: dict[str, list[dict]] = defaultdict(list)
     for name, policies in pairs.items():
         by_source[name.rsplit("_s", 1)[0]].append(policies)
-    print(f"{'AUC, mean over re-splits':30s} " + " ".join(f"{h:>14s}" for h in SHOWN))
+    every = list(pairs.values())
+    shown = [h for h in SHOWN if all(h in e for e in every)]
+    print(f"{'AUC, mean over re-splits':30s} " + " ".join(f"{h:>14s}" for h in shown))
     for source, entries in by_source.items():
         cells = []
-        for h in SHOWN:
+        for h in shown:
             aucs = [e[h]["auc"] for e in entries]
             spread = max(aucs) - min(aucs)
             cells.append(f"{statistics.mean(aucs):.4f} ±{spread / 2:.3f}")
         print(f"{source:30s} " + " ".join(f"{c:>14s}" for c in cells))
-    every = list(pairs.values())
-    auc = {h: statistics.mean(e[h]["auc"] for e in every) for h in SHOWN}
-    c1 = {h: statistics.mean(_c1pp(e[h]) for e in every) for h in SHOWN}
-    print(f"{'mean AUC':30s} " + " ".join(f"{auc[h]:14.4f}" for h in SHOWN))
-    print(f"{'mean cost within 1 point':30s} " + " ".join(f"{c1[h]:14.3f}" for h in SHOWN))
+    auc = {h: statistics.mean(e[h]["auc"] for e in every) for h in shown}
+    c1 = {h: statistics.mean(_c1pp(e[h]) for e in every) for h in shown}
+    print(f"{'mean AUC':30s} " + " ".join(f"{auc[h]:14.4f}" for h in shown))
+    print(f"{'mean cost within 1 point':30s} " + " ".join(f"{c1[h]:14.3f}" for h in shown))
     best_base = max(BASELINES, key=lambda h: auc[h])
     print()
     print(

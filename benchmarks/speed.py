@@ -10,6 +10,10 @@ Measures, and prints against the targets:
   d. a sampled node at k = 5 (`small@5`, synthetic traces with samples: the recorded traces
      hold none): CascadePolicy.step with the vote's confidence (target: under 20 us), and
      apart from it, extracting the 5 answers and voting on them (policies/sampling.py).
+  e. free-text signals on AlpacaEval answers of about 1,000 tokens (alpaca-fusechat-test):
+     the answer's features (target: under 1 ms), the graded agreement of two such answers
+     (target: under 2 ms), and the decision step of a policy fitted on alpaca-fusechat-train
+     (text calibrators, 4 nodes; target: under 20 us per step).
 
 Run from the repository root:  .venv/bin/python benchmarks/speed.py [--traces DIR] [--rows N]
 (`--sampled-only`: part d alone, which needs no recorded traces).
@@ -31,11 +35,14 @@ from calibration.artifact import build_artifact, choose_mu
 from calibration.fit import DEFAULT_MUS, FittedIndex
 from calibration.traces import TraceSet, load_traces
 from policies.artifact import PolicyArtifact
+from policies.freetext import agreement, answer_features, word_count
 from policies.policy import CascadePolicy
 
 FIT_TARGET_S = 20.0
 STEP_TARGET_US = 20.0
 DIFFICULTY_TARGET_MS = 10.0
+FEATURES_TARGET_MS = 1.0
+AGREEMENT_TARGET_MS = 2.0
 SEED = 0
 
 
@@ -288,6 +295,96 @@ def bench_sampled(reps: int) -> None:
     print()
 
 
+def _timed_ms(fn, inputs: list, reps: int) -> np.ndarray:
+    """Each call of fn(*args) timed on its own, in milliseconds."""
+    for args in inputs[:20]:
+        fn(*args)
+    clock = time.perf_counter_ns
+    each = []
+    for _ in range(reps):
+        for args in inputs:
+            t0 = clock()
+            fn(*args)
+            each.append(clock() - t0)
+    return np.asarray(each) / 1e6
+
+
+def bench_freetext(traces_dir: Path, reps: int) -> None:
+    train = load_traces(traces_dir / "alpaca-fusechat-train.jsonl")
+    test = load_traces(traces_dir / "alpaca-fusechat-test.jsonl")
+    long = [
+        (test.answers[r][j], float(test.tokens_out[r, j]), word_count(test.prompt(r)))
+        for r in range(len(test))
+        for j in range(test.n_models)
+        if test.answers[r][j] and 900 <= test.tokens_out[r, j] <= 1100
+    ]
+    tokens = np.array([t for _, t, _ in long])
+    chars = np.array([len(a) for a, _, _ in long])
+    print(
+        f"e. free-text signals: {len(long)} alpaca-fusechat-test answers of 900-1,100 tokens "
+        f"(mean {tokens.mean():.0f} tokens, {chars.mean():.0f} chars) x {reps} repetitions"
+    )
+    feats = _timed_ms(answer_features, long, reps)
+    mean, p50, p99 = percentiles(feats)
+    verdict = "within" if p50 < FEATURES_TARGET_MS else "OVER"
+    print(
+        f"   answer_features: mean {mean:.3f}  p50 {p50:.3f}  p99 {p99:.3f} ms "
+        f"(target < {FEATURES_TARGET_MS:.0f} ms: {verdict})"
+    )
+    pairs = [(long[k][0], long[k + 1][0]) for k in range(len(long) - 1)]
+    agree = _timed_ms(agreement, pairs, reps)
+    mean, p50, p99 = percentiles(agree)
+    verdict = "within" if p50 < AGREEMENT_TARGET_MS else "OVER"
+    print(
+        f"   agreement (char 3-grams) of two: mean {mean:.3f}  p50 {p50:.3f}  p99 {p99:.3f} ms "
+        f"(target < {AGREEMENT_TARGET_MS:.0f} ms: {verdict})"
+    )
+    word = _timed_ms(lambda a, b: agreement(a, b, "word"), pairs, reps)
+    mean, p50, p99 = percentiles(word)
+    print(f"   agreement (word bigrams) of two: mean {mean:.3f}  p50 {p50:.3f}  p99 {p99:.3f} ms")
+    fitted = FittedIndex(train, recall=True, models=list(train.models))
+    art = build_artifact(fitted, DEFAULT_MUS[12], train_path="alpaca-fusechat-train.jsonl")
+    policy = art.policy()
+    kinds = [c and c.to_dict().get("kind", "length") for c in art.length_calibrators]
+    n = len(art.models)
+    cols = [test.models.index(m) for m in art.models]
+    calls = []
+    for r in range(len(test)):
+        words = word_count(test.prompt(r))
+        conf = [
+            policy.signal(
+                k, None, float(test.tokens_out[r, cols[k]]), test.answers[r][cols[k]], words
+            )
+            for k in range(n)
+        ]
+        for k in range(1, n + 1):
+            explored = list(range(k))
+            extracted = [test.extracted[r][cols[j]] if j < k else None for j in range(n)]
+            calls.append((explored, extracted, [c if j < k else None for j, c in enumerate(conf)]))
+    step = _timed_ms(policy.step, calls, reps) * 1000.0
+    mean, p50, p99 = percentiles(step)
+    verdict = "within" if mean < STEP_TARGET_US else "OVER"
+    print(
+        f"   CascadePolicy.step, policy fitted on alpaca-fusechat-train (calibrators {kinds}): "
+        f"{len(step)} steps"
+    )
+    print(
+        f"   mean {mean:6.2f}  p50 {p50:6.2f}  p99 {p99:6.2f} us per step, timed one by one "
+        f"(target < {STEP_TARGET_US:.0f} us: {verdict})"
+    )
+    signal = _timed_ms(
+        lambda k, a, t, w: policy.signal(k, None, t, a, w),
+        [(0, a, t, w) for a, t, w in long],
+        reps,
+    )
+    mean, p50, p99 = percentiles(signal)
+    print(
+        f"   CascadePolicy.signal (features + calibrator) on one answer: mean {mean:.3f}  "
+        f"p50 {p50:.3f}  p99 {p99:.3f} ms"
+    )
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_traces_option(parser)
@@ -311,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_step(policy, art, test, args.reps)
     bench_difficulty(policy, test, args.reps)
     bench_sampled(args.reps)
+    bench_freetext(args.traces, args.reps)
     print(f"benchmark wall time {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -20,14 +20,24 @@ import numpy as np
 from calibration.baselines import baseline_families
 from calibration.fit import IndexFamily, select_nodes
 from calibration.metrics import CurvePoint, curve_stats, oracle_savings
+from calibration.prerouter import PrerouterFamily
 from calibration.pricing import PricingError, fill_costs
 from calibration.replay import PolicyFamily
 from calibration.sampling import SampleSpec, add_sampled
+from calibration.textfit import is_open_ended
 from calibration.traces import TraceError, TraceSet, load_traces
 from policies.errors import InvalidInput
 
 # Order of columns in bench.md and of lines in the plots; oracles last.
-MAIN_POLICIES = ("index", "index-norecall", "threshold", "agreement", "singles")
+MAIN_POLICIES = (
+    "index",
+    "index-norecall",
+    "index-length",
+    "threshold",
+    "agreement",
+    "prerouter",
+    "singles",
+)
 ORACLES = ("oracle-routing", "oracle-cascade")
 
 
@@ -89,7 +99,13 @@ def load_pair(pair: Pair, samples: list[SampleSpec] | None = None) -> tuple[Trac
 
 
 def families_for(train: TraceSet) -> list[PolicyFamily]:
-    return [IndexFamily(recall=True), IndexFamily(recall=False), *baseline_families(train)]
+    """The index policy, its ablations and the baselines; on open-ended traces also
+    `index-length`, whose calibrators read the answers' length alone (how much of the
+    gain is the judge's taste for length)."""
+    families: list[PolicyFamily] = [IndexFamily(recall=True), IndexFamily(recall=False)]
+    if is_open_ended(train, list(range(train.n_models))):
+        families.append(IndexFamily(text_groups=("length",), name="index-length"))
+    return [*families, PrerouterFamily(), *baseline_families(train)]
 
 
 def _curves(
@@ -165,7 +181,7 @@ def run_pair(
     return PairResult(pair.name, result, test.cost_source, time.perf_counter() - start, fit_seconds)
 
 
-BASELINES = ("threshold", "agreement", "singles")
+BASELINES = ("threshold", "agreement", "prerouter", "singles")
 
 
 def curve_of(result: PairResult, curve: str) -> dict | None:
@@ -197,10 +213,10 @@ CURVES = ("correct", "quality")  # accuracy against cost; mean quality against c
 
 
 def summary(results: list[PairResult], curve: str = "correct") -> dict:
-    """Means over pairs: auc and cost_to_match_1pp (never counts as 1.0, stated in bench.md);
-    over the pairs that have `curve`."""
+    """Means over pairs: auc and cost_to_match_1pp (never counts as 1.0, stated in bench.md),
+    each over the pairs of `curve` that ran the policy (index-length: open-ended pairs only)."""
     entries = [e for r in results if (e := curve_of(r, curve)) is not None]
-    names = [n for n in entries[0]["policies"]] if entries else []
+    names = list(dict.fromkeys(n for e in entries for n in e["policies"]))
     out = {}
     for name in names:
         stats = [e["policies"][name] for e in entries if name in e["policies"]]
@@ -243,12 +259,13 @@ def write_markdown(results: list[PairResult], skipped: list[str], how: str) -> s
             if entry is None:
                 continue
             cells = []
-            row_vals = {c: entry["policies"][c][key] for c in cols}
+            ran = entry["policies"]
+            row_vals = {c: ran[c][key] if c in ran else None for c in cols}
             finite = [v for c, v in row_vals.items() if v is not None and c not in ORACLES]
             best = (min(finite) if key.startswith("cost") else max(finite)) if finite else None
             for c in cols:
                 v = row_vals[c]
-                cell = _fmt(v, digits)
+                cell = _fmt(v, digits) if c in ran else "–"
                 top = c not in ORACLES and v is not None and best is not None
                 if top and round(v, digits) == round(best, digits):
                     cell = f"**{cell}**"
@@ -346,6 +363,8 @@ def plot_pair(res: PairResult, path: Path, curve: str = "correct") -> None:
         "threshold": ("tab:blue", "-", 1.4),
         "agreement": ("tab:green", "-", 1.4),
         "singles": ("black", ":", 1.6),
+        "index-length": ("tab:pink", "--", 1.2),
+        "prerouter": ("tab:brown", "-", 1.2),
         "oracle-routing": ("grey", "-.", 1.0),
         "oracle-cascade": ("silver", "-.", 1.0),
     }

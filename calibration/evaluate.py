@@ -44,8 +44,9 @@ def replay_artifact(art: PolicyArtifact, traces: TraceSet) -> Outcome:
             f"the traces have {list(traces.models)}"
         )
     nodes = [traces.models.index(m) for m in names]
+    prompts = [traces.prompt(i) for i in range(len(traces))]
     conf = calibrated_columns(
-        art.length_calibrators, traces.confidence, traces.tokens_out, traces.answers, nodes
+        art.length_calibrators, traces.confidence, traces.tokens_out, traces.answers, nodes, prompts
     )
     scores = score_sets(art.posterior, Signals.of(traces, nodes, conf))
     scores = scores.with_margin(art.recall_margin)

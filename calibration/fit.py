@@ -21,6 +21,7 @@ import numpy as np
 
 from calibration.difficulty import fit_difficulty
 from calibration.replay import Outcome, outcome_from_choices
+from calibration.textfit import fit_text_calibrators, is_open_ended
 from calibration.traces import TraceSet
 from policies.difficulty import DifficultyModel
 from policies.errors import InvalidInput
@@ -698,7 +699,10 @@ class FittedIndex:
         transitions: TransitionSpec | None = None,
         n_bins: int | None = None,
         progress: Progress | None = None,
+        text_groups: tuple[str, ...] | None = None,
     ) -> None:
+        """`text_groups` limits the free-text feature groups the calibrators of open-ended
+        traces choose from (policies/textcal.GROUPS; bench's `index-length` ablation)."""
         step = progress or _quiet
         step("nodes", 0, 1)
         if models is None and isinstance(transitions, Mapping):  # the map names the nodes
@@ -719,7 +723,13 @@ class FittedIndex:
         self.transitions = transitions
         self.allowed = allowed_edges(transitions, [train.models[j] for j in self.nodes])
         step("length calibration", 0, 1)
-        self.length_calibrators, train_conf = fit_length_calibrators(train, self.nodes)
+        self.text_choice: dict[str, str] = {}
+        if is_open_ended(train, self.nodes):
+            groups = {} if text_groups is None else {"groups": text_groups}
+            cals, train_conf, self.text_choice = fit_text_calibrators(train, self.nodes, **groups)
+            self.length_calibrators: list = cals
+        else:
+            self.length_calibrators, train_conf = fit_length_calibrators(train, self.nodes)
         sig = Signals.of(train, self.nodes, confidence=train_conf)
         step("answer posterior (out-of-fold)", 0, 1)
         self.posterior = fit_posterior(sig)
@@ -766,8 +776,14 @@ class FittedIndex:
     def node_confidence(self, traces: TraceSet) -> np.ndarray:
         """The nodes' (N, n) confidences as the policy reads them (length-calibrated)."""
         cols = self.nodes
+        prompts = [traces.prompt(i) for i in range(len(traces))]
         return calibrated_columns(
-            self.length_calibrators, traces.confidence, traces.tokens_out, traces.answers, cols
+            self.length_calibrators,
+            traces.confidence,
+            traces.tokens_out,
+            traces.answers,
+            cols,
+            prompts,
         )
 
     def root_states(self, traces: TraceSet) -> np.ndarray | None:
@@ -819,13 +835,20 @@ class IndexSetting:
 class IndexFamily:
     """The T-Tamer index policy with skips, swept over lambda (bench's "index")."""
 
-    def __init__(self, recall: bool = True, mus: tuple[float, ...] = DEFAULT_MUS) -> None:
+    def __init__(
+        self,
+        recall: bool = True,
+        mus: tuple[float, ...] = DEFAULT_MUS,
+        text_groups: tuple[str, ...] | None = None,
+        name: str | None = None,
+    ) -> None:
         self.recall = recall
         self.mus = mus
-        self.name = "index" if recall else "index-norecall"
+        self.text_groups = text_groups
+        self.name = name or ("index" if recall else "index-norecall")
 
     def fit_sweep(self, train: TraceSet) -> list[IndexSetting]:
-        fitted = FittedIndex(train, self.recall)
+        fitted = FittedIndex(train, self.recall, text_groups=self.text_groups)
         return [
             IndexSetting(self.name, lambda_of(mu), fitted, mu, fitted.tables(mu)) for mu in self.mus
         ]

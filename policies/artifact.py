@@ -19,7 +19,7 @@ import numpy as np
 
 from policies.difficulty import DIM, DifficultyModel
 from policies.errors import InvalidInput
-from policies.lengthcal import LengthCalibrator
+from policies.lengthcal import NodeCalibrator, calibrator_from
 from policies.policy import CascadePolicy, StateTables
 from policies.posterior import PosteriorModel
 from policies.rules import decode_threshold
@@ -152,7 +152,7 @@ _TABLES = _object(
 )
 _CALIBRATOR = _object(
     {"weights": _NUMBERS, "bias": _number, "mean": _NUMBERS, "scale": _NUMBERS},
-    {"uses_confidence": _boolean},
+    {"uses_confidence": _boolean, "kind": _string, "features": _list_of(_string)},
 )
 _DIFFICULTY = _object(
     {"indices": _list_of(_integer), "weights": _NUMBERS, "bias": _number, "edges": _NUMBERS},
@@ -327,7 +327,7 @@ class PolicyArtifact:
     posterior: PosteriorModel
     tables: StateTables
     difficulty: DifficultyModel | None
-    length_calibrators: list[LengthCalibrator | None]
+    length_calibrators: list[NodeCalibrator | None]  # length or free-text, per node
     sweep: list[SweepEntry]
     threshold: list[ThresholdSetting]
     agreement: list[AgreementSetting]
@@ -443,8 +443,7 @@ class PolicyArtifact:
             if art.get("difficulty")
             else None,
             length_calibrators=[
-                None if d is None else LengthCalibrator.from_dict(d)
-                for d in (art.get("length_calibration") or [None] * len(nodes))
+                calibrator_from(d) for d in (art.get("length_calibration") or [None] * len(nodes))
             ],
             sweep=[SweepEntry(float(e["lambda"]), e["decision"]) for e in art.get("sweep") or []],
             threshold=[

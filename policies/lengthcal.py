@@ -25,6 +25,7 @@ import numpy as np
 
 from policies.answers import has_final_marker
 from policies.posterior import confidence_feature, confidence_feature_one
+from policies.textcal import TEXT_KIND, TextCalibrator, feature_columns
 
 MIN_DISTINCT_LENGTHS = 5  # fewer distinct output lengths: a format, not a signal
 N_FEATURES = 4  # confidence logit, log(1 + tokens), its square, final-answer marker
@@ -110,28 +111,50 @@ class LengthCalibrator:
         )
 
 
-def calibrators_from(raw: list | None, n_nodes: int) -> list[LengthCalibrator | None]:
+NodeCalibrator = LengthCalibrator | TextCalibrator
+
+
+def calibrator_from(d: dict | None) -> NodeCalibrator | None:
+    """One `length_calibration` entry: a text calibrator (policies/textcal.py) when its
+    `kind` says so, else a length calibrator."""
+    if d is None:
+        return None
+    return (
+        TextCalibrator.from_dict(d) if d.get("kind") == TEXT_KIND else LengthCalibrator.from_dict(d)
+    )
+
+
+def calibrators_from(raw: list | None, n_nodes: int) -> list[NodeCalibrator | None]:
     """An artifact's `length_calibration` (one entry per node, null for none) as objects;
     an artifact without the field calibrates nothing."""
     if not raw:
         return [None] * n_nodes
     if len(raw) != n_nodes:
         raise ValueError(f"length_calibration has {len(raw)} entries for {n_nodes} nodes")
-    return [None if d is None else LengthCalibrator.from_dict(d) for d in raw]
+    return [calibrator_from(d) for d in raw]
 
 
 def calibrated_columns(
-    calibrators: list[LengthCalibrator | None],
+    calibrators: list[NodeCalibrator | None],
     confidence: np.ndarray,
     tokens_out: np.ndarray,
     answers: list[list[str | None]],
     cols: list[int],
+    prompts: list[str] | None = None,
 ) -> np.ndarray:
     """(N, n) node confidences: calibrated where a node has a calibrator, raw elsewhere.
     `confidence` and `tokens_out` are the full (N, M) trace columns, `answers` the trace's
-    answer texts, `cols` the models the nodes are."""
+    answer texts, `cols` the models the nodes are, `prompts` the rows' prompt texts (read
+    by text calibrators)."""
     out = np.array(confidence[:, cols], dtype=float, copy=True)
-    used = [(k, cal) for k, cal in enumerate(calibrators) if cal is not None]
+    texts = [(k, cal) for k, cal in enumerate(calibrators) if isinstance(cal, TextCalibrator)]
+    if texts:
+        if prompts is None:
+            raise ValueError("text calibrators need the prompts")
+        feats = feature_columns(answers, tokens_out, prompts, [cols[k] for k, _ in texts])
+        for i, (k, cal) in enumerate(texts):
+            out[:, k] = cal.log_p(feats[:, i], confidence[:, cols[k]])
+    used = [(k, cal) for k, cal in enumerate(calibrators) if isinstance(cal, LengthCalibrator)]
     if used:
         marker = marker_columns(answers, [cols[k] for k, _ in used])
         for i, (k, cal) in enumerate(used):

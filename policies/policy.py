@@ -17,8 +17,9 @@ import numpy as np
 
 from policies.difficulty import DifficultyModel
 from policies.index import ROOT, STOP
-from policies.lengthcal import LengthCalibrator
+from policies.lengthcal import NodeCalibrator
 from policies.posterior import PosteriorModel
+from policies.textcal import TextCalibrator
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class CascadePolicy:
         recall: bool,
         recall_margin: float = 0.0,
         difficulty: DifficultyModel | None = None,
-        length_calibrators: list[LengthCalibrator | None] | None = None,
+        length_calibrators: list[NodeCalibrator | None] | None = None,
     ) -> None:
         self.difficulty = difficulty
         self.length_calibrators = length_calibrators or [None] * len(tables.edges)
@@ -112,13 +113,24 @@ class CascadePolicy:
         return self.difficulty.root_state(prompt)
 
     def signal(
-        self, node: int, confidence: float | None, tokens_out: float | None, text: str | None
+        self,
+        node: int,
+        confidence: float | None,
+        tokens_out: float | None,
+        text: str | None,
+        prompt_words: int | None = None,
+        finish_reason: str | None = None,
     ) -> float | None:
         """The confidence `step` reads for `node`: its answer's raw confidence, or the one
-        calibrated by the answer's length and final-answer marker where the node has a
-        calibrator (policies/lengthcal.py)."""
+        calibrated by the answer's length and final-answer marker (policies/lengthcal.py)
+        or by its free-text features (policies/textcal.py; `prompt_words` and
+        `finish_reason` are read only there) where the node has a calibrator."""
         cal = self.length_calibrators[node]
-        return confidence if cal is None else cal.one(confidence, tokens_out, text)
+        if cal is None:
+            return confidence
+        if isinstance(cal, TextCalibrator):
+            return cal.one(confidence, tokens_out, text, prompt_words, finish_reason)
+        return cal.one(confidence, tokens_out, text)
 
     def first(self, root_state: int = 0) -> Step:
         nxt = int(self.tables.decision[ROOT + 1][root_state])

@@ -36,7 +36,13 @@ class SinglePolicy:
         return 0
 
     def signal(
-        self, node: int, confidence: float | None, tokens_out: float | None, text: str | None
+        self,
+        node: int,
+        confidence: float | None,
+        tokens_out: float | None,
+        text: str | None,
+        prompt_words: int | None = None,
+        finish_reason: str | None = None,
     ) -> float | None:
         return confidence
 
@@ -76,7 +82,13 @@ class ThresholdPolicy:
         return 0
 
     def signal(
-        self, node: int, confidence: float | None, tokens_out: float | None, text: str | None
+        self,
+        node: int,
+        confidence: float | None,
+        tokens_out: float | None,
+        text: str | None,
+        prompt_words: int | None = None,
+        finish_reason: str | None = None,
     ) -> float | None:
         return confidence  # the raw confidence: the baseline has no calibration
 
@@ -140,7 +152,13 @@ class AgreementPolicy:
         return 0
 
     def signal(
-        self, node: int, confidence: float | None, tokens_out: float | None, text: str | None
+        self,
+        node: int,
+        confidence: float | None,
+        tokens_out: float | None,
+        text: str | None,
+        prompt_words: int | None = None,
+        finish_reason: str | None = None,
     ) -> float | None:
         return confidence
 

@@ -34,7 +34,13 @@ class Rule(Protocol):
     def first(self, root_state: int = 0) -> Step: ...
 
     def signal(
-        self, node: int, confidence: float | None, tokens_out: float | None, text: str | None
+        self,
+        node: int,
+        confidence: float | None,
+        tokens_out: float | None,
+        text: str | None,
+        prompt_words: int | None = None,
+        finish_reason: str | None = None,
     ) -> float | None: ...
 
     def step(

@@ -4,8 +4,9 @@ It speaks the chat-completions protocol as vLLM's OpenAI server does (JSON and S
 Events, logprobs and top_logprobs, usage, OpenAI error objects) and answers deterministically
 from (model, last user message): a canned answer per model, or the answer a recorded trace
 (DESIGN.md trace format) gives for that exact prompt, whose `confidence` becomes the logprob
-of the answer token. Faults (latency, time to first token, 5xx, 429 with Retry-After, dropped
-connections, malformed bodies, hung calls, stalled streams) are switched at run time through
+of the answer token and whose `tokens_out` the completion usage. Faults (latency, time to
+first token, 5xx, 429 with Retry-After, dropped connections, malformed bodies, hung calls,
+stalled streams) are switched at run time through
 `/admin/faults`; per-model call counters are at `/admin/stats`.
 
 Endpoints:
@@ -111,7 +112,7 @@ def _alternatives(token: str, logprob: float, k: int) -> list[dict[str, Any]]:
 class Answer:
     """One fixed answer: its tokens, their logprobs (cached per k) and the prompt's size."""
 
-    __slots__ = ("_lp", "confidence", "content", "prompt_tokens", "tokens")
+    __slots__ = ("_lp", "completion_tokens", "confidence", "content", "prompt_tokens", "tokens")
 
     def __init__(
         self,
@@ -119,8 +120,12 @@ class Answer:
         confidence: float | None,
         prompt_tokens: int | None = None,
         default: float | None = DEFAULT_CONFIDENCE,
+        completion_tokens: int | None = None,
     ):
-        """`confidence` (null or NaN: `default`) is clamped to [LOGPROB_FLOOR, 0]."""
+        """`confidence` (null or NaN: `default`) is clamped to [LOGPROB_FLOOR, 0].
+        `completion_tokens` (a trace's recorded `tokens_out`) is the usage reported for the
+        whole answer; by default its count of whitespace tokens."""
+        self.completion_tokens = completion_tokens
         self.content = content
         if default is None or math.isnan(default):
             default = DEFAULT_CONFIDENCE
@@ -152,6 +157,12 @@ class Answer:
         return cached
 
 
+def _usage_tokens(ans: Answer, sent: list[str]) -> int:
+    """Completion tokens of one choice: the recorded count for a whole answer, if any."""
+    whole = len(sent) == len(ans.tokens)
+    return ans.completion_tokens if whole and ans.completion_tokens else len(sent)
+
+
 def load_trace_answers(
     path: str | os.PathLike[str], default_confidence: float | None = DEFAULT_CONFIDENCE
 ) -> dict[tuple[str, str], Answer]:
@@ -179,12 +190,13 @@ def load_trace_answers(
                     continue
                 key = (model, prompt)
                 if key not in table:
-                    tin = rec.get("tokens_in")
+                    tin, tout = rec.get("tokens_in"), rec.get("tokens_out")
                     table[key] = Answer(
                         rec["answer"],
                         rec.get("confidence"),
                         int(tin) if tin else None,
                         default_confidence,
+                        int(tout) if tout else None,
                     )
     return table
 
@@ -802,7 +814,7 @@ class FakeUpstream:
                     "stop_reason": None,
                 }
             )
-            completion_tokens += len(tokens)
+            completion_tokens += _usage_tokens(one, tokens)
         return {
             "id": self._next_id(),
             "object": "chat.completion",
@@ -875,7 +887,7 @@ class FakeUpstream:
             return await self._break_stream(request, st, resp, stall=stall is not None)
         buf.extend(event(i, {}, None, finish) for i in range(n))
         if include_usage:
-            completion_tokens = len(tokens) * n
+            completion_tokens = _usage_tokens(ans, tokens) * n
             usage = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,

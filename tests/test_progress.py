@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from calibration.bench import BASELINES
 from tests.serving import CASCADE
 from tests.shipped import ALPACA_TEST, ALPACA_TRAIN
 
@@ -61,11 +62,19 @@ def test_bench_prints_each_pairs_verdict_as_it_finishes(pairs: Path, tmp_path: P
     for match in verdicts:
         policies = doc["pairs"][match["pair"]]["policies"]
         assert match["index"] == f"{policies['index']['auc']:.4f}"
-        best = max(("threshold", "agreement", "singles"), key=lambda n: policies[n]["auc"])
+        best = max(BASELINES, key=lambda n: policies[n]["auc"])
         assert (match["best"], match["auc"]) == (best, f"{policies[best]['auc']:.4f}")
         within = policies["index"]["cost_to_match_1pp"]
         assert match["within"] == ("never" if within is None else f"{within:.3f}")
     assert [m["pair"] for m in verdicts] == ["a", "b"]
+    # the prompt router runs on every pair; the length-only ablation on the open-ended one
+    for name in ("a", "b"):
+        router = doc["pairs"][name]["policies"]["prerouter"]
+        assert len(router["curve"]) >= 2 and 0.0 < router["auc"] < 1.0
+    assert "index-length" in doc["pairs"]["b"]["policies"]
+    assert "index-length" not in doc["pairs"]["a"]["policies"]
+    md = (out / "bench.md").read_text()
+    assert "prerouter" in md and "index-length" in md
     assert not any(VERDICT.match(line) for line in lines[2:])  # one line per pair
     assert "\r" not in rest + errors and "\x1b[" not in rest + errors  # no bar off a terminal
 

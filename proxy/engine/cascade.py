@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from policies.answers import extract_answer
 from policies.artifact import AgreementSetting, ArtifactError, PolicyArtifact
 from policies.errors import InvalidInput
+from policies.freetext import word_count
 from policies.policy import CascadePolicy
 from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy
 from policies.sampling import Vote, is_sampled, parse_sampled, vote
@@ -358,7 +359,9 @@ async def _walk(
     t0 = time.perf_counter()
     rule, names = plan.rule, plan.names
     ids = plan.node_ids or range(len(names))
-    root = rule.root_state(_prompt_text(messages))
+    prompt = _prompt_text(messages)
+    root = rule.root_state(prompt)
+    prompt_words = word_count(prompt)  # read by free-text calibrators (policies/textcal.py)
     walk = Walk(rule, plan.node_cost, max_cost_usd, root, plan.allowed, names)
     by_node: dict[int, NodeCall] = {}
     decide = time.perf_counter() - t0
@@ -374,7 +377,14 @@ async def _walk(
         for k, call in zip(calls, made, strict=True):
             by_node[k] = call
             result = call.result
-            conf = rule.signal(k, call.confidence, result.tokens_out, result.text)
+            conf = rule.signal(
+                k,
+                call.confidence,
+                result.tokens_out,
+                result.text,
+                prompt_words,
+                result.finish_reason,
+            )
             walk.record(k, result.ok, call.extracted, conf, result.cost_usd)
         step = walk.decide()
         for call in made:

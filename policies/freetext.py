@@ -1,0 +1,175 @@
+"""Signals of open-ended answers: the one implementation calibration and serving share.
+
+Two essays never agree after normalised exact match and an API may return no logprobs, so
+for free text the policy reads:
+- graded agreement of two answers in [0, 1]: Jaccard similarity of their character 3-gram
+  sets (or of their word-bigram sets); no model download, about a millisecond for two
+  1,000-token answers;
+- features of one answer: its length in tokens and relative to the prompt, truncation
+  (`finish_reason == "length"`), refusal, hedging, and list or heading structure (the
+  judges of open-ended answers reward long, structured answers);
+- summaries of token logprobs beyond the mean: the minimum and low quantiles (on long
+  outputs the mean is dominated by easy tokens; Gupta et al. 2024).
+
+Pure (text in, numbers out): the fit computes them for whole trace columns, the proxy for
+one live answer, with the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+CHAR_N = 3  # character n-gram order of `agreement` (separated best on alpaca-fusechat train)
+MAX_CHARS = 12_000  # longer answers are compared on their first MAX_CHARS characters
+AGREEMENT_METHODS = ("char", "word")
+
+_WORD = re.compile(r"\w+")
+_REFUSAL = re.compile(
+    r"\b(?:i\s*(?:'m|am)\s*(?:sorry|unable|not able)|i\s*(?:can\s*not|can't|cannot|won't)"
+    r"|as an ai\b|i\s*(?:do not|don't)\s*have (?:access|the ability)"
+    r"|i\s*(?:must|have to)\s*decline)",
+    re.IGNORECASE,
+)
+_HEDGE = re.compile(
+    r"\b(?:might|may|perhaps|possibly|probably|likely|unclear|uncertain|not sure"
+    r"|it depends|i think|i believe|approximately|roughly|generally)\b",
+    re.IGNORECASE,
+)
+_STRUCTURE = re.compile(r"^\s*(?:[-*+]\s|\d+[.)]\s|#{1,6}\s)", re.MULTILINE)
+REFUSAL_WINDOW = 300  # a refusal says so at the start
+
+
+def char_shingles(text: str, n: int = CHAR_N) -> np.ndarray:
+    """The sorted distinct character n-grams (of the UTF-8 bytes, lower case, whitespace
+    collapsed) of the text, each packed into one integer: numpy, not a set of strings, so
+    two 1,000-token answers compare in about a millisecond."""
+    if not 1 <= n <= 8:
+        raise ValueError(f"n-gram order must be 1..8, got {n}")
+    raw = " ".join(text[:MAX_CHARS].lower().split()).encode()
+    x = np.frombuffer(raw, dtype=np.uint8).astype(np.uint64 if n > 4 else np.uint32)
+    if len(x) < n:
+        return np.unique(x[:0] if not len(x) else _pack(x, len(x)))
+    codes = _pack(x, n)
+    codes.sort()
+    return codes[np.concatenate(([True], codes[1:] != codes[:-1]))]
+
+
+def _pack(x: np.ndarray, n: int) -> np.ndarray:
+    """Every run of n consecutive bytes of x as one integer (8 bits per byte)."""
+    shift = x.dtype.type(8)
+    codes = x[: len(x) - n + 1].copy()
+    for k in range(1, n):
+        codes = (codes << shift) | x[k : len(x) - n + 1 + k]
+    return codes
+
+
+def word_shingles(text: str, n: int = 2) -> set[tuple[str, ...]]:
+    """The set of word n-grams (lower case, punctuation dropped)."""
+    words = _WORD.findall(text[:MAX_CHARS].lower())
+    if len(words) < n:
+        return {tuple(words)} if words else set()
+    return set(zip(*(words[i:] for i in range(n)), strict=False))
+
+
+def jaccard(a: set, b: set) -> float:
+    """|a & b| / |a | b| of two sets; 0 when either is empty."""
+    if not a or not b:
+        return 0.0
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter)
+
+
+def sorted_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """jaccard of two sorted arrays of distinct values; 0 when either is empty."""
+    if not len(a) or not len(b):
+        return 0.0
+    pos = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    inter = int(np.count_nonzero(b[pos] == a))
+    return inter / (len(a) + len(b) - inter)
+
+
+def agreement(a: str | None, b: str | None, method: str = "char") -> float | None:
+    """Graded agreement of two free-text answers in [0, 1]; None when either is missing.
+
+    "char": Jaccard of character 3-gram sets (robust to inflection and formatting);
+    "word": Jaccard of word-bigram sets.
+    """
+    if a is None or b is None:
+        return None
+    if method == "char":
+        return sorted_jaccard(char_shingles(a), char_shingles(b))
+    if method == "word":
+        return jaccard(word_shingles(a), word_shingles(b))
+    raise ValueError(f"unknown agreement method {method!r}; expected one of {AGREEMENT_METHODS}")
+
+
+# ---------------------------------------------------------------- one answer's features
+
+FEATURES = (
+    "log_tokens",
+    "log_tokens_sq",
+    "log_rel_length",
+    "truncated",
+    "refusal",
+    "hedging",
+    "structure",
+)
+N_TEXT_FEATURES = len(FEATURES)
+CHARS_PER_TOKEN = 4.0  # a token count estimated from characters where none was returned
+
+
+def word_count(text: str | None) -> int:
+    return len(_WORD.findall(text)) if text else 0
+
+
+def answer_features(
+    text: str | None,
+    tokens_out: float | None = None,
+    prompt_words: int | None = None,
+    finish_reason: str | None = None,
+) -> tuple[float, ...] | None:
+    """FEATURES of one answer (None for no answer). `tokens_out` is the returned token
+    count (estimated from characters when None); `prompt_words` the prompt's word count
+    (the relative length is 0 without it); `finish_reason` the upstream's."""
+    if text is None:
+        return None
+    if tokens_out is None or tokens_out != tokens_out:
+        tokens_out = len(text) / CHARS_PER_TOKEN
+    lt = math.log1p(float(tokens_out))
+    words = word_count(text)
+    rel = math.log1p(words) - math.log1p(prompt_words) if prompt_words is not None else 0.0
+    refusal = 1.0 if _REFUSAL.search(text[:REFUSAL_WINDOW]) else 0.0
+    hedging = 100.0 * len(_HEDGE.findall(text)) / max(words, 1)
+    structure = math.log1p(len(_STRUCTURE.findall(text)))
+    cut = 1.0 if truncated(finish_reason) else 0.0
+    return (lt, lt * lt, rel, cut, refusal, hedging, structure)
+
+
+def truncated(finish_reason: str | None) -> bool:
+    """The upstream stopped at its token limit: the answer is cut off."""
+    return finish_reason == "length"
+
+
+# ---------------------------------------------------------------- token logprobs
+
+LOGPROB_SUMMARY = ("mean", "min", "q05", "q25")
+
+
+def logprob_summary(logprobs: Sequence[float] | None) -> tuple[float, float, float, float] | None:
+    """(mean, minimum, 5% and 25% quantiles) of an answer's token logprobs; None without any.
+
+    Quantiles by the nearest-rank rule on the sorted values (no interpolation: the same
+    number in numpy-free serving code and in calibration)."""
+    if not logprobs:
+        return None
+    values = sorted(float(x) for x in logprobs)
+    n = len(values)
+
+    def q(p: float) -> float:
+        return values[min(n - 1, max(0, math.ceil(p * n) - 1))]
+
+    return (math.fsum(values) / n, values[0], q(0.05), q(0.25))
