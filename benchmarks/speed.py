@@ -5,7 +5,8 @@ Measures, and prints against the targets:
      including the lambda search: FittedIndex + choose_mu(--target-accuracy 0.97) +
      build_artifact, the path `cli/main.py fit` runs (target: under 20 s in all);
   b. one online decision, CascadePolicy.step, over real test rows and explored prefixes of
-     1..5 nodes (target: under 20 us per step), and CascadePolicy.first;
+     1..5 nodes (target: under 20 us per step), and CascadePolicy.first; b2. the same
+     decisions as the engine makes them, through the driver (policies/walk.py);
   c. the prompt-difficulty estimate, CascadePolicy.root_state(prompt) (target: under 10 ms).
 
 Run from the repository root:  .venv/bin/python benchmarks/speed.py [--traces DIR] [--rows N]
@@ -28,6 +29,7 @@ from calibration.fit import DEFAULT_MUS, FittedIndex
 from calibration.traces import TraceSet, load_traces
 from policies.artifact import PolicyArtifact
 from policies.policy import CascadePolicy
+from policies.walk import Walk
 
 FIT_TARGET_S = 20.0
 STEP_TARGET_US = 20.0
@@ -180,6 +182,36 @@ def bench_step(policy: CascadePolicy, art: PolicyArtifact, test: TraceSet, reps:
     print()
 
 
+def bench_walk(policy: CascadePolicy, art: PolicyArtifact, test: TraceSet, reps: int) -> None:
+    """The engine's decision loop without the calls: policies/walk.py's Walk over each test
+    row (next_calls, signal, record, decide until it stops), root state given."""
+    cols = [test.models.index(m) for m in art.models]
+    costs = [n.cost_usd for n in art.nodes]
+    rows = [
+        ([test.extracted[r][c] for c in cols], [float(test.confidence[r, c]) for c in cols])
+        for r in range(len(test))
+    ]
+    steps = 0
+    t = time.perf_counter_ns()
+    for _ in range(reps):
+        for extracted, conf in rows:
+            walk = Walk(policy, costs, None, 0)
+            while calls := walk.next_calls():
+                for k in calls:
+                    signal = policy.signal(k, conf[k], None, None)
+                    walk.record(k, True, extracted[k], signal, costs[k])
+                walk.decide()
+                steps += 1
+    total_us = (time.perf_counter_ns() - t) / 1e3
+    print(
+        f"b2. the engine's decision loop, policies/walk.py Walk (next_calls + signal + record "
+        f"+ decide) over {len(rows)} rows x {reps}: {steps} steps, mean "
+        f"{total_us / steps:6.2f} us per step (the rule's step included), "
+        f"{total_us / (reps * len(rows)):6.2f} us per query"
+    )
+    print()
+
+
 def bench_difficulty(policy: CascadePolicy, test: TraceSet, reps: int) -> None:
     prompts = [test.prompt(r) for r in range(len(test))]
     root_state = policy.root_state
@@ -232,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_fit(args.traces, args.rows)
     policy, art, test = fit_small_policy(args.traces)
     bench_step(policy, art, test, args.reps)
+    bench_walk(policy, art, test, args.reps)
     bench_difficulty(policy, test, args.reps)
     print(f"benchmark wall time {time.perf_counter() - start:.1f} s")
     return 0
