@@ -5,7 +5,8 @@ Measures, and prints against the targets:
      including the lambda search: FittedIndex + choose_mu(--target-accuracy 0.97) +
      build_artifact, the path `cli/main.py fit` runs (target: under 20 s in all);
   b. one online decision, CascadePolicy.step, over real test rows and explored prefixes of
-     1..5 nodes (target: under 20 us per step), and CascadePolicy.first;
+     1..5 nodes (target: under 20 us per step), and CascadePolicy.first; b2. the same
+     decisions as the engine makes them, through the driver (policies/walk.py);
   c. the prompt-difficulty estimate, CascadePolicy.root_state(prompt) (target: under 10 ms);
   d. a sampled node at k = 5 (`small@5`, synthetic traces with samples: the recorded traces
      hold none): CascadePolicy.step with the vote's confidence (target: under 20 us), and
@@ -37,6 +38,7 @@ from calibration.traces import TraceSet, load_traces
 from policies.artifact import PolicyArtifact
 from policies.freetext import agreement, answer_features, word_count
 from policies.policy import CascadePolicy
+from policies.walk import Walk
 
 FIT_TARGET_S = 20.0
 STEP_TARGET_US = 20.0
@@ -187,6 +189,36 @@ def bench_step(policy: CascadePolicy, art: PolicyArtifact, test: TraceSet, reps:
     print(
         f"   CascadePolicy.first: mean {first_us:6.2f} us ({len(roots)} root state(s), "
         f"{loops} calls)"
+    )
+    print()
+
+
+def bench_walk(policy: CascadePolicy, art: PolicyArtifact, test: TraceSet, reps: int) -> None:
+    """The engine's decision loop without the calls: policies/walk.py's Walk over each test
+    row (next_calls, signal, record, decide until it stops), root state given."""
+    cols = [test.models.index(m) for m in art.models]
+    costs = [n.cost_usd for n in art.nodes]
+    rows = [
+        ([test.extracted[r][c] for c in cols], [float(test.confidence[r, c]) for c in cols])
+        for r in range(len(test))
+    ]
+    steps = 0
+    t = time.perf_counter_ns()
+    for _ in range(reps):
+        for extracted, conf in rows:
+            walk = Walk(policy, costs, None, 0)
+            while calls := walk.next_calls():
+                for k in calls:
+                    signal = policy.signal(k, conf[k], None, None)
+                    walk.record(k, True, extracted[k], signal, costs[k])
+                walk.decide()
+                steps += 1
+    total_us = (time.perf_counter_ns() - t) / 1e3
+    print(
+        f"b2. the engine's decision loop, policies/walk.py Walk (next_calls + signal + record "
+        f"+ decide) over {len(rows)} rows x {reps}: {steps} steps, mean "
+        f"{total_us / steps:6.2f} us per step (the rule's step included), "
+        f"{total_us / (reps * len(rows)):6.2f} us per query"
     )
     print()
 
@@ -406,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_fit(args.traces, args.rows)
     policy, art, test = fit_small_policy(args.traces)
     bench_step(policy, art, test, args.reps)
+    bench_walk(policy, art, test, args.reps)
     bench_difficulty(policy, test, args.reps)
     bench_sampled(args.reps)
     bench_freetext(args.traces, args.reps)

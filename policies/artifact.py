@@ -246,11 +246,22 @@ def _check_sizes(art: dict) -> None:
             raise _Bad(
                 path, f"expected {n + 1} entries (the start and each node), got {len(items)}"
             )
-    for i, s in enumerate((art.get("baselines") or {}).get("threshold") or []):
+    for path, items in tables[:1] + tables[2:]:  # decisions: stop (-1) or a node
+        for i, row in enumerate(items):
+            for j, move in enumerate(row):
+                if not -1 <= move < n:
+                    raise _Bad(f"{path}[{i}][{j}]", f"expected -1 (stop) to {n - 1}, got {move}")
+    baselines = art.get("baselines") or {}
+    for i, s in enumerate(baselines.get("threshold") or []):
+        if not s["chain"]:
+            raise _Bad(f"baselines.threshold[{i}].chain", "expected at least one model")
         if len(s["thresholds"]) != len(s["chain"]) - 1:
             raise _Bad(
                 f"baselines.threshold[{i}].thresholds", "expected one per chain model but the last"
             )
+    for i, s in enumerate(baselines.get("agreement") or []):
+        if not s["tiers"] or not all(s["tiers"]):
+            raise _Bad(f"baselines.agreement[{i}].tiers", "expected non-empty tiers")
     difficulty = art.get("difficulty")
     if difficulty and difficulty.get("dim", DIM) != DIM:
         raise _Bad("difficulty.dim", f"expected {DIM}, got {difficulty['dim']}")

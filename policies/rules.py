@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from policies.errors import InvalidInput
 from policies.policy import Step
 from policies.tiers import majority
 
@@ -73,7 +74,7 @@ class ThresholdPolicy:
 
     def __init__(self, chain: Sequence[str], thresholds: Sequence[float]) -> None:
         if len(thresholds) != len(chain) - 1:
-            raise ValueError(f"{len(chain)} models need {len(chain) - 1} thresholds")
+            raise InvalidInput(f"{len(chain)} models need {len(chain) - 1} thresholds")
         self.chain = list(chain)
         self.thresholds = [float(t) for t in thresholds]
         self.n_nodes = len(self.chain)

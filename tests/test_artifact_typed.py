@@ -93,6 +93,14 @@ def _edited(edit) -> str:
             "baselines.threshold[0].thresholds[0]: expected a number, got str",
         ),
         (lambda a: a["difficulty"].update(dim=7), "difficulty.dim: expected"),
+        (
+            lambda a: a["tables"]["decision"][0].__setitem__(0, 2),
+            "tables.decision[0][0]: expected -1 (stop) to 1, got 2",
+        ),
+        (
+            lambda a: a["baselines"]["agreement"][0].update(tiers=[[]]),
+            "baselines.agreement[0].tiers: expected non-empty tiers",
+        ),
     ],
     ids=[
         "cost",
@@ -105,6 +113,8 @@ def _edited(edit) -> str:
         "sweep",
         "threshold",
         "dim",
+        "move",
+        "tiers",
     ],
 )
 def test_a_malformed_field_is_refused_by_its_key(edit, message: str) -> None:

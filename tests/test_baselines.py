@@ -412,3 +412,38 @@ def test_threshold_without_a_price_is_as_accurate_on_train_as_any_chain_model(lo
     best_single = train.correct[:, select_nodes(train)].mean(axis=0).max()
     assert free.accuracy >= best_single - 1e-12
     assert [s.knob for s in settings] == sorted(s.knob for s in settings)
+
+
+@pytest.mark.research_traces
+def test_every_policy_walks_online_as_it_replays_on_mmlu(traces_dir, tmp_path) -> None:
+    """On the real MMLU traces (5 models, multi-model agreement tiers possible): every policy
+    the proxy serves, walked by the driver on the traces and by the engine over replay
+    backends, makes the decisions of calibration's replay; a cap binds them alike."""
+    from calibration.artifact import build_artifact
+    from calibration.fit import FittedIndex
+    from tests.policy_walk import (
+        assert_cap_binds_alike,
+        assert_engine_equals_replay,
+        assert_walk_equals_replay,
+    )
+
+    train = load_traces(traces_dir / "mmlu-llama-train.jsonl")
+    rows = (traces_dir / "mmlu-llama-test.jsonl").read_text(encoding="utf-8").splitlines()[:150]
+    path = tmp_path / "test.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    test = load_traces(path)
+    fitted = FittedIndex(train, recall=True)
+    # at this lambda (0.966) agreement calls llama3.2-3b and llama3.1-70b at once, then 405b
+    art = build_artifact(
+        fitted, DEFAULT_MUS[11], train_path="mmlu-llama-train.jsonl", answer_kind=train.kind
+    )
+    tiers = art.agreement_setting().tiers
+    assert len(tiers) > 1 and len(tiers[0]) > 1, tiers
+    assert_walk_equals_replay(art, test)
+    assert_engine_equals_replay(art, path, test)
+    # a cap that affords the first agreement tier but not the reference model after it
+    cost = {n.model: n.cost_usd for n in art.nodes}
+    first = sum(cost[m] for m in tiers[0])
+    answered = assert_cap_binds_alike(art, path, test, first + cost[art.models[-1]] / 2)
+    assert answered["agreement"] == answered["threshold"] == len(test)
+    assert answered["single"] == 0
