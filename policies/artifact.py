@@ -96,6 +96,11 @@ def _threshold(v: Any, path: str) -> None:
         _number(v, path)
 
 
+def _label(v: Any, path: str) -> None:
+    if v not in ("correct", "quality"):
+        raise _Bad(path, f"expected 'correct' or 'quality', got {v!r}")
+
+
 def _nullable(check: Check) -> Check:
     def run(v: Any, path: str) -> None:
         if v is not None:
@@ -204,7 +209,7 @@ _ARTIFACT = _object(
         "reference_model": _nullable(_string),
         "reference_cost_usd": _nullable(_number),
         "answer_kind": _nullable(_string),
-        "label": _string,
+        "label": _label,
         "recall_margin": _number,
         "cost_price_mu": _nullable(_number),
         "length_calibration": _nullable(_list_of(_nullable(_CALIBRATOR))),

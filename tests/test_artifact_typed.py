@@ -75,6 +75,10 @@ def _edited(edit) -> str:
             "length_calibration[1].weights: expected a list, got int",
         ),
         (lambda a: a["posterior"].pop("bias"), "posterior.bias: missing"),
+        (
+            lambda a: a.update(label="graded"),
+            "label: expected 'correct' or 'quality', got 'graded'",
+        ),
         (lambda a: a.update(recall="yes"), "recall: expected true or false, got str"),
         (
             lambda a: a["tables"]["decision"][1].__setitem__(0, "stop"),
@@ -107,6 +111,7 @@ def _edited(edit) -> str:
         "model",
         "calibrator",
         "posterior",
+        "label",
         "recall",
         "decision",
         "edges",
