@@ -3,6 +3,7 @@ calibration/textfit.py) on the real AlpacaEval answers shipped in tests/data."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from calibration.fit import FittedIndex
 from calibration.pricing import fill_costs
 from calibration.textfit import fit_text_calibrators, is_open_ended
 from calibration.traces import load_traces
+from policies.artifact import PolicyArtifact
 from policies.freetext import (
     FEATURES,
     agreement,
@@ -21,7 +23,6 @@ from policies.freetext import (
     word_count,
 )
 from policies.lengthcal import calibrated_columns, calibrators_from
-from policies.policy import policy_from_artifact
 from policies.textcal import TextCalibrator, feature_columns
 from tests.shipped import ALPACA_TEST, ALPACA_TRAIN, GSM8K_TRAIN
 
@@ -151,8 +152,9 @@ def test_the_fitted_policy_reads_the_same_signals_offline_and_online(alpaca) -> 
     cal = fit_group(feats[:, k0], alpaca.confidence[:, j0], alpaca.correct[:, j0], FEATURES)
     fitted.length_calibrators[k0] = cal
     art = build_artifact(fitted, DEFAULT_MUS[10], train_path=str(ALPACA_TRAIN))
-    assert art["length_calibration"][k0]["kind"] == "text"
-    policy = policy_from_artifact(art)
+    assert art.data["length_calibration"][k0]["kind"] == "text"
+    reloaded = PolicyArtifact.from_dict(json.loads(art.to_json()))  # through the loader
+    policy = reloaded.policy()
     offline = fitted.node_confidence(test)
     assert np.isfinite(offline[:, k0]).all()
     for i in range(len(test)):
