@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from calibration.fit import FittedIndex, select_nodes
+from calibration.pricing import fill_costs
 from calibration.sampling import add_sampled, parse_samples
 from calibration.traces import TraceError, load_traces
 from policies.answers import extract_answer, normalise_text
@@ -261,3 +262,49 @@ def test_fit_evaluate_and_bench_offer_sampled_nodes(sampled: dict[str, Path], tm
     assert any("@5" in m for m in doc["pairs"]["independent"]["nodes"])
     assert not any("@" in m for m in doc["pairs"]["copies"]["nodes"])
     assert "--samples 5" in (out / "bench.md").read_text()
+
+
+def test_samples_planted_on_recorded_gsm8k_traces(tmp_path: Path) -> None:
+    """Samples planted on the shipped GSM8K traces (RouteLLM: Mixtral and GPT-4 chains of
+    thought), right with a probability tied to each recorded answer's correctness: the
+    vote of Mixtral@5 is graded against the reference and beats Mixtral alone, node selection
+    keeps it, and the fitted posterior of the sampled node follows the test frequencies
+    share by share. With copies (no information), node selection drops it."""
+    from tests.shipped import GSM8K_TRAIN
+    from tests.synthetic import write_planted_samples
+
+    mixtral = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    name = f"{mixtral}@5"
+    spec = parse_samples(name)
+
+    def loaded(source: Path, mode: str, seed: int):
+        path = write_planted_samples(source, tmp_path / f"{mode}-{seed}.jsonl", 4, seed, mode)
+        return add_sampled(fill_costs(load_traces(path)), spec)
+
+    train = loaded(GSM8K_TRAIN, "independent", 1)
+    col, j = train.models.index(name), train.models.index(mixtral)
+    assert train.kind == "number"
+    assert train.correct[:, col].mean() > train.correct[:, j].mean() + 0.05
+    assert name in [train.models[k] for k in select_nodes(train)]
+    copies = loaded(GSM8K_TRAIN, "copies", 1)
+    assert name not in [copies.models[k] for k in select_nodes(copies)]
+    assert (copies.correct[:, copies.models.index(name)] == copies.correct[:, j]).all()
+
+    test = loaded(GSM8K_TEST, "independent", 2)
+    fitted = FittedIndex(train, recall=True, models=[name, "gpt-4-1106-preview"])
+    node = [fitted.nodes.index(col)]
+    tcol = test.models.index(name)
+    votes = np.round(np.exp(test.confidence[:, tcol]) * 6 - 0.5).astype(int)
+    seen = []
+    for v in (2, 3, 4, 5):
+        rows = np.flatnonzero(votes == v)
+        if len(rows) < 100:
+            continue
+        i = int(rows[0])
+        p, _, _ = fitted.posterior.best_one(
+            node, [test.extracted[i][tcol], None], [float(test.confidence[i, tcol]), None]
+        )
+        freq = float(test.correct[rows, tcol].mean())
+        assert abs(p - freq) < 0.08, (v, p, freq, len(rows))
+        seen.append(p)
+    assert len(seen) >= 3 and seen == sorted(seen)
