@@ -308,3 +308,29 @@ def test_samples_planted_on_recorded_gsm8k_traces(tmp_path: Path) -> None:
         assert abs(p - freq) < 0.08, (v, p, freq, len(rows))
         seen.append(p)
     assert len(seen) >= 3 and seen == sorted(seen)
+
+
+def test_free_text_samples_on_real_alpacaeval_answers(tmp_path: Path) -> None:
+    """AlpacaEval answers (free text, judged, no reference): samples that restate the
+    recorded answer keep its label (the medoid agrees with it); a medoid that is another
+    answer cannot be graded without a reference, which is an error naming the row."""
+    rows = [json.loads(line) for line in ALPACA_TEST.read_text().splitlines()[:30]]
+    first = next(iter(rows[0]["models"]))
+    for row in rows:
+        entry = row["models"][first]
+        entry["samples"] = [entry["answer"].upper(), entry["answer"] + " ", "Something else."]
+    agreeing = tmp_path / "agreeing.jsonl"
+    agreeing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    traces = fill_costs(load_traces(agreeing))
+    assert traces.kind == "text"
+    out = add_sampled(traces, parse_samples(f"{first}@4"))
+    col, j = out.models.index(f"{first}@4"), out.models.index(first)
+    assert (out.correct[:, col] == out.correct[:, j]).all()
+    assert np.allclose(out.confidence[:, col], share_confidence(0.5, 4))  # 3 of 6 pairs agree
+    for row in rows:
+        entry = row["models"][first]
+        entry["samples"] = ["Something else.", "something else", "SOMETHING ELSE!"]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TraceError, match=r"row 'alpaca-fusechat-\d+': the vote .* no reference"):
+        add_sampled(fill_costs(load_traces(other)), parse_samples(f"{first}@4"))
