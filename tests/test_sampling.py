@@ -334,3 +334,46 @@ def test_free_text_samples_on_real_alpacaeval_answers(tmp_path: Path) -> None:
     other.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(TraceError, match=r"row 'alpaca-fusechat-\d+': the vote .* no reference"):
         add_sampled(fill_costs(load_traces(other)), parse_samples(f"{first}@4"))
+
+
+@pytest.mark.research_traces
+def test_samples_planted_on_recorded_mmlu_traces(traces_dir: Path, tmp_path: Path) -> None:
+    """The research twin on multiple choice: samples planted on the recorded MMLU llama
+    traces (right with a probability tied to each recorded answer's correctness). The vote
+    of llama3.2-3b@5 beats the model alone and node selection keeps it; with copies it
+    does not; the fitted posterior of the sampled node rises with the vote share and follows
+    the test frequencies."""
+    from tests.synthetic import write_planted_samples
+
+    name = "llama3.2-3b@5"
+
+    def loaded(half: str, mode: str, seed: int):
+        source = traces_dir / f"mmlu-llama-{half}.jsonl"
+        path = write_planted_samples(source, tmp_path / f"{mode}-{half}.jsonl", 4, seed, mode)
+        return add_sampled(fill_costs(load_traces(path)), parse_samples(name))
+
+    train = loaded("train", "independent", 1)
+    col, j = train.models.index(name), train.models.index("llama3.2-3b")
+    assert train.kind == "choice"
+    assert train.correct[:, col].mean() > train.correct[:, j].mean() + 0.03
+    assert name in [train.models[k] for k in select_nodes(train)]
+    copies = loaded("train", "copies", 1)
+    assert name not in [copies.models[k] for k in select_nodes(copies)]
+    test = loaded("test", "independent", 2)
+    fitted = FittedIndex(train, recall=True, models=[name, "llama3.1-405b"])
+    node = [fitted.nodes.index(col)]
+    tcol = test.models.index(name)
+    votes = np.round(np.exp(test.confidence[:, tcol]) * 6 - 0.5).astype(int)
+    seen = []
+    for v in (2, 3, 4, 5):
+        rows = np.flatnonzero(votes == v)
+        if len(rows) < 100:
+            continue
+        i = int(rows[0])
+        p, _, _ = fitted.posterior.best_one(
+            node, [test.extracted[i][tcol], None], [float(test.confidence[i, tcol]), None]
+        )
+        freq = float(test.correct[rows, tcol].mean())
+        assert abs(p - freq) < 0.1, (v, p, freq, len(rows))
+        seen.append(p)
+    assert len(seen) >= 3 and seen == sorted(seen)
