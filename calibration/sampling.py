@@ -23,6 +23,7 @@ from policies.sampling import (
     Agreement,
     SamplingError,
     check_k,
+    is_sampled,
     parse_sampled,
     sampled_name,
     vote,
@@ -60,15 +61,8 @@ def sampled_models(traces: TraceSet) -> list[str]:
     return [
         m
         for j, m in enumerate(traces.models)
-        if any(row[j] for row in traces.samples) and parse_sampled_safe(m) is None
+        if any(row[j] for row in traces.samples) and not is_sampled(m)
     ]
-
-
-def parse_sampled_safe(name: str) -> tuple[str, int] | None:
-    try:
-        return parse_sampled(name)
-    except SamplingError:
-        return None
 
 
 def expand(traces: TraceSet, specs: Sequence[SampleSpec]) -> list[tuple[str, int]]:

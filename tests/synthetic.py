@@ -177,3 +177,52 @@ def write_choice_pair(
     train = write_choice_traces(folder / f"{name}-train.jsonl", n_rows=n_train, seed=1, prefix="tr")
     test = write_choice_traces(folder / f"{name}-test.jsonl", n_rows=n_test, seed=2, prefix="te")
     return train, test
+
+
+def write_planted_samples(
+    source: Path,
+    path: Path,
+    samples: int = 4,
+    seed: int = 0,
+    mode: str = "independent",
+    p_right: float = 0.8,
+    p_wrong: float = 0.3,
+) -> Path:
+    """Recorded traces with `samples` planted per model: `independent` samples are right
+    with probability `p_right` when the recorded answer is right and `p_wrong` when it is
+    not, independently given that (a known agreement structure tied to the recorded
+    correctness). A numeric reference (GSM8K): a wrong sample is the reference plus one (a
+    shared wrong answer) half the time, else plus 2-20; a letter A-D (multiple choice): the
+    next letter half the time, else another. `copies` repeat the recorded answer. Every
+    other field is the recorded row's."""
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"unknown sample mode {mode!r}; expected one of {SAMPLE_MODES}")
+    rng = np.random.default_rng([seed, 17])
+    out = []
+    for line in source.read_text(encoding="utf-8").split("\n"):  # not splitlines: U+2028
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        letter = str(row["reference"]).strip().upper()
+        choice = len(letter) == 1 and letter in LETTERS
+        reference = 0.0 if choice else float(row["reference"])
+        for entry in row["models"].values():
+            if mode == "copies":
+                entry["samples"] = [entry["answer"]] * samples
+                continue
+            p = p_right if entry["correct"] else p_wrong
+            drawn = []
+            for _ in range(samples):
+                if choice:
+                    right, shared = rng.random() < p, rng.random() < 0.5
+                    step = 1 if shared else int(rng.integers(2, 4))
+                    drawn.append(letter if right else LETTERS[(LETTERS.index(letter) + step) % 4])
+                elif rng.random() < p:
+                    drawn.append(f"So the answer is #### {reference:g}")
+                else:
+                    value = reference + (1 if rng.random() < 0.5 else int(rng.integers(2, 21)))
+                    drawn.append(f"So the answer is #### {value:g}")
+            entry["samples"] = drawn
+        out.append(json.dumps(row))
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return path

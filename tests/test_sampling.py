@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from calibration.fit import FittedIndex, select_nodes
+from calibration.pricing import fill_costs
 from calibration.sampling import add_sampled, parse_samples
 from calibration.traces import TraceError, load_traces
 from policies.answers import extract_answer, normalise_text
@@ -261,3 +262,118 @@ def test_fit_evaluate_and_bench_offer_sampled_nodes(sampled: dict[str, Path], tm
     assert any("@5" in m for m in doc["pairs"]["independent"]["nodes"])
     assert not any("@" in m for m in doc["pairs"]["copies"]["nodes"])
     assert "--samples 5" in (out / "bench.md").read_text()
+
+
+def test_samples_planted_on_recorded_gsm8k_traces(tmp_path: Path) -> None:
+    """Samples planted on the shipped GSM8K traces (RouteLLM: Mixtral and GPT-4 chains of
+    thought), right with a probability tied to each recorded answer's correctness: the
+    vote of Mixtral@5 is graded against the reference and beats Mixtral alone, node selection
+    keeps it, and the fitted posterior of the sampled node follows the test frequencies
+    share by share. With copies (no information), node selection drops it."""
+    from tests.shipped import GSM8K_TRAIN
+    from tests.synthetic import write_planted_samples
+
+    mixtral = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    name = f"{mixtral}@5"
+    spec = parse_samples(name)
+
+    def loaded(source: Path, mode: str, seed: int):
+        path = write_planted_samples(source, tmp_path / f"{mode}-{seed}.jsonl", 4, seed, mode)
+        return add_sampled(fill_costs(load_traces(path)), spec)
+
+    train = loaded(GSM8K_TRAIN, "independent", 1)
+    col, j = train.models.index(name), train.models.index(mixtral)
+    assert train.kind == "number"
+    assert train.correct[:, col].mean() > train.correct[:, j].mean() + 0.05
+    assert name in [train.models[k] for k in select_nodes(train)]
+    copies = loaded(GSM8K_TRAIN, "copies", 1)
+    assert name not in [copies.models[k] for k in select_nodes(copies)]
+    assert (copies.correct[:, copies.models.index(name)] == copies.correct[:, j]).all()
+
+    test = loaded(GSM8K_TEST, "independent", 2)
+    fitted = FittedIndex(train, recall=True, models=[name, "gpt-4-1106-preview"])
+    node = [fitted.nodes.index(col)]
+    tcol = test.models.index(name)
+    votes = np.round(np.exp(test.confidence[:, tcol]) * 6 - 0.5).astype(int)
+    seen = []
+    for v in (2, 3, 4, 5):
+        rows = np.flatnonzero(votes == v)
+        if len(rows) < 100:
+            continue
+        i = int(rows[0])
+        p, _, _ = fitted.posterior.best_one(
+            node, [test.extracted[i][tcol], None], [float(test.confidence[i, tcol]), None]
+        )
+        freq = float(test.correct[rows, tcol].mean())
+        assert abs(p - freq) < 0.08, (v, p, freq, len(rows))
+        seen.append(p)
+    assert len(seen) >= 3 and seen == sorted(seen)
+
+
+def test_free_text_samples_on_real_alpacaeval_answers(tmp_path: Path) -> None:
+    """AlpacaEval answers (free text, judged, no reference): samples that restate the
+    recorded answer keep its label (the medoid agrees with it); a medoid that is another
+    answer cannot be graded without a reference, which is an error naming the row."""
+    rows = [json.loads(line) for line in ALPACA_TEST.read_text().splitlines()[:30]]
+    first = next(iter(rows[0]["models"]))
+    for row in rows:
+        entry = row["models"][first]
+        entry["samples"] = [entry["answer"].upper(), entry["answer"] + " ", "Something else."]
+    agreeing = tmp_path / "agreeing.jsonl"
+    agreeing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    traces = fill_costs(load_traces(agreeing))
+    assert traces.kind == "text"
+    out = add_sampled(traces, parse_samples(f"{first}@4"))
+    col, j = out.models.index(f"{first}@4"), out.models.index(first)
+    assert (out.correct[:, col] == out.correct[:, j]).all()
+    assert np.allclose(out.confidence[:, col], share_confidence(0.5, 4))  # 3 of 6 pairs agree
+    for row in rows:
+        entry = row["models"][first]
+        entry["samples"] = ["Something else.", "something else", "SOMETHING ELSE!"]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TraceError, match=r"row 'alpaca-fusechat-\d+': the vote .* no reference"):
+        add_sampled(fill_costs(load_traces(other)), parse_samples(f"{first}@4"))
+
+
+@pytest.mark.research_traces
+def test_samples_planted_on_recorded_mmlu_traces(traces_dir: Path, tmp_path: Path) -> None:
+    """The research twin on multiple choice: samples planted on the recorded MMLU llama
+    traces (right with a probability tied to each recorded answer's correctness). The vote
+    of llama3.2-3b@5 beats the model alone and node selection keeps it; with copies it
+    does not; the fitted posterior of the sampled node rises with the vote share and follows
+    the test frequencies."""
+    from tests.synthetic import write_planted_samples
+
+    name = "llama3.2-3b@5"
+
+    def loaded(half: str, mode: str, seed: int):
+        source = traces_dir / f"mmlu-llama-{half}.jsonl"
+        path = write_planted_samples(source, tmp_path / f"{mode}-{half}.jsonl", 4, seed, mode)
+        return add_sampled(fill_costs(load_traces(path)), parse_samples(name))
+
+    train = loaded("train", "independent", 1)
+    col, j = train.models.index(name), train.models.index("llama3.2-3b")
+    assert train.kind == "choice"
+    assert train.correct[:, col].mean() > train.correct[:, j].mean() + 0.03
+    assert name in [train.models[k] for k in select_nodes(train)]
+    copies = loaded("train", "copies", 1)
+    assert name not in [copies.models[k] for k in select_nodes(copies)]
+    test = loaded("test", "independent", 2)
+    fitted = FittedIndex(train, recall=True, models=[name, "llama3.1-405b"])
+    node = [fitted.nodes.index(col)]
+    tcol = test.models.index(name)
+    votes = np.round(np.exp(test.confidence[:, tcol]) * 6 - 0.5).astype(int)
+    seen = []
+    for v in (2, 3, 4, 5):
+        rows = np.flatnonzero(votes == v)
+        if len(rows) < 100:
+            continue
+        i = int(rows[0])
+        p, _, _ = fitted.posterior.best_one(
+            node, [test.extracted[i][tcol], None], [float(test.confidence[i, tcol]), None]
+        )
+        freq = float(test.correct[rows, tcol].mean())
+        assert abs(p - freq) < 0.1, (v, p, freq, len(rows))
+        seen.append(p)
+    assert len(seen) >= 3 and seen == sorted(seen)

@@ -17,11 +17,11 @@ import psycopg
 import pytest
 from sqlalchemy import inspect
 
-from calibration.artifact import build_artifact, save_artifact
+from calibration.artifact import build_artifact, load_artifact, save_artifact
 from calibration.fit import FittedIndex
 from calibration.sampling import add_sampled, parse_samples
 from calibration.traces import load_traces
-from policies.artifact import ArtifactError, PolicyArtifact
+from policies.artifact import ArtifactError
 from proxy.engine.cascade import CascadeEngine
 from proxy.ledger.db import downgrade, make_engine, upgrade
 from tests.serving import (
@@ -147,7 +147,7 @@ def test_serve_refuses_a_config_and_artifact_that_disagree_on_sampled_nodes(
     _, err = running.proc.communicate(timeout=60)
     assert running.proc.returncode == 2
     assert err.startswith("error: ") and "['small@3']" in err and "['small@5']" in err
-    art = PolicyArtifact.from_dict(json.loads(sampled_policy.read_text()))
+    art = load_artifact(sampled_policy)
     backends = {"small": object(), "large": object()}
     for nodes, named in (
         (["small", "large"], r"artifact has sampled node\(s\) \['small@5'\]"),
