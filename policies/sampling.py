@@ -3,8 +3,9 @@
 Self-consistency (Yue et al., ICLR 2024): when k samples of the same model agree, the answer
 is more likely right. A sampled node's answer is the majority of the extracted answers (ties
 go to the earliest, so the first sample, the recorded answer of a trace, wins a tie); for free
-text it is the medoid under an agreement function (normalised exact match by default; any
-graded agreement in [0, 1] plugs in). Its confidence is the log of the vote share (free text:
+text it is the medoid under a graded agreement (by default the character 3-gram agreement of
+policies/freetext.py, the one the open-ended calibrators read; any agreement in [0, 1] plugs
+in, normalised exact match among them). Its confidence is the log of the vote share (free text:
 of the mean pairwise agreement), smoothed as (share k + 1/2) / (k + 1), so that it reads like
 a log-probability and a unanimous vote is not an infinitely sure one (the posterior reads a
 confidence as log-odds: unsmoothed, a share of 1 would sit at its clip, far from the rest);
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from policies.errors import InvalidInput
+from policies.freetext import agreement as text_agreement
 from policies.tiers import TIER_PREFIX
 
 SAMPLED_SEP = "@"
@@ -134,7 +136,12 @@ def exact_agreement(a: str, b: str) -> float:
     return 1.0 if a == b else 0.0
 
 
-def medoid(texts: Sequence[str | None], agree: Agreement = exact_agreement) -> Vote | None:
+def graded_agreement(a: str, b: str) -> float:
+    """The default agreement of free text: Jaccard of character 3-grams (policies/freetext.py)."""
+    return text_agreement(a, b) or 0.0
+
+
+def medoid(texts: Sequence[str | None], agree: Agreement = graded_agreement) -> Vote | None:
     """The medoid of free-text answers: the one with the highest summed agreement with the
     others (ties: the earliest). Its confidence is the log of the mean pairwise agreement
     of the answered samples. None when no sample has an answer."""
@@ -166,7 +173,7 @@ def medoid(texts: Sequence[str | None], agree: Agreement = exact_agreement) -> V
 
 def vote(extracted: Sequence[str | None], kind: str, agree: Agreement | None = None) -> Vote | None:
     """The node's vote over its k samples' extracted answers: the majority for choices and
-    numbers, the medoid for free text (`agree`, normalised exact match by default)."""
+    numbers, the medoid for free text (`agree`, the graded 3-gram agreement by default)."""
     if kind == "text":
-        return medoid(extracted, agree or exact_agreement)
+        return medoid(extracted, agree or graded_agreement)
     return majority(extracted)

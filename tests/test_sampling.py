@@ -19,8 +19,10 @@ from calibration.pricing import fill_costs
 from calibration.sampling import add_sampled, parse_samples
 from calibration.traces import TraceError, load_traces
 from policies.answers import extract_answer, normalise_text
+from policies.freetext import agreement
 from policies.sampling import (
     SamplingError,
+    exact_agreement,
     majority,
     medoid,
     parse_sampled,
@@ -107,7 +109,7 @@ def test_medoid_of_real_alpacaeval_answers() -> None:
     texts = [e["answer"] for e in row["models"].values()]
     restated = texts[2].upper().replace(".", " . ")
     forms = [normalise_text(t) for t in [*texts, restated]]
-    exact = medoid(forms)
+    exact = medoid(forms, exact_agreement)
     assert exact is not None and exact.index == 2 and exact.votes == 2
     assert exact.agreement == pytest.approx(1 / 10)  # 5 answers, 10 pairs, one agrees
     assert exact.confidence == pytest.approx(share_confidence(0.1, 5))
@@ -119,6 +121,12 @@ def test_medoid_of_real_alpacaeval_answers() -> None:
     assert graded.confidence == pytest.approx(share_confidence(float(np.mean(pairs)), 5))
     with pytest.raises(SamplingError, match=r"\[0, 1\]"):
         medoid(forms, lambda a, b: 2.0)
+    # the default is the open-ended signals' graded agreement (character 3-grams)
+    default = medoid(forms)
+    sums = [sum(agreement(a, b) or 0.0 for b in forms) for a in forms]
+    assert default is not None and default.index == int(np.argmax(sums))
+    assert default.index == 2  # the restated answer's original: its twin agrees most
+    assert vote(forms, "text") == default
 
 
 def test_sampled_names() -> None:
