@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.traces import TraceSet
-from policies.freetext import FEATURES
 from policies.textcal import GROUPS, TextCalibrator, feature_columns
 from policies.tiers import tier_members
 
@@ -154,7 +153,6 @@ def fit_text_calibrators(
 
 
 __all__ = [
-    "FEATURES",
     "OPEN_ENDED_TOKENS",
     "fit_group",
     "fit_text_calibrators",
