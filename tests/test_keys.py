@@ -171,7 +171,7 @@ def test_keys_end_to_end_create_use_revoke_expire_and_limits(pg_env, tmp_path):
         config = _config(tmp_path, up.url)
         alice = _create(env, "alice", "--cascades", "qa")
         ratey = _create(env, "ratey", "--rpm", "3")
-        with running_proxy(config, env, cwd=tmp_path, workers=2) as proxy:
+        with running_proxy(config, env, cwd=tmp_path, workers=2, ready_s=90) as proxy:
             assert _ask(proxy.url, alice).status_code == 200
             assert _ask(proxy.url, "sk-config-1").status_code == 200  # config keys still work
             refused = _ask(proxy.url, alice, model="large")
@@ -220,8 +220,8 @@ def test_budget_holds_under_concurrent_requests_from_two_instances(pg_env, tmp_p
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         with (
-            running_proxy(config, env, cwd=tmp_path / "a") as one,
-            running_proxy(config, env, cwd=tmp_path / "b") as two,
+            running_proxy(config, env, cwd=tmp_path / "a", ready_s=90) as one,
+            running_proxy(config, env, cwd=tmp_path / "b", ready_s=90) as two,
         ):
             urls = [one.url, two.url] * 20
             with ThreadPoolExecutor(16) as pool:

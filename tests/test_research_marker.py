@@ -100,7 +100,9 @@ def test_in_ci_missing_traces_fail_the_research_tests_instead(inner, tmp_path: P
     result.assert_outcomes(passed=2, errors=4)
     out = result.stdout.str()
     # one reason per error, at the start of its line (the summary may repeat it, width allowing)
-    reasons = re.findall(r"^research traces not found at .*CASCADE_CI is set: CI runs every", out, re.M)
+    reasons = re.findall(
+        r"^research traces not found at .*CASCADE_CI is set: CI runs every", out, re.M
+    )
     assert len(reasons) == 4, out
     assert "research-trace tests skipped" not in out
 

@@ -27,6 +27,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,8 @@ class KeyCache:
     _inflight: dict[str, tuple[str, float, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _tried: threading.Event = field(default_factory=threading.Event)  # a first read ended
+    warm: Callable[[], None] | None = None  # run first on the thread (prices, output limits)
     _thread: threading.Thread | None = None
     _engine: Engine | None = None
     last_error: str | None = None
@@ -76,9 +79,19 @@ class KeyCache:
         if self._engine is not None:
             self._engine.dispose()
 
+    def wait_tried(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the first read to end (well or not)."""
+        return self._tried.wait(seconds)
+
     def _run(self) -> None:
+        if self.warm is not None:
+            try:
+                self.warm()
+            except Exception:
+                log.exception("keys: could not look up the models' prices and output limits")
         while not self._stop.is_set():
             self.refresh()
+            self._tried.set()
             self._stop.wait(self.refresh_s)
 
     def refresh(self) -> None:

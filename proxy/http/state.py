@@ -171,8 +171,8 @@ def build_state(config: Config) -> ProxyState:
         state.rate_limiter = RateLimiter(Path(shared_signal).parent if shared_signal else None)
         if state.ledger is not None:
             state.ledger.on_submit = state.keys.note
-        for name in config.models:  # prices and output limits now, not on a request
-            state.worst_price(name)
+        # prices and output limits before the first request, off the start's critical path
+        state.keys.warm = lambda: [state.worst_price(name) for name in config.models]
     return state
 
 
