@@ -77,6 +77,15 @@ def pg_env(pg_db):  # noqa: F811
     return env, name
 
 
+def _until(probe, wanted, seconds: float = 30.0) -> float:
+    """Seconds until `probe()` gives `wanted` (polled; the machine may be loaded)."""
+    start = time.monotonic()
+    while (got := probe()) != wanted:
+        assert time.monotonic() - start < seconds, (got, wanted)
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
 def _sql(dbname: str, query: str, *args) -> list[tuple]:
     with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={dbname}", autocommit=True) as c:
         cur = c.execute(query, args)

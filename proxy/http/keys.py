@@ -84,15 +84,18 @@ class KeyCache:
         return self._tried.wait(seconds)
 
     def _run(self) -> None:
-        if self.warm is not None:
-            try:
-                self.warm()
-            except Exception:
-                log.exception("keys: could not look up the models' prices and output limits")
-        while not self._stop.is_set():
+        self.refresh()
+        self._tried.set()
+        if self.warm is not None:  # on its own thread: it may take seconds (litellm's import)
+            threading.Thread(target=self._warm, name="cascade-keys-warm", daemon=True).start()
+        while not self._stop.wait(self.refresh_s):
             self.refresh()
-            self._tried.set()
-            self._stop.wait(self.refresh_s)
+
+    def _warm(self) -> None:
+        try:
+            self.warm()  # type: ignore[misc]
+        except Exception:
+            log.exception("keys: could not look up the models' prices and output limits")
 
     def refresh(self) -> None:
         """Read the keys and their spend. Which unwritten records reached the database is
