@@ -194,25 +194,27 @@ def test_keys_end_to_end_create_use_revoke_expire_and_limits(pg_env, tmp_path):
             limited = [r for r in codes if r.status_code == 429]
             assert limited and limited[0].json()["error"]["code"] == "rate_limited"
             assert 1 <= int(limited[0].headers["retry-after"]) <= 60
-            # a key made while the proxy runs works within the refresh interval
+            # a key made while the proxy runs works within the refresh interval (both workers)
             bob = _create(env, "bob")
-            time.sleep(REFRESH_S * 3)
-            assert _ask(proxy.url, bob).status_code == 200
+            took = _until(lambda: [_ask(proxy.url, bob).status_code for _ in range(4)], [200] * 4)
+            print(f"new key accepted by both workers after {took:.2f} s")
             # revoked: refused within the refresh interval
             assert _keys(env, "revoke", "bob").returncode == 0
-            time.sleep(REFRESH_S * 3)
+            took = _until(lambda: [_ask(proxy.url, bob).status_code for _ in range(4)], [401] * 4)
+            print(f"revoked key refused by both workers after {took:.2f} s")
             gone = _ask(proxy.url, bob)
-            assert gone.status_code == 401 and gone.json()["error"]["code"] == "revoked_api_key"
+            assert gone.json()["error"]["code"] == "revoked_api_key"
             # expired
             _sql(
                 dbname,
                 "UPDATE api_keys SET expires_at = now() - interval '1 s' WHERE name = 'alice'",
             )
-            time.sleep(REFRESH_S * 3)
+            _until(lambda: _ask(proxy.url, alice).status_code, 401)
             old = _ask(proxy.url, alice)
-            assert old.status_code == 401 and old.json()["error"]["code"] == "expired_api_key"
+            assert old.json()["error"]["code"] == "expired_api_key"
     names = dict(_sql(dbname, "SELECT api_key, count(*) FROM ledger_requests GROUP BY api_key"))
-    assert names["alice"] == 1 and names["config-key"] == 1 and names["bob"] == 1
+    # (requests made while a change was not yet read are answered and ledgered)
+    assert names["alice"] >= 1 and names["config-key"] == 1 and names["bob"] >= 4
     assert 1 <= names["ratey"] <= 3
 
 
