@@ -27,7 +27,6 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,7 +60,6 @@ class KeyCache:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _tried: threading.Event = field(default_factory=threading.Event)  # a first read ended
-    warm: Callable[[], None] | None = None  # run first on the thread (prices, output limits)
     _thread: threading.Thread | None = None
     _engine: Engine | None = None
     last_error: str | None = None
@@ -86,16 +84,8 @@ class KeyCache:
     def _run(self) -> None:
         self.refresh()
         self._tried.set()
-        if self.warm is not None:  # on its own thread: it may take seconds (litellm's import)
-            threading.Thread(target=self._warm, name="cascade-keys-warm", daemon=True).start()
         while not self._stop.wait(self.refresh_s):
             self.refresh()
-
-    def _warm(self) -> None:
-        try:
-            self.warm()  # type: ignore[misc]
-        except Exception:
-            log.exception("keys: could not look up the models' prices and output limits")
 
     def refresh(self) -> None:
         """Read the keys and their spend. Which unwritten records reached the database is
