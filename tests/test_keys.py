@@ -129,6 +129,13 @@ def test_bad_options_are_refused_and_write_nothing(tmp_path):
         (["update", "taken", "--clear", "colour"], "--clear 'colour'"),
         (["update", "taken", "--clear", "rpm", "--rpm", "3"], "give one"),
         (["update", "taken", "--expires", "yesterday"], "neither a duration"),
+        (["update", "taken", "--period", "year"], "--period 'year'"),
+        (["update", "taken", "--budget-usd", "0"], "positive number"),
+        (["update", "taken", "--rpm", "-3"], "at least 1"),
+        (["update", "taken", "--cascades", ","], "comma-separated"),
+        (["update", "taken", "--clear", "budget", "--period", "day"], "the period is the budget"),
+        (["update", "bad name", "--rpm", "3"], "--name 'bad name'"),
+        (["list", "--database-url", "sqlite:////nonexistent/x.db"], "does not"),
     ]
     before = db.read_bytes()
     for args, message in bad:
@@ -332,3 +339,36 @@ def test_rate_limit_is_shared_by_limiters_on_one_folder(tmp_path):
     assert limited.value.code == "rate_limited" and limited.value.headers == {"Retry-After": "50"}
     a.hit("other", 3, t)  # per key
     b.hit("k", 3, t + 60)  # the next minute starts afresh
+
+
+def test_a_database_key_named_like_a_config_key_is_ignored(tmp_path):
+    """Names are unique across the config and the database: a proxy ignores a database key
+    whose name one of its config keys has (`keys create --config` refuses it to begin with)."""
+    from proxy.http.keys import KeyCache
+    from proxy.ledger.db import make_engine, upgrade
+    from proxy.ledger.keys import create_key
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    now = dt.datetime.now(dt.UTC)
+    made = {
+        name: create_key(
+            engine,
+            name,
+            budget_usd=None,
+            period=None,
+            rpm=None,
+            cascades=None,
+            expires_at=None,
+            now=now,
+        )
+        for name in ("alice", "bob")
+    }
+    engine.dispose()
+    cache = KeyCache(lambda: make_engine(url), reserved_names=frozenset({"alice"}))
+    cache.refresh()
+    assert cache.lookup(made["alice"]) is None
+    assert cache.lookup(made["bob"]).name == "bob"
+    assert cache.accepts(made["bob"]) and not cache.accepts(made["alice"])
+    cache.stop()
