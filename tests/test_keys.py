@@ -189,6 +189,8 @@ def test_keys_end_to_end_create_use_revoke_expire_and_limits(pg_env, tmp_path):
         ratey = _create(env, "ratey", "--rpm", "3")
         with running_proxy(config, env, cwd=tmp_path, workers=2, ready_s=90) as proxy:
             assert _ask(proxy.url, alice).status_code == 200
+            keys = httpx.get(f"{proxy.url}/health", timeout=10).json()["keys"]
+            assert keys == {"loaded": True, "keys": 2, "error": None}
             assert _ask(proxy.url, "sk-config-1").status_code == 200  # config keys still work
             refused = _ask(proxy.url, alice, model="large")
             assert refused.status_code == 403 and refused.json()["error"]["code"] == (

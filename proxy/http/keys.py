@@ -77,6 +77,10 @@ class KeyCache:
         if self._engine is not None:
             self._engine.dispose()
 
+    def status(self) -> dict:
+        """The keys' part of /health: how many were read, and why the last read failed."""
+        return {"loaded": self.loaded, "keys": len(self.by_hash), "error": self.last_error}
+
     def wait_tried(self, seconds: float) -> bool:
         """Wait up to `seconds` for the first read to end (well or not)."""
         return self._tried.wait(seconds)
