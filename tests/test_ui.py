@@ -89,6 +89,15 @@ class Browser:
         return res["result"].get("value")
 
 
+def _shrink(png: Path) -> None:
+    """64 colours are plenty for the page: a third of the bytes in the repository."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        small = image.convert("RGB").quantize(colors=64)
+    small.save(png, optimize=True)
+
+
 async def _drive(chromium: str, url: str, request_id: str, shot: Path) -> dict:
     import websockets
 
@@ -135,6 +144,7 @@ async def _drive(chromium: str, url: str, request_id: str, shot: Path) -> dict:
             shot.parent.mkdir(parents=True, exist_ok=True)
             png = await b.call("Page.captureScreenshot", format="png")
             shot.write_bytes(base64.b64decode(png["data"]))
+            _shrink(shot)
             out["errors"] = list(b.errors)
             return out
     finally:
@@ -146,37 +156,50 @@ async def _drive(chromium: str, url: str, request_id: str, shot: Path) -> dict:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_dashboard_in_headless_chromium(pg_db, tmp_path):  # noqa: F811
+def test_dashboard_in_headless_chromium(pg_db, policy, tmp_path):  # noqa: F811
     chromium = _chromium()
     dbname, url = pg_db
     env = {**os.environ, "CASCADE_DATABASE_URL": url, "UI_TEST_ADMIN": ADMIN}
     db_upgrade(env)
-    made = subprocess.run(
-        [str(CASCADE), "keys", "create", "--name", "team-a", "--budget-usd", "5"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    secret = made.stdout.strip().splitlines()[-1]
+    secrets = {}
+    for name, *limits in (("team-a", "--budget-usd", "50"), ("team-b", "--budget-usd", "20")):
+        made = subprocess.run(
+            [str(CASCADE), "keys", "create", "--name", name, *limits],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        secrets[name] = made.stdout.strip().splitlines()[-1]
     with fake_upstream("small,large") as up:
-        price = {"price_in_per_mtok": 300.0, "price_out_per_mtok": 600.0}
+        price = {"price_in_per_mtok": 30.0, "price_out_per_mtok": 60.0}
         config = write_config(
             tmp_path,
             {
                 "models": {
                     "small": {"backend": "openai", "base_url": f"{up.url}/v1", **price},
-                    "large": {"backend": "openai", "base_url": f"{up.url}/v1", **price},
+                    "large": {"backend": "openai", "base_url": f"{up.url}/v1",
+                              "price_in_per_mtok": 600.0, "price_out_per_mtok": 1200.0},
                 },
-                "cascades": {"qa": {"nodes": ["small", "large"], "reference": "large"}},
+                "cascades": {
+                    "qa": {"nodes": ["small", "large"], "reference": "large",
+                           "policy": str(policy)},
+                },
                 "server": {"database_keys": True, "admin_key_env": "UI_TEST_ADMIN"},
             },
-        )
-        with running_proxy(config, env, cwd=tmp_path) as proxy:
+        )  # fmt: skip
+        with running_proxy(config, env, cwd=tmp_path, ready_s=90) as proxy:
             ids = []
-            for i in range(6):
+            for i in range(8):
+                confident = i % 2 == 0  # a confident small model answers alone; else escalate
+                small = ("B", -0.01) if confident else ("C", -2.5)
+                for model, (text, confidence) in (("small", small), ("large", ("B", -0.05))):
+                    httpx.post(
+                        f"{up.url}/admin/answers",
+                        json={"model": model, "answer": text, "confidence": confidence},
+                    ).raise_for_status()
                 reply = httpx.post(
                     f"{proxy.url}/v1/chat/completions",
                     json={"model": "qa", "messages": [{"role": "user", "content": f"q {i}"}]},
-                    headers={"Authorization": f"Bearer {secret}"},
+                    headers={"Authorization": f"Bearer {secrets['team-a' if i < 5 else 'team-b']}"},
                     timeout=30,
                 )
                 assert reply.status_code == 200, reply.text
@@ -190,15 +213,21 @@ def test_dashboard_in_headless_chromium(pg_db, tmp_path):  # noqa: F811
                     if n == len(ids) or time.monotonic() > deadline:
                         break
                     time.sleep(0.2)
+                calls = conn.execute(
+                    "SELECT model FROM ledger_calls WHERE request_id = %s ORDER BY call_order",
+                    (ids[1],),
+                ).fetchall()
             assert n == len(ids)
+            assert [m for (m,) in calls] == ["small", "large"]  # the known request escalated
             shot = SCREENSHOT if os.environ.get("CASCADE_UI_SCREENSHOT") else tmp_path / "ui.png"
-            page = asyncio.run(_drive(chromium, proxy.url, ids[2], shot))
+            page = asyncio.run(_drive(chromium, proxy.url, ids[1], shot))
     assert page["errors"] == [], page["errors"]
     assert page["spend"] == f"${spend:,.6f}", (page["spend"], spend)
-    assert page["trace"] and "team-a" in page["trace"] and "large" in page["trace"]
+    trace = page["trace"]
+    assert trace and "team-a" in trace and "small" in trace and "large" in trace, trace
     assert page["charts"] == 3
-    assert "team-a" in page["budget"] and "$5" in page["budget"]
-    assert shot.stat().st_size > 10_000
+    assert "team-a" in page["budget"] and "$50" in page["budget"] and "team-b" in page["budget"]
+    assert 10_000 < shot.stat().st_size < 150_000
 
 
 def test_ui_needs_the_admin_key_or_its_session_cookie(tmp_path):

@@ -70,6 +70,7 @@ async def health(request: Request) -> Response:
             "worker_pid": os.getpid(),
             "upstreams": upstreams,
             "database": database,
+            **({"keys": state.keys.status()} if state.keys is not None else {}),
             "cascades": {
                 n: {"policy_hash": e.policy_hash, "nodes": e.nodes}
                 for n, e in state.engines.items()

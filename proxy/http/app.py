@@ -63,9 +63,9 @@ def create_app(state: ProxyState) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if state.ledger is not None:
             state.ledger.start()
-        if state.keys is not None:  # the first read now, bounded; then in the background
-            await asyncio.wait_for(asyncio.to_thread(state.keys.refresh), 10.0)
+        if state.keys is not None:  # read in the background; the first read awaited, bounded
             state.keys.start()
+            await asyncio.to_thread(state.keys.wait_tried, 10.0)
         watch_s = state.config.server.policy_watch_s
         watchers = []
         files = state.policy_files

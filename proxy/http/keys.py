@@ -59,6 +59,7 @@ class KeyCache:
     _inflight: dict[str, tuple[str, float, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _tried: threading.Event = field(default_factory=threading.Event)  # a first read ended
     _thread: threading.Thread | None = None
     _engine: Engine | None = None
     last_error: str | None = None
@@ -76,10 +77,19 @@ class KeyCache:
         if self._engine is not None:
             self._engine.dispose()
 
+    def status(self) -> dict:
+        """The keys' part of /health: how many were read, and why the last read failed."""
+        return {"loaded": self.loaded, "keys": len(self.by_hash), "error": self.last_error}
+
+    def wait_tried(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the first read to end (well or not)."""
+        return self._tried.wait(seconds)
+
     def _run(self) -> None:
-        while not self._stop.is_set():
+        self.refresh()
+        self._tried.set()
+        while not self._stop.wait(self.refresh_s):
             self.refresh()
-            self._stop.wait(self.refresh_s)
 
     def refresh(self) -> None:
         """Read the keys and their spend. Which unwritten records reached the database is
