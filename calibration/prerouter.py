@@ -57,8 +57,10 @@ class PromptRouter:
             y = train.correct[rows, j]
             if len(np.unique(y)) < 2:
                 self.models.append(float(y.mean()))
-            else:
+            elif train.label == "correct":
                 self.models.append(LogisticRegression(C=C_REG, solver="liblinear").fit(x, y))
+            else:
+                self.models.append(_soft_fit(x, y.astype(float)))
 
     def p_correct(self, traces: TraceSet, rows: np.ndarray | None = None) -> np.ndarray:
         """(N, M) predicted P(correct) per row and model."""
@@ -69,6 +71,22 @@ class PromptRouter:
             for m in self.models
         ]
         return np.stack(cols, axis=1)
+
+
+def _soft_fit(x, quality: np.ndarray):
+    """A logistic regression on graded labels in [0, 1] (`--label quality`): each prompt
+    counts as a success with weight q and a failure with weight 1 - q, whose likelihood is
+    that of the soft label."""
+    import scipy.sparse
+    from sklearn.linear_model import LogisticRegression
+
+    stacked = scipy.sparse.vstack([x, x]) if scipy.sparse.issparse(x) else np.vstack([x, x])
+    n = len(quality)
+    labels = np.r_[np.ones(n), np.zeros(n)]
+    weights = np.r_[quality, 1.0 - quality]
+    return LogisticRegression(C=C_REG, solver="liblinear").fit(
+        stacked, labels, sample_weight=weights
+    )
 
 
 def route(p: np.ndarray, cost_fraction: np.ndarray, mu: float) -> np.ndarray:

@@ -18,6 +18,7 @@ from calibration.bench import Pair, run_pair
 from calibration.evaluate import replay_artifact
 from calibration.fit import fit_logistic
 from calibration.traces import load_traces
+from policies.artifact import PolicyArtifact
 from tests.serving import CASCADE
 from tests.shipped import ALPACA_TEST, ALPACA_TRAIN, GSM8K_TRAIN
 
@@ -77,7 +78,7 @@ def test_evaluate_scores_a_quality_policy_by_the_mean_quality_it_returns(
     report = json.loads(res.stdout)
     assert report["label"] == "quality"
     test = load_traces(ALPACA_TEST)
-    art = json.loads(quality_policy.read_text())
+    art = PolicyArtifact.from_dict(json.loads(quality_policy.read_text()))
     o = replay_artifact(art, test.with_label("quality"))
     returned = test.quality[np.arange(len(test)), o.answer_model]
     assert report["accuracy"] == pytest.approx(returned.mean())

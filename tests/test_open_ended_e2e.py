@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
     )
     art = _art(fitted, mu)
     policy = folder / "policy.json"
-    policy.write_text(json.dumps(art))
+    policy.write_text(art.to_json())
     models = ",".join(test.models)
     with fake_upstream(models, "--traces", str(ALPACA_TEST)) as up:
         config = {
@@ -103,7 +103,7 @@ def _post(url: str, messages: list[dict], stream: bool = False) -> httpx.Respons
 
 def test_long_prompts_get_the_recalled_answer_the_replay_picks(setup) -> None:
     art, test, url, ledger = setup
-    assert all(c and c["kind"] == "text" for c in art["length_calibration"][:3])
+    assert all(c and c["kind"] == "text" for c in art.data["length_calibration"][:3])
     outcome = replay_artifact(art, test)
     ids = []
     for row in range(ROWS):
