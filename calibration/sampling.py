@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from calibration.graders import default_grader
-from calibration.traces import TraceError, TraceSet
+from calibration.traces import TraceError, TraceSet, with_columns
 from policies.answers import extract_answer
 from policies.sampling import (
     Agreement,
@@ -164,24 +164,14 @@ def add_sampled(
         for r in samples:
             r.append([])
         models.append(name)
-    arrays = {f: np.hstack(parts) for f, parts in cols.items()}
-    mean_cost = np.nan_to_num(np.nanmean(arrays["cost_usd"], axis=0), nan=0.0)
-    order = np.argsort(mean_cost, kind="stable")
-    return TraceSet(
-        path=traces.path,
-        models=tuple(models[j] for j in order),
-        ids=traces.ids,
-        tasks=traces.tasks,
-        messages=traces.messages,
-        references=traces.references,
-        answers=[[r[j] for j in order] for r in answers],
-        extracted=[[r[j] for j in order] for r in extracted],
-        **{f: a[:, order] for f, a in arrays.items()},
-        cost_source=traces.cost_source,
-        kind=traces.kind,
-        notes=[*traces.notes, f"sampled nodes added: {[sampled_name(m, k) for m, k in pairs]}"],
-        samples=[[r[j] for j in order] for r in samples],
-        subsets=traces.subsets,
+    return with_columns(
+        traces,
+        models,
+        answers,
+        extracted,
+        {f: np.hstack(parts) for f, parts in cols.items()},
+        f"sampled nodes added: {[sampled_name(m, k) for m, k in pairs]}",
+        samples,
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from calibration.traces import TraceError, TraceSet
+from calibration.traces import TraceError, TraceSet, with_columns
 from policies.tiers import tier_name, tier_vote
 
 
@@ -67,26 +67,15 @@ def add_tiers(traces: TraceSet, tiers: Sequence[Sequence[str]]) -> TraceSet:
             cols[f].append(getattr(traces, f)[:, idx].sum(axis=1)[:, None])  # nan if any nan
         cols["latency_ms"].append(traces.latency_ms[:, idx].max(axis=1)[:, None])
         models.append(name)
-    arrays = {f: np.hstack(parts) for f, parts in cols.items()}
-    mean_cost = np.nan_to_num(np.nanmean(arrays["cost_usd"], axis=0), nan=0.0)
-    order = np.argsort(mean_cost, kind="stable")
-    return TraceSet(
-        path=traces.path,
-        models=tuple(models[j] for j in order),
-        ids=traces.ids,
-        tasks=traces.tasks,
-        messages=traces.messages,
-        references=traces.references,
-        answers=[[r[j] for j in order] for r in answers],
-        extracted=[[r[j] for j in order] for r in extracted],
-        **{f: a[:, order] for f, a in arrays.items()},
-        cost_source=traces.cost_source,
-        kind=traces.kind,
-        notes=[*traces.notes, f"tiers added: {[tier_name(t) for t in tiers]}"],
-        samples=[[[*r, *[[]] * (len(models) - len(r))][j] for j in order] for r in traces.samples],
-        finish_reasons=None if reasons is None else [[r[j] for j in order] for r in reasons],
-        subsets=traces.subsets,
-        label=traces.label,
+    return with_columns(
+        traces,
+        models,
+        answers,
+        extracted,
+        {f: np.hstack(parts) for f, parts in cols.items()},
+        f"tiers added: {[tier_name(t) for t in tiers]}",
+        [[*r, *[[]] * (len(models) - len(r))] for r in traces.samples],
+        reasons,
     )
 
 

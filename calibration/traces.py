@@ -160,6 +160,43 @@ class TraceSet:
         )
 
 
+def with_columns(
+    traces: TraceSet,
+    models: list[str],
+    answers: list[list[str | None]],
+    extracted: list[list[str | None]],
+    arrays: dict[str, np.ndarray],
+    note: str,
+    samples: list[list[list[str | None]]],
+    finish_reasons: list[list[str | None]] | None = None,
+) -> TraceSet:
+    """`traces` with columns added (tier or sampled nodes): `models`, `answers`, `extracted`,
+    the (N, M) `arrays` and `samples` hold the old columns and the new ones; every column is
+    then ordered by mean cost, cheapest first, as a trace's models are."""
+    mean_cost = np.nan_to_num(np.nanmean(arrays["cost_usd"], axis=0), nan=0.0)
+    order = np.argsort(mean_cost, kind="stable")
+    return TraceSet(
+        path=traces.path,
+        models=tuple(models[j] for j in order),
+        ids=traces.ids,
+        tasks=traces.tasks,
+        messages=traces.messages,
+        references=traces.references,
+        answers=[[r[j] for j in order] for r in answers],
+        extracted=[[r[j] for j in order] for r in extracted],
+        **{f: a[:, order] for f, a in arrays.items()},
+        cost_source=traces.cost_source,
+        kind=traces.kind,
+        notes=[*traces.notes, note],
+        samples=[[r[j] for j in order] for r in samples],
+        finish_reasons=None
+        if finish_reasons is None
+        else [[r[j] for j in order] for r in finish_reasons],
+        subsets=traces.subsets,
+        label=traces.label,
+    )
+
+
 def load_traces(path: str | Path, kind: str | None = None) -> TraceSet:
     """Read and validate one trace JSONL file. Raises TraceError naming file:line.
 
