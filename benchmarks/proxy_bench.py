@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"policies fitted on mmlu-llama-train in {time.perf_counter() - t:.1f} s: one node "
             f"(lambda {art1.lam:.3f}, {art1.hash[:19]}); three nodes "
-            f"{[n['model'] for n in art3['nodes']]} (mu {THREE_MU}, lambda "
+            f"{art3.models} (mu {THREE_MU}, lambda "
             f"{art3.lam:.3f}, {art3.hash[:19]}) calls {walked} in process for "
             f"answers {THREE_ANSWERS}"
         )
