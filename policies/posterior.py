@@ -1,7 +1,10 @@
 """P(an answer is correct | everything observed so far): the signal the policy decides on.
 
 One logistic model scores each candidate answer (an equivalence class of extracted
-answers) from who voted for it, who dissented, and how confident each of them was. The
+answers) from who voted for it, who dissented, and how confident each of them was. On
+open-ended answers, which never match exactly, votes are graded: a model votes for a
+candidate by the agreement of their texts in [0, 1] (policies/freetext.py) and dissents
+by the rest; exact classes are the special case of agreement 1 or 0. The
 same code runs at fit time (vectorised over rows and explored sets) and at serve time
 (one query). Fitting lives in calibration/; this module only evaluates fitted weights.
 
