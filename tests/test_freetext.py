@@ -3,6 +3,7 @@ calibration/textfit.py) on the real AlpacaEval answers shipped in tests/data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -244,6 +245,20 @@ def test_recall_reads_the_same_graded_posterior_offline_and_online(alpaca) -> No
     test = fill_costs(load_traces(ALPACA_TEST))
     fitted = FittedIndex(alpaca, recall=True)
     assert fitted.graded
+    # every fifth row, the second node's call failed: no text, no extracted answer
+    failed = fitted.nodes[1]
+    gone = [
+        [None if (r % 5 == 0 and j == failed) else a for j, a in enumerate(row)]
+        for r, row in enumerate(test.answers)
+    ]
+    test = dataclasses.replace(
+        test,
+        answers=gone,
+        extracted=[
+            [e if g is not None else None for e, g in zip(row, grow, strict=True)]
+            for row, grow in zip(test.extracted, gone, strict=True)
+        ],
+    )
     art = build_artifact(fitted, DEFAULT_MUS[10], train_path=str(ALPACA_TRAIN))
     assert art.data["agreement"] == "graded"
     policy = PolicyArtifact.from_dict(json.loads(art.to_json())).policy()
@@ -259,7 +274,8 @@ def test_recall_reads_the_same_graded_posterior_offline_and_online(alpaca) -> No
             for k in (k for k in range(n) if (mask >> k) & 1):
                 text = test.answers[r][nodes[k]]
                 c = None if np.isnan(conf[r, k]) else float(conf[r, k])
-                walk.record(k, True, test.extracted[r][nodes[k]], c, 0.0, walk.agreement(k, text))
+                ok, got = text is not None, test.extracted[r][nodes[k]]
+                walk.record(k, ok, got, c, 0.0, walk.agreement(k, text))
             p, m, last_p = policy.posterior.best_one_graded(
                 walk.explored, walk.extracted, walk.confidence, walk.agree
             )
