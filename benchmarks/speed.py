@@ -14,10 +14,12 @@ Measures, and prints against the targets:
   e. free-text signals on AlpacaEval answers of about 1,000 tokens (alpaca-fusechat-test):
      the answer's features (target: under 1 ms), the graded agreement of two such answers
      (target: under 2 ms), and the decision step of a policy fitted on alpaca-fusechat-train
-     (text calibrators, 4 nodes; target: under 20 us per step).
+     (text calibrators, 4 nodes, recall under graded agreement; target: under 20 us per
+     step), and apart from it the agreement of each arriving answer with those seen
+     (Walk.agreement, what the engine computes outside the step).
 
 Run from the repository root:  .venv/bin/python benchmarks/speed.py [--traces DIR] [--rows N]
-(`--sampled-only`: part d alone, which needs no recorded traces).
+(`--sampled-only`: part d alone, which needs no recorded traces; `--freetext-only`: part e).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from calibration.artifact import build_artifact, choose_mu
 from calibration.fit import DEFAULT_MUS, FittedIndex
 from calibration.traces import TraceSet, load_traces
 from policies.artifact import PolicyArtifact
-from policies.freetext import agreement, answer_features, word_count
+from policies.freetext import agreement, answer_features, pairwise_agreement, word_count
 from policies.policy import CascadePolicy
 from policies.walk import Walk
 
@@ -381,8 +383,11 @@ def bench_freetext(traces_dir: Path, reps: int) -> None:
     n = len(art.models)
     cols = [test.models.index(m) for m in art.models]
     calls = []
+    arrivals = []  # (row, node): the answer arriving after nodes 0..node-1
     for r in range(len(test)):
         words = word_count(test.prompt(r))
+        texts = [test.answers[r][c] for c in cols]
+        agree = pairwise_agreement([texts])[0].tolist()  # the values the walk computes
         conf = [
             policy.signal(
                 k, None, float(test.tokens_out[r, cols[k]]), test.answers[r][cols[k]], words
@@ -392,18 +397,42 @@ def bench_freetext(traces_dir: Path, reps: int) -> None:
         for k in range(1, n + 1):
             explored = list(range(k))
             extracted = [test.extracted[r][cols[j]] if j < k else None for j in range(n)]
-            calls.append((explored, extracted, [c if j < k else None for j, c in enumerate(conf)]))
+            seen = [c if j < k else None for j, c in enumerate(conf)]
+            calls.append((explored, extracted, seen, agree if policy.graded else None))
+            arrivals.append((r, k - 1))
     step = _timed_ms(policy.step, calls, reps) * 1000.0
     mean, p50, p99 = percentiles(step)
     verdict = "within" if mean < STEP_TARGET_US else "OVER"
     print(
-        f"   CascadePolicy.step, policy fitted on alpaca-fusechat-train (calibrators {kinds}): "
-        f"{len(step)} steps"
+        f"   CascadePolicy.step, policy fitted on alpaca-fusechat-train (calibrators {kinds}, "
+        f"agreement {art.agreement_mode}): {len(step)} steps over 1..{n} explored nodes"
     )
     print(
         f"   mean {mean:6.2f}  p50 {p50:6.2f}  p99 {p99:6.2f} us per step, timed one by one "
         f"(target < {STEP_TARGET_US:.0f} us: {verdict})"
     )
+
+    def arrive(r: int, node: int) -> None:
+        """A walk that has seen nodes 0..node-1 of row r; the agreement of node's answer."""
+        walk = Walk(policy, [0.0] * n)
+        for k in range(node):
+            text = test.answers[r][cols[k]]
+            walk.record(k, True, None, None, 0.0, walk.agreement(k, text))
+        t0 = time.perf_counter_ns()
+        walk.agreement(node, test.answers[r][cols[node]])
+        timed.append(time.perf_counter_ns() - t0)
+
+    for by_seen in range(n):
+        timed: list[int] = []
+        for _ in range(reps):
+            for r, node in arrivals:
+                if node == by_seen:
+                    arrive(r, node)
+        mean, p50, p99 = percentiles(np.asarray(timed) / 1e6)
+        print(
+            f"   Walk.agreement of an arriving answer with {by_seen} seen: mean {mean:.3f}  "
+            f"p50 {p50:.3f}  p99 {p99:.3f} ms (outside the step)"
+        )
     signal = _timed_ms(
         lambda k, a, t, w: policy.signal(k, None, t, a, w),
         [(0, a, t, w) for a, t, w in long],
@@ -423,9 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=10_000, help="queries in the fit benchmark")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of b, c and d")
     parser.add_argument("--sampled-only", action="store_true", help="run part d only")
+    parser.add_argument("--freetext-only", action="store_true", help="run part e only")
     args = parser.parse_args(argv)
     if args.sampled_only:
         bench_sampled(args.reps)
+        return 0
+    if args.freetext_only:
+        header(args)
+        bench_freetext(args.traces, args.reps)
         return 0
     if not args.traces.is_dir():
         print(f"error: trace folder not found: {args.traces}", file=sys.stderr)

@@ -131,6 +131,8 @@ def build_artifact(
         "label": train.label,
         "recall": fitted.recall,
         "recall_margin": fitted.recall_margin,
+        # how the posterior reads agreement; absent: exact answer classes
+        **({"agreement": "graded"} if fitted.graded else {}),
         "lambda": lambda_of(mu),
         "cost_price_mu": mu,
         "posterior": fitted.posterior.to_dict(),

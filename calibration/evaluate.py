@@ -48,7 +48,8 @@ def replay_artifact(art: PolicyArtifact, traces: TraceSet) -> Outcome:
     conf = calibrated_columns(
         art.length_calibrators, traces.confidence, traces.tokens_out, traces.answers, nodes, prompts
     )
-    scores = score_sets(art.posterior, Signals.of(traces, nodes, conf))
+    graded = art.agreement_mode == "graded"
+    scores = score_sets(art.posterior, Signals.of(traces, nodes, conf, graded=graded))
     scores = scores.with_margin(art.recall_margin)
     root = None
     if art.difficulty is not None:

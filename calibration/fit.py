@@ -25,6 +25,7 @@ from calibration.textfit import fit_text_calibrators, is_open_ended
 from calibration.traces import TraceSet
 from policies.difficulty import DifficultyModel
 from policies.errors import InvalidInput
+from policies.freetext import pairwise_agreement
 from policies.index import ROOT, STOP, solve_skips
 from policies.lengthcal import (
     MIN_DISTINCT_LENGTHS,
@@ -93,28 +94,38 @@ class Signals:
     missing: np.ndarray  # (N, n)
     correct: np.ndarray  # (N, n)
     cost: np.ndarray  # (N, n)
+    agree: np.ndarray | None = None  # (N, n, n) graded agreement; None: exact classes vote
 
     @classmethod
     def of(
-        cls, traces: TraceSet, nodes: list[int], confidence: np.ndarray | None = None
+        cls,
+        traces: TraceSet,
+        nodes: list[int],
+        confidence: np.ndarray | None = None,
+        graded: bool = False,
     ) -> Signals:
         """The nodes' signals; `confidence` (N, n) replaces the recorded confidences (the
-        length-calibrated ones, see policies/lengthcal.py)."""
+        length-calibrated ones, see policies/lengthcal.py); `graded` adds the pairwise
+        agreement of the answers' texts (open-ended traces: policies/freetext.py)."""
         extracted = [[row[j] for j in nodes] for row in traces.extracted]
         if confidence is None:
             confidence = traces.confidence[:, nodes]
+        agree = None
+        if graded:
+            agree = pairwise_agreement([[row[j] for j in nodes] for row in traces.answers])
         return cls(
             classes=answer_classes(extracted),
             conf_feat=confidence_feature(confidence),
             missing=np.array([[e is None for e in row] for row in extracted], dtype=bool),
             correct=traces.correct[:, nodes],
             cost=np.nan_to_num(traces.cost_usd[:, nodes]),
+            agree=agree,
         )
 
     def rows(self, idx: np.ndarray) -> Signals:
-        return Signals(
-            *(a[idx] for a in (self.classes, self.conf_feat, self.missing, self.correct, self.cost))
-        )
+        per_row = (self.classes, self.conf_feat, self.missing, self.correct, self.cost)
+        agree = None if self.agree is None else self.agree[idx]
+        return Signals(*(a[idx] for a in per_row), agree=agree)
 
 
 def _training_samples(sig: Signals, z: np.ndarray, max_set: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +144,8 @@ def _training_samples(sig: Signals, z: np.ndarray, max_set: int) -> tuple[np.nda
                 rep &= sig.classes[:, k] != sig.classes[:, m]
             if not rep.any():
                 continue
-            feats = candidate_features(sig.classes[rep], z[rep], sig.missing[rep], mask, m)
+            agree = None if sig.agree is None else sig.agree[rep]
+            feats = candidate_features(sig.classes[rep], z[rep], sig.missing[rep], mask, m, agree)
             xs.append(feats)
             ys.append(sig.correct[rep, m])
     return np.concatenate(xs), np.concatenate(ys)
@@ -220,7 +232,9 @@ def score_sets(model: PosteriorModel, sig: Signals) -> SetScores:
     best_m = np.zeros((n_rows, 1 << n), dtype=int)
     last_p = np.zeros((n_rows, 1 << n))
     for mask in range(1, 1 << n):
-        bp, bm, lp = best_answer(model, sig.classes, z, sig.missing, mask, _last_member(mask))
+        bp, bm, lp = best_answer(
+            model, sig.classes, z, sig.missing, mask, _last_member(mask), sig.agree
+        )
         best_p[:, mask], best_m[:, mask], last_p[:, mask] = bp, bm, lp
     return SetScores(best_p, best_m, last_p)
 
@@ -724,13 +738,15 @@ class FittedIndex:
         self.allowed = allowed_edges(transitions, [train.models[j] for j in self.nodes])
         step("length calibration", 0, 1)
         self.text_choice: dict[str, str] = {}
-        if is_open_ended(train, self.nodes):
+        # open-ended answers never match exactly: the posterior's votes are graded
+        self.graded = is_open_ended(train, self.nodes)
+        if self.graded:
             groups = {} if text_groups is None else {"groups": text_groups}
             cals, train_conf, self.text_choice = fit_text_calibrators(train, self.nodes, **groups)
             self.length_calibrators: list = cals
         else:
             self.length_calibrators, train_conf = fit_length_calibrators(train, self.nodes)
-        sig = Signals.of(train, self.nodes, confidence=train_conf)
+        sig = Signals.of(train, self.nodes, confidence=train_conf, graded=self.graded)
         step("answer posterior (out-of-fold)", 0, 1)
         self.posterior = fit_posterior(sig)
         oof = out_of_fold_scores(sig, self.posterior, folds=folds, seed=seed)
@@ -768,7 +784,8 @@ class FittedIndex:
                 hit = (traces, self.oof)  # honest train estimates: out-of-fold posteriors
             else:
                 conf = self.node_confidence(traces)
-                scores = score_sets(self.posterior, Signals.of(traces, self.nodes, conf))
+                sig = Signals.of(traces, self.nodes, conf, graded=self.graded)
+                scores = score_sets(self.posterior, sig)
                 hit = (traces, scores.with_margin(self.recall_margin))
             self._scores[id(traces)] = hit
         return hit[1]

@@ -118,7 +118,15 @@ def walk_traces(
                 text = traces.answers[r][c]
                 conf = rule.signal(k, raw, float(traces.tokens_out[r, c]), text)
                 cost = float(traces.cost_usd[r, c])
-                walk.record(k, True, traces.extracted[r][c], conf, cost if cost == cost else None)
+                agree = walk.agreement(k, text)
+                walk.record(
+                    k,
+                    True,
+                    traces.extracted[r][c],
+                    conf,
+                    cost if cost == cost else None,
+                    agree,
+                )
             walk.decide()
         for k in walk.explored:
             explored[r, cols[k]] = True

@@ -21,7 +21,7 @@ from policies.difficulty import DIM, DifficultyModel
 from policies.errors import InvalidInput
 from policies.lengthcal import NodeCalibrator, calibrator_from
 from policies.policy import CascadePolicy, StateTables
-from policies.posterior import PosteriorModel
+from policies.posterior import AGREEMENT_MODES, PosteriorModel
 from policies.rules import decode_threshold
 
 SCHEMA = "cascade.policy/v1"
@@ -99,6 +99,11 @@ def _threshold(v: Any, path: str) -> None:
 def _label(v: Any, path: str) -> None:
     if v not in ("correct", "quality"):
         raise _Bad(path, f"expected 'correct' or 'quality', got {v!r}")
+
+
+def _agreement_mode(v: Any, path: str) -> None:
+    if v not in AGREEMENT_MODES:
+        raise _Bad(path, f"expected one of {list(AGREEMENT_MODES)}, got {v!r}")
 
 
 def _nullable(check: Check) -> Check:
@@ -211,6 +216,7 @@ _ARTIFACT = _object(
         "answer_kind": _nullable(_string),
         "label": _label,
         "recall_margin": _number,
+        "agreement": _agreement_mode,
         "cost_price_mu": _nullable(_number),
         "length_calibration": _nullable(_list_of(_nullable(_CALIBRATOR))),
         "difficulty": _nullable(_DIFFICULTY),
@@ -338,6 +344,7 @@ class PolicyArtifact:
     label: str  # what p means: P(correct), or E[quality] (`fit --label quality`)
     recall: bool
     recall_margin: float
+    agreement_mode: str  # how the posterior reads agreement: "exact" classes or "graded"
     lam: float
     transitions: str | None
     posterior: PosteriorModel
@@ -376,6 +383,7 @@ class PolicyArtifact:
             self.recall_margin,
             self.difficulty,
             self.length_calibrators,
+            graded=self.agreement_mode == "graded",
         )
 
     def baseline(
@@ -451,6 +459,7 @@ class PolicyArtifact:
             label=str(art.get("label", "correct")),  # artifacts written before labels: correct
             recall=art["recall"],
             recall_margin=float(art.get("recall_margin", 0.0)),
+            agreement_mode=str(art.get("agreement", "exact")),  # absent: exact classes
             lam=float(art["lambda"]),
             transitions=art.get("transitions"),
             posterior=PosteriorModel.from_dict(art["posterior"]),

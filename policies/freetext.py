@@ -107,6 +107,36 @@ def agreement(a: str | None, b: str | None, method: str = "char") -> float | Non
     raise ValueError(f"unknown agreement method {method!r}; expected one of {AGREEMENT_METHODS}")
 
 
+def shingles_of(text: str | None) -> np.ndarray | None:
+    """The character shingles `agreement` compares (None for no answer): computed once per
+    answer, so each further pair costs one sorted intersection."""
+    return None if text is None else char_shingles(text)
+
+
+def agreement_row(new: np.ndarray | None, seen: Sequence[np.ndarray | None]) -> list[float | None]:
+    """The char-3-gram agreement of one answer's shingles with each of `seen` (None where
+    either is missing): what the proxy computes as an answer arrives."""
+    return [None if new is None or s is None else sorted_jaccard(new, s) for s in seen]
+
+
+def pairwise_agreement(texts: Sequence[Sequence[str | None]]) -> np.ndarray:
+    """(N, M, M) agreement of every pair of answers per row (rows of M answers): 1 on the
+    diagonal (an answer agrees with itself), 0 where either answer is missing. The same
+    agreement_row the proxy uses, over each answer's shingles computed once."""
+    n_rows = len(texts)
+    n = len(texts[0]) if n_rows else 0
+    out = np.zeros((n_rows, n, n))
+    idx = np.arange(n)
+    out[:, idx, idx] = 1.0
+    for r, row in enumerate(texts):
+        sh = [shingles_of(t) for t in row]
+        for i in range(1, n):
+            for j, a in enumerate(agreement_row(sh[i], sh[:i])):
+                if a is not None:
+                    out[r, i, j] = out[r, j, i] = a
+    return out
+
+
 # ---------------------------------------------------------------- one answer's features
 
 FEATURES = (

@@ -78,7 +78,9 @@ class CascadePolicy:
 
     The step interface every decision rule shares (policies/rules.py, walked by
     policies/walk.py): `name`, `n_nodes`, `root_state(prompt)`, `first(root_state)`,
-    `signal(node, confidence, tokens_out, text)`, `step(explored, extracted, confidence)`."""
+    `signal(node, confidence, tokens_out, text)`, `step(explored, extracted, confidence)`;
+    a `graded` rule (open-ended traffic) also reads the answers' pairwise agreement, which
+    the walk computes as answers arrive (policies/walk.py `Walk.agreement`)."""
 
     name = "index"
 
@@ -90,7 +92,9 @@ class CascadePolicy:
         recall_margin: float = 0.0,
         difficulty: DifficultyModel | None = None,
         length_calibrators: list[NodeCalibrator | None] | None = None,
+        graded: bool = False,
     ) -> None:
+        self.graded = graded
         self.difficulty = difficulty
         self.length_calibrators = length_calibrators or [None] * len(tables.edges)
         self.posterior = posterior
@@ -146,15 +150,24 @@ class CascadePolicy:
         explored: list[int],
         extracted: list[str | None],
         confidence: list[float | None],
+        agree: list[list[float | None]] | None = None,
     ) -> Step:
         """Decide after `explored` nodes (in call order) answered.
 
         `extracted`/`confidence` are indexed by node (None for nodes not explored or failed).
         A failed node is passed in `explored` with extracted None: it counts as explored but
-        votes for nothing.
+        votes for nothing. A graded policy reads `agree[m][k]`, the agreement of node m's
+        answer with node k's (required then).
         """
         last = explored[-1]
-        best_p, best_m, last_p = self.posterior.best_one(explored, extracted, confidence)
+        if self.graded:
+            if agree is None:
+                raise ValueError("a graded-agreement policy needs the answers' agreement")
+            best_p, best_m, last_p = self.posterior.best_one_graded(
+                explored, extracted, confidence, agree
+            )
+        else:
+            best_p, best_m, last_p = self.posterior.best_one(explored, extracted, confidence)
         recalled = self.recall and best_p - last_p > self.recall_margin
         p = best_p if recalled else last_p
         answer = best_m if recalled else last

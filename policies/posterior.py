@@ -1,7 +1,10 @@
 """P(an answer is correct | everything observed so far): the signal the policy decides on.
 
 One logistic model scores each candidate answer (an equivalence class of extracted
-answers) from who voted for it, who dissented, and how confident each of them was. The
+answers) from who voted for it, who dissented, and how confident each of them was. On
+open-ended answers, which never match exactly, votes are graded: a model votes for a
+candidate by the agreement of their texts in [0, 1] (policies/freetext.py) and dissents
+by the rest; exact classes are the special case of agreement 1 or 0. The
 same code runs at fit time (vectorised over rows and explored sets) and at serve time
 (one query). Fitting lives in calibration/; this module only evaluates fitted weights.
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FEATURES_PER_MODEL = 5  # vote, vote*conf, dissent, dissent*conf, vote-without-extracted-answer
+AGREEMENT_MODES = ("exact", "graded")  # how a model votes: same answer class, or similarity
 
 
 def confidence_feature(confidence: np.ndarray) -> np.ndarray:
@@ -129,6 +133,45 @@ class PosteriorModel:
                 last_p = p
         return best_p, best_m, last_p
 
+    def best_one_graded(
+        self,
+        explored: list[int],
+        extracted: list[str | None],
+        confidence: list[float | None],
+        agree: list[list[float | None]],
+    ) -> tuple[float, int, float]:
+        """best_one under graded agreement: `agree[m][k]` in [0, 1] is how much node k's
+        answer agrees with node m's (None where either is missing; a node agrees fully with
+        itself). Every answer is its own candidate: essays do not fall into classes."""
+        w = self._weights_list
+        z: dict[int, float] = {}
+        for k in explored:
+            f = confidence_feature_one(confidence[k])
+            z[k] = 0.0 if f is None else (f - self._mean_list[k]) / self._scale_list[k]
+        order = sorted(explored)
+        best_p, best_m, last = -1.0, order[0], explored[-1]
+        last_p = 0.0
+        for m in order:
+            logit = self.bias
+            row = agree[m]
+            for k in order:
+                base = FEATURES_PER_MODEL * k
+                if k == m:
+                    a = 1.0
+                    if extracted[k] is None:
+                        logit += w[base + 4]
+                else:
+                    a = row[k] or 0.0
+                logit += w[base] * a + w[base + 1] * (a * z[k])
+                d = 1.0 - a
+                logit += w[base + 2] * d + w[base + 3] * (d * z[k])
+            p = 1.0 / (1.0 + math.exp(-logit))
+            if p >= best_p:
+                best_p, best_m = p, m
+            if m == last:
+                last_p = p
+        return best_p, best_m, last_p
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "_weights_list", [float(x) for x in self.weights])
         object.__setattr__(self, "_mean_list", [float(x) for x in self.conf_mean])
@@ -141,23 +184,35 @@ class PosteriorModel:
 
 
 def candidate_features(
-    classes: np.ndarray, z: np.ndarray, missing: np.ndarray, explored: int, candidate: int
+    classes: np.ndarray,
+    z: np.ndarray,
+    missing: np.ndarray,
+    explored: int,
+    candidate: int,
+    agree: np.ndarray | None = None,
 ) -> np.ndarray:
     """Features (N, M * F) of the answer class of model `candidate` given explored set.
 
     `classes` (N, M) from answer_classes; `z` (N, M) standardised confidence features;
     `missing` (N, M) True where no answer could be extracted; `explored` is a bit mask.
+    With `agree` (N, M, M; pairwise_agreement) a model's vote is the graded agreement of
+    its answer with the candidate's and its dissent the rest (open-ended answers, which
+    never match exactly); without it, votes are exact answer-class matches.
     """
     n_models = classes.shape[1]
     in_set = np.array([(explored >> k) & 1 for k in range(n_models)], dtype=bool)[None, :]
-    vote = in_set & (classes == classes[:, [candidate]])
-    dissent = in_set & ~vote
+    if agree is None:
+        vote = in_set & (classes == classes[:, [candidate]])
+        dissent = in_set & ~vote
+    else:
+        vote = np.where(in_set, agree[:, candidate, :], 0.0)
+        dissent = np.where(in_set, 1.0 - agree[:, candidate, :], 0.0)
     feats = np.empty((classes.shape[0], n_models, FEATURES_PER_MODEL))
     feats[:, :, 0] = vote
     feats[:, :, 1] = vote * z
     feats[:, :, 2] = dissent
     feats[:, :, 3] = dissent * z
-    feats[:, :, 4] = vote & missing
+    feats[:, :, 4] = vote * missing
     return feats.reshape(classes.shape[0], n_models * FEATURES_PER_MODEL)
 
 
@@ -172,17 +227,19 @@ def best_answer(
     missing: np.ndarray,
     explored: int,
     last: int,
+    agree: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For one explored set: (best posterior, model whose answer is best, last's posterior).
 
-    Ties inside a class go to its most expensive member (models are cheapest first).
+    Ties inside a class go to its most expensive member (models are cheapest first);
+    `agree` as in candidate_features.
     """
     n_rows, n_models = classes.shape
     best_p = np.full(n_rows, -1.0)
     best_m = np.zeros(n_rows, dtype=int)
     last_p = np.zeros(n_rows)
     for m in subset_members(explored, n_models):
-        p = model.score(candidate_features(classes, z, missing, explored, m))
+        p = model.score(candidate_features(classes, z, missing, explored, m, agree))
         take = p >= best_p  # later (more expensive) members win ties
         best_p = np.where(take, p, best_p)
         best_m = np.where(take, m, best_m)

@@ -31,6 +31,7 @@ class SinglePolicy:
     """One model answers every query (node 0)."""
 
     name = "single"
+    graded = False  # reads exact answers, not their agreement
     n_nodes = 1
 
     def root_state(self, prompt: str) -> int:
@@ -71,6 +72,7 @@ class ThresholdPolicy:
     an answer without a confidence reads as -inf, which only an "always" threshold stops."""
 
     name = "threshold"
+    graded = False  # reads exact answers, not their agreement
 
     def __init__(self, chain: Sequence[str], thresholds: Sequence[float]) -> None:
         if len(thresholds) != len(chain) - 1:
@@ -138,6 +140,7 @@ class AgreementPolicy:
     """
 
     name = "agreement"
+    graded = False  # reads exact answers, not their agreement
 
     def __init__(self, tier_sizes: Sequence[int], theta: float) -> None:
         self.theta = float(theta)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from policies.freetext import agreement_row, shingles_of
 from policies.policy import Step
 
 
@@ -28,6 +29,7 @@ class Rule(Protocol):
 
     name: str
     n_nodes: int
+    graded: bool  # reads the answers' pairwise agreement (open-ended traffic)
 
     def root_state(self, prompt: str) -> int: ...
 
@@ -44,7 +46,11 @@ class Rule(Protocol):
     ) -> float | None: ...
 
     def step(
-        self, explored: list[int], extracted: list[str | None], confidence: list[float | None]
+        self,
+        explored: list[int],
+        extracted: list[str | None],
+        confidence: list[float | None],
+        agree: list[list[float | None]] | None = None,
     ) -> Step: ...
 
 
@@ -70,6 +76,12 @@ class Walk:
         n = rule.n_nodes
         self.extracted: list[str | None] = [None] * n
         self.confidence: list[float | None] = [None] * n
+        # graded rules: agree[m][k] between the answers of nodes m and k, and each answer's
+        # shingles (computed once, when it arrives)
+        self.agree: list[list[float | None]] | None = None
+        self._shingles: list = [None] * n
+        if rule.graded:
+            self.agree = [[None] * n for _ in range(n)]
         self.explored: list[int] = []
         self.answered: list[int] = []
         self.spent = 0.0
@@ -102,6 +114,16 @@ class Walk:
                 return (j,)
         return ()
 
+    def agreement(self, node: int, text: str | None) -> list[float | None] | None:
+        """The agreement of `node`'s answer `text` with every answer recorded so far (by
+        node; None for a rule that does not read it): the caller computes it outside the
+        decision step, as it does `rule.signal`, and passes it to `record`."""
+        if self.agree is None:
+            return None
+        shingles = shingles_of(text)
+        self._shingles[node] = shingles
+        return agreement_row(shingles, self._shingles) if shingles is not None else None
+
     def record(
         self,
         node: int,
@@ -109,9 +131,13 @@ class Walk:
         extracted: str | None,
         confidence: float | None,
         cost_usd: float | None,
+        agree: list[float | None] | None = None,
     ) -> None:
         """A call's result: `confidence` as the rule reads it (rule.signal), `cost_usd` the
-        realised cost (None: unknown, its expected cost counts)."""
+        realised cost (None: unknown, its expected cost counts), `agree` from `agreement`."""
+        if self.agree is not None and agree is not None:
+            for k in self.explored:
+                self.agree[node][k] = self.agree[k][node] = agree[k]
         self.explored.append(node)
         if ok:
             self.answered.append(node)
@@ -121,7 +147,10 @@ class Walk:
 
     def decide(self) -> Step:
         """The rule's step after the calls recorded so far."""
-        self.step = self.rule.step(self.explored, self.extracted, self.confidence)
+        if self.agree is None:
+            self.step = self.rule.step(self.explored, self.extracted, self.confidence)
+        else:
+            self.step = self.rule.step(self.explored, self.extracted, self.confidence, self.agree)
         return self.step
 
     def answer(self) -> int | None:

@@ -106,6 +106,11 @@ def _edited(edit) -> str:
             lambda a: a["baselines"]["agreement"][0].update(tiers=[[]]),
             "baselines.agreement[0].tiers: expected non-empty tiers",
         ),
+        (
+            lambda a: a.update(agreement="fuzzy"),
+            "agreement: expected one of ['exact', 'graded'], got 'fuzzy'",
+        ),
+        (lambda a: a.update(agreement=None), "agreement: expected one of"),
     ],
     ids=[
         "cost",
@@ -121,12 +126,26 @@ def _edited(edit) -> str:
         "dim",
         "move",
         "tiers",
+        "agreement",
+        "agreement-null",
     ],
 )
 def test_a_malformed_field_is_refused_by_its_key(edit, message: str) -> None:
     with pytest.raises(ArtifactError) as err:
         parse_artifact(_edited(edit), "policy.json")
     assert f"policy artifact policy.json: {message}" in str(err.value)
+
+
+def test_the_agreement_mode_is_exact_when_absent_and_read_when_graded() -> None:
+    """Artifacts written before graded agreement vote by exact answer classes; "graded"
+    gives a policy whose step needs the answers' agreement."""
+    exact = parse_artifact(DEMO_FIXTURE.read_text(), "policy.json")
+    assert "agreement" not in exact.data
+    assert exact.agreement_mode == "exact" and not exact.policy().graded
+    graded = parse_artifact(_edited(lambda a: a.update(agreement="graded")), "policy.json")
+    assert graded.agreement_mode == "graded" and graded.policy().graded
+    with pytest.raises(ValueError, match="needs the answers' agreement"):
+        graded.policy().step([0], ["42", None], [-0.1, None])
 
 
 def test_the_loader_checks_the_hash_before_the_shape() -> None:

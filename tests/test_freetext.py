@@ -3,6 +3,7 @@ calibration/textfit.py) on the real AlpacaEval answers shipped in tests/data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,9 +21,11 @@ from policies.freetext import (
     answer_features,
     char_shingles,
     logprob_summary,
+    pairwise_agreement,
     word_count,
 )
 from policies.lengthcal import calibrated_columns, calibrators_from
+from policies.posterior import FEATURES_PER_MODEL, answer_classes, candidate_features
 from policies.textcal import TextCalibrator, feature_columns
 from tests.shipped import ALPACA_TEST, ALPACA_TRAIN, GSM8K_TRAIN
 
@@ -165,3 +168,123 @@ def test_the_fitted_policy_reads_the_same_signals_offline_and_online(alpaca) -> 
                 assert np.isnan(offline[i, k])
             else:
                 assert live == pytest.approx(offline[i, k], abs=1e-9)
+
+
+# ---------------------------------------------------------------- recall under graded agreement
+
+
+def test_pairwise_agreement_is_each_pairs_agreement(alpaca) -> None:
+    """The offline (N, M, M) matrix holds `agreement` of every pair of real answers, 1 for
+    an answer with itself and 0 where an answer is missing."""
+    texts = [list(row) for row in alpaca.answers[:15]]
+    texts[3][1] = None
+    agree = pairwise_agreement(texts)
+    m = alpaca.n_models
+    assert agree.shape == (15, m, m)
+    for r, row in enumerate(texts):
+        for i in range(m):
+            assert agree[r, i, i] == 1.0
+            for j in range(m):
+                if i != j:
+                    want = agreement(row[i], row[j])
+                    assert agree[r, i, j] == (0.0 if want is None else want)
+    assert agree[3, 1, 0] == agree[3, 0, 1] == 0.0
+    assert 0.05 < agree[:, 0, 1].mean() < 0.95  # graded, not exact-match 0/1
+
+
+def _features(agree: np.ndarray, cand: int, mask: int, z: np.ndarray, missing: np.ndarray):
+    classes = np.zeros(z.shape, dtype=np.int16)  # unread when `agree` is given
+    feats = candidate_features(classes, z, missing, mask, cand, agree)
+    return feats.reshape(len(z), z.shape[1], FEATURES_PER_MODEL)
+
+
+def test_graded_votes_are_the_agreement_and_dissent_its_complement(alpaca) -> None:
+    texts = alpaca.answers[:30]
+    agree = pairwise_agreement(texts)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(30, alpaca.n_models))
+    missing = np.zeros(z.shape, dtype=bool)
+    mask, cand = 0b1011, 1
+    f = _features(agree, cand, mask, z, missing)
+    for k in range(alpaca.n_models):
+        a = agree[:, cand, k]
+        if (mask >> k) & 1:
+            np.testing.assert_array_equal(f[:, k, 0], a)
+            np.testing.assert_array_equal(f[:, k, 1], a * z[:, k])
+            np.testing.assert_array_equal(f[:, k, 2], 1.0 - a)
+            np.testing.assert_array_equal(f[:, k, 3], (1.0 - a) * z[:, k])
+        else:
+            assert not f[:, k].any()  # an unexplored model neither votes nor dissents
+    assert (f[:, cand, 0] == 1.0).all() and not f[:, cand, 2].any()
+
+
+def test_exact_agreement_is_the_graded_features_special_case() -> None:
+    """Agreement 1 within an answer class and 0 across gives the exact-class features bit
+    for bit (short answers keep their posterior)."""
+    gsm = load_traces(GSM8K_TRAIN)
+    classes = answer_classes(gsm.extracted[:200])
+    missing = np.array([[e is None for e in row] for row in gsm.extracted[:200]])
+    z = np.random.default_rng(1).normal(size=classes.shape)
+    agree = (classes[:, :, None] == classes[:, None, :]).astype(float)
+    for mask in (0b1, 0b101, 0b111, (1 << gsm.n_models) - 1):
+        for cand in range(gsm.n_models):
+            if (mask >> cand) & 1:
+                exact = candidate_features(classes, z, missing, mask, cand)
+                graded = candidate_features(classes, z, missing, mask, cand, agree)
+                np.testing.assert_array_equal(exact, graded)
+
+
+def test_recall_reads_the_same_graded_posterior_offline_and_online(alpaca) -> None:
+    """An open-ended fit is graded; the artifact's policy, fed answers one by one through
+    the walk (which computes their agreement as they arrive), gives for every explored set
+    the posterior and recalled answer the vectorised scoring gives the test rows."""
+    from calibration.artifact import build_artifact
+    from calibration.fit import DEFAULT_MUS, Signals, score_sets
+    from policies.walk import Walk
+
+    test = fill_costs(load_traces(ALPACA_TEST))
+    fitted = FittedIndex(alpaca, recall=True)
+    assert fitted.graded
+    # every fifth row, the second node's call failed: no text, no extracted answer
+    failed = fitted.nodes[1]
+    gone = [
+        [None if (r % 5 == 0 and j == failed) else a for j, a in enumerate(row)]
+        for r, row in enumerate(test.answers)
+    ]
+    test = dataclasses.replace(
+        test,
+        answers=gone,
+        extracted=[
+            [e if g is not None else None for e, g in zip(row, grow, strict=True)]
+            for row, grow in zip(test.extracted, gone, strict=True)
+        ],
+    )
+    art = build_artifact(fitted, DEFAULT_MUS[10], train_path=str(ALPACA_TRAIN))
+    assert art.data["agreement"] == "graded"
+    policy = PolicyArtifact.from_dict(json.loads(art.to_json())).policy()
+    assert policy.graded
+    nodes = fitted.nodes
+    conf = fitted.node_confidence(test)
+    scores = score_sets(fitted.posterior, Signals.of(test, nodes, conf, graded=True))
+    n = len(nodes)
+    recalled_early = 0
+    for r in range(len(test)):
+        for mask in range(1, 1 << n):
+            walk = Walk(policy, [0.0] * n)
+            for k in (k for k in range(n) if (mask >> k) & 1):
+                text = test.answers[r][nodes[k]]
+                c = None if np.isnan(conf[r, k]) else float(conf[r, k])
+                ok, got = text is not None, test.extracted[r][nodes[k]]
+                walk.record(k, ok, got, c, 0.0, walk.agreement(k, text))
+            p, m, last_p = policy.posterior.best_one_graded(
+                walk.explored, walk.extracted, walk.confidence, walk.agree
+            )
+            assert p == pytest.approx(scores.best_p[r, mask], abs=1e-9)
+            assert last_p == pytest.approx(scores.last_p[r, mask], abs=1e-9)
+            assert m == scores.best_m[r, mask]
+            recalled_early += m != mask.bit_length() - 1
+            step = walk.decide()  # the step recalls m when it beats the last by the margin
+            recalled = p - last_p > policy.recall_margin
+            assert step.answer_node == (m if recalled else walk.explored[-1])
+            assert step.p_correct == (p if recalled else last_p)
+    assert recalled_early > 0  # recall picks an earlier answer on some rows

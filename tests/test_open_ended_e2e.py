@@ -104,6 +104,7 @@ def _post(url: str, messages: list[dict], stream: bool = False) -> httpx.Respons
 def test_long_prompts_get_the_recalled_answer_the_replay_picks(setup) -> None:
     art, test, url, ledger = setup
     assert all(c and c["kind"] == "text" for c in art.data["length_calibration"][:3])
+    assert art.data["agreement"] == "graded"  # recall reads how much the essays agree
     outcome = replay_artifact(art, test)
     ids = []
     for row in range(ROWS):
@@ -120,13 +121,22 @@ def test_long_prompts_get_the_recalled_answer_the_replay_picks(setup) -> None:
         ids.append(r.headers["x-request-id"])
     calls = outcome.calls[:ROWS]
     assert (calls == 1).any() and (calls > 1).any()  # it stops early and it escalates
-    recalled = outcome.recalled[:ROWS]
     assert body["cascade"]["calls"][-1]["p_correct"] is not None
     _assert_ledgered(ledger, ids, int(calls.sum()))
-    if recalled.any():  # an earlier answer returned over the last one is served as such
-        row = int(np.flatnonzero(recalled)[0])
-        r = _post(url, test.messages[row])
-        assert r.json()["model"] == test.models[int(outcome.answer_model[row])]
+    # under graded agreement recall returns an earlier essay over the last one on some
+    # queries: the proxy serves that essay, as the replay does
+    recalled = np.flatnonzero(outcome.recalled)
+    assert len(recalled) > 0
+    for row in recalled[:3]:
+        r = _post(url, test.messages[int(row)])
+        chosen = int(outcome.answer_model[row])
+        last = int(outcome.stop_model[row])
+        assert chosen != last
+        body = r.json()
+        assert body["model"] == test.models[chosen]
+        assert body["choices"][0]["message"]["content"] == test.answers[row][chosen]
+        called = sorted(test.models.index(c["model"]) for c in body["cascade"]["calls"])
+        assert called == list(np.flatnonzero(outcome.explored[row]))
 
 
 def _assert_ledgered(ledger: Path, ids: list[str], n_calls: int) -> None:

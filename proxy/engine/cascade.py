@@ -385,7 +385,13 @@ async def _walk(
                 prompt_words,
                 result.finish_reason,
             )
-            walk.record(k, result.ok, call.extracted, conf, result.cost_usd)
+            # graded rules: the answer's agreement with those seen (a signal of the call)
+            t_agree = time.perf_counter()
+            agree = walk.agreement(k, result.text if result.ok else None)
+            t_agree = time.perf_counter() - t_agree
+            call.signal_ms += t_agree * 1000.0
+            decide -= t_agree
+            walk.record(k, result.ok, call.extracted, conf, result.cost_usd, agree)
         step = walk.decide()
         for call in made:
             call.p_correct = step.p_correct
