@@ -94,6 +94,14 @@ class PosteriorModel:
         z = (conf_feat - self.conf_mean) / self.conf_scale
         return np.where(np.isnan(z), 0.0, z)
 
+    def _z_one(self, explored: list[int], confidence: list[float | None]) -> dict[int, float]:
+        """The explored nodes' standardised confidence features (0 where there is none)."""
+        z: dict[int, float] = {}
+        for k in explored:
+            f = confidence_feature_one(confidence[k])
+            z[k] = 0.0 if f is None else (f - self._mean_list[k]) / self._scale_list[k]
+        return z
+
     def best_one(
         self, explored: list[int], extracted: list[str | None], confidence: list[float | None]
     ) -> tuple[float, int, float]:
@@ -103,10 +111,7 @@ class PosteriorModel:
         (a decision step must cost microseconds). Ties go to the most expensive node.
         """
         w = self._weights_list
-        z: dict[int, float] = {}
-        for k in explored:
-            f = confidence_feature_one(confidence[k])
-            z[k] = 0.0 if f is None else (f - self._mean_list[k]) / self._scale_list[k]
+        z = self._z_one(explored, confidence)
         order = sorted(explored)
         best_p, best_m, last = -1.0, order[0], explored[-1]
         last_p = 0.0
@@ -144,10 +149,7 @@ class PosteriorModel:
         answer agrees with node m's (None where either is missing; a node agrees fully with
         itself). Every answer is its own candidate: essays do not fall into classes."""
         w = self._weights_list
-        z: dict[int, float] = {}
-        for k in explored:
-            f = confidence_feature_one(confidence[k])
-            z[k] = 0.0 if f is None else (f - self._mean_list[k]) / self._scale_list[k]
+        z = self._z_one(explored, confidence)
         order = sorted(explored)
         best_p, best_m, last = -1.0, order[0], explored[-1]
         last_p = 0.0
