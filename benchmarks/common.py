@@ -162,6 +162,32 @@ def version_of(dist: str) -> str:
         return "not installed"
 
 
+def prefix_calls(traces: Any, models: list[str]) -> list[tuple[list[int], list, list]]:
+    """(explored, extracted, confidence) for every row of `traces` and every explored prefix
+    1..n of the policy's nodes `models`: the inputs of CascadePolicy.step as a walk sees them."""
+    cols = [traces.models.index(m) for m in models]
+    n = len(cols)
+    calls = []
+    for r in range(len(traces)):
+        for k in range(1, n + 1):
+            extracted = [traces.extracted[r][cols[j]] if j < k else None for j in range(n)]
+            conf = [float(traces.confidence[r, cols[j]]) if j < k else None for j in range(n)]
+            calls.append((list(range(k)), extracted, conf))
+    return calls
+
+
+def loop_us(fn: Callable, calls: list[tuple], reps: int) -> float:
+    """Mean microseconds per fn(*args) over `calls` x `reps` in one tight loop (no per-call
+    timer), after a warm-up on the first 200."""
+    for args in calls[:200]:
+        fn(*args)
+    t = time.perf_counter_ns()
+    for _ in range(reps):
+        for args in calls:
+            fn(*args)
+    return (time.perf_counter_ns() - t) / (reps * len(calls)) / 1e3
+
+
 def print_header(
     title: str,
     taskset: str | None,

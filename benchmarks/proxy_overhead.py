@@ -110,22 +110,9 @@ def time_steps(art5: PolicyArtifact, traces: Path, reps: int) -> dict[str, float
 
     policy = art5.policy()
     test = load_traces(traces / "mmlu-llama-test.jsonl")
-    cols = [test.models.index(m) for m in art5.models]
-    n = len(cols)
-    calls = []
-    for r in range(len(test)):
-        for k in range(1, n + 1):
-            extracted = [test.extracted[r][cols[j]] if j < k else None for j in range(n)]
-            conf = [float(test.confidence[r, cols[j]]) if j < k else None for j in range(n)]
-            calls.append((list(range(k)), extracted, conf))
+    calls = common.prefix_calls(test, art5.models)
     step = policy.step
-    for args in calls[:200]:
-        step(*args)
-    t = time.perf_counter_ns()
-    for _ in range(reps):
-        for args in calls:
-            step(*args)
-    loop_us = (time.perf_counter_ns() - t) / (reps * len(calls)) / 1e3
+    loop_us = common.loop_us(step, calls, reps)
     clock = time.perf_counter_ns
     each = np.empty(reps * len(calls))
     i = 0

@@ -129,24 +129,11 @@ def percentiles(ns: np.ndarray) -> tuple[float, float, float]:
 
 
 def bench_step(policy: CascadePolicy, art: PolicyArtifact, test: TraceSet, reps: int) -> None:
-    cols = [test.models.index(m) for m in art.models]
-    n = len(cols)
-    calls = []  # (explored, extracted, confidence) for every row and prefix 1..n
-    for r in range(len(test)):
-        for k in range(1, n + 1):
-            explored = list(range(k))
-            extracted = [test.extracted[r][cols[j]] if j < k else None for j in range(n)]
-            conf = [float(test.confidence[r, cols[j]]) if j < k else None for j in range(n)]
-            calls.append((explored, extracted, conf))
+    n = len(art.models)
+    calls = common.prefix_calls(test, art.models)
     step = policy.step
-    for args in calls[:200]:  # warm up
-        step(*args)
     # mean: one tight loop (no per-call timer); spread: each call timed on its own
-    t = time.perf_counter_ns()
-    for _ in range(reps):
-        for explored, extracted, conf in calls:
-            step(explored, extracted, conf)
-    mean_loop_us = (time.perf_counter_ns() - t) / (reps * len(calls)) / 1e3
+    mean_loop_us = common.loop_us(step, calls, reps)
     clock = time.perf_counter_ns
     each = np.empty(reps * len(calls))
     i = 0
@@ -285,22 +272,8 @@ def bench_sampled(reps: int) -> None:
     )
     art = build_artifact(fitted, mu, train_path="synthetic", answer_kind="choice", target=target)
     policy = art.policy()
-    cols = [test_set.models.index(m) for m in art.models]
-    n = len(cols)
-    calls = []
-    for r in range(len(test_set)):
-        for k in range(1, n + 1):
-            extracted = [test_set.extracted[r][cols[j]] if j < k else None for j in range(n)]
-            conf = [float(test_set.confidence[r, cols[j]]) if j < k else None for j in range(n)]
-            calls.append((list(range(k)), extracted, conf))
-    step = policy.step
-    for args in calls[:200]:
-        step(*args)
-    t = time.perf_counter_ns()
-    for _ in range(reps):
-        for explored, extracted, conf in calls:
-            step(explored, extracted, conf)
-    step_us = (time.perf_counter_ns() - t) / (reps * len(calls)) / 1e3
+    calls = common.prefix_calls(test_set, art.models)
+    step_us = common.loop_us(policy.step, calls, reps)
     j = plain.models.index("small")
     texts = [[plain.answers[r][j], *plain.samples[r][j][:4]] for r in range(len(plain))]
     forms = [[extract_answer(a, "choice") for a in row] for row in texts]

@@ -27,12 +27,11 @@ ALWAYS, NEVER = "always", "never"  # how the artifact writes thresholds -inf and
 AGREEMENT_SLACK = 1e-9  # a vote fraction equal to theta up to rounding agrees
 
 
-class SinglePolicy:
-    """One model answers every query (node 0)."""
+class _RawRule:
+    """What the baseline rules share: no prompt-difficulty root, no calibration (a node's
+    signal is its raw confidence), exact answers rather than their graded agreement."""
 
-    name = "single"
-    graded = False  # reads exact answers, not their agreement
-    n_nodes = 1
+    graded = False
 
     def root_state(self, prompt: str) -> int:
         return 0
@@ -47,6 +46,13 @@ class SinglePolicy:
         finish_reason: str | None = None,
     ) -> float | None:
         return confidence
+
+
+class SinglePolicy(_RawRule):
+    """One model answers every query (node 0)."""
+
+    name = "single"
+    n_nodes = 1
 
     def first(self, root_state: int = 0) -> Step:
         return Step(next_node=0, answer_node=None, p_correct=None, state=0)
@@ -66,13 +72,12 @@ def encode_threshold(value: float) -> float | str:
     return ALWAYS if value == -math.inf else NEVER if value == math.inf else float(value)
 
 
-class ThresholdPolicy:
+class ThresholdPolicy(_RawRule):
     """Nodes are the chain's models, cheapest first; `thresholds[k]` is node k's (the last
     node always stops). A failed call (no answer, no confidence) passes to the next node;
     an answer without a confidence reads as -inf, which only an "always" threshold stops."""
 
     name = "threshold"
-    graded = False  # reads exact answers, not their agreement
 
     def __init__(self, chain: Sequence[str], thresholds: Sequence[float]) -> None:
         if len(thresholds) != len(chain) - 1:
@@ -80,20 +85,6 @@ class ThresholdPolicy:
         self.chain = list(chain)
         self.thresholds = [float(t) for t in thresholds]
         self.n_nodes = len(self.chain)
-
-    def root_state(self, prompt: str) -> int:
-        return 0
-
-    def signal(
-        self,
-        node: int,
-        confidence: float | None,
-        tokens_out: float | None,
-        text: str | None,
-        prompt_words: int | None = None,
-        finish_reason: str | None = None,
-    ) -> float | None:
-        return confidence  # the raw confidence: the baseline has no calibration
 
     def first(self, root_state: int = 0) -> Step:
         return Step(next_node=0, answer_node=None, p_correct=None, state=0)
@@ -133,14 +124,13 @@ def stop_positions(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return np.argmax(hit, axis=1)
 
 
-class AgreementPolicy:
+class AgreementPolicy(_RawRule):
     """Nodes are the tiers' models in order (cheapest tier first, each cheapest first); a
     tier is called at once; the walk stops at the first tier whose majority holds at least
     `theta` of its votes (or at the last tier) and answers with the majority (tiers.majority).
     """
 
     name = "agreement"
-    graded = False  # reads exact answers, not their agreement
 
     def __init__(self, tier_sizes: Sequence[int], theta: float) -> None:
         self.theta = float(theta)
@@ -151,20 +141,6 @@ class AgreementPolicy:
             start += size
         self.n_nodes = start
         self._tier_of = {k: t for t, tier in enumerate(self.tiers) for k in tier}
-
-    def root_state(self, prompt: str) -> int:
-        return 0
-
-    def signal(
-        self,
-        node: int,
-        confidence: float | None,
-        tokens_out: float | None,
-        text: str | None,
-        prompt_words: int | None = None,
-        finish_reason: str | None = None,
-    ) -> float | None:
-        return confidence
 
     def _call(self, t: int) -> Step:
         tier = self.tiers[t]
