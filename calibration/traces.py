@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from policies.answers import detect_kind, extract_answer
+from policies.freetext import LOGPROB_SUMMARY
 from policies.sampling import is_sampled
 from policies.tiers import TIER_PREFIX
 from policies.traceformat import TraceError, parse_trace_text
@@ -53,6 +54,9 @@ class TraceSet:
     quality: np.ndarray | None = None
     finish_reasons: list[list[str | None]] | None = None
     subsets: list[str | None] | None = None
+    # (N, M, 4) token-logprob summaries (mean, min, q05, q25 of policies/freetext.py), nan
+    # where an answer carries none; None when no answer does.
+    logprob_summaries: np.ndarray | None = None
     # Which label `correct` holds: the recorded booleans, or `quality` (see with_label).
     label: str = "correct"
 
@@ -132,6 +136,9 @@ class TraceSet:
             if self.finish_reasons is None
             else [self.finish_reasons[i] for i in pick],
             subsets=None if self.subsets is None else [self.subsets[i] for i in pick],
+            logprob_summaries=None
+            if self.logprob_summaries is None
+            else self.logprob_summaries[idx],
         )
 
     def select_models(self, names: list[str]) -> TraceSet:
@@ -157,6 +164,9 @@ class TraceSet:
             finish_reasons=None
             if self.finish_reasons is None
             else [[r[c] for c in cols] for r in self.finish_reasons],
+            logprob_summaries=None
+            if self.logprob_summaries is None
+            else self.logprob_summaries[:, cols],
         )
 
 
@@ -175,6 +185,10 @@ def with_columns(
     then ordered by mean cost, cheapest first, as a trace's models are."""
     mean_cost = np.nan_to_num(np.nanmean(arrays["cost_usd"], axis=0), nan=0.0)
     order = np.argsort(mean_cost, kind="stable")
+    summaries = traces.logprob_summaries
+    if summaries is not None:  # the added columns carry none
+        added = np.full((len(traces), len(models) - traces.n_models, summaries.shape[2]), np.nan)
+        summaries = np.concatenate([summaries, added], axis=1)[:, order]
     return TraceSet(
         path=traces.path,
         models=tuple(models[j] for j in order),
@@ -194,6 +208,7 @@ def with_columns(
         else [[r[j] for j in order] for r in finish_reasons],
         subsets=traces.subsets,
         label=traces.label,
+        logprob_summaries=summaries,
     )
 
 
@@ -231,6 +246,7 @@ def _build(path: str, models: tuple[str, ...], rows: list[dict], kind: str | Non
     graded = any(r["models"][m].get("quality") is not None for r in rows for m in models)
     reasons = [[r["models"][m].get("finish_reason") for m in models] for r in rows]
     subsets = [r.get("subset") for r in rows]
+    summaries = [[r["models"][m].get("logprob_summary") for m in models] for r in rows]
 
     tasks = [str(r.get("task") or "") for r in rows]
     references = [r.get("reference") for r in rows]
@@ -261,4 +277,18 @@ def _build(path: str, models: tuple[str, ...], rows: list[dict], kind: str | Non
         quality=column("quality") if graded else None,
         finish_reasons=reasons if any(x is not None for r in reasons for x in r) else None,
         subsets=subsets if any(x is not None for x in subsets) else None,
+        logprob_summaries=_summary_column(summaries),
     )
+
+
+def _summary_column(summaries: list[list[dict | None]]) -> np.ndarray | None:
+    """The rows' `logprob_summary` objects as (N, M, 4) floats in LOGPROB_SUMMARY order, nan
+    where absent; None when no answer carries one."""
+    if not any(s is not None for row in summaries for s in row):
+        return None
+    out = np.full((len(summaries), len(summaries[0]), len(LOGPROB_SUMMARY)), np.nan)
+    for i, row in enumerate(summaries):
+        for j, s in enumerate(row):
+            if s is not None:
+                out[i, j] = [s[k] for k in LOGPROB_SUMMARY]
+    return out

@@ -186,7 +186,9 @@ def truncated(finish_reason: str | None) -> bool:
 
 # ---------------------------------------------------------------- token logprobs
 
-LOGPROB_SUMMARY = ("mean", "min", "q05", "q25")
+LOGPROB_SUMMARY = ("mean", "min", "q05", "q25")  # the keys of a trace's `logprob_summary`
+# The summary as answer features a text calibrator may read (policies/textcal.py).
+LOGPROB_FEATURES = tuple(f"logprob_{k}" for k in LOGPROB_SUMMARY)
 
 
 def logprob_summary(logprobs: Sequence[float] | None) -> tuple[float, float, float, float] | None:
@@ -203,3 +205,16 @@ def logprob_summary(logprobs: Sequence[float] | None) -> tuple[float, float, flo
         return values[min(n - 1, max(0, math.ceil(p * n) - 1))]
 
     return (math.fsum(values) / n, values[0], q(0.05), q(0.25))
+
+
+def token_logprobs_summary(
+    tokens: Sequence[tuple[str, float]] | None,
+) -> tuple[float, float, float, float] | None:
+    """logprob_summary of an upstream's (token, logprob) pairs; None without any, or when
+    a logprob is not finite (an upstream's -inf or nan would poison every summary)."""
+    if not tokens:
+        return None
+    values = [lp for _, lp in tokens]
+    if not all(math.isfinite(v) for v in values):
+        return None
+    return logprob_summary(values)

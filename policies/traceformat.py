@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 
 from policies.errors import InvalidInput
+from policies.freetext import LOGPROB_SUMMARY
 
 
 class TraceError(InvalidInput):
@@ -107,7 +108,8 @@ def check_row(row: object, models: tuple[str, ...] | None) -> list[str]:
 
 def _optional_problems(name: str, entry: dict) -> list[str]:
     """The optional per-model fields: `quality`, a graded label in [0, 1] (an LLM judge's
-    score), and `finish_reason`, why the answer ended (`stop`, `length`, ...)."""
+    score), `finish_reason`, why the answer ended (`stop`, `length`, ...), and
+    `logprob_summary`, the mean, minimum, 5% and 25% quantiles of its token logprobs."""
     errors = []
     q = entry.get("quality")
     if q is not None and not (_number(q) and 0.0 <= q <= 1.0):
@@ -115,7 +117,23 @@ def _optional_problems(name: str, entry: dict) -> list[str]:
     reason = entry.get("finish_reason")
     if reason is not None and not isinstance(reason, str):
         errors.append(f"models.{name}.finish_reason must be a string or null, got {reason!r}")
+    summary = entry.get("logprob_summary")
+    if summary is not None and not _is_logprob_summary(summary):
+        keys = ", ".join(LOGPROB_SUMMARY)
+        errors.append(
+            f"models.{name}.logprob_summary must be an object of finite numbers <= 0 with "
+            f"exactly the keys {keys}, or null; got {summary!r}"
+        )
     return errors
+
+
+def _is_logprob_summary(value: object) -> bool:
+    """`logprob_summary`: the answer's token logprobs summarised (policies/freetext.py)."""
+    return (
+        isinstance(value, dict)
+        and set(value) == set(LOGPROB_SUMMARY)
+        and all(_number(value[k]) and value[k] <= 0 for k in LOGPROB_SUMMARY)
+    )
 
 
 def parse_jsonl(

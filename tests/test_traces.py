@@ -225,3 +225,57 @@ def test_a_quality_label_needs_a_quality_for_every_answer(tmp_path: Path) -> Non
         load_traces(path).with_label("quality")
     with pytest.raises(TraceError, match="unknown label"):
         ungraded.with_label("stars")
+
+
+SUMMARY = {"mean": -0.4, "min": -6.0, "q05": -3.1, "q25": -0.9}
+
+
+def test_a_logprob_summary_is_read_as_an_n_m_4_column_nan_where_absent(tmp_path: Path) -> None:
+    first, second = _row(0), _row(1)
+    first["models"]["big"]["logprob_summary"] = SUMMARY
+    second["models"]["big"]["logprob_summary"] = None
+    path = _write(tmp_path, [json.dumps(first), json.dumps(second)])
+    traces = load_traces(path)
+    assert traces.logprob_summaries is not None
+    assert traces.logprob_summaries.shape == (2, 2, 4)
+    assert traces.logprob_summaries[0, 1].tolist() == [-0.4, -6.0, -3.1, -0.9]
+    assert np.isnan(traces.logprob_summaries[1]).all()
+    assert np.isnan(traces.logprob_summaries[0, 0]).all()
+    # kept aligned through row and model selection
+    sub = traces.subset(np.array([0])).select_models(["big", "small"])
+    assert sub.logprob_summaries[0, 0].tolist() == [-0.4, -6.0, -3.1, -0.9]
+    assert np.isnan(sub.logprob_summaries[0, 1]).all()
+    # traces without any summary carry no column
+    assert load_traces(ALPACA_TRAIN).logprob_summaries is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"mean": -0.4, "min": -6.0, "q05": -3.1},  # a key missing
+        {**SUMMARY, "max": 0.0},  # an unknown key
+        {**SUMMARY, "q05": 0.5},  # a logprob above 0
+        {**SUMMARY, "min": "-6"},  # not a number
+        {**SUMMARY, "mean": True},
+        [-0.4, -6.0, -3.1, -0.9],  # not an object
+        -0.4,
+    ],
+)
+def test_a_bad_logprob_summary_is_refused_with_file_and_line(tmp_path: Path, value) -> None:
+    bad = _row(1)
+    bad["models"]["small"]["logprob_summary"] = value
+    path = _write(tmp_path, [json.dumps(_row(0)), json.dumps(bad)])
+    with pytest.raises(TraceError, match=r"models.small.logprob_summary must be an object") as err:
+        load_traces(path)
+    assert f"{path}:2: models.small.logprob_summary" in str(err.value)
+
+
+def test_a_non_finite_logprob_summary_is_refused(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path, ['{"id": "q0", "messages": [{"role": "user", "content": "x"}], "models": '
+                   '{"a": {"answer": "A", "correct": true, "confidence": null, "cost_usd": 1, '
+                   '"latency_ms": 1, "tokens_in": 1, "tokens_out": 1, "logprob_summary": '
+                   '{"mean": -1, "min": -Infinity, "q05": -2, "q25": -1}}}}']
+    )  # fmt: skip
+    with pytest.raises(TraceError, match=rf"{path}:1: models.a.logprob_summary"):
+        load_traces(path)
