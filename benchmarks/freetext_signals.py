@@ -24,7 +24,7 @@ from calibration.bench import Pair, load_pair
 from calibration.prerouter import ENCODINGS, held_out_area
 from calibration.textfit import fit_group, held_out
 from policies.freetext import FEATURES, agreement
-from policies.textcal import GROUPS, feature_columns
+from policies.textcal import GROUPS, feature_columns, reads_logprobs
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
@@ -69,12 +69,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {short[j]:16s} {y.mean():8.3f} " + " ".join(f"{c:14.3f}" for c in cells))
     print()
     print("AUROC of each feature group's calibrator: out of fold on train / fitted on train, test")
-    print(f"  {'model':16s} " + " ".join(f"{g:>22s}" for g in GROUPS))
+    # the traces hold no token logprobs: the groups reading their summary have nothing to fit
+    groups = [g for g in GROUPS if not reads_logprobs(GROUPS[g])]
+    print(f"  {'model':16s} " + " ".join(f"{g:>22s}" for g in groups))
     nan = np.full(len(train), np.nan)
     for j in cols:
         y, yt = train.correct[:, j], test.correct[:, j]
         cells = []
-        for g in GROUPS:
+        for g in groups:
             oof = held_out(f_tr[:, j], nan, y.astype(float), GROUPS[g], False, fold)
             cal = fit_group(f_tr[:, j], nan, y.astype(float), GROUPS[g])
             on_test = cal.log_p(f_te[:, j], np.full(len(test), np.nan))

@@ -46,7 +46,13 @@ def replay_artifact(art: PolicyArtifact, traces: TraceSet) -> Outcome:
     nodes = [traces.models.index(m) for m in names]
     prompts = [traces.prompt(i) for i in range(len(traces))]
     conf = calibrated_columns(
-        art.length_calibrators, traces.confidence, traces.tokens_out, traces.answers, nodes, prompts
+        art.length_calibrators,
+        traces.confidence,
+        traces.tokens_out,
+        traces.answers,
+        nodes,
+        prompts,
+        traces.logprob_summaries,
     )
     graded = art.agreement_mode == "graded"
     scores = score_sets(art.posterior, Signals.of(traces, nodes, conf, graded=graded))

@@ -801,6 +801,7 @@ class FittedIndex:
             traces.answers,
             cols,
             prompts,
+            traces.logprob_summaries,
         )
 
     def root_states(self, traces: TraceSet) -> np.ndarray | None:

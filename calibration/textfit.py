@@ -2,7 +2,9 @@
 
 Per node, each feature group of policies/textcal.GROUPS is scored by its held-out log-loss
 (5 folds) against the node's base rate (or, where the node records confidences, against the
-confidence alone); the best group is kept only if it beats that yardstick. The train
+confidence alone); the best group is kept only if it beats that yardstick. The groups that
+read token-logprob summaries are scored only for a node whose every train answer carries
+one (on the same rows as the others, and a node that has them live). The train
 confidences the posterior is then fitted on are the out-of-fold calibrated ones, as for the
 length calibrators of calibration/fit.py.
 """
@@ -12,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.traces import TraceSet
-from policies.textcal import GROUPS, TextCalibrator, feature_columns
+from policies.freetext import FEATURES
+from policies.textcal import GROUPS, TextCalibrator, feature_columns, reads_logprobs
 from policies.tiers import tier_members
 
 OPEN_ENDED_TOKENS = 40  # median answer length (tokens) from which a text task is open-ended
@@ -108,7 +111,10 @@ def fit_text_calibrators(
     calibrated where a node has a calibrator) and, per node, which group won and why."""
     conf = np.array(train.confidence[:, nodes], dtype=float, copy=True)
     prompts = [train.prompt(i) for i in range(len(train))]
-    feats = feature_columns(train.answers, train.tokens_out, prompts, nodes)
+    feats = feature_columns(
+        train.answers, train.tokens_out, prompts, nodes, summaries=train.logprob_summaries
+    )
+    n_text = len(FEATURES)  # the columns after them: the token-logprob summary
     fold = np.random.default_rng(seed).permutation(len(train)) % folds
     out: list[TextCalibrator | None] = [None] * len(nodes)
     chosen: dict[str, str] = {}
@@ -128,8 +134,11 @@ def fit_text_calibrators(
                 held, rest = answered & (fold == f), answered & (fold != f)
                 rate = float(np.clip(y[rest].mean(), 1e-3, 1 - 1e-3))
                 yard[held] = np.log(rate)
+        has_summaries = bool(np.isfinite(feats[answered, k, n_text:]).all())
         best: tuple[float, str, np.ndarray] | None = None
         for g in groups:
+            if reads_logprobs(GROUPS[g]) and not has_summaries:
+                continue
             lp = held_out(feats[:, k], conf[:, k], y, GROUPS[g], uses_confidence, fold)
             seen = ~np.isnan(lp) & ~np.isnan(yard)
             if seen.sum() < MIN_ROWS:

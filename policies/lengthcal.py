@@ -141,17 +141,21 @@ def calibrated_columns(
     answers: list[list[str | None]],
     cols: list[int],
     prompts: list[str] | None = None,
+    summaries: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N, n) node confidences: calibrated where a node has a calibrator, raw elsewhere.
     `confidence` and `tokens_out` are the full (N, M) trace columns, `answers` the trace's
-    answer texts, `cols` the models the nodes are, `prompts` the rows' prompt texts (read
-    by text calibrators)."""
+    answer texts, `cols` the models the nodes are, `prompts` the rows' prompt texts and
+    `summaries` the (N, M, 4) token-logprob summaries (both read by text calibrators; nan
+    where a calibrator reads a summary the row lacks)."""
     out = np.array(confidence[:, cols], dtype=float, copy=True)
     texts = [(k, cal) for k, cal in enumerate(calibrators) if isinstance(cal, TextCalibrator)]
     if texts:
         if prompts is None:
             raise ValueError("text calibrators need the prompts")
-        feats = feature_columns(answers, tokens_out, prompts, [cols[k] for k, _ in texts])
+        feats = feature_columns(
+            answers, tokens_out, prompts, [cols[k] for k, _ in texts], summaries=summaries
+        )
         for i, (k, cal) in enumerate(texts):
             out[:, k] = cal.log_p(feats[:, i], confidence[:, cols[k]])
     used = [(k, cal) for k, cal in enumerate(calibrators) if isinstance(cal, LengthCalibrator)]

@@ -26,7 +26,7 @@ from policies.freetext import (
 )
 from policies.lengthcal import calibrated_columns, calibrators_from
 from policies.posterior import FEATURES_PER_MODEL, answer_classes, candidate_features
-from policies.textcal import TextCalibrator, feature_columns
+from policies.textcal import CALIBRATOR_FEATURES, TextCalibrator, feature_columns
 from tests.shipped import ALPACA_TEST, ALPACA_TRAIN, GSM8K_TRAIN
 
 
@@ -150,7 +150,8 @@ def test_the_fitted_policy_reads_the_same_signals_offline_and_online(alpaca) -> 
     fitted = FittedIndex(alpaca, recall=True)
     prompts = [alpaca.prompt(i) for i in range(len(alpaca))]
     feats = feature_columns(alpaca.answers, alpaca.tokens_out, prompts, fitted.nodes)
-    assert feats.shape == (len(alpaca), len(fitted.nodes), len(FEATURES))
+    assert feats.shape == (len(alpaca), len(fitted.nodes), len(CALIBRATOR_FEATURES))
+    assert np.isnan(feats[:, :, len(FEATURES) :]).all()  # these traces hold no logprobs
     k0, j0 = 0, fitted.nodes[0]
     cal = fit_group(feats[:, k0], alpaca.confidence[:, j0], alpaca.correct[:, j0], FEATURES)
     fitted.length_calibrators[k0] = cal
