@@ -116,7 +116,13 @@ def walk_traces(
                 c = cols[k]
                 raw = float(traces.confidence[r, c])
                 text = traces.answers[r][c]
-                conf = rule.signal(k, raw, float(traces.tokens_out[r, c]), text)
+                conf = rule.signal(
+                    k,
+                    raw,
+                    float(traces.tokens_out[r, c]),
+                    text,
+                    logprob_summary=_summary(traces, r, c),
+                )
                 cost = float(traces.cost_usd[r, c])
                 agree = walk.agreement(k, text)
                 walk.record(
@@ -135,3 +141,10 @@ def walk_traces(
         stop[r] = cols[walk.explored[-1]] if walk.explored else -1
     base = outcome_from_choices(traces, explored, answer, stop)
     return dataclasses.replace(base, latency=latency)
+
+
+def _summary(traces: TraceSet, row: int, col: int) -> tuple[float, ...] | None:
+    """The recorded token-logprob summary of one answer, as the proxy passes it live."""
+    if traces.logprob_summaries is None or np.isnan(traces.logprob_summaries[row, col]).any():
+        return None
+    return tuple(float(x) for x in traces.logprob_summaries[row, col])

@@ -207,6 +207,11 @@ def logprob_summary(logprobs: Sequence[float] | None) -> tuple[float, float, flo
     return (math.fsum(values) / n, values[0], q(0.05), q(0.25))
 
 
+def summary_as_dict(summary: Sequence[float] | None) -> dict[str, float] | None:
+    """A summary as the trace format's `logprob_summary` object (None stays None)."""
+    return None if summary is None else dict(zip(LOGPROB_SUMMARY, summary, strict=True))
+
+
 def token_logprobs_summary(
     tokens: Sequence[tuple[str, float]] | None,
 ) -> tuple[float, float, float, float] | None:

@@ -124,16 +124,20 @@ class CascadePolicy:
         text: str | None,
         prompt_words: int | None = None,
         finish_reason: str | None = None,
+        logprob_summary: tuple[float, ...] | None = None,
     ) -> float | None:
         """The confidence `step` reads for `node`: its answer's raw confidence, or the one
         calibrated by the answer's length and final-answer marker (policies/lengthcal.py)
-        or by its free-text features (policies/textcal.py; `prompt_words` and
-        `finish_reason` are read only there) where the node has a calibrator."""
+        or by its free-text features (policies/textcal.py; `prompt_words`, `finish_reason`
+        and `logprob_summary`, freetext.logprob_summary of the answer's token logprobs, are
+        read only there) where the node has a calibrator."""
         cal = self.length_calibrators[node]
         if cal is None:
             return confidence
         if isinstance(cal, TextCalibrator):
-            return cal.one(confidence, tokens_out, text, prompt_words, finish_reason)
+            return cal.one(
+                confidence, tokens_out, text, prompt_words, finish_reason, logprob_summary
+            )
         return cal.one(confidence, tokens_out, text)
 
     def first(self, root_state: int = 0) -> Step:

@@ -44,6 +44,7 @@ class _RawRule:
         text: str | None,
         prompt_words: int | None = None,
         finish_reason: str | None = None,
+        logprob_summary: tuple[float, ...] | None = None,
     ) -> float | None:
         return confidence
 

@@ -43,6 +43,7 @@ class Rule(Protocol):
         text: str | None,
         prompt_words: int | None = None,
         finish_reason: str | None = None,
+        logprob_summary: tuple[float, ...] | None = None,
     ) -> float | None: ...
 
     def step(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from policies.answers import extract_answer
 from policies.artifact import AgreementSetting, ArtifactError, PolicyArtifact
 from policies.errors import InvalidInput
-from policies.freetext import word_count
+from policies.freetext import token_logprobs_summary, word_count
 from policies.policy import CascadePolicy
 from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy
 from policies.sampling import Vote, is_sampled, parse_sampled, vote
@@ -64,6 +64,9 @@ class NodeCall:
     vote: Vote | None = None  # a sampled node (`model@k`): the vote of its samples
     samples: int | None = None  # a sampled node's k (also set on each of its parallel calls)
     sample_answers: list[str | None] | None = None  # a sampled node's extracted answers
+    # mean, min, q05, q25 of the answer's token logprobs (policies/freetext.py); None when
+    # the upstream returned none (read by free-text calibrators, policies/textcal.py)
+    logprob_summary: tuple[float, float, float, float] | None = None
 
     def model_calls(self) -> list[NodeCall]:
         """The upstream calls behind this node: itself, or a tier's members."""
@@ -384,6 +387,7 @@ async def _walk(
                 result.text,
                 prompt_words,
                 result.finish_reason,
+                call.logprob_summary,
             )
             # graded rules: the answer's agreement with those seen (a signal of the call)
             t_agree = time.perf_counter()
@@ -445,14 +449,23 @@ class _Caller:
         else:
             result = await self.backends[model].complete(self.messages, self.params)
         t0 = time.perf_counter()
-        extracted = confidence = None
+        extracted = confidence = summary = None
         if result.ok:
             extracted = extract_answer(result.text, self.kind)
             confidence = result.confidence
             if confidence is None:
                 confidence = answer_confidence(result.text, result.token_logprobs, self.kind)
+            summary = token_logprobs_summary(result.token_logprobs)
         signal_ms = (time.perf_counter() - t0) * 1000.0
-        return NodeCall(node, model, result, extracted, confidence, signal_ms=signal_ms)
+        return NodeCall(
+            node,
+            model,
+            result,
+            extracted,
+            confidence,
+            signal_ms=signal_ms,
+            logprob_summary=summary,
+        )
 
     async def _call_tier(self, node: int, name: str, members: list[str]) -> NodeCall:
         """A tier: its models called in parallel, answered by majority (policies/tiers.py)."""

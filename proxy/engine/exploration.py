@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from policies.freetext import summary_as_dict
 from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
 from policies.sampling import is_sampled
 from proxy.engine.cascade import CascadeRun
@@ -56,6 +57,8 @@ def trace_row(
             "tokens_in": result.tokens_in,
             "tokens_out": result.tokens_out,
         }
+        if call.logprob_summary is not None:
+            entry["logprob_summary"] = summary_as_dict(call.logprob_summary)
         if not result.ok:
             entry["error"] = result.error or "error"
         models[name] = entry

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse, StreamingResponse
 
+from policies.freetext import summary_as_dict
 from proxy.engine.cascade import CascadeRun, NodeCall
 from proxy.engine.recording import LedgerEntry
 from proxy.http import metrics
@@ -85,6 +86,11 @@ def cascade_object(run: CascadeRun, state: ProxyState) -> dict:
                 "latency_ms": round(c.result.latency_ms, 3),
                 "cost_usd": c.result.cost_usd,
                 "confidence": c.confidence,
+                **(
+                    {"logprob_summary": summary_as_dict(c.logprob_summary)}
+                    if c.logprob_summary is not None
+                    else {}
+                ),
                 "p_correct": None if c.p_correct is None else round(c.p_correct, 6),
                 "decision": c.decision,
                 "attempts": c.result.attempts,
