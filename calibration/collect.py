@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from calibration.graders import Grade, Grader, default_grader, parse_grader
 from policies.answers import detect_kind
 from policies.errors import InvalidInput
+from policies.freetext import summary_as_dict, token_logprobs_summary
 from policies.sampling import check_k, parse_sampled
 from policies.signals import answer_confidence
 from policies.tiers import tier_members
@@ -266,6 +267,9 @@ def _entry(result: CallResult, grade: Grade | None, kind: str, judged: bool) -> 
         "text": result.text,
         "finish_reason": result.finish_reason,
     }
+    summary = token_logprobs_summary(result.token_logprobs)  # as the proxy computes it live
+    if summary is not None:
+        entry["logprob_summary"] = summary_as_dict(summary)
     if judged:
         entry["grader_cost_usd"] = _finite(grade.cost_usd)
     return entry
