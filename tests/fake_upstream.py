@@ -29,9 +29,10 @@ prints `listening on http://HOST:PORT` once it accepts connections. In process:
 Logprobs: the content is split into whitespace tokens (each keeps its leading whitespace, so
 the tokens concatenate to the content). The last token carries the answer's confidence; every
 other token has logprob 0.0, so the sum, the minimum and the last token's logprob all equal the
-confidence (for one-token answers, also the first). Alternatives in `top_logprobs` share the
-remaining probability (other letters A-H for a letter token) and are sorted most likely first,
-so the chosen token is missing from them when it is not among the k most likely.
+confidence (for one-token answers, also the first); an answer set with `token_logprobs` (one
+number per token, through /admin/answers) sends those instead. Alternatives in `top_logprobs`
+share the remaining probability (other letters A-H for a letter token) and are sorted most
+likely first, so the chosen token is missing from them when it is not among the k most likely.
 
 Samples: a model given `samples` [s1, s2, ...] with its canned answer a answers from the
 cycle [a, s1, s2, ...]: the choices of an `n: k` request are its first k entries, and
@@ -112,7 +113,15 @@ def _alternatives(token: str, logprob: float, k: int) -> list[dict[str, Any]]:
 class Answer:
     """One fixed answer: its tokens, their logprobs (cached per k) and the prompt's size."""
 
-    __slots__ = ("_lp", "completion_tokens", "confidence", "content", "prompt_tokens", "tokens")
+    __slots__ = (
+        "_lp",
+        "completion_tokens",
+        "confidence",
+        "content",
+        "prompt_tokens",
+        "token_logprobs",
+        "tokens",
+    )
 
     def __init__(
         self,
@@ -121,6 +130,7 @@ class Answer:
         prompt_tokens: int | None = None,
         default: float | None = DEFAULT_CONFIDENCE,
         completion_tokens: int | None = None,
+        token_logprobs: list[float] | None = None,
     ):
         """`confidence` (null or NaN: `default`) is clamped to [LOGPROB_FLOOR, 0].
         `completion_tokens` (a trace's recorded `tokens_out`) is the usage reported for the
@@ -134,6 +144,7 @@ class Answer:
             conf = default
         self.confidence = max(LOGPROB_FLOOR, min(0.0, conf))
         self.tokens = tokenize(content)
+        self.token_logprobs = token_logprobs  # one per token: sent instead of the default
         self.prompt_tokens = prompt_tokens
         self._lp: dict[int, list[dict[str, Any]]] = {}
 
@@ -144,7 +155,10 @@ class Answer:
             last = len(self.tokens) - 1
             cached = []
             for i, tok in enumerate(self.tokens):
-                lp = self.confidence if i == last else 0.0
+                if self.token_logprobs is not None:
+                    lp = float(self.token_logprobs[i])
+                else:
+                    lp = self.confidence if i == last else 0.0
                 cached.append(
                     {
                         "token": tok,
@@ -443,11 +457,15 @@ class FakeUpstream:
         confidence: float | None,
         prompt: str | None = None,
         samples: list[str] | None = None,
+        token_logprobs: list[float] | None = None,
     ) -> None:
         """Set the canned answer of `model` (added if new), or its answer to one prompt;
-        `samples` (canned only) makes it answer from the cycle [answer, *samples]."""
+        `samples` (canned only) makes it answer from the cycle [answer, *samples];
+        `token_logprobs` are the logprobs of the answer's tokens."""
         self.add_model(model)
-        ans = Answer(answer, confidence, default=self.default_confidence)
+        ans = Answer(
+            answer, confidence, default=self.default_confidence, token_logprobs=token_logprobs
+        )
         if prompt is None:
             self.canned[model] = ans
             self.cycles.pop(model, None)
@@ -606,17 +624,37 @@ class FakeUpstream:
                         and all(isinstance(s, str) for s in it["samples"])
                     )
                 )
-                and not set(it) - {"model", "answer", "confidence", "prompt", "samples"}
+                and (
+                    it.get("token_logprobs") is None
+                    or (
+                        isinstance(it["token_logprobs"], list)
+                        and len(it["token_logprobs"]) == len(tokenize(it["answer"]))
+                        and all(
+                            isinstance(x, int | float) and not isinstance(x, bool) and x <= 0
+                            for x in it["token_logprobs"]
+                        )
+                    )
+                )
+                and not set(it)
+                - {"model", "answer", "confidence", "prompt", "samples", "token_logprobs"}
             )
             if not ok:
                 return _bad(
                     "each item needs model and answer (strings), optional confidence "
                     "(number or null), prompt (string) or samples (strings, without a "
-                    "prompt), nothing else"
+                    "prompt), token_logprobs (numbers <= 0, one per whitespace token of "
+                    "the answer), nothing else"
                 )
         for it in items:
             conf = it.get("confidence", self.default_confidence)
-            self.set_answer(it["model"], it["answer"], conf, it.get("prompt"), it.get("samples"))
+            self.set_answer(
+                it["model"],
+                it["answer"],
+                conf,
+                it.get("prompt"),
+                it.get("samples"),
+                it.get("token_logprobs"),
+            )
         return web.Response(body=_dumps({"models": self.models}), content_type=_JSON)
 
     # ---- the chat API
