@@ -38,7 +38,13 @@ from calibration.artifact import build_artifact, choose_mu
 from calibration.fit import DEFAULT_MUS, FittedIndex
 from calibration.traces import TraceSet, load_traces
 from policies.artifact import PolicyArtifact
-from policies.freetext import agreement, answer_features, pairwise_agreement, word_count
+from policies.freetext import (
+    agreement,
+    answer_features,
+    pairwise_agreement,
+    token_logprobs_summary,
+    word_count,
+)
 from policies.policy import CascadePolicy
 from policies.walk import Walk
 
@@ -337,6 +343,28 @@ def bench_freetext(traces_dir: Path, reps: int) -> None:
     print(
         f"   answer_features: mean {mean:.3f}  p50 {p50:.3f}  p99 {p99:.3f} ms "
         f"(target < {FEATURES_TARGET_MS:.0f} ms: {verdict})"
+    )
+    # the recorded answers carry no token logprobs: 1,000 drawn ones per answer, as the
+    # proxy receives them from an upstream, (token, logprob) pairs
+    rng = np.random.default_rng(0)
+    logprobs = [[("t", float(x)) for x in -rng.exponential(0.5, 1000)] for _ in range(len(long))]
+    summary = _timed_ms(token_logprobs_summary, [(lp,) for lp in logprobs], reps)
+    mean, p50, p99 = percentiles(summary)
+    print(f"   logprob summary of 1,000 token logprobs: mean {mean:.3f}  p50 {p50:.3f}  "
+          f"p99 {p99:.3f} ms")  # fmt: skip
+
+    def features_and_summary(a, t, w, lp) -> None:
+        answer_features(a, t, w)
+        token_logprobs_summary(lp)
+
+    both = _timed_ms(
+        features_and_summary, [(*x, lp) for x, lp in zip(long, logprobs, strict=True)], reps
+    )
+    mean, p50, p99 = percentiles(both)
+    verdict = "within" if p50 < FEATURES_TARGET_MS else "OVER"
+    print(
+        f"   answer_features + logprob summary: mean {mean:.3f}  p50 {p50:.3f}  p99 {p99:.3f} "
+        f"ms (target < {FEATURES_TARGET_MS:.0f} ms: {verdict})"
     )
     pairs = [(long[k][0], long[k + 1][0]) for k in range(len(long) - 1)]
     agree = _timed_ms(agreement, pairs, reps)
