@@ -169,6 +169,38 @@ def test_a_logprob_calibrator_gives_the_same_value_vectorised_and_in_plain_pytho
     assert LOGPROB_FEATURES == ("logprob_mean", "logprob_min", "logprob_q05", "logprob_q25")
 
 
+def test_summaries_stay_with_their_answers_when_tier_columns_are_added(pair) -> None:
+    from calibration.tiers import add_tiers
+
+    train, _ = pair
+    tiered = add_tiers(train, [["small", "big"]])
+    assert tiered.logprob_summaries.shape == (len(train), train.n_models + 1, 4)
+    for name in train.models:
+        before = train.logprob_summaries[:, train.models.index(name)]
+        after = tiered.logprob_summaries[:, tiered.models.index(name)]
+        assert np.array_equal(before, after, equal_nan=True)
+    assert np.isnan(tiered.logprob_summaries[:, tiered.models.index("tier:small+big")]).all()
+
+
+def test_the_replay_backend_returns_the_recorded_summary(pair) -> None:
+    import asyncio
+
+    from upstreams.replay import ReplayBackend
+    from upstreams.settings import ModelConfig
+
+    train, _ = pair
+    cfg = ModelConfig(backend="replay", traces=[train.path], price_in_per_mtok=1.0,
+                      price_out_per_mtok=1.0)  # fmt: skip
+    for name, carried in (("small", True), ("big", False)):
+        result = asyncio.run(ReplayBackend(name, cfg).complete(train.messages[3], {}))
+        assert result.ok
+        want = train.logprob_summaries[3, train.models.index(name)]
+        if carried:
+            assert result.logprob_summary == tuple(want.tolist())
+        else:
+            assert result.logprob_summary is None and np.isnan(want).all()
+
+
 # ---------------------------------------------------------------- fit
 
 

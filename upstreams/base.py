@@ -21,6 +21,8 @@ class CallResult:
     text: str | None
     confidence: float | None = None  # raw signal, <= 0: recorded (replay) or from logprobs
     token_logprobs: list[tuple[str, float]] | None = None  # (token, logprob) as returned
+    # mean, min, q05, q25 of the token logprobs, when recorded (replay) rather than returned
+    logprob_summary: tuple[float, float, float, float] | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
     cost_usd: float | None = None  # None: no known price (never silently 0)

@@ -455,7 +455,9 @@ class _Caller:
             confidence = result.confidence
             if confidence is None:
                 confidence = answer_confidence(result.text, result.token_logprobs, self.kind)
-            summary = token_logprobs_summary(result.token_logprobs)
+            summary = result.logprob_summary  # recorded (replay), else from the logprobs
+            if summary is None:
+                summary = token_logprobs_summary(result.token_logprobs)
         signal_ms = (time.perf_counter() - t0) * 1000.0
         return NodeCall(
             node,
