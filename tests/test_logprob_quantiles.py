@@ -122,6 +122,10 @@ def test_the_live_summary_is_the_trace_summary_and_refuses_non_finite_logprobs()
     assert token_logprobs_summary(tokens) == logprob_summary([-0.1, -2.0, 0.0, -0.5])
     assert token_logprobs_summary(None) is None and token_logprobs_summary([]) is None
     assert token_logprobs_summary([("a", -math.inf), ("b", -0.1)]) is None
+    assert token_logprobs_summary([("a", math.nan)]) is None
+    # an upstream's rounding above 0 is clipped: the summary is one the trace format takes
+    assert logprob_summary([1e-7, -0.6, 0.0]) == pytest.approx((-0.2, -0.6, -0.6, -0.6))
+    assert max(logprob_summary([1e-7, 2e-9])) <= 0.0
     assert summary_as_dict((-1.0, -3.0, -2.0, -1.5)) == {
         "mean": -1.0,
         "min": -3.0,
