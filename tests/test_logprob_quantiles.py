@@ -205,6 +205,33 @@ def test_the_replay_backend_returns_the_recorded_summary(pair) -> None:
             assert result.logprob_summary is None and np.isnan(want).all()
 
 
+def test_the_hedging_scan_matches_what_it_matched_before_its_lookahead() -> None:
+    """The hedging regex skips positions by its first letter (to make room for the summary
+    in the 1 ms of a 1,000-token answer's features); it finds exactly what it found before,
+    so older text calibrators read the same feature."""
+    import re
+
+    from policies.freetext import _HEDGE
+    from tests.shipped import ALPACA_TEST
+
+    before = re.compile(_HEDGE.pattern.replace("(?=[mplunirag])", ""), re.IGNORECASE)
+    assert before.pattern != _HEDGE.pattern
+    words = before.pattern.split("(?:")[1].split(")")[0].split("|")
+    assert {w[0] for w in words} <= set("mplunirag")  # every word's first letter is looked for
+    texts = [a for row in load_traces(ALPACA_TEST).answers for a in row if a]
+    texts += [
+        "MIGHT be, Perhaps; i THINK it DEPENDS",
+        "İ think, ı think, mıght",
+        "unmighty mayo",
+        "not  sure",
+        "Not sure.",
+        "KınD of roughly—generally",
+        "might've possibly",
+    ]
+    for text in texts:
+        assert _HEDGE.findall(text) == before.findall(text)
+
+
 # ---------------------------------------------------------------- fit
 
 
