@@ -36,6 +36,7 @@ from policies.policy import CascadePolicy
 from policies.textcal import GROUPS, TextCalibrator, feature_columns
 from policies.walk import Walk
 from tests.fake_upstream import tokenize
+from tests.policy_walk import assert_online_equals_replay
 from tests.serving import db_upgrade, fake_upstream, running_proxy, sqlite_env, write_config
 
 VOCAB = ("the", "model", "answer", "because", "water", "system", "light", "people", "data",
@@ -297,6 +298,10 @@ def test_a_policy_reading_quantiles_scores_the_same_in_replay_and_live(pair) -> 
         assert live == pytest.approx(offline[i, 0], abs=1e-9)
     # without a summary the node has no calibrated signal (as nan offline)
     assert policy.signal(0, None, 80.0, test.answers[0][0], 10, "stop", None) is None
+    # walked row by row as the proxy's driver walks it (the recorded summaries passed to
+    # signal), the policy explores and answers as the vectorised replay does
+    assert entry["features"] == list(GROUPS["logprobs"])  # (the walk reads no prompt length)
+    assert assert_online_equals_replay(art, test) > 0
 
 
 # ---------------------------------------------------------------- the proxy
