@@ -431,6 +431,26 @@ def test_a_low_quantile_answer_escalates_and_a_sure_one_stops(proxy_setup) -> No
     assert rows[0][2] < _ledger_calls(ledger, sure.headers["x-request-id"], 1)[0][2]
 
 
+def test_an_explored_request_writes_its_summaries_in_a_valid_trace_row() -> None:
+    from policies.traceformat import check_row
+    from proxy.engine.cascade import CascadeRun, NodeCall
+    from proxy.engine.exploration import trace_row
+    from upstreams.base import CallResult
+
+    def call(node: int, model: str, summary) -> NodeCall:
+        result = CallResult(model=model, text="An essay.", tokens_in=5, tokens_out=3,
+                            cost_usd=1e-6, latency_ms=10.0)  # fmt: skip
+        return NodeCall(node, model, result, "an essay", -0.2, logprob_summary=summary)
+
+    run = CascadeRun("chat", calls=[call(0, "small", logprob_summary(UNSURE)),
+                                    call(1, "big", None)])  # fmt: skip
+    messages = [{"role": "user", "content": "Write an essay."}]
+    row = trace_row("r1", "chat", messages, run, "big")
+    assert row["models"]["small"]["logprob_summary"] == summary_as_dict(logprob_summary(UNSURE))
+    assert "logprob_summary" not in row["models"]["big"]
+    assert check_row(row, ("small", "big")) == []
+
+
 # ---------------------------------------------------------------- collect
 
 
