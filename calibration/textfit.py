@@ -4,7 +4,7 @@ Per node, each feature group of policies/textcal.GROUPS is scored by its held-ou
 (5 folds) against the node's base rate (or, where the node records confidences, against the
 confidence alone); the best group is kept only if it beats that yardstick. The groups that
 read token-logprob summaries are scored only for a node whose every train answer carries
-one (on the same rows as the others, and a node that has them live). The train
+one (so every group is scored on the same rows). The train
 confidences the posterior is then fitted on are the out-of-fold calibrated ones, as for the
 length calibrators of calibration/fit.py.
 """
@@ -87,8 +87,8 @@ def fit_group(
     features: tuple[str, ...],
     uses_confidence: bool = False,
 ) -> TextCalibrator:
-    """A calibrator over `features` fitted on every row of (N, len(FEATURES)) `feats` that
-    holds its signals."""
+    """A calibrator over `features` fitted on every row of `feats` (feature_columns of one
+    node) that holds its signals."""
     shell = TextCalibrator(features, *_zeros(len(features) + int(uses_confidence)), uses_confidence)
     design = shell.design(feats, conf)
     ok = ~np.isnan(design).any(axis=1)
