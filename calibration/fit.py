@@ -183,9 +183,10 @@ def fit_posterior(
     shell = PosteriorModel(np.zeros(1), 0.0, mean, scale)
     z = shell.standardise(sig.conf_feat)
     x, y = _training_samples(sig, z, max_set)
-    if y.min() == y.max():  # degenerate: a constant posterior
+    if y.min() == y.max():  # degenerate: a constant posterior (zero weight on each feature)
         rate = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
-        return PosteriorModel(shell.weights, float(np.log(rate / (1 - rate))), mean, scale)
+        weights = np.zeros(x.shape[1])
+        return PosteriorModel(weights, float(np.log(rate / (1 - rate))), mean, scale)
     clf = fit_logistic(x, y, c_reg, max_iter=500)
     return PosteriorModel(clf.coef_[0].astype(float), float(clf.intercept_[0]), mean, scale)
 

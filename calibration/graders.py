@@ -11,10 +11,11 @@ their own tasks, so the grader is chosen on the command line (`--grader`):
     judge:MODEL     a configured model grades the answer (graded: `quality` in [0, 1], and
                     correct = quality >= 0.5): its probability that the answer beats the
                     reference model's answer to the same prompt, read from its logprobs
-                    (pairwise), or, from a judge that returns no logprobs or with no
-                    reference model's answer to compare, its 1-10 rubric score scaled to
-                    [0, 1]; costs money, so each grade returns its cost for `collect` to log
-                    and count against the budget
+                    (pairwise, asked in both orders and averaged, so a taste for the
+                    first or the second position cancels out), or, from a judge that
+                    returns no logprobs or with no reference model's answer to compare,
+                    its 1-10 rubric score scaled to [0, 1]; costs money, so each grade
+                    returns its cost for `collect` to log and count against the budget
 
 Extraction reuses `policies.answers`, the code the proxy uses at serve time, so a label means
 the same thing in calibration as in serving.
@@ -22,6 +23,7 @@ the same thing in calibration as in serving.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from policies.answers import extract_answer, extract_choice, extract_number, nor
 from policies.errors import InvalidInput
 from policies.judging import (
     JUDGE_PARAMS,
+    debiased_quality,
     pairwise_messages,
     pairwise_quality,
     parse_choice,
@@ -172,9 +175,14 @@ def _is_number(text: str) -> bool:
 
 class JudgeGrader(Grader):
     """A configured model grades the answer: `quality` is its probability that the answer
-    beats the reference model's (`versus`), from the logprob of its A/B reply; from a judge
-    without logprobs, or with nothing to compare, its 1-10 rubric score scaled to [0, 1].
-    A judge seen to return no logprobs is asked only for rubric scores from then on."""
+    beats the reference model's (`versus`), from the logprob of its A/B reply, asked twice at
+    once (the answer as A, then as B) and averaged, since judges favour a position; from a
+    judge without logprobs, or with nothing to compare, its 1-10 rubric score scaled to
+    [0, 1]. A judge seen to return no logprobs is asked only for rubric scores from then on.
+
+    Both orders or none: when either call fails, gives no A/B verdict, or only one carries
+    logprobs, the grade is an error (both calls' cost counted), so `collect` leaves the item
+    unwritten and a rerun asks again; one order alone would bring the bias back."""
 
     needs_reference = False
     paid = True
@@ -196,12 +204,16 @@ class JudgeGrader(Grader):
         reference: str | None,
         messages: list[dict] | None,
         versus: str | None = None,
+        swapped: bool = False,
     ) -> list[dict]:
-        """The pairwise prompt when there is a `versus` answer, else the rubric prompt."""
+        """The pairwise prompt when there is a `versus` answer (`text` as response A, or as
+        B when `swapped`), else the rubric prompt."""
         from upstreams.common import last_user_text
 
         question = last_user_text(messages or [])
         if versus is not None:
+            if swapped:
+                return pairwise_messages(question, versus, text)
             return pairwise_messages(question, text, versus)
         return rubric_messages(question, text, reference)
 
@@ -218,20 +230,22 @@ class JudgeGrader(Grader):
             return Grade(answer, False, quality=0.0)  # nothing to judge, nothing spent
         spent = 0.0
         if versus is not None and self.gives_logprobs is not False:
-            result = await self.backend.complete(
-                self.prompt(text, None, messages, versus), self.params
+            first, swapped = await asyncio.gather(
+                self._ask_pairwise(self.prompt(text, None, messages, versus)),
+                self._ask_pairwise(self.prompt(text, None, messages, versus, swapped=True)),
             )
-            spent += result.cost_usd or 0.0
-            if not result.ok:
-                return Grade(answer, False, result.cost_usd, f"judge {self.model}: {result.error}")
-            choice = parse_choice(result.text)
-            if choice is None:
-                error = f"judge {self.model}: no A/B verdict in {result.text[:60]!r}"
-                return Grade(answer, False, result.cost_usd, error)
-            self.gives_logprobs = bool(result.token_logprobs)
-            if result.token_logprobs:
-                q = _letter_quality(choice, result.token_logprobs)
-                return Grade(answer, q >= 0.5, result.cost_usd, quality=q)
+            cost = _total_cost(first.cost_usd, swapped.cost_usd)
+            error = first.error or swapped.error
+            if error is None and (first.p_a is None) != (swapped.p_a is None):
+                error = f"judge {self.model}: logprobs in only one of the two orders"
+            if error is not None:
+                return Grade(answer, False, cost, error)
+            if first.p_a is not None and swapped.p_a is not None:
+                self.gives_logprobs = True
+                q = debiased_quality(first.p_a, swapped.p_a)
+                return Grade(answer, q >= 0.5, cost, quality=q)
+            self.gives_logprobs = False
+            spent = cost or 0.0
         result = await self.backend.complete(self.prompt(text, reference, messages), self.params)
         cost = None if result.cost_usd is None and not spent else spent + (result.cost_usd or 0.0)
         if not result.ok:
@@ -242,8 +256,36 @@ class JudgeGrader(Grader):
             return Grade(answer, False, cost, error)
         return Grade(answer, q >= 0.5, cost, quality=q)
 
+    async def _ask_pairwise(self, prompt: list[dict]) -> _PairwiseVerdict:
+        """One A/B call, read into P(A is better) (None: the reply had no logprobs)."""
+        result = await self.backend.complete(prompt, self.params)
+        if not result.ok:
+            return _PairwiseVerdict(None, result.cost_usd, f"judge {self.model}: {result.error}")
+        choice = parse_choice(result.text)
+        if choice is None:
+            error = f"judge {self.model}: no A/B verdict in {result.text[:60]!r}"
+            return _PairwiseVerdict(None, result.cost_usd, error)
+        if not result.token_logprobs:
+            return _PairwiseVerdict(None, result.cost_usd)
+        return _PairwiseVerdict(_letter_quality(choice, result.token_logprobs), result.cost_usd)
+
     async def aclose(self) -> None:
         await self.backend.aclose()
+
+
+@dataclass(frozen=True)
+class _PairwiseVerdict:
+    """What one order of the pairwise question gave."""
+
+    p_a: float | None  # P(response A is better); None without logprobs or on an error
+    cost_usd: float | None
+    error: str | None = None
+
+
+def _total_cost(*costs: float | None) -> float | None:
+    """The sum of the known costs; None when none is known (an unpriced judge)."""
+    known = [c for c in costs if c is not None]
+    return sum(known) if known else None
 
 
 def _letter_quality(choice: str, logprobs: list[tuple[str, float]]) -> float:

@@ -2,7 +2,8 @@
 and the reading of its yes/no verdict (the proxy's exploration, `explore_grader:
 judge:MODEL`), and the graded ones `cascade collect --grader judge:MODEL` records as
 `quality`: a pairwise A/B comparison with the reference model's answer (a probability from
-the verdict's logprob) and a 1-10 rubric score.
+the verdict's logprob, asked in both orders and averaged against position bias) and a 1-10
+rubric score.
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def pairwise_quality(choice: str, first_logprob: float) -> float:
     to be on the other letter)."""
     p = float(min(1.0, max(0.0, math.exp(min(first_logprob, 0.0)))))
     return p if choice == "A" else 1.0 - p
+
+
+def debiased_quality(p_first: float, p_swapped: float) -> float:
+    """P(the candidate is better) averaged over both orders: `p_first` is P(A is better) with
+    the candidate as A, `p_swapped` the same with the candidate as B. A judge's taste for a
+    position (MT-Bench, AlpacaEval) cancels out: one that always says A scores 0.5."""
+    return (p_first + (1.0 - p_swapped)) / 2.0
 
 
 def rubric_messages(question: str | None, candidate: str, reference: str | None) -> list[dict]:

@@ -6,7 +6,6 @@ on what it wrote."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -284,8 +283,9 @@ def test_a_judge_grades_without_references_and_its_cost_is_logged(
     config: Path, recorded: dict, http: httpx.Client, tmp_path: Path
 ) -> None:
     """The judge compares each answer with the reference model's (pairwise, from the logprob
-    of its A/B verdict) and the trace records the graded `quality` that `fit --label
-    quality` reads."""
+    of its A/B verdict, in both orders) and the trace records the graded `quality` that `fit
+    --label quality` reads. This judge always says A: its taste for the first position
+    cancels out, so every answer ties with the reference model's."""
     verdict = {"model": "judge", "answer": "A", "confidence": -0.3}
     http.post("/admin/answers", json=verdict).raise_for_status()
     out = tmp_path / "traces.jsonl"
@@ -296,13 +296,13 @@ def test_a_judge_grades_without_references_and_its_cost_is_logged(
     assert len(rows) == 6 and all(r["grader"] == "judge:judge" for r in rows)
     reference = CHEAPEST_FIRST[-1]
     others = [e for r in rows for m, e in r["models"].items() if m != reference]
-    assert all(e["quality"] == pytest.approx(math.exp(-0.3)) for e in others)
+    assert all(e["quality"] == pytest.approx(0.5) for e in others)  # not exp(-0.3) = 0.74
     assert all(e["correct"] is True and e["grader_cost_usd"] > 0 for e in others)
     own = [r["models"][reference] for r in rows]  # against itself: a tie, never asked
     assert all(e["quality"] == 0.5 and e["grader_cost_usd"] is None for e in own)
     graded = sum(e["grader_cost_usd"] for e in others)
     assert f"(grading ${graded:.4f})" in res.stdout
-    assert calls(http)["judge"] == 12  # one verdict per answer but the reference model's
+    assert calls(http)["judge"] == 24  # two verdicts per answer but the reference model's
     traces = load_traces(out).with_label("quality")
     assert traces.correct[:, traces.models.index(reference)].tolist() == [0.5] * 6
 

@@ -19,6 +19,7 @@ from calibration.fit import (
     HeldOutCurve,
     Signals,
     align_fold_scores,
+    fit_posterior,
     n_bins_for,
     score_sets,
     select_nodes,
@@ -163,6 +164,23 @@ def test_fold_scores_keep_their_order_on_the_full_models_scale() -> None:
     order = np.argsort(fold_p[rows, 0], kind="stable")
     assert np.all(np.diff(out[order, 0]) >= 0)  # a fold's ranking is kept
     assert set(out[:, 0]) <= set(full_p[:, 0]) and np.all(out[:, 1] == 0.45)
+
+
+def test_answers_all_right_give_a_constant_posterior_that_scores() -> None:
+    """Traces where every answer is right (an explore file labelled by agreement, whose
+    reference model agrees with itself, once the other nodes agree too) fit a constant
+    posterior that scores every explored set (it once had one weight in all, not one per
+    feature)."""
+    n = 12
+    sig = Signals(
+        classes=np.zeros((n, 2), dtype=int),
+        conf_feat=np.full((n, 2), -0.1),
+        missing=np.zeros((n, 2), dtype=bool),
+        correct=np.ones((n, 2), dtype=bool),
+        cost=np.tile([1.0, 10.0], (n, 1)),
+    )
+    scores = score_sets(fit_posterior(sig), sig)
+    assert np.allclose(scores.best_p[:, 1:], 1 - 1e-3)  # every non-empty set: the clipped rate
 
 
 @pytest.mark.research_traces

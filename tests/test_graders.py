@@ -175,7 +175,7 @@ class Judges:
         return self.state.stats[model].calls
 
 
-LOGPROB_A, LOGPROB_B = -0.25, -0.1  # the judges' logprob of their one-letter verdict
+LOGPROB_A, LOGPROB_B = -0.25, -0.1  # a judge's logprob of its one-letter verdict
 
 
 @pytest.fixture
@@ -183,7 +183,6 @@ async def judges() -> AsyncIterator[Judges]:
     app = build_app(
         answers={
             "judge-a": ("A", LOGPROB_A),
-            "judge-b": ("B", LOGPROB_B),
             "judge-vague": "Perhaps",
             "judge-plain": "A",  # configured without logprobs: graded by its rubric score
         }
@@ -202,12 +201,29 @@ async def judges() -> AsyncIterator[Judges]:
 
 
 def expected_cost(
-    grader: JudgeGrader, text: str, reference: str | None, words_out: int, versus: str | None
+    grader: JudgeGrader,
+    text: str,
+    reference: str | None,
+    words_out: int,
+    versus: str | None,
+    swapped: bool = False,
 ) -> float:
     """The fake counts prompt tokens as words; its answer's tokens are its words."""
-    prompt = grader.prompt(text, reference, QUESTION, versus)
+    prompt = grader.prompt(text, reference, QUESTION, versus, swapped)
     words_in = sum(len(m["content"].split()) for m in prompt)
     return (words_in * PRICE_IN + words_out * PRICE_OUT) / 1e6
+
+
+def pairwise_cost(grader: JudgeGrader, text: str, versus: str) -> float:
+    """Both orders of the pairwise question, each answered with one letter."""
+    return expected_cost(grader, text, None, 1, versus) + expected_cost(
+        grader, text, None, 1, versus, swapped=True
+    )
+
+
+def user_prompt(grader: JudgeGrader, text: str, versus: str, swapped: bool) -> str:
+    """The judge's user message (what the fake upstream keys per-prompt answers on)."""
+    return grader.prompt(text, None, QUESTION, versus, swapped)[-1]["content"]
 
 
 def sent(judges: Judges, model: str) -> str:
@@ -222,29 +238,81 @@ def test_graded_verdicts() -> None:
 
 
 @pytest.mark.anyio
-async def test_the_judge_grades_pairwise_from_its_logprobs(judges: Judges) -> None:
-    """quality = P(the answer beats the reference model's), from the verdict's logprob."""
+async def test_the_judge_grades_pairwise_in_both_orders_from_its_logprobs(
+    judges: Judges,
+) -> None:
+    """quality = P(the answer beats the reference model's), from the verdict's logprob,
+    averaged over the answer shown first and shown second."""
     a = parse_grader("judge:judge-a", judges.models)
-    b = parse_grader("judge:judge-b", judges.models)
     assert isinstance(a, JudgeGrader) and a.pairwise
+    eight, six = "Eight legs.", "Six legs."
+    # a judge that prefers "Eight legs." wherever it stands, more surely when it is first
+    first = user_prompt(a, eight, six, swapped=False)
+    second = user_prompt(a, eight, six, swapped=True)
+    judges.state.set_answer("judge-a", "A", LOGPROB_A, prompt=first)
+    judges.state.set_answer("judge-a", "B", LOGPROB_B, prompt=second)
+    assert "Response A:\nEight legs." in first and "Response B:\nSix legs." in first
+    assert "Response A:\nSix legs." in second and "Response B:\nEight legs." in second
+    both = (math.exp(LOGPROB_A) + math.exp(LOGPROB_B)) / 2
     try:
-        better = await a.grade("Eight legs.", None, QUESTION, versus="Six legs.")
-        assert better.quality == pytest.approx(math.exp(LOGPROB_A)) and better.correct is True
+        better = await a.grade(eight, None, QUESTION, versus=six)
+        assert better.quality == pytest.approx(both) and better.correct is True
         assert better.error is None
-        assert better.cost_usd == pytest.approx(
-            expected_cost(a, "Eight legs.", None, 1, "Six legs.")
-        )
-        prompt = sent(judges, "judge-a")
-        assert "spider" in prompt and "Response A:\nEight legs." in prompt
-        assert "Response B:\nSix legs." in prompt
-        worse = await b.grade("Six legs.", None, QUESTION, versus="Eight legs.")
-        assert worse.quality == pytest.approx(1 - math.exp(LOGPROB_B)) and worse.correct is False
+        assert better.cost_usd == pytest.approx(pairwise_cost(a, eight, six))
+        assert judges.calls("judge-a") == 2
+        # the same two prompts read from the other side: the complement
+        worse = await a.grade(six, None, QUESTION, versus=eight)
+        assert worse.quality == pytest.approx(1 - both) and worse.correct is False
+        assert "spider" in sent(judges, "judge-a")
         empty = await a.grade("", None, QUESTION, versus="Eight.")  # nothing to judge: no call
         assert empty.quality == 0.0 and empty.correct is False and empty.cost_usd is None
-        assert judges.calls("judge-a") == 1 and judges.calls("judge-b") == 1
+        assert judges.calls("judge-a") == 4
     finally:
         await a.aclose()
-        await b.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_judge_that_favours_a_position_scores_equal_answers_a_tie(
+    judges: Judges,
+) -> None:
+    """A judge that always says A, with P = 0.8: asked once it would give 0.8 to whatever
+    is shown first; asked in both orders its taste cancels out."""
+    judges.state.set_answer("judge-a", "A", math.log(0.8))
+    a = parse_grader("judge:judge-a", judges.models)
+    assert isinstance(a, JudgeGrader)
+    try:
+        same = await a.grade("Eight legs.", None, QUESTION, versus="Eight legs.")
+        assert same.quality == pytest.approx(0.5) and same.error is None
+        assert same.cost_usd == pytest.approx(pairwise_cost(a, "Eight legs.", "Eight legs."))
+        other = await a.grade("Six legs.", None, QUESTION, versus="Eight legs.")
+        assert other.quality == pytest.approx(0.5)
+        assert other.cost_usd == pytest.approx(pairwise_cost(a, "Six legs.", "Eight legs."))
+        assert judges.calls("judge-a") == 4  # two calls per grade
+    finally:
+        await a.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_judge_that_answers_only_one_order_leaves_the_answer_ungraded(
+    judges: Judges,
+) -> None:
+    """One order alone would bring the position bias back: no quality, an error (collect
+    leaves the item for a rerun), and both calls' cost counted."""
+    a = parse_grader("judge:judge-a", judges.models)
+    assert isinstance(a, JudgeGrader)
+    swapped = user_prompt(a, "Eight legs.", "Six legs.", swapped=True)
+    judges.state.set_answer("judge-a", "Perhaps", None, prompt=swapped)
+    try:
+        half = await a.grade("Eight legs.", None, QUESTION, versus="Six legs.")
+        assert half.quality is None and half.correct is False
+        assert half.error is not None and "no A/B verdict in 'Perhaps'" in half.error
+        both = expected_cost(a, "Eight legs.", None, 1, "Six legs.") + expected_cost(
+            a, "Eight legs.", None, 1, "Six legs.", swapped=True
+        )
+        assert half.cost_usd == pytest.approx(both)
+        assert judges.calls("judge-a") == 2
+    finally:
+        await a.aclose()
 
 
 @pytest.mark.anyio
@@ -256,19 +324,19 @@ async def test_a_judge_without_logprobs_or_a_comparison_gives_a_rubric_score(
     rubric = plain.prompt("Eight legs.", "8", QUESTION)[-1]["content"]
     judges.state.set_answer("judge-plain", "8", None, prompt=rubric)
     try:
-        # the pairwise reply has no logprobs: the judge is asked for a 1-10 score instead
+        # the pairwise replies have no logprobs: the judge is asked for a 1-10 score instead
         first = await plain.grade("Eight legs.", "8", QUESTION, versus="Six legs.")
         assert first.quality == pytest.approx(7 / 9) and first.correct is True
         assert "Reference answer:\n8" in sent(judges, "judge-plain")
         assert "from 1 to 10" in sent(judges, "judge-plain")
-        both = expected_cost(plain, "Eight legs.", None, 1, "Six legs.") + expected_cost(
+        spent = pairwise_cost(plain, "Eight legs.", "Six legs.") + expected_cost(
             plain, "Eight legs.", "8", 1, None
         )
-        assert first.cost_usd == pytest.approx(both)  # the wasted pairwise call is counted
-        assert judges.calls("judge-plain") == 2
+        assert first.cost_usd == pytest.approx(spent)  # the wasted pairwise calls are counted
+        assert judges.calls("judge-plain") == 3
         again = await plain.grade("Eight legs.", "8", QUESTION, versus="Six legs.")
         assert again.quality == pytest.approx(7 / 9)
-        assert judges.calls("judge-plain") == 3  # known now: straight to the rubric
+        assert judges.calls("judge-plain") == 4  # known now: straight to the rubric
         unscored = await plain.grade("Six legs.", None, QUESTION)  # replies "A": no score
         assert unscored.error and "no 1-10 score" in unscored.error
     finally:

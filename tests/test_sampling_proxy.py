@@ -22,6 +22,7 @@ from calibration.fit import FittedIndex
 from calibration.sampling import add_sampled, parse_samples
 from calibration.traces import load_traces
 from policies.artifact import ArtifactError
+from policies.sampling import majority
 from proxy.engine.cascade import CascadeEngine
 from proxy.ledger.db import downgrade, make_engine, upgrade
 from tests.serving import (
@@ -271,3 +272,88 @@ def test_an_explored_trace_row_holds_models_not_sampled_nodes() -> None:
     row = trace_row("r1", "qa", [{"role": "user", "content": QUESTION}], run, "large")
     assert row is not None and sorted(row["models"]) == ["large", "small"]
     assert row["models"]["small"]["answer"] == "C" and not row["models"]["small"]["correct"]
+
+
+@pytest.mark.parametrize("sampling", ["n", "parallel"])
+def test_explored_rows_carry_a_sampled_nodes_samples_and_fit_rebuilds_it(
+    upstream: str, sampled_policy: Path, tmp_path: Path, sampling: str
+) -> None:
+    """With `small@5` in the cascade, every explored request samples `small` 4 more times
+    (one `n: 4` call, or 4 parallel calls) whatever the policy called, and its trace row
+    holds them as `samples`, so `cascade fit --samples 5` on the explore file rebuilds the
+    sampled node: its vote over the row's answer and those samples."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    up = httpx.Client(base_url=upstream, timeout=5.0)
+    up.delete("/admin/faults").raise_for_status()
+    up.delete("/admin/stats").raise_for_status()
+    up.post(
+        "/admin/answers", json={"model": "large", "answer": "B", "confidence": -0.01}
+    ).raise_for_status()
+    # small's answers cycle (fake_upstream.py): the vote is B or C on even requests, and C
+    # (wrong: large, the reference, says B) on odd ones
+    cycles = [("B", ["C", "B", "A", "B"]), ("C", ["C", "A", "C", "B"])]
+    config = _config(upstream, sampled_policy, ["small@5", "large"], sampling)
+    config["cascades"]["qa"] |= {"explore_rate": 1.0, "explore_out": "explore.jsonl"}
+    env = sqlite_env(tmp_path / "ledger.db")
+    db_upgrade(env)
+    n_requests = 10
+    replies = []
+    with running_proxy(write_config(tmp_path, config), env) as proxy:
+        for i in range(n_requests):
+            answer, samples = cycles[i % 2]
+            small = {"model": "small", "answer": answer, "confidence": -0.01, "samples": samples}
+            up.post("/admin/answers", json=small).raise_for_status()
+            messages = [{"role": "user", "content": QUESTION + " please" * i}]
+            replies.append(
+                httpx.post(
+                    f"{proxy.url}/v1/chat/completions",
+                    json={"model": "qa", "messages": messages},
+                    timeout=20.0,
+                )
+            )
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+        calls = reply.json()["cascade"]["calls"]
+        extra = [c for c in calls if c["decision"] == "explore:samples"]
+        assert [c["model"] for c in extra] == (["small@4"] if sampling == "n" else ["small"] * 4)
+    lines = (tmp_path / "explore.jsonl").read_text().splitlines()
+    rows = {r["id"]: r for r in map(json.loads, lines)}
+    assert sorted(rows) == sorted(r.headers["x-request-id"] for r in replies)
+    for i, reply in enumerate(replies):
+        row = rows[reply.headers["x-request-id"]]
+        small = row["models"]["small"]
+        assert len(small["samples"]) == 4 and set(small["samples"]) <= {"A", "B", "C"}
+        assert small["answer"] in {"A", "B", "C"} and small["tokens_out"] == 1  # one call's
+        assert "samples" not in row["models"]["large"] and "small@5" not in row["models"]
+        if sampling == "n":  # the fake's n: 4 choices are the first 4 of its cycle
+            answer, samples = cycles[i % 2]
+            assert small["samples"] == [answer, *samples[:3]]
+    stats = up.get("/admin/stats").json()["models"]
+    per_request = 2 if sampling == "n" else 5  # the answer's call and the samples' call(s)
+    assert stats["small"]["calls"] >= n_requests * per_request
+
+    # the fit rebuilds small@5 from each row's answer and its first 4 samples
+    traces = add_sampled(load_traces(tmp_path / "explore.jsonl"), parse_samples("5"))
+    assert "small@5" in traces.models
+    j, s = traces.models.index("small"), traces.models.index("small@5")
+    for i, row_id in enumerate(traces.ids):
+        small = rows[row_id]["models"]["small"]
+        voted = majority([small["answer"], *small["samples"]])
+        assert voted is not None
+        assert traces.extracted[i][s] == [small["answer"], *small["samples"]][voted.index]
+        assert traces.correct[i, s] == (traces.extracted[i][s] == "B")
+    assert traces.correct[:, s].any() and not traces.correct[:, s].all()
+    assert (traces.cost_usd[:, s] > traces.cost_usd[:, j]).all()  # the samples' tokens count
+    policy = tmp_path / "refit.json"
+    fit = CliRunner().invoke(
+        app,
+        ["fit", "--train", str(tmp_path / "explore.jsonl"), "--samples", "5",
+         "--models", "small@5,large", "--transitions", "line", "--lambda", "0.5",
+         "--out", str(policy)],
+        env={"CASCADE_NO_PROGRESS": "1"},
+    )  # fmt: skip
+    assert fit.exit_code == 0, fit.output
+    assert load_artifact(policy).models == ["small@5", "large"]

@@ -21,7 +21,7 @@ from policies.errors import InvalidInput
 from policies.freetext import token_logprobs_summary, word_count
 from policies.policy import CascadePolicy
 from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy
-from policies.sampling import Vote, is_sampled, parse_sampled, vote
+from policies.sampling import Vote, is_sampled, parse_sampled, sampled_name, vote
 from policies.signals import answer_confidence
 from policies.tiers import tier_members, tier_vote
 from policies.transitions import START, TransitionSpec, allowed_edges, taken_edges
@@ -29,6 +29,8 @@ from policies.walk import Rule, Walk
 from upstreams.base import Backend, CallResult
 
 POLICIES = ("index", "threshold", "agreement", "single")
+EXPLORE = "explore"  # the decision of a call made only for the explored trace
+EXPLORE_SAMPLES = "explore:samples"  # ... one that samples a sampled node's model further
 
 
 class OverrideError(InvalidInput):
@@ -84,6 +86,8 @@ class CascadeRun:
     policy_hash: str | None = None
     explored_all: bool = False  # every model was called (exploration): a trace can be written
     overhead_ms: float = 0.0  # time spent deciding, not waiting for upstreams
+    # exploration: a sampled node's model -> the further answers sampled for its trace row
+    explore_samples: dict[str, list[str | None]] = field(default_factory=dict)
 
     @property
     def model_calls(self) -> list[NodeCall]:
@@ -302,6 +306,18 @@ class CascadeEngine:
         names = [*self.current.nodes, *self.config_nodes, self.reference]
         return list(dict.fromkeys(_models_of(names)))
 
+    def explore_samples(self) -> dict[str, int]:
+        """How many further answers an explored request samples from each sampled node's
+        model (the largest k - 1 of its `MODEL@k` nodes), so that its trace row carries the
+        `samples` that `fit --samples k` votes over with the recorded answer."""
+        counts: dict[str, int] = {}
+        for name in [*self.current.nodes, *self.config_nodes]:
+            sampled = parse_sampled(name)
+            if sampled is not None:
+                model, k = sampled
+                counts[model] = max(counts.get(model, 0), k - 1)
+        return counts
+
     async def run(
         self,
         messages: list[dict],
@@ -316,7 +332,8 @@ class CascadeEngine:
         With `explore`, every model of `explore_models` is called at once; the policy walks
         over those results as if it had made only its own calls, its answer is returned,
         and the other calls are appended with decision "explore" (a full-information trace
-        for refitting; never under a cost cap or a baseline override)."""
+        for refitting; never under a cost cap or a baseline override), then the further
+        samples of each sampled node's model ("explore:samples") the trace row records."""
         cur = self.current  # a reload mid-request does not change this request's policy
         run = run if run is not None else self.new_run()
         run.policy_hash = cur.policy_hash
@@ -324,6 +341,7 @@ class CascadeEngine:
         caller = _Caller(self.backends, cur.kind, messages, params)
         if explore and overrides.max_cost_usd is None:
             caller.prefetch(self.explore_models())
+            caller.prefetch_samples(self.explore_samples())
         try:
             await self._dispatch(cur, caller, run, messages, overrides)
             if caller.prefetched:
@@ -426,12 +444,40 @@ class _Caller:
         self.backends, self.kind, self.messages, self.params = backends, kind, messages, params
         self.prefetched: dict[str, asyncio.Task[CallResult]] = {}
         self.used: set[str] = set()
+        # exploration: a model's further samples, as their calls and their answers
+        self.sampling: dict[str, asyncio.Task[tuple[list[NodeCall], list[str | None]]]] = {}
 
     def prefetch(self, models: list[str]) -> None:
         self.prefetched = {
             m: asyncio.ensure_future(self.backends[m].complete(self.messages, self.params))
             for m in models
         }
+
+    def prefetch_samples(self, counts: dict[str, int]) -> None:
+        """Start sampling each model of `counts` that many more times (for the trace)."""
+        self.sampling = {
+            m: asyncio.ensure_future(self._samples(m, count)) for m, count in counts.items()
+        }
+
+    async def _samples(self, model: str, count: int) -> tuple[list[NodeCall], list[str | None]]:
+        """`count` further answers of `model`: one call with `n: count`, or `count` parallel
+        calls (the model's `sampling`, as a sampled node gets its k), and the calls made."""
+        backend = self.backends[model]
+        by_n = getattr(getattr(backend, "cfg", None), "sampling", "n") == "n"
+        if by_n and count > 1:
+            result = await backend.complete(self.messages, {**self.params, "n": count})
+            choices = result.extra.get("choices") or []
+            texts = [c["message"]["content"] for c in choices[:count]] if result.ok else []
+            texts = texts or ([result.text] if result.ok else [])
+            calls = [NodeCall(0, sampled_name(model, count), result, None, None, samples=count)]
+        else:
+            one = [backend.complete(self.messages, self.params) for _ in range(count)]
+            results = list(await asyncio.gather(*one))
+            texts = [r.text if r.ok else None for r in results]
+            calls = [NodeCall(0, model, r, None, None) for r in results]
+        for c in calls:
+            c.decision = EXPLORE_SAMPLES
+        return calls, (texts + [None] * count)[:count]
 
     async def call(self, node: int, model: str) -> NodeCall:
         members = tier_members(model)
@@ -558,18 +604,26 @@ class _Caller:
         return call
 
     async def rest(self, run: CascadeRun, nodes: list[str], reference: str) -> None:
-        """The prefetched calls the policy did not make, appended as "explore" calls."""
+        """The prefetched calls the policy did not make, appended as "explore" calls, then
+        the sampled models' further samples ("explore:samples"), kept for the trace row."""
         run.explored_all = True
         for model, _ in list(self.prefetched.items()):
             if model in self.used:
                 continue
             node = nodes.index(model) if model in nodes else len(nodes)
             call = await self.call(node, model)
-            call.decision = "explore"
+            call.decision = EXPLORE
             run.calls.append(call)
+        for model, task in self.sampling.items():
+            calls, texts = await asyncio.shield(task)
+            node = next((i for i, n in enumerate(nodes) if _sampled_model(n) == model), None)
+            for c in calls:
+                c.node = len(nodes) if node is None else node
+            run.calls.extend(calls)
+            run.explore_samples[model] = texts
 
     def cancel(self) -> None:
-        for task in self.prefetched.values():
+        for task in [*self.prefetched.values(), *self.sampling.values()]:
             task.cancel()
 
 
@@ -581,6 +635,12 @@ def _models_of(names: list[str]) -> list[str]:
         sampled = parse_sampled(name)
         out.extend(tier_members(name) or [sampled[0] if sampled else name])
     return out
+
+
+def _sampled_model(name: str) -> str | None:
+    """The model a sampled node (`MODEL@k`) samples; None for any other node."""
+    sampled = parse_sampled(name)
+    return sampled[0] if sampled else None
 
 
 def _start_or(nodes: list[str], i: int) -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from policies.freetext import summary_as_dict
 from policies.judging import JUDGE_PARAMS, judge_messages, parse_verdict
 from policies.sampling import is_sampled
-from proxy.engine.cascade import CascadeRun
+from proxy.engine.cascade import EXPLORE_SAMPLES, CascadeRun, NodeCall
 from proxy.engine.recording import LedgerEntry, Recording
 from upstreams.base import Backend
 from upstreams.common import last_user_text
@@ -38,10 +38,16 @@ LABEL_JUDGE = "judge"
 def trace_row(
     request_id: str, cascade: str, messages: list[dict], run: CascadeRun, reference: str
 ) -> dict | None:
-    """The trace row of an explored request, or None when the reference model gave no answer."""
+    """The trace row of an explored request, or None when the reference model gave no answer.
+    A sampled node's model carries the further answers sampled for the row in `samples`:
+    `fit --samples k` votes over its answer and the first k - 1 of them (DESIGN.md)."""
     # a tier's members, one by one; a sampled node's `n: k` call (`model@k`) is no model of
     # the trace: every explored request also calls its model alone, which the row records
-    by_model = {c.model: c for c in run.model_calls if not is_sampled(c.model)}
+    # (its first such call), and samples it further for `samples`
+    by_model: dict[str, NodeCall] = {}
+    for c in run.model_calls:
+        if not is_sampled(c.model) and c.decision != EXPLORE_SAMPLES:
+            by_model.setdefault(c.model, c)
     ref = by_model.get(reference)
     if ref is None or not ref.result.ok:
         return None
@@ -61,6 +67,8 @@ def trace_row(
             entry["logprob_summary"] = summary_as_dict(call.logprob_summary)
         if not result.ok:
             entry["error"] = result.error or "error"
+        if name in run.explore_samples:
+            entry["samples"] = run.explore_samples[name]
         models[name] = entry
     return {
         "id": request_id,
