@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibration.difficulty import fit_difficulty
+from calibration.logistic import fit_logistic, log_loss
 from calibration.replay import Outcome, outcome_from_choices
 from calibration.textfit import fit_text_calibrators, is_open_ended
 from calibration.traces import TraceSet
@@ -47,9 +47,6 @@ from policies.posterior import (
 from policies.sampling import is_sampled
 from policies.tiers import tier_members
 from policies.transitions import START, TransitionSpec, allowed_edges
-
-if TYPE_CHECKING:
-    from sklearn.linear_model import LogisticRegression
 
 DEFAULT_MUS = (0.0, *np.geomspace(0.005, 50.0, 48).tolist())
 MAX_NODES = 6
@@ -149,21 +146,6 @@ def _training_samples(sig: Signals, z: np.ndarray, max_set: int) -> tuple[np.nda
             xs.append(feats)
             ys.append(sig.correct[rep, m])
     return np.concatenate(xs), np.concatenate(ys)
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, c_reg: float, max_iter: int) -> LogisticRegression:
-    """An L2 logistic regression of `y` on `x`. Boolean labels are classified; graded ones
-    (quality in [0, 1]) are regressed under the logistic link, so the model's p estimates
-    E[quality]: cross-entropy against a soft label y is that of a right copy of the row
-    weighted y plus a wrong copy weighted 1 - y."""
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(C=c_reg, max_iter=max_iter)
-    if y.dtype == bool:
-        return clf.fit(x, y)
-    y = np.asarray(y, dtype=float)
-    both = np.concatenate([np.ones(len(y)), np.zeros(len(y))])
-    return clf.fit(np.vstack([x, x]), both, sample_weight=np.concatenate([y, 1.0 - y]))
 
 
 def fit_posterior(
@@ -334,8 +316,8 @@ def fit_length_calibrators(
                 plain = _fit_calibrator(x[rest], y[rest], mean, scale, uses_confidence, n_used=1)
                 alone[held] = plain.log_p(*args)
         seen = ~np.isnan(calibrated) & ~np.isnan(alone)
-        log_loss_with += _log_loss(calibrated[seen], y[seen]) * seen.sum()
-        log_loss_alone += _log_loss(alone[seen], y[seen]) * seen.sum()
+        log_loss_with += log_loss(calibrated[seen], y[seen]) * seen.sum()
+        log_loss_alone += log_loss(alone[seen], y[seen]) * seen.sum()
         rows = np.flatnonzero(ok)
         found[k] = (_fit_calibrator(x[rows], y[rows], mean, scale, uses_confidence), calibrated)
     if not found or not _length_pays(log_loss_with, log_loss_alone):
@@ -353,11 +335,6 @@ def _length_pays(log_loss_with: float, log_loss_alone: float) -> bool:
     beats P(correct) from the confidence alone by LENGTH_GAIN of log-loss (GSM8K chains of
     thought: 4-9%; short factual answers: under 1%, or worse)."""
     return log_loss_with < (1.0 - LENGTH_GAIN) * log_loss_alone
-
-
-def _log_loss(log_p: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(np.exp(log_p), 1e-6, 1 - 1e-6)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))) if len(y) else 0.0
 
 
 def _fit_calibrator(

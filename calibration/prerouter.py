@@ -15,6 +15,7 @@ import numpy as np
 from calibration.baselines import FixedSetting
 from calibration.difficulty import _design
 from calibration.fit import DEFAULT_MUS
+from calibration.logistic import fit_logistic, varies
 from calibration.metrics import CurvePoint, area_under, pareto_envelope
 from calibration.replay import Outcome, outcome_from_choices
 from calibration.traces import TraceSet
@@ -46,8 +47,6 @@ class PromptRouter:
     """Per model P(correct | prompt): logistic regressions over one prompt encoding."""
 
     def __init__(self, train: TraceSet, kind: str, rows: np.ndarray | None = None) -> None:
-        from sklearn.linear_model import LogisticRegression
-
         rows = np.arange(len(train)) if rows is None else rows
         prompts = [train.prompt(int(i)) for i in rows]
         self.encode = _Encoder(kind, prompts)
@@ -55,12 +54,10 @@ class PromptRouter:
         self.models: list[object] = []
         for j in range(train.n_models):
             y = train.correct[rows, j]
-            if len(np.unique(y)) < 2:
+            if not varies(y):
                 self.models.append(float(y.mean()))
-            elif train.label == "correct":
-                self.models.append(LogisticRegression(C=C_REG, solver="liblinear").fit(x, y))
-            else:
-                self.models.append(_soft_fit(x, y.astype(float)))
+            else:  # bool `correct`, or graded `quality` (calibration/logistic.py)
+                self.models.append(fit_logistic(x, y, C_REG, max_iter=100, solver="liblinear"))
 
     def p_correct(self, traces: TraceSet, rows: np.ndarray | None = None) -> np.ndarray:
         """(N, M) predicted P(correct) per row and model."""
@@ -71,22 +68,6 @@ class PromptRouter:
             for m in self.models
         ]
         return np.stack(cols, axis=1)
-
-
-def _soft_fit(x, quality: np.ndarray):
-    """A logistic regression on graded labels in [0, 1] (`--label quality`): each prompt
-    counts as a success with weight q and a failure with weight 1 - q, whose likelihood is
-    that of the soft label."""
-    import scipy.sparse
-    from sklearn.linear_model import LogisticRegression
-
-    stacked = scipy.sparse.vstack([x, x]) if scipy.sparse.issparse(x) else np.vstack([x, x])
-    n = len(quality)
-    labels = np.r_[np.ones(n), np.zeros(n)]
-    weights = np.r_[quality, 1.0 - quality]
-    return LogisticRegression(C=C_REG, solver="liblinear").fit(
-        stacked, labels, sample_weight=weights
-    )
 
 
 def route(p: np.ndarray, cost_fraction: np.ndarray, mu: float) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from calibration.logistic import fit_logistic, log_loss, varies
 from calibration.traces import TraceSet
 from policies.freetext import FEATURES
 from policies.textcal import GROUPS, TextCalibrator, feature_columns, reads_logprobs
@@ -37,12 +38,11 @@ def is_open_ended(traces: TraceSet, nodes: list[int]) -> bool:
 def _fit(
     x: np.ndarray, y: np.ndarray, features: tuple[str, ...], uses_confidence: bool
 ) -> TextCalibrator:
-    """Logistic regression on unstandardised inputs `x` (confidence logit first if used)."""
-    from sklearn.linear_model import LogisticRegression
-
+    """Logistic regression on unstandardised inputs `x` (confidence logit first if used);
+    `y` is `correct` (bool) or graded `quality`."""
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale < 1e-9, 1.0, scale)
-    clf = LogisticRegression(C=1.0, max_iter=1000).fit((x - mean) / scale, y)
+    clf = fit_logistic((x - mean) / scale, y, 1.0, max_iter=1000)
     return TextCalibrator(
         features,
         tuple(float(w) for w in clf.coef_[0]),
@@ -51,11 +51,6 @@ def _fit(
         tuple(float(s) for s in scale),
         uses_confidence,
     )
-
-
-def _log_loss(log_p: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(np.exp(log_p), 1e-6, 1 - 1e-6)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
 def held_out(
@@ -73,7 +68,7 @@ def held_out(
     out = np.full(len(y), np.nan)
     for f in np.unique(fold):
         held, rest = ok & (fold == f), ok & (fold != f)
-        if held.any() and len(np.unique(y[rest])) == 2:
+        if held.any() and varies(y[rest]):
             out[held] = _fit(x[rest], y[rest], features, uses_confidence).log_p(
                 feats[held], conf[held]
             )
@@ -120,10 +115,10 @@ def fit_text_calibrators(
     chosen: dict[str, str] = {}
     for k, j in enumerate(nodes):
         name = train.models[j]
-        y = train.correct[:, j].astype(float)
+        y = train.correct[:, j]  # bool, or graded quality (`fit --label quality`)
         uses_confidence = bool(np.isfinite(conf[:, k]).any())
         answered = ~np.isnan(feats[:, k, 0])
-        if tier_members(name) is not None or answered.sum() < MIN_ROWS or len(np.unique(y)) < 2:
+        if tier_members(name) is not None or answered.sum() < MIN_ROWS or not varies(y):
             chosen[name] = "none (tier, too few rows or one class)"
             continue
         if uses_confidence:
@@ -143,7 +138,7 @@ def fit_text_calibrators(
             seen = ~np.isnan(lp) & ~np.isnan(yard)
             if seen.sum() < MIN_ROWS:
                 continue
-            gain = _log_loss(yard[seen], y[seen]) - _log_loss(lp[seen], y[seen])
+            gain = log_loss(yard[seen], y[seen]) - log_loss(lp[seen], y[seen])
             if gain > 0 and (best is None or gain > best[0]):
                 best = (gain, g, lp)
         if best is None:

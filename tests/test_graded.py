@@ -16,7 +16,7 @@ import pytest
 
 from calibration.bench import Pair, run_pair
 from calibration.evaluate import replay_artifact
-from calibration.fit import fit_logistic
+from calibration.logistic import fit_logistic
 from calibration.traces import load_traces
 from policies.artifact import PolicyArtifact
 from tests.serving import CASCADE
@@ -173,3 +173,22 @@ def test_the_full_alpaca_pair_has_both_curves(traces_dir: Path) -> None:
     result = run_pair(pair).result
     assert result["test_rows"] == 407
     check_quality_curve(result, pair.test)
+
+
+def test_text_calibrators_fit_graded_labels_out_of_fold() -> None:
+    """The free-text calibrators regress quality like every other calibrator (they once
+    required two classes, so a `--label quality` fit silently had none)."""
+    from calibration.textfit import held_out
+    from policies.textcal import GROUPS, feature_columns
+
+    train = load_traces(ALPACA_TRAIN).with_label("quality")
+    node = train.n_models - 1
+    prompts = [train.prompt(i) for i in range(len(train))]
+    feats = feature_columns(train.answers, train.tokens_out, prompts, [node])[:, 0]
+    y = train.correct[:, node]
+    assert y.dtype != bool and len(np.unique(y)) > 2  # graded
+    fold = np.arange(len(train)) % 5
+    lp = held_out(feats, train.confidence[:, node], y, GROUPS["length"], False, fold)
+    answered = ~np.isnan(feats[:, 0])
+    assert np.isfinite(lp[answered]).all()
+    assert abs(np.exp(lp[answered]).mean() - y[answered].mean()) < 0.05
