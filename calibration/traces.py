@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from policies.answers import detect_kind, extract_answer
-from policies.freetext import LOGPROB_SUMMARY
+from policies.freetext import LOGPROB_SUMMARY, summary_from_dict
 from policies.sampling import is_sampled
 from policies.tiers import TIER_PREFIX
 from policies.traceformat import TraceError, parse_trace_text
@@ -290,5 +290,5 @@ def _summary_column(summaries: list[list[dict | None]]) -> np.ndarray | None:
     for i, row in enumerate(summaries):
         for j, s in enumerate(row):
             if s is not None:
-                out[i, j] = [s[k] for k in LOGPROB_SUMMARY]
+                out[i, j] = summary_from_dict(s)
     return out

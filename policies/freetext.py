@@ -222,6 +222,14 @@ def summary_as_dict(summary: Sequence[float] | None) -> dict[str, float] | None:
     return None if summary is None else dict(zip(LOGPROB_SUMMARY, summary, strict=True))
 
 
+def summary_from_dict(recorded: dict | None) -> tuple[float, float, float, float] | None:
+    """A trace's (validated) `logprob_summary` object as the tuple the policy reads."""
+    if recorded is None:
+        return None
+    mean, low, q05, q25 = (float(recorded[k]) for k in LOGPROB_SUMMARY)
+    return (mean, low, q05, q25)
+
+
 def token_logprobs_summary(
     tokens: Sequence[tuple[str, float]] | None,
 ) -> tuple[float, float, float, float] | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.errors import InvalidInput
-from policies.freetext import LOGPROB_SUMMARY
+from policies.freetext import summary_from_dict
 from policies.traceformat import TraceError, parse_trace_text
 from upstreams.base import CallResult, StreamChunk
 from upstreams.common import Pricer, count_usage, last_user_text, message_text
@@ -50,14 +50,6 @@ def _read_traces(path: str) -> tuple[tuple[str, ...], list[dict]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise TraceError(f"{path}: cannot read: {exc}") from None
     return parse_trace_text(text, path)
-
-
-def _summary(recorded: dict | None) -> tuple[float, float, float, float] | None:
-    """A trace's `logprob_summary` object (validated) as the tuple the engine passes on."""
-    if recorded is None:
-        return None
-    mean, low, q05, q25 = (float(recorded[k]) for k in LOGPROB_SUMMARY)
-    return (mean, low, q05, q25)
 
 
 def messages_key(messages: list[dict]) -> str:
@@ -103,7 +95,7 @@ class ReplayBackend:
                     tokens_out=None if entry["tokens_out"] is None else int(entry["tokens_out"]),
                     cost_usd=entry["cost_usd"],
                     latency_ms=entry["latency_ms"],
-                    logprob_summary=_summary(entry.get("logprob_summary")),
+                    logprob_summary=summary_from_dict(entry.get("logprob_summary")),
                 )
                 self._by_messages.setdefault(messages_key(row["messages"]), rec)
                 prompt = last_user_text(row["messages"])
