@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from policies.freetext import token_logprobs_summary
 from proxy.engine.cascade import CascadeRun, NodeCall
 from proxy.ledger.records import CallRecord, RequestRecord
 from upstreams.base import CallResult
@@ -18,13 +19,20 @@ if TYPE_CHECKING:
     from proxy.ledger.writer import LedgerWriter
 
 
+_NO_SUMMARY: tuple[None, None, None, None] = (None, None, None, None)
+
+
 def _call_record(order: int, model: str, backend: str | None, call: NodeCall | None,
                  result: CallResult, tier: NodeCall | None = None) -> CallRecord:  # fmt: skip
     """One upstream call's row; a tier member carries its tier's p_correct and decision,
     and in `agreement` whether it voted for the tier's answer. A sampled node's call (one
-    `n: k` call, or each of k parallel calls) carries k in `samples` and the vote share."""
+    `n: k` call, or each of k parallel calls) carries k in `samples` and the vote share. The
+    answer's token-logprob summary goes to `lp_*` (None where the call read none: the
+    upstream sent no logprobs, or a sampled node's `n: k` call, whose choices are voted on)."""
     answered = [call] if call is not None else []
     node = tier or call
+    summary = call.logprob_summary if call is not None else _passthrough_summary(result)
+    mean, low, q05, q25 = summary or _NO_SUMMARY
     return CallRecord(
         order=order,
         model=model,
@@ -46,7 +54,19 @@ def _call_record(order: int, model: str, backend: str | None, call: NodeCall | N
         node=node.node if node is not None else None,
         samples=node.samples if node is not None else None,
         vote_share=node.vote.share if node is not None and node.vote is not None else None,
+        lp_mean=mean,
+        lp_min=low,
+        lp_q05=q05,
+        lp_q25=q25,
     )
+
+
+def _passthrough_summary(result: CallResult) -> tuple[float, float, float, float] | None:
+    """A passthrough call's summary: no engine read one, so it is read here, as the engine
+    reads it (the recorded one of a replay, else the upstream's token logprobs)."""
+    if not result.ok:
+        return None
+    return result.logprob_summary or token_logprobs_summary(result.token_logprobs)
 
 
 class Recording(Protocol):

@@ -86,7 +86,8 @@ _REQ_COLS = (
 _CALL_COLS = (
     "request_id", "call_order", "ts", "node", "model", "backend", "status", "http_status",
     "tokens_in", "tokens_out", "cost_usd", "latency_ms", "ttft_ms", "confidence", "p_correct",
-    "agreement", "decision", "error", "samples", "vote_share",
+    "agreement", "decision", "error", "samples", "vote_share", "lp_mean", "lp_min", "lp_q05",
+    "lp_q25",
 )
 # fmt: on
 _DAILY_COLS = _DAILY_KEY + _DAILY_COUNTS + _DAILY_COSTS
@@ -208,6 +209,10 @@ def _call_values(r: RequestRecord, rid: str, when: Any) -> list[tuple]:
             _clean(c.error, None),
             None if c.samples is None else int(c.samples),
             None if c.vote_share is None else float(c.vote_share),
+            None if c.lp_mean is None else float(c.lp_mean),
+            None if c.lp_min is None else float(c.lp_min),
+            None if c.lp_q05 is None else float(c.lp_q05),
+            None if c.lp_q25 is None else float(c.lp_q25),
         )
         for c in r.calls
     ]

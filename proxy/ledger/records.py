@@ -59,6 +59,12 @@ class CallRecord:
     node: int | None = None
     samples: int | None = None  # a sampled node's k (model@k); None for any other call
     vote_share: float | None = None  # a sampled node's vote share
+    # the answer's token-logprob summary (mean, min, q05, q25); None when none was read.
+    # Defaults, so spool lines written before these fields existed still replay.
+    lp_mean: float | None = None
+    lp_min: float | None = None
+    lp_q05: float | None = None
+    lp_q25: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

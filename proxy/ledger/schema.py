@@ -134,8 +134,14 @@ class LedgerCall(Base):
     agreement: Mapped[bool | None] = mapped_column(Boolean)
     decision: Mapped[str | None] = mapped_column(String(256))
     error: Mapped[str | None] = mapped_column(Text)
-    samples: Mapped[int | None] = mapped_column(Integer)  # a sampled node's k (migration 0002)
+    samples: Mapped[int | None] = mapped_column(Integer)  # a sampled node's k (migration 0003)
     vote_share: Mapped[float | None] = mapped_column(Double)
+    # the answer's token-logprob summary (policies/freetext.py: mean, minimum, 5% and 25%
+    # nearest-rank quantiles), NULL when none was read (migration 0004)
+    lp_mean: Mapped[float | None] = mapped_column(Double)
+    lp_min: Mapped[float | None] = mapped_column(Double)
+    lp_q05: Mapped[float | None] = mapped_column(Double)
+    lp_q25: Mapped[float | None] = mapped_column(Double)
 
     __table_args__ = (
         UniqueConstraint("request_id", "call_order"),
