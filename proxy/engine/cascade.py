@@ -318,6 +318,46 @@ class CascadeEngine:
                 counts[model] = max(counts.get(model, 0), k - 1)
         return counts
 
+    def most_calls(
+        self, policy: str = "index", lam: float | None = None, explore: bool = False
+    ) -> list[tuple[str, int]]:
+        """Every upstream call one request can make, as (model, choices it asks with `n`):
+        what a budget's worst case prices (proxy/http/keys.py), read off what `run` and
+        `_Caller` do, so that the bound holds by construction.
+
+        The walk calls each node of the request's plan at most once, so the longest walk
+        calls all of them: a tier's members once each, a sampled node `model@k` once with
+        `n: k` or k times (its model's `sampling`). An explored request (`explore`: index
+        policy, a loaded policy, no cost cap) first calls every model of `explore_models`
+        once, and those results serve the walk's first call of each model (a second call of
+        the same model, as a tier member and alone or as a parallel sample, is a new call),
+        then samples each sampled node's model `explore_samples` times more."""
+        cur = self.current
+        plan = cur.plan(policy, lam, self.reference)
+        names = plan.names if plan is not None else []  # no such baseline: refused, no call
+        explore = explore and cur.policy is not None and policy == "index"
+        prefetched = self.explore_models() if explore else []
+        calls = [(m, 1) for m in prefetched]
+        unused = set(prefetched)
+        for name in names:
+            sampled = parse_sampled(name)
+            if sampled is not None and _samples_by_n(self.backends[sampled[0]]):
+                calls.append(sampled)
+                continue
+            models = [sampled[0]] * sampled[1] if sampled else tier_members(name) or [name]
+            for model in models:
+                if model in unused:
+                    unused.discard(model)  # its prefetched call serves it
+                else:
+                    calls.append((model, 1))
+        if explore:
+            for model, count in self.explore_samples().items():
+                if _samples_by_n(self.backends[model]) and count > 1:
+                    calls.append((model, count))
+                else:
+                    calls.extend([(model, 1)] * count)
+        return calls
+
     async def run(
         self,
         messages: list[dict],
@@ -463,7 +503,7 @@ class _Caller:
         """`count` further answers of `model`: one call with `n: count`, or `count` parallel
         calls (the model's `sampling`, as a sampled node gets its k), and the calls made."""
         backend = self.backends[model]
-        by_n = getattr(getattr(backend, "cfg", None), "sampling", "n") == "n"
+        by_n = _samples_by_n(backend)
         if by_n and count > 1:
             result = await backend.complete(self.messages, {**self.params, "n": count})
             choices = result.extra.get("choices") or []
@@ -547,7 +587,7 @@ class _Caller:
         """A sampled node: k samples of `model`, from one call with `n: k` or from k parallel
         calls (the model's `sampling`), answered by their vote (policies/sampling.py)."""
         backend = self.backends[model]
-        by_n = getattr(getattr(backend, "cfg", None), "sampling", "n") == "n"
+        by_n = _samples_by_n(backend)
         members: list[NodeCall] = []
         if by_n:
             result = await backend.complete(self.messages, {**self.params, "n": k})
@@ -625,6 +665,12 @@ class _Caller:
     def cancel(self) -> None:
         for task in [*self.prefetched.values(), *self.sampling.values()]:
             task.cancel()
+
+
+def _samples_by_n(backend: Backend) -> bool:
+    """True when a model's samples come from one call with `n: k` (its config's `sampling`,
+    the default), False when from k parallel calls."""
+    return getattr(getattr(backend, "cfg", None), "sampling", "n") == "n"
 
 
 def _models_of(names: list[str]) -> list[str]:

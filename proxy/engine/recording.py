@@ -27,8 +27,9 @@ def _call_record(order: int, model: str, backend: str | None, call: NodeCall | N
     """One upstream call's row; a tier member carries its tier's p_correct and decision,
     and in `agreement` whether it voted for the tier's answer. A sampled node's call (one
     `n: k` call, or each of k parallel calls) carries k in `samples` and the vote share. The
-    answer's token-logprob summary goes to `lp_*` (None where the call read none: the
-    upstream sent no logprobs, or a sampled node's `n: k` call, whose choices are voted on)."""
+    answer's token-logprob summary goes to `lp_*` (None where none was read: the upstream
+    sent no logprobs, or the call's answers are only voted on: a sampled node's `n: k` call,
+    an explored request's further samples)."""
     answered = [call] if call is not None else []
     node = tier or call
     summary = call.logprob_summary if call is not None else _passthrough_summary(result)

@@ -27,6 +27,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -269,36 +270,95 @@ class WorstCase:
     usd: float
     unpriced: list[str]
 
-
-def path_models(state, model: str) -> list[str]:
-    """Every model a request for `model` may call: a cascade's nodes (each member of a tier)
-    and its reference, the longest path (and what exploration calls); else the model."""
-    from policies.tiers import tier_members
-
-    cascade = state.config.cascades.get(model)
-    if cascade is None:
-        return [model]
-    names = [m for n in cascade.nodes for m in tier_members(n) or [n]]
-    return list(dict.fromkeys([*names, cascade.reference]))
+    def plus(self, other: WorstCase) -> WorstCase:
+        return WorstCase(self.usd + other.usd, list(dict.fromkeys(self.unpriced + other.unpriced)))
 
 
 def worst_case(state, chat, messages: list[dict]) -> WorstCase:
-    """The request's worst case: its `max_cost_usd` cap, else the cost of calling every model
-    of its path with the prompt's bytes as input tokens (an upper bound) and `max_tokens`
-    (else the model's output limit, else 4096) as output tokens."""
+    """The most the request can cost, reserved against a key's budget before any call: its
+    `max_cost_usd` cap when it sets one; else every upstream call it can make priced at
+    once. A budget must hold whatever the policy decides, so this counts the longest walk,
+    not the likely one.
+
+    The calls: a model asked by name is one call (with the request's `n`); a cascade's are
+    its engine's `most_calls` (each node of the plan once, a sampled node's k samples, and,
+    since any request may be explored when `explore_rate` > 0, every explored call and
+    further sample too; see CascadeEngine.most_calls). Each call counts the prompt's bytes
+    as input tokens (a token is at least a byte) and, per choice, `max_tokens` (else the
+    model's output limit, else 4096) as output tokens. An explored request of a cascade
+    graded by `judge:MODEL` also has the judge read each explored model's answer: counted
+    as the prompt, the judge's template and that answer's output-token bound (the judge is
+    assumed to need no more tokens for an answer than the model that wrote it), and the
+    judge's own `max_tokens`."""
     cap = chat.overrides.max_cost_usd if chat.model in state.engines else None
     if cap is not None:
         return WorstCase(cap, [])
     size = sum(len(str(m.get("content") or "").encode()) + 8 for m in messages)
     asked = chat.max_tokens or chat.max_completion_tokens
+    engine = state.engines.get(chat.model)
+    judged: list[str] = []
+    judge: str | None = None
+    if engine is None:
+        calls = [(chat.model, chat.n or 1)]
+    else:
+        cascade = state.config.cascades[chat.model]
+        explore = cascade.explore_rate > 0
+        overrides = chat.overrides
+        calls = engine.most_calls(overrides.policy, overrides.lam, explore)
+        if explore and cascade.explore_grader.startswith("judge:"):
+            explored = engine.current.policy is not None and overrides.policy == "index"
+            judge = cascade.explore_grader.removeprefix("judge:")
+            judged = engine.explore_models() if explored else []
+    worst = price_calls(calls, size, asked, state.worst_price)
+    if judged and judge is not None:
+        worst = worst.plus(judge_calls(judge, judged, size, asked, state.worst_price))
+    return worst
+
+
+Price = Callable[[str], tuple[tuple[float, float] | None, int | None]]
+
+
+def output_tokens(asked: int | None, limit: int | None) -> int:
+    """The output tokens one choice may take: `max_tokens`, else the model's limit."""
+    return asked or limit or DEFAULT_OUTPUT_LIMIT
+
+
+def price_calls(
+    calls: list[tuple[str, int]], size: int, asked: int | None, price: Price
+) -> WorstCase:
+    """(model, choices) calls priced at `size` input tokens each and `output_tokens` per
+    choice; `price(model)` gives USD per token in and out (None: unknown, counted 0 and
+    named in `unpriced`) and the model's output limit."""
     usd, unpriced = 0.0, []
-    for name in path_models(state, chat.model):
-        per_token, limit = state.worst_price(name)
+    for model, choices in calls:
+        if choices < 1:
+            raise ValueError(f"a call of {model!r} asks for {choices} choices")
+        per_token, limit = price(model)
         if per_token is None:
-            unpriced.append(name)
+            unpriced.append(model)
             continue
-        usd += size * per_token[0] + (asked or limit or DEFAULT_OUTPUT_LIMIT) * per_token[1]
-    return WorstCase(usd, unpriced)
+        usd += size * per_token[0] + choices * output_tokens(asked, limit) * per_token[1]
+    return WorstCase(usd, list(dict.fromkeys(unpriced)))
+
+
+def judge_calls(
+    judge: str, judged: list[str], size: int, asked: int | None, price: Price
+) -> WorstCase:
+    """An LLM judge's calls on an explored request: one per model in `judged`, reading the
+    prompt (`size`), its template and that model's answer at its output-token bound, and
+    answering in at most JUDGE_PARAMS' `max_tokens`."""
+    from policies.judging import JUDGE_PARAMS, judge_messages
+
+    template = sum(len(m["content"].encode()) + 8 for m in judge_messages("", "", None))
+    per_token, judge_limit = price(judge)
+    if per_token is None:
+        return WorstCase(0.0, [judge])
+    verdict = min(int(JUDGE_PARAMS["max_tokens"]), output_tokens(None, judge_limit))
+    usd = 0.0
+    for model in judged:
+        answer = output_tokens(asked, price(model)[1])
+        usd += (size + template + answer) * per_token[0] + verdict * per_token[1]
+    return WorstCase(usd, [])
 
 
 def admit(request, state, chat, messages: list[dict], request_id: str, secret: str | None):
