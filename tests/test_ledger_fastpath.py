@@ -123,6 +123,12 @@ def _ref_call_rows(r: RequestRecord) -> list[dict[str, Any]]:
             "agreement": None if c.agreement is None else bool(c.agreement),
             "decision": _ref_clean(c.decision, lim("decision")),
             "error": _ref_clean(c.error, lim("error")),
+            "samples": None if c.samples is None else int(c.samples),
+            "vote_share": _ref_float(c.vote_share),
+            "lp_mean": _ref_float(c.lp_mean),
+            "lp_min": _ref_float(c.lp_min),
+            "lp_q05": _ref_float(c.lp_q05),
+            "lp_q25": _ref_float(c.lp_q25),
         }
         for c in r.calls
     ]
@@ -294,6 +300,13 @@ def _call(rng: random.Random, order: int, **kw: Any) -> CallRecord:
         "decision": rng.choice(["stop", "continue:big", None, "d" * 300, "x" + NUL]),
         "error": rng.choice([None, "boom", "e" * 5000 + NUL]),
         "node": rng.choice([None, 0, 3]),
+        "samples": rng.choice([None, 5]),  # a sampled node (migration 0003)
+        "vote_share": rng.choice([None, 0.6]),
+        # the token-logprob summary (migration 0004)
+        "lp_mean": rng.choice([None, -0.41, -1e-300]),
+        "lp_min": rng.choice([None, -7.25, 0.0]),
+        "lp_q05": rng.choice([None, -2.4]),
+        "lp_q25": rng.choice([None, -0.6, -(0.1 + 0.2)]),
     }
     fields.update(kw)
     return CallRecord(**fields)

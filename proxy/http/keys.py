@@ -271,6 +271,7 @@ class WorstCase:
     unpriced: list[str]
 
     def plus(self, other: WorstCase) -> WorstCase:
+        """Both worst cases: a request's calls and its judge's, say."""
         return WorstCase(self.usd + other.usd, list(dict.fromkeys(self.unpriced + other.unpriced)))
 
 
