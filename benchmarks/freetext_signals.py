@@ -22,9 +22,9 @@ import numpy as np
 
 from calibration.bench import Pair, load_pair
 from calibration.prerouter import ENCODINGS, held_out_area
-from calibration.textfit import fit_group, held_out
+from calibration.textfit import fit_group, held_out, trace_features
 from policies.freetext import FEATURES, agreement
-from policies.textcal import GROUPS, feature_columns, reads_logprobs
+from policies.textcal import GROUPS, reads_logprobs
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
@@ -52,12 +52,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  machine   {common.machine()}")
     print(f"  command   {common.command()}")
     cols = list(range(train.n_models))
-    f_tr = feature_columns(
-        train.answers, train.tokens_out, [train.prompt(i) for i in range(len(train))], cols
-    )
-    f_te = feature_columns(
-        test.answers, test.tokens_out, [test.prompt(i) for i in range(len(test))], cols
-    )
+    f_tr = trace_features(train, cols)  # as the fit computes them (and the proxy live)
+    f_te = trace_features(test, cols)
     fold = np.random.default_rng(0).permutation(len(train)) % 5
     short = [m.removeprefix("FuseChat-").removesuffix("-Instruct") for m in train.models]
     print()

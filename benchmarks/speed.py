@@ -391,7 +391,12 @@ def bench_freetext(traces_dir: Path, reps: int) -> None:
         agree = pairwise_agreement([texts])[0].tolist()  # the values the walk computes
         conf = [
             policy.signal(
-                k, None, float(test.tokens_out[r, cols[k]]), test.answers[r][cols[k]], words
+                k,
+                None,
+                float(test.tokens_out[r, cols[k]]),
+                test.answers[r][cols[k]],
+                words,
+                test.finish_reason(r, cols[k]),
             )
             for k in range(n)
         ]

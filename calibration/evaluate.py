@@ -7,10 +7,10 @@ import numpy as np
 from calibration.fit import Signals, replay_tables, score_sets
 from calibration.replay import Outcome
 from calibration.sampling import add_sampled
+from calibration.textfit import calibrated_trace_columns
 from calibration.tiers import add_tiers
 from calibration.traces import TraceError, TraceSet
 from policies.artifact import PolicyArtifact
-from policies.lengthcal import calibrated_columns
 from policies.sampling import parse_sampled
 from policies.tiers import tier_members
 
@@ -44,16 +44,7 @@ def replay_artifact(art: PolicyArtifact, traces: TraceSet) -> Outcome:
             f"the traces have {list(traces.models)}"
         )
     nodes = [traces.models.index(m) for m in names]
-    prompts = [traces.prompt(i) for i in range(len(traces))]
-    conf = calibrated_columns(
-        art.length_calibrators,
-        traces.confidence,
-        traces.tokens_out,
-        traces.answers,
-        nodes,
-        prompts,
-        traces.logprob_summaries,
-    )
+    conf = calibrated_trace_columns(art.length_calibrators, traces, nodes)
     graded = art.agreement_mode == "graded"
     scores = score_sets(art.posterior, Signals.of(traces, nodes, conf, graded=graded))
     scores = scores.with_margin(art.recall_margin)

@@ -21,7 +21,7 @@ import numpy as np
 from calibration.difficulty import fit_difficulty
 from calibration.logistic import fit_logistic, log_loss
 from calibration.replay import Outcome, outcome_from_choices
-from calibration.textfit import fit_text_calibrators, is_open_ended
+from calibration.textfit import calibrated_trace_columns, fit_text_calibrators, is_open_ended
 from calibration.traces import TraceSet
 from policies.difficulty import DifficultyModel
 from policies.errors import InvalidInput
@@ -31,7 +31,6 @@ from policies.lengthcal import (
     MIN_DISTINCT_LENGTHS,
     N_FEATURES,
     LengthCalibrator,
-    calibrated_columns,
     length_features,
     marker_columns,
 )
@@ -770,17 +769,7 @@ class FittedIndex:
 
     def node_confidence(self, traces: TraceSet) -> np.ndarray:
         """The nodes' (N, n) confidences as the policy reads them (length-calibrated)."""
-        cols = self.nodes
-        prompts = [traces.prompt(i) for i in range(len(traces))]
-        return calibrated_columns(
-            self.length_calibrators,
-            traces.confidence,
-            traces.tokens_out,
-            traces.answers,
-            cols,
-            prompts,
-            traces.logprob_summaries,
-        )
+        return calibrated_trace_columns(self.length_calibrators, traces, self.nodes)
 
     def root_states(self, traces: TraceSet) -> np.ndarray | None:
         """Root (prompt difficulty) bin of every row; out-of-fold ones for the train rows."""

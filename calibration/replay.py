@@ -10,6 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from calibration.traces import TraceSet
+from policies.freetext import word_count
 from policies.walk import Rule, Walk
 
 
@@ -97,7 +98,9 @@ def walk_traces(
     node_cost: Sequence[float] | None = None,
 ) -> Outcome:
     """Replay any decision rule on traces row by row through policies/walk.py, the driver
-    the proxy walks it with: the recorded answers stand for the calls. `nodes` names the
+    the proxy walks it with: the recorded answers stand for the calls, and rule.signal reads
+    what the proxy passes it live (the prompt's word count, the recorded finish_reason and
+    logprob summary), so a text calibrator gives the replay's value. `nodes` names the
     traces' model of each rule node; `node_cost` (default: the traces' mean cost per node)
     is what the cost cap expects a node to cost."""
     cols = [traces.models.index(m) for m in nodes]
@@ -109,7 +112,9 @@ def walk_traces(
     stop = np.full(n, -1)
     latency = np.zeros(n)
     for r in range(n):
-        walk = Walk(rule, node_cost, max_cost_usd, rule.root_state(traces.prompt(r)))
+        prompt = traces.prompt(r)
+        prompt_words = word_count(prompt)
+        walk = Walk(rule, node_cost, max_cost_usd, rule.root_state(prompt))
         while calls := walk.next_calls():
             latency[r] += max(traces.latency_ms[r, cols[k]] for k in calls)  # at once
             for k in calls:
@@ -121,7 +126,9 @@ def walk_traces(
                     raw,
                     float(traces.tokens_out[r, c]),
                     text,
-                    logprob_summary=_summary(traces, r, c),
+                    prompt_words,
+                    traces.finish_reason(r, c),
+                    _summary(traces, r, c),
                 )
                 cost = float(traces.cost_usd[r, c])
                 agree = walk.agreement(k, text)

@@ -16,11 +16,43 @@ import numpy as np
 from calibration.logistic import fit_logistic, log_loss, varies
 from calibration.traces import TraceSet
 from policies.freetext import FEATURES
+from policies.lengthcal import NodeCalibrator, calibrated_columns
 from policies.textcal import GROUPS, TextCalibrator, feature_columns, reads_logprobs
 from policies.tiers import tier_members
 
 OPEN_ENDED_TOKENS = 40  # median answer length (tokens) from which a text task is open-ended
 MIN_ROWS = 50
+
+
+def trace_features(traces: TraceSet, cols: list[int]) -> np.ndarray:
+    """feature_columns of the `cols` models with every input the proxy passes live (the
+    prompt's words, the upstream's finish_reason, the token-logprob summary), so a
+    calibrator is fitted and replayed on the features it is served with."""
+    return feature_columns(
+        traces.answers,
+        traces.tokens_out,
+        traces.prompts(),
+        cols,
+        traces.finish_reasons,
+        traces.logprob_summaries,
+    )
+
+
+def calibrated_trace_columns(
+    calibrators: list[NodeCalibrator | None], traces: TraceSet, cols: list[int]
+) -> np.ndarray:
+    """(N, len(cols)) confidences of the `cols` models as the policy reads them (calibrated
+    where a node has a calibrator), from the same inputs as trace_features."""
+    return calibrated_columns(
+        calibrators,
+        traces.confidence,
+        traces.tokens_out,
+        traces.answers,
+        cols,
+        traces.prompts(),
+        traces.logprob_summaries,
+        traces.finish_reasons,
+    )
 
 
 def is_open_ended(traces: TraceSet, nodes: list[int]) -> bool:
@@ -105,10 +137,7 @@ def fit_text_calibrators(
     where no group beats the yardstick), the nodes' (N, n) train confidences (out-of-fold
     calibrated where a node has a calibrator) and, per node, which group won and why."""
     conf = np.array(train.confidence[:, nodes], dtype=float, copy=True)
-    prompts = [train.prompt(i) for i in range(len(train))]
-    feats = feature_columns(
-        train.answers, train.tokens_out, prompts, nodes, summaries=train.logprob_summaries
-    )
+    feats = trace_features(train, nodes)
     n_text = len(FEATURES)  # the columns after them: the token-logprob summary
     fold = np.random.default_rng(seed).permutation(len(train)) % folds
     out: list[TextCalibrator | None] = [None] * len(nodes)
@@ -158,8 +187,10 @@ def fit_text_calibrators(
 
 __all__ = [
     "OPEN_ENDED_TOKENS",
+    "calibrated_trace_columns",
     "fit_group",
     "fit_text_calibrators",
     "held_out",
     "is_open_ended",
+    "trace_features",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from policies.answers import detect_kind, extract_answer
-from policies.freetext import LOGPROB_SUMMARY, summary_from_dict
+from policies.freetext import LOGPROB_SUMMARY, prompt_text, summary_from_dict, word_count
 from policies.sampling import is_sampled
 from policies.tiers import TIER_PREFIX
 from policies.traceformat import TraceError, parse_trace_text
@@ -85,8 +85,22 @@ class TraceSet:
         return float(np.nanmean(self.cost_usd[:, self.reference]))
 
     def prompt(self, row: int) -> str:
-        """The text of every message of one row, joined (input of the difficulty estimate)."""
-        return "\n".join(str(m.get("content") or "") for m in self.messages[row])
+        """The text of every message of one row, joined (input of the difficulty estimate
+        and of the answers' relative length): freetext.prompt_text, as the proxy reads a
+        request."""
+        return prompt_text(self.messages[row])
+
+    def prompts(self) -> list[str]:
+        """Every row's prompt (TraceSet.prompt)."""
+        return [self.prompt(i) for i in range(len(self))]
+
+    def prompt_words(self, row: int) -> int:
+        """The prompt's word count, as the proxy passes it to rule.signal."""
+        return word_count(self.prompt(row))
+
+    def finish_reason(self, row: int, col: int) -> str | None:
+        """Why model `col`'s answer of `row` ended (None where the traces do not say)."""
+        return None if self.finish_reasons is None else self.finish_reasons[row][col]
 
     @property
     def has_quality(self) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -156,6 +156,27 @@ CHARS_PER_TOKEN = 4.0  # a token count estimated from characters where none was 
 
 def word_count(text: str | None) -> int:
     return len(_WORD.findall(text)) if text else 0
+
+
+def prompt_text(messages: Sequence[Mapping[str, object]]) -> str:
+    """The prompt of a chat request or a trace row: every message's text (system ones
+    included), one message a line. The one definition the fit, the replay and the proxy
+    read (the word count of the relative answer length, the prompt-difficulty root state),
+    so they see the same prompt. A content given as parts (OpenAI's list form) reads as its
+    text parts, one a line, as upstreams/common.message_text reads it; None as empty."""
+    return "\n".join(_content_text(m.get("content")) for m in messages)
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(part.get("text") or "")
+            for part in content
+            if isinstance(part, Mapping) and part.get("type") == "text"
+        )
+    return ""
 
 
 def answer_features(

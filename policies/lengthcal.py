@@ -142,19 +142,21 @@ def calibrated_columns(
     cols: list[int],
     prompts: list[str] | None = None,
     summaries: np.ndarray | None = None,
+    finish_reasons: list[list[str | None]] | None = None,
 ) -> np.ndarray:
     """(N, n) node confidences: calibrated where a node has a calibrator, raw elsewhere.
     `confidence` and `tokens_out` are the full (N, M) trace columns, `answers` the trace's
-    answer texts, `cols` the models the nodes are, `prompts` the rows' prompt texts and
-    `summaries` the (N, M, 4) token-logprob summaries (both read by text calibrators; nan
-    where a calibrator reads a summary the row lacks)."""
+    answer texts, `cols` the models the nodes are, `prompts` the rows' prompt texts,
+    `summaries` the (N, M, 4) token-logprob summaries and `finish_reasons` the [row][model]
+    ones (all read by text calibrators, as the proxy passes them live; nan where a
+    calibrator reads a summary the row lacks)."""
     out = np.array(confidence[:, cols], dtype=float, copy=True)
     texts = [(k, cal) for k, cal in enumerate(calibrators) if isinstance(cal, TextCalibrator)]
     if texts:
         if prompts is None:
             raise ValueError("text calibrators need the prompts")
         feats = feature_columns(
-            answers, tokens_out, prompts, [cols[k] for k, _ in texts], summaries=summaries
+            answers, tokens_out, prompts, [cols[k] for k, _ in texts], finish_reasons, summaries
         )
         for i, (k, cal) in enumerate(texts):
             out[:, k] = cal.log_p(feats[:, i], confidence[:, cols[k]])

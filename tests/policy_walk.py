@@ -31,7 +31,7 @@ def assert_online_equals_replay(art: PolicyArtifact, test: TraceSet) -> int:
     node."""
     outcome = replay_artifact(art, test)
     walked = walk_traces(art.policy(), art.models, test)
-    _assert_same(walked, outcome, "index")
+    assert_same_outcome(walked, outcome, "index")
     return int((walked.calls > 1).sum())
 
 
@@ -70,7 +70,7 @@ def assert_walk_equals_replay(art: PolicyArtifact, test: TraceSet) -> None:
     the decisions of its vectorised replay."""
     expected = replays(art, test)
     for name, (rule, nodes) in rules(art).items():
-        _assert_same(walk_traces(rule, nodes, test), expected[name], name)
+        assert_same_outcome(walk_traces(rule, nodes, test), expected[name], name)
 
 
 def assert_engine_equals_replay(
@@ -140,10 +140,12 @@ def _engine_runs(
     return asyncio.run(run_all())
 
 
-def _assert_same(got: Outcome, expected: Outcome, name: str) -> None:
+def assert_same_outcome(got: Outcome, expected: Outcome, name: str) -> None:
+    """Row by row: the same models explored, the same answer returned, the same last call."""
     for row in range(len(expected.correct)):
         assert list(got.explored[row]) == list(expected.explored[row]), (name, row)
         assert got.answer_model[row] == expected.answer_model[row], (name, row)
+        assert got.stop_model[row] == expected.stop_model[row], (name, row)
 
 
 def fit_small_large(train_path: Path, small: str = "small", large: str = "large") -> FittedIndex:

@@ -39,6 +39,7 @@ class Recorded:
     cost_usd: float | None
     latency_ms: float | None
     logprob_summary: tuple[float, float, float, float] | None = None
+    finish_reason: str | None = None  # the recorded one (a text calibrator reads "length")
 
 
 def _read_traces(path: str) -> tuple[tuple[str, ...], list[dict]]:
@@ -96,6 +97,7 @@ class ReplayBackend:
                     cost_usd=entry["cost_usd"],
                     latency_ms=entry["latency_ms"],
                     logprob_summary=summary_from_dict(entry.get("logprob_summary")),
+                    finish_reason=entry.get("finish_reason"),
                 )
                 self._by_messages.setdefault(messages_key(row["messages"]), rec)
                 prompt = last_user_text(row["messages"])
@@ -160,7 +162,7 @@ class ReplayBackend:
             tokens_out=tokens_out,
             cost_usd=cost,
             latency_ms=latency_ms,
-            finish_reason="stop",
+            finish_reason=rec.finish_reason or "stop",
             served_model=self.model,
             extra={"trace_id": rec.trace_id},
         )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from policies.answers import extract_answer
 from policies.artifact import AgreementSetting, ArtifactError, PolicyArtifact
 from policies.errors import InvalidInput
-from policies.freetext import token_logprobs_summary, word_count
+from policies.freetext import prompt_text, token_logprobs_summary, word_count
 from policies.policy import CascadePolicy
 from policies.rules import AgreementPolicy, SinglePolicy, ThresholdPolicy
 from policies.sampling import Vote, is_sampled, parse_sampled, sampled_name, vote
@@ -420,7 +420,7 @@ async def _walk(
     t0 = time.perf_counter()
     rule, names = plan.rule, plan.names
     ids = plan.node_ids or range(len(names))
-    prompt = _prompt_text(messages)
+    prompt = prompt_text(messages)  # the traces' TraceSet.prompt: one definition
     root = rule.root_state(prompt)
     prompt_words = word_count(prompt)  # read by free-text calibrators (policies/textcal.py)
     walk = Walk(rule, plan.node_cost, max_cost_usd, root, plan.allowed, names)
@@ -691,7 +691,3 @@ def _sampled_model(name: str) -> str | None:
 
 def _start_or(nodes: list[str], i: int) -> str:
     return START if i < 0 else nodes[i]
-
-
-def _prompt_text(messages: list[dict]) -> str:
-    return "\n".join(str(m.get("content") or "") for m in messages)

@@ -65,6 +65,8 @@ def trace_row(
         }
         if call.logprob_summary is not None:
             entry["logprob_summary"] = summary_as_dict(call.logprob_summary)
+        if result.finish_reason is not None:  # a refit's text calibrators read "length"
+            entry["finish_reason"] = result.finish_reason
         if not result.ok:
             entry["error"] = result.error or "error"
         if name in run.explore_samples:
