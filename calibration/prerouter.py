@@ -88,7 +88,7 @@ def held_out_area(train: TraceSet, kind: str, folds: int = 5, seed: int = 0) -> 
     for f in range(folds):
         held = np.flatnonzero(fold == f)
         p[held] = PromptRouter(train, kind, np.flatnonzero(fold != f)).p_correct(train, held)
-    cost = _cost_fraction(train)
+    cost = cost_fraction(train)
     points = []
     for mu in DEFAULT_MUS:
         o = routed_outcome(train, route(p, cost, mu))
@@ -96,7 +96,8 @@ def held_out_area(train: TraceSet, kind: str, folds: int = 5, seed: int = 0) -> 
     return area_under(pareto_envelope(points))
 
 
-def _cost_fraction(traces: TraceSet) -> np.ndarray:
+def cost_fraction(traces: TraceSet) -> np.ndarray:
+    """Per model its mean cost as a fraction of the reference model's: the router's prices."""
     return np.nan_to_num(np.nanmean(traces.cost_usd, axis=0)) / traces.reference_cost
 
 
@@ -112,7 +113,7 @@ class PrerouterFamily:
         self.areas = {kind: held_out_area(train, kind) for kind in ENCODINGS}
         kind = max(ENCODINGS, key=lambda k: (self.areas[k], k == "tfidf"))
         router = PromptRouter(train, kind)
-        cost = _cost_fraction(train)  # train prices decide; replay pays the test costs
+        cost = cost_fraction(train)  # train prices decide; replay pays the test costs
         cache: dict[int, tuple[TraceSet, np.ndarray]] = {}
 
         def predicted(traces: TraceSet) -> np.ndarray:
