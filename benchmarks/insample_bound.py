@@ -51,10 +51,7 @@ def run(args: argparse.Namespace) -> int:
         pairs = [p for p in pairs if p.name in args.only]
     if not pairs:
         raise RuntimeError(f"no NAME-train.jsonl / NAME-test.jsonl pair in {args.traces}")
-    print("cascade in-sample bound: every policy fitted on the file it is scored on")
-    print(f"  date      {common.now_utc()}")
-    print(f"  machine   {common.machine()}")
-    print(f"  command   {common.command()}")
+    common.print_run("cascade in-sample bound: every policy fitted on the file it is scored on")
     print(f"  traces    {args.traces} ({len(pairs)} pairs; {'; '.join(skipped) or 'none skipped'})")
     with tempfile.TemporaryDirectory(prefix="cascade-insample-") as tmp:
         work = Path(tmp)

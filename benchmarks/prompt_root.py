@@ -218,10 +218,7 @@ def report(curve: str, runs: list[dict[str, float]]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.splits < 1:
         raise RuntimeError("--splits must be at least 1")
-    print("cascade prompt root: the index policy and the prompt router on re-splits")
-    print(f"  date      {common.now_utc()}")
-    print(f"  machine   {common.machine()}")
-    print(f"  command   {common.command()}")
+    common.print_run("cascade prompt root: the index policy and the prompt router on re-splits")
     print(f"  traces    {args.traces}: {args.pair} x {args.splits} re-splits", flush=True)
     runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="cascade-prompt-root-") as tmp:

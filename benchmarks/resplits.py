@@ -49,10 +49,9 @@ def _c1pp(stats: dict) -> float:
 def run(args: argparse.Namespace) -> int:
     if args.splits < 1:
         raise RuntimeError("--splits must be at least 1")
-    print("cascade re-splits: the bench protocol on random re-splits of every pair's rows")
-    print(f"  date      {common.now_utc()}")
-    print(f"  machine   {common.machine()}")
-    print(f"  command   {common.command()}")
+    common.print_run(
+        "cascade re-splits: the bench protocol on random re-splits of every pair's rows"
+    )
     with tempfile.TemporaryDirectory(prefix="cascade-resplits-") as tmp:
         folder = Path(tmp) / "traces"
         folder.mkdir()

@@ -85,10 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if pair is None:
         raise RuntimeError(f"no pair {args.pair} (train and test files) in {args.traces}")
     strengths = [float(s) for s in args.strengths.split(",")]
-    print("cascade signal needed: the bench on planted answer confidences")
-    print(f"  date      {common.now_utc()}")
-    print(f"  machine   {common.machine()}")
-    print(f"  command   {common.command()}")
+    common.print_run("cascade signal needed: the bench on planted answer confidences")
     print(f"  pair      {pair.name} ({args.traces}); strengths {strengths}; seed {args.seed}")
     print()
     head = f"{'d':>4s} {'AUROC train':>22s}  curve    {'index':>7s} {'hull':>7s} {'prerouter':>9s} "
