@@ -177,8 +177,9 @@ _SWEEP = _object(
 def _router(v: Any, path: str) -> None:
     try:
         RouterModel.from_dict(v, path)
-    except RouterError as exc:
-        raise _Bad(path, str(exc).removeprefix(f"{path}: ")) from None
+    except RouterError as exc:  # its message starts with the field's own path
+        where, _, message = str(exc).partition(": ")
+        raise _Bad(where, message) from None
 
 
 _ROOT_CHOICE = _object(
