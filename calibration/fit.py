@@ -780,18 +780,24 @@ class FittedIndex:
         self.router: RouterModel | None = None  # at mu 0: artifacts route at their own price
         root_train = None
         prompts = [train.prompt(i) for i in range(len(train))] if kinds else []
+        design = prompt_design(prompts) if kinds else None  # hashed once for both kinds
         if "difficulty" in kinds:
             step("prompt difficulty", 0, 1)
-            self.difficulty, root_train = fit_difficulty(prompts, sig.correct.mean(axis=1))
-        design = None
+            share = sig.correct.mean(axis=1)
+            self.difficulty, root_train = fit_difficulty(prompts, share, x=design)
         if "router" in kinds:
             step("prompt router", 0, 1)
-            design = prompt_design(prompts)
         self._root_train = root_train
         areas: dict[str, float] = {}
         resolution: dict[str, tuple[float, int]] = {}
         cv = HeldOutCurve(
-            train, self.nodes, self.costs, recall, root_train, allowed=self.allowed, prompts=design
+            train,
+            self.nodes,
+            self.costs,
+            recall,
+            root_train,
+            allowed=self.allowed,
+            prompts=design if "router" in kinds else None,
         )
         for kind in kinds or ["none"]:
             kappa, bins, areas[kind] = choose_resolution(

@@ -19,6 +19,9 @@ C_REG = 1.0  # calibration/prerouter.py's: one router, fitted alike in the bench
 MAX_ITER = 100
 SOLVER = "liblinear"
 CONSTANT_CLIP = 1e-12  # a node whose train labels never vary: its rate, kept off 0 and 1
+# past this many rows a random subset fits each router (the fit's time grows with the
+# prompts' words; a per-node logistic on hashed words no longer hinges on more rows)
+MAX_ROWS = 3000
 
 
 def prompt_design(prompts: list[str]):
@@ -26,9 +29,14 @@ def prompt_design(prompts: list[str]):
     return _design(prompts)
 
 
-def fit_node_models(x, labels: np.ndarray, rows: np.ndarray | None = None) -> list[SparseLogistic]:
-    """Per column of `labels` (N, n) a SparseLogistic fitted on `rows` of the design `x`."""
+def fit_node_models(
+    x, labels: np.ndarray, rows: np.ndarray | None = None, seed: int = 0
+) -> list[SparseLogistic]:
+    """Per column of `labels` (N, n) a SparseLogistic fitted on `rows` of the design `x`
+    (at most MAX_ROWS of them, drawn at random with `seed`)."""
     rows = np.arange(x.shape[0]) if rows is None else rows
+    if len(rows) > MAX_ROWS:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_ROWS, replace=False))
     xr = x[rows]
     used = np.unique(xr.indices).astype(np.int64)
     out = []
