@@ -8,6 +8,9 @@ Measures, and prints against the targets:
      1..5 nodes (target: under 20 us per step), and CascadePolicy.first; b2. the same
      decisions as the engine makes them, through the driver (policies/walk.py);
   c. the prompt-difficulty estimate, CascadePolicy.root_state(prompt) (target: under 10 ms);
+     c2. the same with a prompt-router root (policies/router.py; fitted with root="router"
+     on alpaca-fusechat-train, timed on its test prompts: P(correct | prompt) per node and
+     the pick at the artifact's price);
   d. a sampled node at k = 5 (`small@5`, synthetic traces with samples: the recorded traces
      hold none): CascadePolicy.step with the vote's confidence (target: under 20 us), and
      apart from it, extracting the 5 answers and voting on them (policies/sampling.py).
@@ -19,7 +22,8 @@ Measures, and prints against the targets:
      (Walk.agreement, what the engine computes outside the step).
 
 Run from the repository root:  .venv/bin/python benchmarks/speed.py [--traces DIR] [--rows N]
-(`--sampled-only`: part d alone, which needs no recorded traces; `--freetext-only`: part e).
+(`--sampled-only`: part d alone, which needs no recorded traces; `--freetext-only`: part e;
+`--root-only`: part c2).
 """
 
 from __future__ import annotations
@@ -253,6 +257,44 @@ def bench_difficulty(policy: CascadePolicy, test: TraceSet, reps: int) -> None:
     print()
 
 
+def bench_router_root(traces: Path, reps: int) -> None:
+    """c2. CascadePolicy.root_state(prompt) of a prompt-router root: the router's pick."""
+    from calibration.pricing import fill_costs
+
+    train = fill_costs(load_traces(traces / "alpaca-fusechat-train.jsonl"))
+    test = fill_costs(load_traces(traces / "alpaca-fusechat-test.jsonl"))
+    fitted = FittedIndex(train, recall=True, root="router")
+    art = build_artifact(fitted, DEFAULT_MUS[12], train_path="alpaca-fusechat-train.jsonl")
+    policy = art.policy()
+    assert policy.router is not None
+    prompts = [test.prompt(r) for r in range(len(test))]
+    root_state = policy.root_state
+    for p in prompts[:50]:
+        root_state(p)
+    clock = time.perf_counter_ns
+    each = np.empty(reps * len(prompts))
+    i = 0
+    for _ in range(reps):
+        for p in prompts:
+            t0 = clock()
+            root_state(p)
+            each[i] = clock() - t0
+            i += 1
+    mean, p50, p99 = percentiles(each / 1e3)
+    chars = np.array([len(p) for p in prompts])
+    weights = sum(len(m.indices) for m in policy.router.models)
+    print(
+        f"c2. prompt-router root, CascadePolicy.root_state(prompt) (RouterModel, "
+        f"{policy.router.n_nodes} nodes, {weights} weights in all)"
+    )
+    print(
+        f"   {len(prompts)} alpaca-fusechat-test prompts (mean {chars.mean():.0f} chars, max "
+        f"{chars.max()}) x {reps} repetitions = {len(each)} calls"
+    )
+    print(f"   mean {mean:.1f} us  p50 {p50:.1f} us  p99 {p99:.1f} us per prompt")
+    print()
+
+
 def bench_sampled(reps: int) -> None:
     """d. The decision step over a policy whose first node is sampled (k = 5), and the
     extraction and vote of its 5 answers, measured apart."""
@@ -459,9 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions of b, c and d")
     parser.add_argument("--sampled-only", action="store_true", help="run part d only")
     parser.add_argument("--freetext-only", action="store_true", help="run part e only")
+    parser.add_argument("--root-only", action="store_true", help="run part c2 only")
     args = parser.parse_args(argv)
     if args.sampled_only:
         bench_sampled(args.reps)
+        return 0
+    if args.root_only:
+        header(args)
+        bench_router_root(args.traces, args.reps)
         return 0
     if args.freetext_only:
         header(args)
@@ -480,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_step(policy, art, test, args.reps)
     bench_walk(policy, art, test, args.reps)
     bench_difficulty(policy, test, args.reps)
+    bench_router_root(args.traces, args.reps)
     bench_sampled(args.reps)
     bench_freetext(args.traces, args.reps)
     print(f"benchmark wall time {time.perf_counter() - start:.1f} s")

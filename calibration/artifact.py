@@ -65,6 +65,9 @@ def _sweep(fitted: FittedIndex) -> list[dict]:
     out, seen = [], set()
     for mu in DEFAULT_MUS:
         decision = [d.tolist() for d in fitted.tables(mu).decision]
+        if fitted.router is not None:  # the router's first move depends on mu itself
+            out.append({"lambda": lambda_of(mu), "cost_price_mu": mu, "decision": decision})
+            continue
         key = json.dumps(decision)
         if key not in seen:
             seen.add(key)
@@ -140,6 +143,8 @@ def build_artifact(
             None if c is None else c.to_dict() for c in fitted.length_calibrators
         ],
         "difficulty": None if fitted.difficulty is None else fitted.difficulty.to_dict(),
+        # the other root kind: the prompt router's pick at this price is the first call
+        "router": None if fitted.router is None else fitted.router.at_price(mu).to_dict(),
         "transitions": describe(fitted.allowed, [train.models[j] for j in fitted.nodes]),
         "tables": tables.to_dict(),
         "sweep": _sweep(fitted),
@@ -152,6 +157,8 @@ def build_artifact(
             "reference_accuracy": float(train.correct[:, ref].mean()),
             "bins": [len(v) for v in tables.values],
             "shrinkage_kappa": fitted.kappa,  # chosen by cross-validation (fit.HeldOutCurve)
+            # the root kind and the held-out curve areas on train it was chosen by
+            "root_choice": fitted.root_choice,
             "warnings": fitted.warnings,
             "target": target,
         },

@@ -120,10 +120,13 @@ def _curves(
     best_acc = float(accuracy[best])
     policies: dict[str, dict] = {}
     fit_seconds: dict[str, float] = {}
+    roots: dict[str, dict] = {}  # the index policies' root kind, chosen on train
     for family in families_for(train):
         t0 = time.perf_counter()
         settings = family.fit_sweep(train)
         fit_seconds[family.name] = time.perf_counter() - t0
+        if isinstance(family, IndexFamily) and settings:
+            roots[family.name] = settings[0].fitted.root_choice
         points = []
         for setting in settings:
             outcome = setting.replay(test)
@@ -139,6 +142,7 @@ def _curves(
             policies["oracle-routing"],
             None if train.label == "correct" else best_acc,  # graded: a swept oracle
         ),
+        "root_choice": roots,
     }
     return curve, fit_seconds
 
@@ -171,6 +175,7 @@ def run_pair(
         "nodes": [train.models[j] for j in select_nodes(train)],  # kept by node selection
         "policies": curve["policies"],
         "oracle_savings": curve["oracle_savings"],
+        "root_choice": curve["root_choice"],
     }
     if graded:
         quality, seconds = _curves(

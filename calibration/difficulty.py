@@ -28,14 +28,19 @@ def _ridge(x, y: np.ndarray):
 
 
 def fit_difficulty(
-    prompts: list[str], share_right: np.ndarray, n_states: int = 3, folds: int = 5, seed: int = 0
+    prompts: list[str],
+    share_right: np.ndarray,
+    n_states: int = 3,
+    folds: int = 5,
+    seed: int = 0,
+    x=None,
 ) -> tuple[DifficultyModel, np.ndarray]:
     """The model fitted on all prompts, and out-of-fold root states of those prompts.
 
     Root bin edges are quantiles of the out-of-fold predictions, so each training prompt's
     state is what the proxy would have computed without having seen that prompt.
     """
-    x = _design(prompts)
+    x = _design(prompts) if x is None else x  # `x`: the prompts' design, when already hashed
     y = np.asarray(share_right, dtype=float)
     fold = np.random.default_rng(seed).permutation(len(y)) % folds
     oof = np.zeros(len(y))

@@ -49,7 +49,10 @@ def replay_artifact(art: PolicyArtifact, traces: TraceSet) -> Outcome:
     scores = score_sets(art.posterior, Signals.of(traces, nodes, conf, graded=graded))
     scores = scores.with_margin(art.recall_margin)
     root = None
-    if art.difficulty is not None:
+    if art.router is not None:  # the first call: the router's pick at the artifact's price
+        router = art.router
+        root = np.array([router.root_state(traces.prompt(i)) for i in range(len(traces))])
+    elif art.difficulty is not None:
         difficulty = art.difficulty
         root = np.array([difficulty.root_state(traces.prompt(i)) for i in range(len(traces))])
     return replay_tables(art.tables, scores, art.recall, nodes, traces, root_state=root)

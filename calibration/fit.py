@@ -13,6 +13,7 @@ Steps (research/ttamer.md §6, with the fixes reference-numbers.md calls for):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ import numpy as np
 from calibration.difficulty import fit_difficulty
 from calibration.logistic import fit_logistic, log_loss
 from calibration.replay import Outcome, outcome_from_choices
+from calibration.router import fit_node_models, out_of_fold_p, predict, prompt_design, route
 from calibration.textfit import calibrated_trace_columns, fit_text_calibrators, is_open_ended
 from calibration.traces import TraceSet
 from policies.difficulty import DifficultyModel
@@ -43,13 +45,15 @@ from policies.posterior import (
     confidence_feature,
     subset_members,
 )
+from policies.router import RouterModel
 from policies.sampling import is_sampled
 from policies.tiers import tier_members
-from policies.transitions import START, TransitionSpec, allowed_edges
+from policies.transitions import START, TransitionSpec, allowed_edges, describe
 
 DEFAULT_MUS = (0.0, *np.geomspace(0.005, 50.0, 48).tolist())
 MAX_NODES = 6
 MIN_ROWS_FOR_DIFFICULTY = 150  # fewer calibration prompts than this: one root state
+ROOT_KINDS = ("auto", "difficulty", "router", "none")  # FittedIndex(root=...)
 
 
 def select_nodes(train: TraceSet, max_nodes: int = MAX_NODES) -> list[int]:
@@ -487,7 +491,11 @@ class HeldOutCurve:
         folds: int = 5,
         seed: int = 1,
         allowed: frozenset[tuple[int, int]] | None = None,
+        prompts=None,
     ) -> None:
+        """`prompts`, the (N, DIM) hashed design of the train prompts, enables router-first
+        areas (`area(..., router=True)`): per fold a prompt router fitted on the fold's
+        train rows picks each held-out row's first node."""
         self.allowed = allowed
         rng = np.random.default_rng(seed)
         self.keep = np.arange(len(train))
@@ -505,11 +513,23 @@ class HeldOutCurve:
             for f in range(folds)
             for held in [np.flatnonzero(fold == f)]
         ]
+        self.router_p: np.ndarray | None = None  # (rows, nodes) held-out P(correct | prompt)
+        if prompts is not None:
+            x = prompts[self.keep]
+            self.router_p = np.zeros(self.correct.shape)
+            for fit_rows, held, _ in self.parts:
+                models = fit_node_models(x, self.correct, fit_rows)
+                self.router_p[held] = predict(models, x[held])
 
-    def area(self, scores: SetScores, kappa: float, n_bins: int) -> float:
-        """Held-out curve area, given the (out-of-fold) set scores of every train row."""
+    def area(self, scores: SetScores, kappa: float, n_bins: int, router: bool = False) -> float:
+        """Held-out curve area, given the (out-of-fold) set scores of every train row; with
+        `router`, the first call is the fold's prompt router's pick at each price and the
+        tables (fitted without a prompt root) decide what follows."""
         from calibration.metrics import CurvePoint, area_under, pareto_envelope
 
+        if router and self.router_p is None:
+            raise ValueError("router-first areas need the prompts' design (HeldOutCurve prompts)")
+        root = None if router else self.root
         scores = _rows_of(scores, self.keep)
         right = np.zeros(len(CV_MUS))
         spent = np.zeros(len(CV_MUS))
@@ -520,17 +540,23 @@ class HeldOutCurve:
                 self.recall,
                 n_bins=n_bins,
                 kappa=kappa,
-                root_state=None if self.root is None else self.root[fit_rows],
+                root_state=None if root is None else root[fit_rows],
                 allowed=self.allowed,
             )
             for k, mu in enumerate(CV_MUS):
+                tables = solve_tables(states, self.costs, mu)
+                first = None if root is None else root[held].copy()
+                if router:
+                    assert self.router_p is not None
+                    tables = router_first(tables)
+                    first = route(self.router_p[held], self.costs, mu)
                 o = replay_tables(
-                    solve_tables(states, self.costs, mu),
+                    tables,
                     _rows_of(scores, held),
                     self.recall,
                     self.nodes,
                     held_traces,
-                    root_state=None if self.root is None else self.root[held].copy(),
+                    root_state=first,
                 )
                 right[k] += o.correct.sum()
                 spent[k] += o.cost.sum()
@@ -559,11 +585,13 @@ def choose_resolution(
     n_rows: int,
     n_bins: int | None = None,
     progress: Progress = _quiet,
-) -> tuple[float, int]:
+    router: bool = False,
+) -> tuple[float, int, float]:
     """Shrinkage (pseudo-rows toward pooled estimates) and bins per node with the largest
-    held-out curve area. Few calibration rows call for strong shrinkage and coarse bins,
-    many for little and fine: the data decide, not a constant. A given `n_bins` is kept
-    and only the shrinkage is chosen."""
+    held-out curve area, and that area. Few calibration rows call for strong shrinkage and
+    coarse bins, many for little and fine: the data decide, not a constant. A given `n_bins`
+    is kept and only the shrinkage is chosen. `router`: areas of router-first (the root kind
+    this resolution is for)."""
     base = n_bins_for(n_rows)
     scales = BIN_SCALES if n_bins is None else (1.0,)
     base = base if n_bins is None else n_bins
@@ -571,9 +599,10 @@ def choose_resolution(
     areas = []
     for kappa, bins in grid:
         progress(CV_PHASE, len(areas), len(grid))
-        areas.append(cv.area(scores, kappa, bins))
+        areas.append(cv.area(scores, kappa, bins, router=router))
     progress(CV_PHASE, len(grid), len(grid))
-    return grid[int(np.argmax(areas))]
+    best = int(np.argmax(areas))
+    return (*grid[best], float(areas[best]))
 
 
 MIN_ROWS_PER_BIN = 20  # fewer calibration rows per state bin and its estimates are noise
@@ -619,7 +648,14 @@ def solve_tables(states: StateModel, costs: np.ndarray, mu: float) -> StateTable
         else:
             xpos = np.searchsorted(sol.xgrid, states.values[last])
             decision.append(act[np.arange(act.shape[0]), xpos].copy())
-    return StateTables(states.edges, states.values, decision, sol.sigma)
+    return StateTables(states.edges, states.values, decision, sol.sigma, mu=float(mu))
+
+
+def router_first(tables: StateTables) -> StateTables:
+    """The tables with a prompt router as root: root state k (the router's pick) calls
+    node k; what follows is the tables' own."""
+    n = len(tables.edges)
+    return dataclasses.replace(tables, decision=[np.arange(n), *tables.decision[1:]])
 
 
 def replay_tables(
@@ -691,9 +727,16 @@ class FittedIndex:
         n_bins: int | None = None,
         progress: Progress | None = None,
         text_groups: tuple[str, ...] | None = None,
+        root: str = "auto",
     ) -> None:
         """`text_groups` limits the free-text feature groups the calibrators of open-ended
-        traces choose from (policies/textcal.GROUPS; bench's `index-length` ablation)."""
+        traces choose from (policies/textcal.GROUPS; bench's `index-length` ablation).
+        `root` is the kind of the first move (ROOT_KINDS): "auto" keeps whichever of the
+        difficulty bins and the prompt router has the larger held-out curve area on train
+        (5 folds; ties: difficulty); the others force one ("none": no prompt read).
+        `use_difficulty=False` is `root="none"` unless a root is named."""
+        if root not in ROOT_KINDS:
+            raise InvalidInput(f"unknown root {root!r}: use one of {list(ROOT_KINDS)}")
         step = progress or _quiet
         step("nodes", 0, 1)
         if models is None and isinstance(transitions, Mapping):  # the map names the nodes
@@ -729,18 +772,54 @@ class FittedIndex:
         oof = out_of_fold_scores(sig, self.posterior, folds=folds, seed=seed)
         self.recall_margin = choose_recall_margin(oof, sig.correct) if recall else 0.0
         self.oof = oof.with_margin(self.recall_margin)
-        self.difficulty: DifficultyModel | None = None
-        root_train = None
-        if use_difficulty and len(train) >= MIN_ROWS_FOR_DIFFICULTY:
-            step("prompt difficulty", 0, 1)
-            prompts = [train.prompt(i) for i in range(len(train))]
-            self.difficulty, root_train = fit_difficulty(prompts, sig.correct.mean(axis=1))
-        self._root_train = root_train
         self.reference_cost = train.reference_cost
         self.node_cost_usd = np.nanmean(train.cost_usd[:, self.nodes], axis=0)
         self.costs = self.node_cost_usd / self.reference_cost
-        cv = HeldOutCurve(train, self.nodes, self.costs, recall, root_train, allowed=self.allowed)
-        self.kappa, self.n_bins = choose_resolution(cv, self.oof, len(train), n_bins, step)
+        kinds = self._root_candidates(root, use_difficulty, len(train))
+        self.difficulty: DifficultyModel | None = None
+        self.router: RouterModel | None = None  # at mu 0: artifacts route at their own price
+        root_train = None
+        prompts = [train.prompt(i) for i in range(len(train))] if kinds else []
+        design = prompt_design(prompts) if kinds else None  # hashed once for both kinds
+        if "difficulty" in kinds:
+            step("prompt difficulty", 0, 1)
+            share = sig.correct.mean(axis=1)
+            self.difficulty, root_train = fit_difficulty(prompts, share, x=design)
+        if "router" in kinds:
+            step("prompt router", 0, 1)
+        self._root_train = root_train
+        areas: dict[str, float] = {}
+        resolution: dict[str, tuple[float, int]] = {}
+        cv = HeldOutCurve(
+            train,
+            self.nodes,
+            self.costs,
+            recall,
+            root_train,
+            allowed=self.allowed,
+            prompts=design if "router" in kinds else None,
+        )
+        for kind in kinds or ["none"]:
+            kappa, bins, areas[kind] = choose_resolution(
+                cv, self.oof, len(train), n_bins, step, router=kind == "router"
+            )
+            resolution[kind] = (kappa, bins)
+        # the larger held-out area on train; ties: the difficulty bins (the earlier default)
+        kind = max(areas, key=lambda k: (areas[k], k != "router"))
+        self.root_kind = kind
+        self.root_choice = {
+            "kind": kind,
+            "requested": root,
+            "held_out_area": {k: round(a, 6) for k, a in areas.items()},
+        }
+        self.kappa, self.n_bins = resolution[kind]
+        if kind == "router":
+            assert design is not None
+            self.difficulty, root_train, self._root_train = None, None, None
+            correct_nodes = sig.correct
+            models = fit_node_models(design, correct_nodes)
+            self.router = RouterModel(tuple(models), 0.0, np.nan_to_num(self.costs))
+            self._router_p_train = out_of_fold_p(design, correct_nodes, folds=folds, seed=seed)
         self.warnings = resolution_warnings(len(train), self.n_bins, root_train)
         step("state model", 0, 1)
         self.states = fit_states(
@@ -753,6 +832,27 @@ class FittedIndex:
             allowed=self.allowed,
         )
         self._scores: dict = {}
+
+    def _root_candidates(self, root: str, use_difficulty: bool, n_rows: int) -> list[str]:
+        """The root kinds to fit and compare: the difficulty bins and, where the start may
+        go to every node (the router's pick must be callable), the prompt router; none
+        below MIN_ROWS_FOR_DIFFICULTY prompts unless one is named."""
+        starts_anywhere = len(self.nodes) > 1 and all(
+            (ROOT, k) in self.allowed for k in range(len(self.nodes))
+        )
+        if root == "router":
+            if not starts_anywhere:
+                names = [self.train.models[j] for j in self.nodes]
+                raise InvalidInput(
+                    "a prompt-router root needs transitions from the start to every node "
+                    f"(these allow {describe(self.allowed, names)})"
+                )
+            return ["router"]
+        if root == "difficulty":
+            return ["difficulty"]
+        if root == "none" or not use_difficulty or n_rows < MIN_ROWS_FOR_DIFFICULTY:
+            return []
+        return ["difficulty", "router"] if starts_anywhere else ["difficulty"]
 
     def scores(self, traces: TraceSet) -> SetScores:
         hit = self._scores.get(id(traces))
@@ -771,8 +871,14 @@ class FittedIndex:
         """The nodes' (N, n) confidences as the policy reads them (length-calibrated)."""
         return calibrated_trace_columns(self.length_calibrators, traces, self.nodes)
 
-    def root_states(self, traces: TraceSet) -> np.ndarray | None:
-        """Root (prompt difficulty) bin of every row; out-of-fold ones for the train rows."""
+    def root_states(self, traces: TraceSet, mu: float | None = None) -> np.ndarray | None:
+        """Root state of every row (None: one root state): its prompt-difficulty bin, or
+        with a router root the node the router picks at cost price `mu`; out-of-fold ones
+        for the train rows."""
+        if self.router is not None:
+            if mu is None:
+                raise ValueError("a prompt-router root depends on the cost price: pass mu")
+            return route(self.router_p(traces), self.router.cost_fractions, mu)
         if self.difficulty is None:
             return None
         if traces is self.train:
@@ -788,11 +894,28 @@ class FittedIndex:
             self._scores[key] = hit
         return hit[1]
 
-    def tables(self, mu: float) -> StateTables:
-        return solve_tables(self.states, self.costs, mu)
+    def router_p(self, traces: TraceSet) -> np.ndarray:
+        """(N, nodes) the router's P(correct | prompt): out-of-fold on train, else the
+        serving model's, prompt by prompt (what the proxy computes)."""
+        assert self.router is not None
+        if traces is self.train:
+            return self._router_p_train
+        key = ("router", id(traces))
+        hit = self._scores.get(key)
+        if hit is None or hit[0] is not traces:
+            p = np.array([self.router.p_correct(traces.prompt(i)) for i in range(len(traces))])
+            hit = (traces, p.reshape(len(traces), len(self.nodes)))
+            self._scores[key] = hit
+        return hit[1]
 
-    def replay(self, tables: StateTables, traces: TraceSet) -> Outcome:
-        root = self.root_states(traces)
+    def tables(self, mu: float) -> StateTables:
+        tables = solve_tables(self.states, self.costs, mu)
+        return router_first(tables) if self.router is not None else tables
+
+    def replay(self, tables: StateTables, traces: TraceSet, mu: float | None = None) -> Outcome:
+        """The tables on `traces`; a router root picks each row's first node at `mu`
+        (default: the price the tables were solved at)."""
+        root = self.root_states(traces, tables.mu if mu is None else mu)
         return replay_tables(
             tables,
             self.scores(traces),
@@ -814,7 +937,7 @@ class IndexSetting:
     tables: StateTables
 
     def replay(self, traces: TraceSet) -> Outcome:
-        return self.fitted.replay(self.tables, traces)
+        return self.fitted.replay(self.tables, traces, self.mu)
 
 
 class IndexFamily:

@@ -132,6 +132,9 @@ def fit(
     for warning in fitted.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"lambda {art.lam:.4f}; recall {'on' if art.recall else 'off'}")
+    choice = fitted.root_choice
+    areas = ", ".join(f"{k} {a:.4f}" for k, a in choice["held_out_area"].items())
+    typer.echo(f"first move: {ROOT_NAMES[choice['kind']]} (held-out area on train: {areas})")
     measure = "mean quality" if art.label == "quality" else "accuracy"
     low, high = exp.accuracy_95 or (float("nan"), float("nan"))
     typer.echo(
@@ -139,6 +142,13 @@ def fit(
         f"cost {exp.cost_fraction:.3f} x {art.reference_model} "
         f"(${exp.mean_cost_usd:.3g}/query), {exp.calls_per_query:.2f} calls/query"
     )
+
+
+ROOT_NAMES = {
+    "router": "the prompt router's pick",
+    "difficulty": "by prompt-difficulty bin",
+    "none": "the same for every prompt",
+}
 
 
 @app.command()

@@ -22,6 +22,7 @@ from policies.errors import InvalidInput
 from policies.lengthcal import NodeCalibrator, calibrator_from
 from policies.policy import CascadePolicy, StateTables
 from policies.posterior import AGREEMENT_MODES, PosteriorModel
+from policies.router import RouterError, RouterModel
 from policies.rules import decode_threshold
 
 SCHEMA = "cascade.policy/v1"
@@ -168,7 +169,22 @@ _DIFFICULTY = _object(
     {"indices": _list_of(_integer), "weights": _NUMBERS, "bias": _number, "edges": _NUMBERS},
     {"dim": _integer},
 )
-_SWEEP = _object({"lambda": _number, "decision": _list_of(_list_of(_integer))})
+_SWEEP = _object(
+    {"lambda": _number, "decision": _list_of(_list_of(_integer))}, {"cost_price_mu": _number}
+)
+
+
+def _router(v: Any, path: str) -> None:
+    try:
+        RouterModel.from_dict(v, path)
+    except RouterError as exc:  # its message starts with the field's own path
+        where, _, message = str(exc).partition(": ")
+        raise _Bad(where, message) from None
+
+
+_ROOT_CHOICE = _object(
+    {}, {"kind": _string, "requested": _string, "held_out_area": _object({}, {})}
+)
 _THRESHOLD = _object(
     {"lambda": _number, "chain": _list_of(_string), "thresholds": _list_of(_threshold)}
 )
@@ -194,6 +210,7 @@ _ARTIFACT = _object(
                 "bins": _list_of(_integer),
                 "shrinkage_kappa": _nullable(_number),
                 "warnings": _list_of(_string),
+                "root_choice": _nullable(_ROOT_CHOICE),
             },
         ),
         "expected": _object(
@@ -220,6 +237,7 @@ _ARTIFACT = _object(
         "cost_price_mu": _nullable(_number),
         "length_calibration": _nullable(_list_of(_nullable(_CALIBRATOR))),
         "difficulty": _nullable(_DIFFICULTY),
+        "router": _nullable(_router),
         "transitions": _nullable(_string),
         "sweep": _nullable(_list_of(_SWEEP)),
         "baselines": _nullable(
@@ -276,6 +294,17 @@ def _check_sizes(art: dict) -> None:
     difficulty = art.get("difficulty")
     if difficulty and difficulty.get("dim", DIM) != DIM:
         raise _Bad("difficulty.dim", f"expected {DIM}, got {difficulty['dim']}")
+    router = art.get("router")
+    if router is not None:
+        if difficulty:
+            raise _Bad("router", "an artifact has one prompt root: router or difficulty, not both")
+        if len(router["models"]) != n:
+            raise _Bad("router.models", f"expected {n} entries (one per node)")
+        for path, decision in tables[:1] + tables[2:]:  # the pick is the first call
+            if list(decision[0]) != list(range(n)):
+                raise _Bad(
+                    f"{path}[0]", f"expected {list(range(n))} (a router root calls its pick)"
+                )
 
 
 # ---------------------------------------------------------------- the typed artifact
@@ -294,6 +323,7 @@ class SweepEntry:
 
     lam: float
     decision: list[list[int]]
+    mu: float | None = None  # its cost price, where a router root needs it exactly
 
 
 @dataclass(frozen=True)
@@ -350,6 +380,7 @@ class PolicyArtifact:
     posterior: PosteriorModel
     tables: StateTables
     difficulty: DifficultyModel | None
+    router: RouterModel | None  # the other root kind (at the artifact's price); None: not used
     length_calibrators: list[NodeCalibrator | None]  # length or free-text, per node
     sweep: list[SweepEntry]
     threshold: list[ThresholdSetting]
@@ -371,11 +402,14 @@ class PolicyArtifact:
         """The online index policy; with `lam`, the decisions the sweep holds for the
         nearest lambda (bins, values and the answer posterior do not depend on lambda)."""
         tables = self.tables
+        router = self.router
         if lam is not None and self.sweep:
             chosen = self.nearest_lambda(lam)
             entry = next(e for e in self.sweep if e.lam == chosen)
             decision = [np.asarray(d, dtype=int) for d in entry.decision]
             tables = StateTables(tables.edges, tables.values, decision, tables.sigma)
+            if router is not None:  # the router picks at that lambda's price
+                router = router.at_price(entry.mu if entry.mu is not None else 1 / chosen - 1)
         return CascadePolicy(
             self.posterior,
             tables,
@@ -384,6 +418,7 @@ class PolicyArtifact:
             self.difficulty,
             self.length_calibrators,
             graded=self.agreement_mode == "graded",
+            router=router,
         )
 
     def baseline(
@@ -467,10 +502,18 @@ class PolicyArtifact:
             difficulty=DifficultyModel.from_dict(art["difficulty"])
             if art.get("difficulty")
             else None,
+            router=RouterModel.from_dict(art["router"]) if art.get("router") else None,
             length_calibrators=[
                 calibrator_from(d) for d in (art.get("length_calibration") or [None] * len(nodes))
             ],
-            sweep=[SweepEntry(float(e["lambda"]), e["decision"]) for e in art.get("sweep") or []],
+            sweep=[
+                SweepEntry(
+                    float(e["lambda"]),
+                    e["decision"],
+                    None if e.get("cost_price_mu") is None else float(e["cost_price_mu"]),
+                )
+                for e in art.get("sweep") or []
+            ],
             threshold=[
                 ThresholdSetting(
                     float(e["lambda"]),

@@ -19,6 +19,7 @@ from policies.difficulty import DifficultyModel
 from policies.index import ROOT, STOP
 from policies.lengthcal import NodeCalibrator
 from policies.posterior import PosteriorModel
+from policies.router import RouterModel
 from policies.textcal import TextCalibrator
 
 
@@ -27,13 +28,17 @@ class StateTables:
     """Per node: inner bin edges of the posterior loss, the bin values, the decisions.
 
     `decision[last + 1][state]` is STOP or the next node; the root (last = ROOT) has
-    `root_states` states (one unless the prompt is binned by difficulty).
+    `root_states` states (one unless the prompt is binned by difficulty; with a prompt
+    router as root, one per node, and `decision[0][k] = k`: the router's pick is called).
     """
 
     edges: list[np.ndarray]  # per node, inner edges (B_j - 1,)
     values: list[np.ndarray]  # per node, expected error in each bin (B_j,)
     decision: list[np.ndarray]  # per last node + 1: (n_states,) int
     sigma: list[np.ndarray]  # per last node + 1: dynamic index per state
+    # the cost price the decisions were solved at (None: unknown, e.g. read from an artifact);
+    # a router root's first move depends on it (policies/router.py)
+    mu: float | None = None
 
     def bin_of(self, node: int, loss: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.edges[node], loss, side="right")
@@ -93,9 +98,13 @@ class CascadePolicy:
         difficulty: DifficultyModel | None = None,
         length_calibrators: list[NodeCalibrator | None] | None = None,
         graded: bool = False,
+        router: RouterModel | None = None,
     ) -> None:
+        """`router` (at the tables' cost price) replaces `difficulty` as the root: an
+        artifact uses at most one of the two."""
         self.graded = graded
         self.difficulty = difficulty
+        self.router = router
         self.length_calibrators = length_calibrators or [None] * len(tables.edges)
         self.posterior = posterior
         self.tables = tables
@@ -107,11 +116,14 @@ class CascadePolicy:
         self._root_matters = len(set(self._decision[ROOT + 1])) > 1
 
     def root_state(self, prompt: str) -> int:
-        """The root state of a query: its prompt-difficulty bin (0 without a model).
+        """The root state of a query: the node the prompt router picks at the policy's
+        price, else its prompt-difficulty bin (0 without a model).
 
         The root state only chooses the first node; when every root state chooses the same
         one, the prompt is not read at all (saves the hashing on every request).
         """
+        if self.router is not None:
+            return self.router.root_state(prompt)
         if self.difficulty is None or not self._root_matters:
             return 0
         return self.difficulty.root_state(prompt)

@@ -24,6 +24,7 @@ from calibration.fit import (
     score_sets,
     select_nodes,
 )
+from calibration.router import prompt_design
 from calibration.traces import TraceSet, load_traces
 from policies.index import STOP
 from tests.policy_walk import assert_online_equals_replay, fit_small_large, textbook_mu
@@ -85,7 +86,8 @@ def test_a_high_cost_price_calls_one_model_and_a_zero_price_matches_the_best(fit
     cheap = fitted.replay(fitted.tables(1e6), train)
     assert (cheap.calls == 1).all()
     free = fitted.replay(fitted.tables(0.0), train)
-    assert free.calls.mean() > 1.5
+    if fitted.root_kind != "router":  # a router root starts at the pick: the best it sees
+        assert free.calls.mean() > 1.5
     assert free.accuracy >= train.correct.mean(axis=0).max() - 0.03
 
 
@@ -127,11 +129,18 @@ def test_evaluate_reports_where_queries_stop(pair) -> None:
 
 def test_shrinkage_and_bins_are_the_held_out_best_and_recorded(fitted, pair) -> None:
     train = pair[0]
-    cv = HeldOutCurve(train, fitted.nodes, fitted.costs, fitted.recall, fitted._root_train)
+    router = fitted.root_kind == "router"  # its resolution is chosen on router-first areas
+    prompts = prompt_design([train.prompt(i) for i in range(len(train))]) if router else None
+    cv = HeldOutCurve(
+        train, fitted.nodes, fitted.costs, fitted.recall, fitted._root_train, prompts=prompts
+    )
     grid = {(k, max(2, round(s * n_bins_for(len(train))))) for k in KAPPAS for s in BIN_SCALES}
-    areas = {point: cv.area(fitted.oof, *point) for point in grid}
+    areas = {point: cv.area(fitted.oof, *point, router=router) for point in grid}
     assert len(set(np.round(list(areas.values()), 9))) > 1  # the choice is not moot
     assert areas[(fitted.kappa, fitted.n_bins)] == pytest.approx(max(areas.values()))
+    chosen = fitted.root_choice["held_out_area"]
+    assert chosen[fitted.root_kind] == pytest.approx(max(areas.values()), abs=1e-6)
+    assert chosen[fitted.root_kind] == max(chosen.values())  # the larger area is kept
     assert all(len(v) <= fitted.n_bins for v in fitted.states.values)
     art = build_artifact(fitted, DEFAULT_MUS[15], train_path="t.jsonl")
     assert art.data["training"]["shrinkage_kappa"] == fitted.kappa  # as written

@@ -118,7 +118,8 @@ def check_quality_curve(result: dict, test_path: Path) -> None:
     """The quality curve's fields, and that it reads mean quality, not accuracy."""
     test = load_traces(test_path)
     quality = result["quality"]
-    assert set(quality) == {"best_single", "policies", "oracle_savings"}
+    assert set(quality) == {"best_single", "policies", "oracle_savings", "root_choice"}
+    assert quality["root_choice"]["index"]["kind"] in ("difficulty", "router", "none")
     means = test.quality.mean(axis=0)
     assert quality["best_single"]["accuracy"] == pytest.approx(means.max())
     assert quality["best_single"]["model"] == test.models[int(np.argmax(means))]
