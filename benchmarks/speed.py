@@ -222,8 +222,9 @@ def bench_walk(policy: CascadePolicy, art: PolicyArtifact, test: TraceSet, reps:
     print()
 
 
-def bench_difficulty(policy: CascadePolicy, test: TraceSet, reps: int) -> None:
-    prompts = [test.prompt(r) for r in range(len(test))]
+def time_root_states(policy: CascadePolicy, prompts: list[str], reps: int) -> np.ndarray:
+    """Nanoseconds of each `root_state(prompt)` call, one prompt at a time as the proxy
+    calls it, after a warm-up."""
     root_state = policy.root_state
     for p in prompts[:50]:
         root_state(p)
@@ -236,15 +237,22 @@ def bench_difficulty(policy: CascadePolicy, test: TraceSet, reps: int) -> None:
             root_state(p)
             each[i] = clock() - t0
             i += 1
+    return each
+
+
+def bench_difficulty(policy: CascadePolicy, test: TraceSet, reps: int) -> None:
+    prompts = [test.prompt(r) for r in range(len(test))]
+    each = time_root_states(policy, prompts, reps)
     mean, p50, p99 = percentiles(each / 1e6)
     chars = np.array([len(p) for p in prompts])
-    has_model = policy.difficulty is not None
-    print(
-        f"c. prompt difficulty, CascadePolicy.root_state(prompt) "
-        f"({'DifficultyModel' if has_model else 'NO difficulty model: constant 0'}"
-        + (f", {len(policy.difficulty.indices)} weights" if has_model else "")
-        + ")"
-    )
+    if policy.difficulty is not None:
+        model = f"DifficultyModel, {len(policy.difficulty.indices)} weights"
+    elif policy.router is not None:  # the fit chose the prompt-router root (see c2)
+        weights = sum(len(m.indices) for m in policy.router.models)
+        model = f"the fit chose a RouterModel, {weights} weights"
+    else:
+        model = "no prompt model: constant 0"
+    print(f"c. prompt root, CascadePolicy.root_state(prompt) ({model})")
     print(
         f"   {len(prompts)} mmlu-llama-test prompts (mean {chars.mean():.0f} chars, max "
         f"{chars.max()}) x {reps} repetitions = {len(each)} calls"
@@ -268,18 +276,7 @@ def bench_router_root(traces: Path, reps: int) -> None:
     policy = art.policy()
     assert policy.router is not None
     prompts = [test.prompt(r) for r in range(len(test))]
-    root_state = policy.root_state
-    for p in prompts[:50]:
-        root_state(p)
-    clock = time.perf_counter_ns
-    each = np.empty(reps * len(prompts))
-    i = 0
-    for _ in range(reps):
-        for p in prompts:
-            t0 = clock()
-            root_state(p)
-            each[i] = clock() - t0
-            i += 1
+    each = time_root_states(policy, prompts, reps)
     mean, p50, p99 = percentiles(each / 1e3)
     chars = np.array([len(p) for p in prompts])
     weights = sum(len(m.indices) for m in policy.router.models)
