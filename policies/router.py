@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from policies.difficulty import DIM, hashed_features
+from policies.errors import InvalidInput
 
 
-class RouterError(ValueError):
+class RouterError(InvalidInput):
     """A router entry is malformed; the message names the field."""
 
 
