@@ -18,6 +18,7 @@ from calibration.fit import DEFAULT_MUS
 from calibration.logistic import fit_logistic, varies
 from calibration.metrics import CurvePoint, area_under, pareto_envelope
 from calibration.replay import Outcome, outcome_from_choices
+from calibration.router import route  # one routing rule: the bench's and the root's
 from calibration.traces import TraceSet
 
 ENCODINGS = ("tfidf", "hashed")
@@ -68,11 +69,6 @@ class PromptRouter:
             for m in self.models
         ]
         return np.stack(cols, axis=1)
-
-
-def route(p: np.ndarray, cost_fraction: np.ndarray, mu: float) -> np.ndarray:
-    """Per row the model minimising (1 - p) + mu * cost fraction."""
-    return np.argmin((1.0 - p) + mu * cost_fraction[None, :], axis=1)
 
 
 def routed_outcome(traces: TraceSet, pick: np.ndarray) -> Outcome:

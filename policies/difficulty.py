@@ -35,6 +35,18 @@ def hashed_features(text: str, dim: int = DIM) -> tuple[np.ndarray, np.ndarray]:
     return idx, val / np.linalg.norm(val)
 
 
+def sparse_score(
+    indices: np.ndarray, weights: np.ndarray, bias: float, idx: np.ndarray, val: np.ndarray
+) -> float:
+    """bias + weights . features: a model's weights on its sorted hashed columns `indices`,
+    read at one prompt's sparse features (idx, val) (the difficulty model, the router)."""
+    if not len(idx) or not len(indices):
+        return bias
+    pos = np.minimum(np.searchsorted(indices, idx), len(indices) - 1)
+    hit = indices[pos] == idx
+    return float(bias + weights[pos[hit]] @ val[hit])
+
+
 @dataclass(frozen=True)
 class DifficultyModel:
     """Sparse ridge weights over hashed features, and the inner edges of the root bins."""
@@ -50,11 +62,7 @@ class DifficultyModel:
 
     def predict(self, text: str) -> float:
         idx, val = hashed_features(text)
-        if not len(idx) or not len(self.indices):
-            return self.bias
-        pos = np.minimum(np.searchsorted(self.indices, idx), len(self.indices) - 1)
-        hit = self.indices[pos] == idx
-        return float(self.bias + self.weights[pos[hit]] @ val[hit])
+        return sparse_score(self.indices, self.weights, self.bias, idx, val)
 
     def root_state(self, text: str) -> int:
         """Root bin: 0 = predicted hardest (lowest share of models right)."""

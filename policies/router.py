@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from policies.difficulty import DIM, hashed_features
+from policies.difficulty import DIM, hashed_features, sparse_score
 from policies.errors import InvalidInput
 
 
@@ -38,11 +38,7 @@ class SparseLogistic:
 
     def logit(self, idx: np.ndarray, val: np.ndarray) -> float:
         """The linear score of one prompt's sparse features (idx, val)."""
-        if not len(idx) or not len(self.indices):
-            return self.bias
-        pos = np.minimum(np.searchsorted(self.indices, idx), len(self.indices) - 1)
-        hit = self.indices[pos] == idx
-        return float(self.bias + self.weights[pos[hit]] @ val[hit])
+        return sparse_score(self.indices, self.weights, self.bias, idx, val)
 
     def to_dict(self) -> dict:
         return {
