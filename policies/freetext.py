@@ -6,8 +6,10 @@ for free text the policy reads:
   sets (or of their word-bigram sets); no model download, about a millisecond for two
   1,000-token answers;
 - features of one answer: its length in tokens and relative to the prompt, truncation
-  (`finish_reason == "length"`), refusal, hedging, and list or heading structure (the
-  judges of open-ended answers reward long, structured answers);
+  (`finish_reason == "length"`), refusal, hedging, list or heading structure, its mean
+  word length and its bold emphasis (the judges of open-ended answers reward long,
+  structured answers; on alpaca-fusechat train the mean word length separates a model's
+  good answers from the others best of all, AUROC 0.60-0.68);
 - summaries of token logprobs beyond the mean: the minimum and low quantiles (on long
   outputs the mean is dominated by easy tokens; Gupta et al. 2024).
 
@@ -42,6 +44,7 @@ _HEDGE = re.compile(
     re.IGNORECASE,
 )
 _STRUCTURE = re.compile(r"^\s*(?:[-*+]\s|\d+[.)]\s|#{1,6}\s)", re.MULTILINE)
+_EMPHASIS = "**"  # markdown bold, as chat models mark key terms
 REFUSAL_WINDOW = 300  # a refusal says so at the start
 
 
@@ -149,6 +152,8 @@ FEATURES = (
     "refusal",
     "hedging",
     "structure",
+    "word_length",
+    "emphasis",
 )
 N_TEXT_FEATURES = len(FEATURES)
 CHARS_PER_TOKEN = 4.0  # a token count estimated from characters where none was returned
@@ -193,13 +198,16 @@ def answer_features(
     if tokens_out is None or tokens_out != tokens_out:
         tokens_out = len(text) / CHARS_PER_TOKEN
     lt = math.log1p(float(tokens_out))
-    words = word_count(text)
+    found = _WORD.findall(text)
+    words = len(found)
+    word_length = sum(map(len, found)) / words if words else 0.0
+    emphasis = math.log1p(text.count(_EMPHASIS) / 2)
     rel = math.log1p(words) - math.log1p(prompt_words) if prompt_words is not None else 0.0
     refusal = 1.0 if _REFUSAL.search(text[:REFUSAL_WINDOW]) else 0.0
     hedging = 100.0 * len(_HEDGE.findall(text)) / max(words, 1)
     structure = math.log1p(len(_STRUCTURE.findall(text)))
     cut = 1.0 if truncated(finish_reason) else 0.0
-    return (lt, lt * lt, rel, cut, refusal, hedging, structure)
+    return (lt, lt * lt, rel, cut, refusal, hedging, structure, word_length, emphasis)
 
 
 def truncated(finish_reason: str | None) -> bool:

@@ -33,6 +33,7 @@ CALIBRATOR_FEATURES = FEATURES + LOGPROB_FEATURES
 GROUPS: dict[str, tuple[str, ...]] = {
     "length": ("log_tokens", "log_tokens_sq"),
     "length+prompt": ("log_tokens", "log_tokens_sq", "log_rel_length"),
+    "length+style": ("log_tokens", "log_tokens_sq", "log_rel_length", "word_length", "emphasis"),
     "answer": FEATURES,
     "logprobs": LOGPROB_FEATURES,
     "answer+logprobs": CALIBRATOR_FEATURES,

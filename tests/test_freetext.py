@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -77,6 +78,12 @@ def test_answer_features_read_length_truncation_refusal_hedging_and_structure(al
     assert f["log_rel_length"] == pytest.approx(math.log1p(word_count(text)) - math.log1p(15))
     assert f["truncated"] == 0.0 and f["refusal"] == 0.0
     assert f["structure"] > 0  # a numbered list
+    words = re.findall(r"\w+", text)
+    assert f["word_length"] == pytest.approx(sum(map(len, words)) / len(words))
+    assert f["emphasis"] == pytest.approx(math.log1p(text.count("**") / 2))
+    plain = answer_features("It is a big cat.", None, 5)
+    assert plain is not None and plain[FEATURES.index("emphasis")] == 0.0
+    assert plain[FEATURES.index("word_length")] == pytest.approx(11 / 5)
     cut = answer_features(text, 629.0, 15, finish_reason="length")
     assert cut is not None and cut[FEATURES.index("truncated")] == 1.0
     refusal = answer_features("I'm sorry, but I can't help with that request.", None, 10)
@@ -108,17 +115,22 @@ def test_open_ended_traces_get_text_calibrators_short_answers_do_not(alpaca) -> 
             assert np.isnan(conf[:, k]).all()  # no confidence recorded, none made up
         else:
             assert (conf[:, k] < 0).all()  # out-of-fold log P(correct)
-            assert chosen[alpaca.models[k]].split(" ")[0] in ("length", "length+prompt", "answer")
+            assert chosen[alpaca.models[k]].split(" ")[0] in (
+                "length",
+                "length+prompt",
+                "length+style",
+                "answer",
+            )
 
 
 def test_a_column_and_one_live_call_give_the_same_calibrated_confidence() -> None:
     test = fill_costs(load_traces(ALPACA_TEST))
     cal = TextCalibrator(
         FEATURES,
-        (0.3, -0.2, 0.5, -1.0, -0.7, -0.1, 0.4),
+        (0.3, -0.2, 0.5, -1.0, -0.7, -0.1, 0.4, 0.6, 0.2),
         0.2,
-        (6.0, 36, 3.0, 0, 0, 0.5, 1.0),
-        (1.0, 9.0, 1.2, 1.0, 1.0, 0.5, 1.0),
+        (6.0, 36, 3.0, 0, 0, 0.5, 1.0, 4.5, 1.0),
+        (1.0, 9.0, 1.2, 1.0, 1.0, 0.5, 1.0, 0.5, 1.0),
     )
     prompts = [test.prompt(i) for i in range(len(test))]
     column = calibrated_columns(
