@@ -252,6 +252,18 @@ def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text().split("\n") if line.strip()]
 
 
+def curve_area(test: Any, outcomes: list[tuple[float, Any]]) -> float:
+    """The bench's AUC of (knob, Outcome) test points: the area under their Pareto
+    envelope, costs relative to the reference model's mean cost on `test` (a TraceSet)."""
+    import numpy as np
+
+    from calibration.metrics import CurvePoint, area_under, pareto_envelope
+
+    ref = float(np.nanmean(test.cost_usd, axis=0)[test.reference])
+    points = [CurvePoint(knob, o.accuracy, o.mean_cost / ref) for knob, o in outcomes]
+    return area_under(pareto_envelope(points))
+
+
 def write_resplits(
     traces: Path, out: Path, splits: int, only: list[str] | None = None
 ) -> list[str]:

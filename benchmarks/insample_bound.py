@@ -14,7 +14,12 @@ figures; asserts nothing. About two minutes here.
 Open-ended pairs (alpaca-fusechat; issue 14's target: index AUC at least the singles hull
 + 0.02) get a second table: the index policy, its length-only ablation and the prompt router
 (prerouter), each on test and fitted in-sample, against the singles hull and the routing
-oracle. With `--only NAME` just those pairs run.
+oracle. A prompt router fitted on the 407 test prompts it is scored on learns those
+prompts' best model (in-sample it nears the routing oracle), so that table bounds nothing
+about the answers; a third table fits the index policy with a fixed root that does not
+memorise prompts (none: the answers' signals alone; difficulty: with the three difficulty
+bins) on train and on test, per curve: what the answers' signals allow. With `--only NAME`
+just those pairs run.
 
 Run from the repository root:
   .venv/bin/python benchmarks/insample_bound.py [--traces DIR] [--only alpaca-fusechat]
@@ -30,13 +35,15 @@ from pathlib import Path
 
 import common
 
-from calibration.bench import find_pairs, run_bench
+from calibration.bench import Pair, find_pairs, load_pair, run_bench
+from calibration.fit import DEFAULT_MUS, FittedIndex
 
 BASELINES = ("threshold", "agreement", "singles")  # the issue's "other" policies (not the ablation)
 GOAL_AUC_MARGIN = 0.015
 GOAL_COST_1PP = 0.5
 OPEN_GOAL_MARGIN = 0.02  # issue 14: index AUC >= singles hull + 0.02 on open-ended pairs
 OPEN_POLICIES = ("index", "index-length", "prerouter")
+FIXED_ROOTS = ("none", "difficulty")  # roots that cannot memorise the prompts they score
 
 
 def _c1pp(stats: dict) -> float:
@@ -64,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         names = [p.name for p in pairs]
         real, _ = run_bench(args.traces, work / "real", only=names)
         bound, _ = run_bench(same, work / "bound", only=names)
+        fixed = {p.name: fixed_root_areas(p) for p in pairs if p.name in open_names(real)}
     print()
     head = ("index", "index in", "thresh in", "best in", "best base")
     print(f"{'AUC':28s} " + " ".join(f"{h:>10s}" for h in head))
@@ -97,13 +105,39 @@ def run(args: argparse.Namespace) -> int:
         f"mean cost to come within 1 point (goal <= {GOAL_COST_1PP}): "
         + ", ".join(f"{k} {v / n:.3f}" for k, v in c1.items())
     )
-    open_ended(real, bound)
+    open_ended(real, bound, fixed)
     return 0
 
 
-def open_ended(real: dict, bound: dict) -> None:
-    """The open-ended pairs' table (those whose bench ran the index-length ablation)."""
-    names = [n for n, r in real["pairs"].items() if "index-length" in r["policies"]]
+def open_names(real: dict) -> list[str]:
+    """The open-ended pairs: those whose bench ran the index-length ablation."""
+    return [n for n, r in real["pairs"].items() if "index-length" in r["policies"]]
+
+
+def fixed_root_areas(pair: Pair) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per curve and fixed root: the index policy's test AUC (fitted on train, fitted on
+    test)."""
+    train, test = load_pair(pair)
+    curves = ["correct", *(["quality"] if train.has_quality and test.has_quality else [])]
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for curve in curves:
+        tr, te = (train, test) if curve == "correct" else (
+            train.with_label("quality"), test.with_label("quality"),
+        )  # fmt: skip
+        out[curve] = {root: (_area(tr, te, root), _area(te, te, root)) for root in FIXED_ROOTS}
+    return out
+
+
+def _area(fit_on, score_on, root: str) -> float:
+    fitted = FittedIndex(fit_on, True, root=root)
+    return common.curve_area(
+        score_on, [(mu, fitted.replay(fitted.tables(mu), score_on)) for mu in DEFAULT_MUS]
+    )
+
+
+def open_ended(real: dict, bound: dict, fixed: dict) -> None:
+    """The open-ended pairs' tables."""
+    names = open_names(real)
     if not names:
         return
     print()
@@ -125,6 +159,16 @@ def open_ended(real: dict, bound: dict) -> None:
             f"the best fitted in-sample reaches {best_in:.4f} "
             f"({best_in - hull:+.4f} over the hull)"
         )
+        for curve, roots in fixed[name].items():
+            hull_c = (test if curve == "correct" else real["pairs"][name]["quality"]["policies"])[
+                "singles"
+            ]["auc"]
+            print(f"    index with a fixed root, {curve} curve (singles hull {hull_c:.4f}):")
+            for root, (on_train, on_test) in roots.items():
+                print(
+                    f"      root {root:10s} fitted on train {on_train:.4f}  fitted on test "
+                    f"(in-sample) {on_test:.4f} ({on_test - hull_c:+.4f} over the hull)"
+                )
 
 
 def main() -> None:

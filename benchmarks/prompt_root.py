@@ -40,7 +40,6 @@ import math
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import common
@@ -56,7 +55,6 @@ from calibration.fit import (
     replay_tables,
     solve_tables,
 )
-from calibration.metrics import CurvePoint, area_under, pareto_envelope
 from calibration.prerouter import (
     ENCODINGS,
     PrerouterFamily,
@@ -65,7 +63,6 @@ from calibration.prerouter import (
     held_out_area,
     route,
 )
-from calibration.replay import Outcome
 from calibration.traces import TraceSet
 
 VARIANTS = (
@@ -80,15 +77,8 @@ VARIANTS = (
 FOLDS = 5
 
 
-def curve_area(test: TraceSet, outcomes: Sequence[tuple[float, Outcome]]) -> float:
-    """The bench's AUC: the Pareto envelope of the (knob, outcome) test points."""
-    ref = float(np.nanmean(test.cost_usd, axis=0)[test.reference])
-    points = [CurvePoint(knob, o.accuracy, o.mean_cost / ref) for knob, o in outcomes]
-    return area_under(pareto_envelope(points))
-
-
 def family_area(family, train: TraceSet, test: TraceSet) -> float:
-    return curve_area(test, [(s.knob, s.replay(test)) for s in family.fit_sweep(train)])
+    return common.curve_area(test, [(s.knob, s.replay(test)) for s in family.fit_sweep(train)])
 
 
 def router_encoding(train: TraceSet) -> str:
@@ -110,7 +100,9 @@ def router_p(train: TraceSet, test: TraceSet, kind: str) -> tuple[np.ndarray, np
 
 def noroot_area(train: TraceSet, test: TraceSet) -> float:
     fitted = FittedIndex(train, True, use_difficulty=False)
-    return curve_area(test, [(mu, fitted.replay(fitted.tables(mu), test)) for mu in DEFAULT_MUS])
+    return common.curve_area(
+        test, [(mu, fitted.replay(fitted.tables(mu), test)) for mu in DEFAULT_MUS]
+    )
 
 
 def routeroot_area(train: TraceSet, test: TraceSet, p_train: np.ndarray, p_test: np.ndarray):
@@ -140,7 +132,7 @@ def routeroot_area(train: TraceSet, test: TraceSet, p_train: np.ndarray, p_test:
             tables, scores, True, fitted.nodes, test, root_state=np.array(nearest)
         )
         outcomes.append((mu, outcome))
-    return curve_area(test, outcomes)
+    return common.curve_area(test, outcomes)
 
 
 def routerfirst_area(train: TraceSet, test: TraceSet, p_train: np.ndarray, p_test: np.ndarray):
@@ -157,7 +149,7 @@ def routerfirst_area(train: TraceSet, test: TraceSet, p_train: np.ndarray, p_tes
         first = dataclasses.replace(tables, decision=[np.arange(n), *tables.decision[1:]])
         pick = route(p_test[:, fitted.nodes], cost[fitted.nodes], mu)  # a node per row
         outcomes.append((mu, replay_tables(first, scores, True, fitted.nodes, test, pick)))
-    return curve_area(test, outcomes)
+    return common.curve_area(test, outcomes)
 
 
 def with_prior(rows: list[str], p: np.ndarray, path: Path) -> None:
