@@ -8,8 +8,10 @@ the bench protocol on every re-split pair (each still fitted on its own train ha
 scored on its own test half). A file without its test half (gsm8k-llama) is re-split from
 its train file alone, two thirds for training. It prints per pair the means over its
 re-splits, then the means over every re-split pair beside the decision-core goals, and the
-re-split pairs where the index policy is more than 0.005 below the best other policy; for
-pairs with graded labels (`quality`), the same again for the mean-quality curve. `--only NAME`
+re-split pairs where the index policy is more than 0.005 below the best other policy, and
+the root kind each index policy's fit chose by cross-validation on its train half (how many
+re-splits chose each kind, and which re-split chose which); for pairs with graded labels
+(`quality`), the same again for the mean-quality curve. `--only NAME`
 re-splits only the pairs named (e.g. `--only alpaca-fusechat`; its index-length ablation is
 shown where the pairs have it).
 
@@ -26,7 +28,7 @@ import argparse
 import statistics
 import sys
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import common
@@ -63,13 +65,14 @@ def run(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"  {line}")
     for curve in ("correct", "quality"):
-        entries = {
-            name: entry["policies"] if curve == "correct" else entry["quality"]["policies"]
+        curves = {
+            name: entry if curve == "correct" else entry["quality"]
             for name, entry in sorted(bench["pairs"].items())
             if curve == "correct" or "quality" in entry
         }
-        if entries:
-            report(entries, curve)
+        if curves:
+            report({name: c["policies"] for name, c in curves.items()}, curve)
+            report_roots({name: c.get("root_choice") or {} for name, c in curves.items()})
     return 0
 
 
@@ -114,6 +117,41 @@ def report(pairs: dict[str, dict], curve: str) -> None:
         f"re-split pairs where index is more than {-WORST_GAP} below the best other policy: "
         f"{len(worst)} of {len(every)}" + ("".join(f"\n  {w}" for w in worst))
     )
+
+
+def _seed(name: str) -> int:
+    """The seed of a re-split pair NAME_sSEED, to list re-splits in seed order (s2 < s10)."""
+    tail = name.rsplit("_s", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def report_roots(roots: dict[str, dict[str, dict | None]]) -> None:
+    """Per source pair and index policy, how many of its re-splits' fits chose each root
+    kind (the fit's cross-validated choice on its own train half, bench.json `root_choice`),
+    then the kind each re-split chose: whether a root's gain is the split's luck shows here."""
+    by_source: dict[str, list[str]] = defaultdict(list)
+    for name in roots:
+        by_source[name.rsplit("_s", 1)[0]].append(name)
+    policies = [h for h in SHOWN if any(h in r for r in roots.values())]
+    policies += sorted({h for r in roots.values() for h in r} - set(policies))
+    if not policies:
+        return
+    print("root choice of the index fits (cross-validated on each re-split's train half):")
+    for source, names in by_source.items():
+        names.sort(key=_seed)
+        for h in policies:
+            kinds = {
+                n: (roots[n].get(h) or {}).get("kind") or "n/a" for n in names if h in roots[n]
+            }
+            if not kinds:
+                continue
+            counts = sorted(Counter(kinds.values()).items(), key=lambda kc: (-kc[1], kc[0]))
+            per_split = ", ".join(f"{n[len(source) + 1 :]} {k}" for n, k in kinds.items())
+            print(
+                f"  {source} root choice ({h}): "
+                + ", ".join(f"{k} {c}" for k, c in counts)
+                + f" ({per_split})"
+            )
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The dashboard at /ui in a real browser: a proxy on PostgreSQL answers requests, then
 headless Chromium (Debian's `chromium`, driven over the DevTools protocol) signs in with the
-admin key and reads the page: no console errors, the spend shown equals the ledger's, and a
-known request's trace is there. A screenshot goes to docs/dashboard.png.
+admin key and reads the page: no console errors, the spend shown equals the ledger's, a
+known request's trace is there, and each call shows the token-logprob summary the ledger holds
+for it (none for an upstream without logprobs). A screenshot goes to docs/dashboard.png.
 
 In CI (CASCADE_CI=1) a missing Chromium fails the test; elsewhere it skips saying so."""
 
@@ -28,6 +29,18 @@ REPO = Path(__file__).resolve().parents[1]
 ADMIN = "sk-admin-ui-test"
 # the README's screenshot is written with CASCADE_UI_SCREENSHOT=1; else to a temporary folder
 SCREENSHOT = REPO / "docs" / "dashboard.png"
+
+
+SKY = "describe the sky"
+SKY_LOGPROBS = [-0.02, -0.4, -7.25, -0.125, -1.5, -0.05]
+# mean, minimum, 5% and 25% nearest-rank quantiles (of 6: the 1st and 2nd lowest)
+SKY_SUMMARY = (sum(SKY_LOGPROBS) / 6, -7.25, -7.25, -1.5)
+
+
+def _logprob_line(summary: list[float]) -> str:
+    """The dashboard's line for a call's (mean, min, q05, q25): three significant digits."""
+    parts = zip(("mean", "min", "q05", "q25"), summary, strict=True)
+    return "logprobs: " + " · ".join(f"{k} {v:.3g}" for k, v in parts)
 
 
 def _chromium() -> str:
@@ -98,7 +111,7 @@ def _shrink(png: Path) -> None:
     small.save(png, optimize=True)
 
 
-async def _drive(chromium: str, url: str, request_id: str, shot: Path) -> dict:
+async def _drive(chromium: str, url: str, request_ids: list[str], shot: Path) -> dict:
     import websockets
 
     profile = tempfile.mkdtemp(prefix="cascade-chromium-")
@@ -135,9 +148,10 @@ async def _drive(chromium: str, url: str, request_id: str, shot: Path) -> dict:
             )
             out = {
                 "spend": await b.eval("document.getElementById('total-spend')?.textContent"),
-                "trace": await b.eval(
-                    f"document.getElementById('req-{request_id}')?.textContent || null"
-                ),
+                "traces": {
+                    rid: await b.eval(f"document.getElementById('req-{rid}')?.textContent || null")
+                    for rid in request_ids
+                },
                 "charts": await b.eval("document.querySelectorAll('svg.chart').length"),
                 "budget": await b.eval("document.getElementById('budgets').textContent"),
             }
@@ -169,7 +183,7 @@ def test_dashboard_in_headless_chromium(pg_db, policy, tmp_path):  # noqa: F811
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
         secrets[name] = made.stdout.strip().splitlines()[-1]
-    with fake_upstream("small,large") as up:
+    with fake_upstream("small,large,plain") as up:
         price = {"price_in_per_mtok": 30.0, "price_out_per_mtok": 60.0}
         config = write_config(
             tmp_path,
@@ -178,6 +192,9 @@ def test_dashboard_in_headless_chromium(pg_db, policy, tmp_path):  # noqa: F811
                     "small": {"backend": "openai", "base_url": f"{up.url}/v1", **price},
                     "large": {"backend": "openai", "base_url": f"{up.url}/v1",
                               "price_in_per_mtok": 600.0, "price_out_per_mtok": 1200.0},
+                    # an upstream that sends no logprobs: its calls have no summary
+                    "plain": {"backend": "openai", "base_url": f"{up.url}/v1", **price,
+                              "logprobs": False},
                 },
                 "cascades": {
                     "qa": {"nodes": ["small", "large"], "reference": "large",
@@ -204,6 +221,22 @@ def test_dashboard_in_headless_chromium(pg_db, policy, tmp_path):  # noqa: F811
                 )
                 assert reply.status_code == 200, reply.text
                 ids.append(reply.headers["x-request-id"])
+            # straight to one model: an answer of six tokens with known logprobs, then the
+            # upstream without logprobs
+            httpx.post(
+                f"{up.url}/admin/answers",
+                json={"model": "small", "prompt": SKY, "answer": "clear blue sky with few clouds",
+                      "token_logprobs": SKY_LOGPROBS},
+            ).raise_for_status()  # fmt: skip
+            for model, prompt in (("small", SKY), ("plain", "q plain")):
+                reply = httpx.post(
+                    f"{proxy.url}/v1/chat/completions",
+                    json={"model": model, "messages": [{"role": "user", "content": prompt}]},
+                    headers={"Authorization": f"Bearer {secrets['team-b']}"},
+                    timeout=30,
+                )
+                assert reply.status_code == 200, reply.text
+                ids.append(reply.headers["x-request-id"])
             deadline = time.monotonic() + 20  # the writer flushes every 0.25 s
             with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={dbname}") as conn:
                 while True:
@@ -213,18 +246,31 @@ def test_dashboard_in_headless_chromium(pg_db, policy, tmp_path):  # noqa: F811
                     if n == len(ids) or time.monotonic() > deadline:
                         break
                     time.sleep(0.2)
-                calls = conn.execute(
-                    "SELECT model FROM ledger_calls WHERE request_id = %s ORDER BY call_order",
-                    (ids[1],),
-                ).fetchall()
+                shown = (ids[1], ids[-2], ids[-1])  # escalated; known logprobs; none
+                lp = {
+                    rid: conn.execute(
+                        "SELECT model, lp_mean, lp_min, lp_q05, lp_q25 FROM ledger_calls "
+                        "WHERE request_id = %s ORDER BY call_order",
+                        (rid,),
+                    ).fetchall()
+                    for rid in shown
+                }
             assert n == len(ids)
-            assert [m for (m,) in calls] == ["small", "large"]  # the known request escalated
+            assert [c[0] for c in lp[ids[1]]] == ["small", "large"]  # the known one escalated
+            assert len(lp[ids[-2]]) == 1 and lp[ids[-2]][0][0] == "small", lp[ids[-2]]
+            assert lp[ids[-2]][0][1:] == pytest.approx(SKY_SUMMARY), lp[ids[-2]]
+            assert lp[ids[-1]] == [("plain", None, None, None, None)]
             shot = SCREENSHOT if os.environ.get("CASCADE_UI_SCREENSHOT") else tmp_path / "ui.png"
-            page = asyncio.run(_drive(chromium, proxy.url, ids[1], shot))
+            page = asyncio.run(_drive(chromium, proxy.url, list(shown), shot))
     assert page["errors"] == [], page["errors"]
     assert page["spend"] == f"${spend:,.6f}", (page["spend"], spend)
-    trace = page["trace"]
+    trace = page["traces"][ids[1]]
     assert trace and "team-a" in trace and "small" in trace and "large" in trace, trace
+    for rid in shown[:2]:  # every call's summary, as the ledger holds it
+        for _, *summary in lp[rid]:
+            assert _logprob_line(summary) in page["traces"][rid], (summary, page["traces"][rid])
+    assert "logprobs: mean -1.56 · min -7.25 · q05 -7.25 · q25 -1.5" in page["traces"][ids[-2]]
+    assert "plain" in page["traces"][ids[-1]] and "logprobs" not in page["traces"][ids[-1]]
     assert page["charts"] == 3
     assert "team-a" in page["budget"] and "$50" in page["budget"] and "team-b" in page["budget"]
     assert 10_000 < shot.stat().st_size < 150_000
@@ -264,3 +310,18 @@ def test_ui_needs_the_admin_key_or_its_session_cookie(tmp_path):
         assert client_key.status_code == 401
         forged = httpx.get(f"{proxy.url}/ui", cookies={"cascade_ui": "0" * 64})
         assert forged.status_code == 401
+
+
+def test_signals_cell_of_a_sampled_call_and_of_none():
+    """A sampled node's votes get their own line beside the logprobs; a call with no signal
+    shows n/a; a -9999 floor logprob and -0.0 read plainly."""
+    from proxy.http.ui import _signals
+
+    call = {"samples": 3, "vote_share": 2 / 3, "agreement": True, "lp_mean": -0.0,
+            "lp_min": -9999.0, "lp_q05": -12.345, "lp_q25": -0.00123}  # fmt: skip
+    cell = _signals(call)
+    assert "<div>logprobs: mean 0 · min -9999 · q05 -12.3 · q25 -0.00123</div>" in cell, cell
+    assert "<div>votes: 3 samples · share 0.667 · agrees with its tier</div>" in cell, cell
+    bare = dict.fromkeys(call)
+    assert _signals(bare) == '<td class="na">n/a</td>'
+    assert "differs from its tier" in _signals({**bare, "agreement": False})

@@ -29,6 +29,7 @@ from proxy.http.state import ProxyState
 router = APIRouter(include_in_schema=False)
 COOKIE = "cascade_ui"
 STYLE = (Path(__file__).parent / "static" / "ui.css").read_text()
+LOGPROB_PARTS = ("mean", "min", "q05", "q25")  # ledger_calls.lp_* (migration 0004)
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563")
 MAX_DAYS = 90
 QUERY_THREADS = 4  # within the engine's pool of 5 connections
@@ -245,6 +246,38 @@ def line_chart(title: str, days: list[dt.date], series: dict[str, list[float]]) 
     return "".join(parts)
 
 
+def _signal(x: float) -> str:
+    """A logprob or share in three significant digits: -0.41, -7.25, -0.00123 (a floor value
+    such as -9999 in full, not as 1e+04); -0.0 shows as 0."""
+    return f"{x + 0.0:.0f}" if abs(x) >= 1000 else f"{x + 0.0:.3g}"
+
+
+def _signals(c: dict[str, Any]) -> str:
+    """A call's confidence signals beyond its confidence: the answer's token-logprob summary
+    (the text calibrator's features; none when the upstream sent no logprobs) and a sampled
+    node's votes, one short line each, so a trace shows what the policy read."""
+    lines: list[str] = []
+    if c["lp_mean"] is not None:
+        lines.append(
+            "logprobs: "
+            + " · ".join(
+                f"{k} {_signal(c[f'lp_{k}'])}" for k in LOGPROB_PARTS if c[f"lp_{k}"] is not None
+            )
+        )
+    votes: list[str] = []
+    if c["samples"] is not None:
+        votes.append(f"{c['samples']} samples")
+    if c["vote_share"] is not None:
+        votes.append(f"share {_signal(c['vote_share'])}")
+    if c["agreement"] is not None:
+        votes.append("agrees with its tier" if c["agreement"] else "differs from its tier")
+    if votes:
+        lines.append("votes: " + " · ".join(votes))
+    if not lines:
+        return '<td class="na">n/a</td>'
+    return '<td class="signals">' + "".join(f"<div>{html.escape(x)}</div>" for x in lines) + "</td>"
+
+
 def _trace(r: dict[str, Any]) -> str:
     rows = "".join(
         "<tr>"
@@ -256,6 +289,7 @@ def _trace(r: dict[str, Any]) -> str:
         + _cell(c["decision"])
         + f'<td class="num">{html.escape(_usd(c["cost_usd"]))}</td>'
         + _cell(None if c["latency_ms"] is None else round(c["latency_ms"], 1))
+        + _signals(c)
         + "</tr>"
         for c in r["calls"]
     )
@@ -268,7 +302,8 @@ def _trace(r: dict[str, Any]) -> str:
         f" (reference {html.escape(_usd(r['reference_cost_usd']))}) · "
         f"{r['latency_ms']:.0f} ms</summary>"
         "<table><thead><tr><th>#</th><th>model</th><th>status</th><th>confidence</th>"
-        "<th>p_correct</th><th>decision</th><th>cost</th><th>latency_ms</th></tr></thead>"
+        "<th>p_correct</th><th>decision</th><th>cost</th><th>latency_ms</th><th>signals</th>"
+        "</tr></thead>"
         f"<tbody>{rows}</tbody></table></details>"
     )
 

@@ -48,7 +48,8 @@ def daily_series(engine: Engine, first_day: dt.date, last_day: dt.date, by: str)
 
 
 def recent_requests(engine: Engine, limit: int = 20) -> list[dict[str, Any]]:
-    """The last `limit` requests, newest first, each with its calls in order."""
+    """The last `limit` requests, newest first, each with its calls in order and the
+    confidence signals each call recorded (votes of a sampled node, token-logprob summary)."""
     cols = [
         _REQ.request_id, _REQ.ts, _REQ.api_key, _REQ.cascade, _REQ.model_requested,
         _REQ.status, _REQ.chosen_model, _REQ.cost_usd, _REQ.reference_cost_usd,
@@ -72,6 +73,13 @@ def recent_requests(engine: Engine, limit: int = 20) -> list[dict[str, Any]]:
                     _CALL.decision,
                     _CALL.cost_usd,
                     _CALL.latency_ms,
+                    _CALL.samples,
+                    _CALL.vote_share,
+                    _CALL.agreement,
+                    _CALL.lp_mean,
+                    _CALL.lp_min,
+                    _CALL.lp_q05,
+                    _CALL.lp_q25,
                 )
                 .where(_CALL.request_id.in_(ids))
                 .order_by(_CALL.request_id, _CALL.call_order)
