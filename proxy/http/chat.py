@@ -92,7 +92,11 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _cascade(
-    request: Request, state: ProxyState, asked: Asked, entry: LedgerEntry, loaded: LoadedPolicy
+    request: Request,
+    state: ProxyState,
+    asked: Asked,
+    entry: LedgerEntry,
+    loaded: LoadedPolicy | None,
 ) -> Response:
     """The engine decides (with the policy snapshot `loaded` admission priced), then
     answers. Every ending is counted once in the metrics under the status the client gets,
@@ -113,7 +117,7 @@ async def _decide(
     asked: Asked,
     entry: LedgerEntry,
     run: CascadeRun,
-    loaded: LoadedPolicy,
+    loaded: LoadedPolicy | None,
 ) -> Response:
     chat, messages, key = asked.chat, asked.messages, asked.key
     name, overrides = chat.model, chat.overrides

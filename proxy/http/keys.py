@@ -38,7 +38,7 @@ from proxy.ledger.keys import StoredKey, hash_secret, period_end, period_start
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from proxy.engine.cascade import CappedPlan
+    from proxy.engine.cascade import CappedPlan, LoadedPolicy
     from proxy.ledger.records import RequestRecord
 
 log = logging.getLogger("cascade.keys")
@@ -276,7 +276,7 @@ class WorstCase:
         return WorstCase(self.usd + other.usd, list(dict.fromkeys(self.unpriced + other.unpriced)))
 
 
-def worst_case(state, chat, messages: list[dict], loaded=None) -> WorstCase:
+def worst_case(state, chat, messages: list[dict], loaded: LoadedPolicy | None = None) -> WorstCase:
     """The most the request can cost, reserved against a key's budget before any call. A
     budget must hold whatever the policy decides, so this counts the longest walk, not the
     likely one; `loaded` is the policy snapshot the request will run with (chat.py passes
@@ -405,8 +405,8 @@ def admit(
     messages: list[dict],
     request_id: str,
     secret: str | None,
-    loaded=None,
-):
+    loaded: LoadedPolicy | None = None,
+) -> WorstCase | None:
     """A database key's limits, checked before anything is spent: the cascades it may call
     (403), its rate (429 rate_limited, Retry-After) and its budget (429 budget_exceeded),
     whose worst case prices the policy snapshot `loaded` the request will run with.
