@@ -128,6 +128,15 @@ class Plan:
     node_ids: list[int] | None = None  # the node numbers the ledger records (default: k)
 
 
+@dataclass(frozen=True)
+class CappedPlan:
+    """A plan as a capped request's worst case reads it (CascadeEngine.capped_plan)."""
+
+    calls: list[list[tuple[str, int]]]  # by node: its upstream calls, as (model, choices)
+    expected: list[float]  # by node: the expected cost the walk checks (unknown: 0)
+    steps: list[tuple[int, ...]]  # the node groups one step of the walk can call at once
+
+
 @dataclass
 class LoadedPolicy:
     """Everything one policy artifact decides, swapped as a whole on reload so that a
@@ -297,21 +306,25 @@ class CascadeEngine:
                 "--transitions ...` matching the config"
             )
 
-    def new_run(self) -> CascadeRun:
-        return CascadeRun(cascade=self.name, policy_hash=self.policy_hash)
+    def new_run(self, loaded: LoadedPolicy | None = None) -> CascadeRun:
+        cur = loaded if loaded is not None else self.current
+        return CascadeRun(cascade=self.name, policy_hash=cur.policy_hash)
 
-    def explore_models(self) -> list[str]:
-        """Every model an explored request calls: the policy's nodes, the configured nodes
-        and the reference model (the one unlabelled traffic is graded against)."""
-        names = [*self.current.nodes, *self.config_nodes, self.reference]
+    def explore_models(self, loaded: LoadedPolicy | None = None) -> list[str]:
+        """Every model an explored request calls: the policy's nodes (of `loaded`, default
+        the current policy), the configured nodes and the reference model (the one
+        unlabelled traffic is graded against)."""
+        cur = loaded if loaded is not None else self.current
+        names = [*cur.nodes, *self.config_nodes, self.reference]
         return list(dict.fromkeys(_models_of(names)))
 
-    def explore_samples(self) -> dict[str, int]:
+    def explore_samples(self, loaded: LoadedPolicy | None = None) -> dict[str, int]:
         """How many further answers an explored request samples from each sampled node's
         model (the largest k - 1 of its `MODEL@k` nodes), so that its trace row carries the
         `samples` that `fit --samples k` votes over with the recorded answer."""
+        cur = loaded if loaded is not None else self.current
         counts: dict[str, int] = {}
-        for name in [*self.current.nodes, *self.config_nodes]:
+        for name in [*cur.nodes, *self.config_nodes]:
             sampled = parse_sampled(name)
             if sampled is not None:
                 model, k = sampled
@@ -319,7 +332,11 @@ class CascadeEngine:
         return counts
 
     def most_calls(
-        self, policy: str = "index", lam: float | None = None, explore: bool = False
+        self,
+        policy: str = "index",
+        lam: float | None = None,
+        explore: bool = False,
+        loaded: LoadedPolicy | None = None,
     ) -> list[tuple[str, int]]:
         """Every upstream call one request can make, as (model, choices it asks with `n`):
         what a budget's worst case prices (proxy/http/keys.py), read off what `run` and
@@ -331,32 +348,63 @@ class CascadeEngine:
         policy, a loaded policy, no cost cap) first calls every model of `explore_models`
         once, and those results serve the walk's first call of each model (a second call of
         the same model, as a tier member and alone or as a parallel sample, is a new call),
-        then samples each sampled node's model `explore_samples` times more."""
-        cur = self.current
+        then samples each sampled node's model `explore_samples` times more.
+
+        `loaded` is the policy snapshot the request will run with (default: the current
+        one): admission prices it and passes the same snapshot to `run`, so that a reload
+        in between cannot make the request walk a plan that was not priced."""
+        cur = loaded if loaded is not None else self.current
         plan = cur.plan(policy, lam, self.reference)
         names = plan.names if plan is not None else []  # no such baseline: refused, no call
         explore = explore and cur.policy is not None and policy == "index"
-        prefetched = self.explore_models() if explore else []
+        prefetched = self.explore_models(cur) if explore else []
         calls = [(m, 1) for m in prefetched]
         unused = set(prefetched)
         for name in names:
-            sampled = parse_sampled(name)
-            if sampled is not None and _samples_by_n(self.backends[sampled[0]]):
-                calls.append(sampled)
-                continue
-            models = [sampled[0]] * sampled[1] if sampled else tier_members(name) or [name]
-            for model in models:
-                if model in unused:
+            for model, choices in self.node_calls(name):
+                if choices == 1 and model in unused:
                     unused.discard(model)  # its prefetched call serves it
                 else:
-                    calls.append((model, 1))
+                    calls.append((model, choices))
         if explore:
-            for model, count in self.explore_samples().items():
+            for model, count in self.explore_samples(cur).items():
                 if _samples_by_n(self.backends[model]) and count > 1:
                     calls.append((model, count))
                 else:
                     calls.extend([(model, 1)] * count)
         return calls
+
+    def node_calls(self, name: str) -> list[tuple[str, int]]:
+        """The upstream calls one node of a plan makes, as (model, choices): a tier's
+        members once each, a sampled node `model@k` once with `n: k` or k times (its
+        model's `sampling`), any other node once."""
+        sampled = parse_sampled(name)
+        if sampled is not None and _samples_by_n(self.backends[sampled[0]]):
+            return [sampled]
+        models = [sampled[0]] * sampled[1] if sampled else tier_members(name) or [name]
+        return [(model, 1) for model in models]
+
+    def capped_plan(
+        self, policy: str = "index", lam: float | None = None, loaded: LoadedPolicy | None = None
+    ) -> CappedPlan | None:
+        """What a request under `cascade.max_cost_usd` can call, for its worst case
+        (proxy/http/keys.py `capped_worst_case`): each node's calls and the expected cost the
+        walk checks against the cap, and the node groups the walk can call at once. None:
+        the policy holds no such baseline (refused before any call). A capped request is
+        never explored (`run`), so no explored call is listed."""
+        cur = loaded if loaded is not None else self.current
+        plan = cur.plan(policy, lam, self.reference)
+        if plan is None:
+            return None
+        n = len(plan.names)
+        steps: list[tuple[int, ...]] = [(k,) for k in range(n)]  # the fallback calls any alone
+        if isinstance(plan.rule, AgreementPolicy):
+            steps += [tier for tier in plan.rule.tiers if len(tier) > 1]
+        return CappedPlan(
+            calls=[self.node_calls(name) for name in plan.names],
+            expected=[c or 0.0 for c in plan.node_cost],  # as the walk counts an unknown one
+            steps=steps,
+        )
 
     async def run(
         self,
@@ -365,6 +413,7 @@ class CascadeEngine:
         overrides: Overrides,
         run: CascadeRun | None = None,
         explore: bool = False,
+        loaded: LoadedPolicy | None = None,
     ) -> CascadeRun:
         """Answer one request. Pass `run` (from new_run) to keep what was done so far even
         if this coroutine is cancelled (a client that hung up is still ledgered).
@@ -373,15 +422,19 @@ class CascadeEngine:
         over those results as if it had made only its own calls, its answer is returned,
         and the other calls are appended with decision "explore" (a full-information trace
         for refitting; never under a cost cap or a baseline override), then the further
-        samples of each sampled node's model ("explore:samples") the trace row records."""
-        cur = self.current  # a reload mid-request does not change this request's policy
-        run = run if run is not None else self.new_run()
+        samples of each sampled node's model ("explore:samples") the trace row records.
+
+        `loaded`: the policy snapshot admission priced the request's worst case with (see
+        `most_calls`); default, the current one. Either way a reload mid-request does not
+        change this request's policy."""
+        cur = loaded if loaded is not None else self.current
+        run = run if run is not None else self.new_run(cur)
         run.policy_hash = cur.policy_hash
         explore = explore and cur.policy is not None and overrides.policy == "index"
         caller = _Caller(self.backends, cur.kind, messages, params)
         if explore and overrides.max_cost_usd is None:
-            caller.prefetch(self.explore_models())
-            caller.prefetch_samples(self.explore_samples())
+            caller.prefetch(self.explore_models(cur))
+            caller.prefetch_samples(self.explore_samples(cur))
         try:
             await self._dispatch(cur, caller, run, messages, overrides)
             if caller.prefetched:

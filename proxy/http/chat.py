@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from policies.errors import CascadeError
-from proxy.engine.cascade import CascadeRun
+from proxy.engine.cascade import CascadeRun, LoadedPolicy
 from proxy.engine.recording import LedgerEntry
 from proxy.http import metrics
 from proxy.http.contract import ChatRequest, authenticate, check_chat_request, read_json
@@ -63,10 +63,14 @@ async def chat_completions(request: Request) -> Response:
     asked = Asked(chat, body["messages"], params, key)
     entry = LedgerEntry(state, request_id, key, chat.model, chat.stream)
     known = chat.model in state.engines or chat.model in state.backends
-    worst = admit(request, state, chat, asked.messages, request_id, key) if known else None
+    # a cascade's policy snapshot: the budget prices it and the engine runs it, so a reload
+    # between admission and the run cannot make the request walk a plan that was not priced
+    engine = state.engines.get(chat.model)
+    loaded = engine.current if engine is not None else None
+    worst = admit(request, state, chat, asked.messages, request_id, key, loaded) if known else None
     try:
-        if chat.model in state.engines:
-            response = await _cascade(request, state, asked, entry)
+        if engine is not None:
+            response = await _cascade(request, state, asked, entry, loaded)
         elif chat.model in state.backends:
             response = await _passthrough(request, state, asked, entry)
     except BaseException:
@@ -88,13 +92,18 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _cascade(
-    request: Request, state: ProxyState, asked: Asked, entry: LedgerEntry
+    request: Request,
+    state: ProxyState,
+    asked: Asked,
+    entry: LedgerEntry,
+    loaded: LoadedPolicy | None,
 ) -> Response:
-    """The engine decides, then answers. Every ending is counted once in the metrics under
-    the status the client gets, and every run that called a model is ledgered."""
-    run = state.engines[asked.chat.model].new_run()
+    """The engine decides (with the policy snapshot `loaded` admission priced), then
+    answers. Every ending is counted once in the metrics under the status the client gets,
+    and every run that called a model is ledgered."""
+    run = state.engines[asked.chat.model].new_run(loaded)
     try:
-        response = await _decide(request, state, asked, entry, run)
+        response = await _decide(request, state, asked, entry, run, loaded)
     except CascadeError as exc:
         metrics.record_run(run, as_api_error(exc).status)
         raise
@@ -103,7 +112,12 @@ async def _cascade(
 
 
 async def _decide(
-    request: Request, state: ProxyState, asked: Asked, entry: LedgerEntry, run: CascadeRun
+    request: Request,
+    state: ProxyState,
+    asked: Asked,
+    entry: LedgerEntry,
+    run: CascadeRun,
+    loaded: LoadedPolicy | None,
 ) -> Response:
     chat, messages, key = asked.chat, asked.messages, asked.key
     name, overrides = chat.model, chat.overrides
@@ -117,7 +131,8 @@ async def _decide(
         )
     rate = state.config.cascades[name].explore_rate
     explore = rate > 0 and random.random() < rate
-    work = state.engines[name].run(messages, asked.params, overrides, run, explore=explore)
+    engine = state.engines[name]
+    work = engine.run(messages, asked.params, overrides, run, explore=explore, loaded=loaded)
     try:
         await until_disconnect(request, work, state.config.server.request_timeout_s)
     except ApiError as exc:  # hung up or timed out: keep what was spent

@@ -38,6 +38,7 @@ from proxy.ledger.keys import StoredKey, hash_secret, period_end, period_start
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from proxy.engine.cascade import CappedPlan, LoadedPolicy
     from proxy.ledger.records import RequestRecord
 
 log = logging.getLogger("cascade.keys")
@@ -275,11 +276,11 @@ class WorstCase:
         return WorstCase(self.usd + other.usd, list(dict.fromkeys(self.unpriced + other.unpriced)))
 
 
-def worst_case(state, chat, messages: list[dict]) -> WorstCase:
-    """The most the request can cost, reserved against a key's budget before any call: its
-    `max_cost_usd` cap when it sets one; else every upstream call it can make priced at
-    once. A budget must hold whatever the policy decides, so this counts the longest walk,
-    not the likely one.
+def worst_case(state, chat, messages: list[dict], loaded: LoadedPolicy | None = None) -> WorstCase:
+    """The most the request can cost, reserved against a key's budget before any call. A
+    budget must hold whatever the policy decides, so this counts the longest walk, not the
+    likely one; `loaded` is the policy snapshot the request will run with (chat.py passes
+    the same one to the engine: a reload in between cannot change the plan that runs).
 
     The calls: a model asked by name is one call (with the request's `n`); a cascade's are
     its engine's `most_calls` (each node of the plan once, a sampled node's k samples, and,
@@ -290,30 +291,65 @@ def worst_case(state, chat, messages: list[dict]) -> WorstCase:
     graded by `judge:MODEL` also has the judge read each explored model's answer: counted
     as the prompt, the judge's template and that answer's output-token bound (the judge is
     assumed to need no more tokens for an answer than the model that wrote it), and the
-    judge's own `max_tokens`."""
-    cap = chat.overrides.max_cost_usd if chat.model in state.engines else None
-    if cap is not None:
-        return WorstCase(cap, [])
+    judge's own `max_tokens`. A request with `cascade.max_cost_usd` is bounded tighter by
+    its cap (`capped_worst_case`), but not by the cap alone: the walk's cap is soft.
+
+    Retries (`max_retries`, on 429, 5xx, refused connections and streams that break before
+    their first token) are not counted: one attempt per call. A failed attempt is never
+    costed in the ledger (Pricer.failed_cost: 0 for a token-priced model, including a
+    timed-out or broken stream that returned some tokens), and a call's cost is its
+    answering attempt's usage alone, so a retried call records no more than one attempt.
+    (A model priced by `gpu_hourly_usd` costs its busy time, retries included; it has no
+    token price, so it counts 0 here and is named unpriced.)"""
+    engine = state.engines.get(chat.model)
     size = sum(len(str(m.get("content") or "").encode()) + 8 for m in messages)
     asked = chat.max_tokens or chat.max_completion_tokens
-    engine = state.engines.get(chat.model)
-    judged: list[str] = []
-    judge: str | None = None
     if engine is None:
-        calls = [(chat.model, chat.n or 1)]
-    else:
-        cascade = state.config.cascades[chat.model]
-        explore = cascade.explore_rate > 0
-        overrides = chat.overrides
-        calls = engine.most_calls(overrides.policy, overrides.lam, explore)
-        if explore and cascade.explore_grader.startswith("judge:"):
-            explored = engine.current.policy is not None and overrides.policy == "index"
-            judge = cascade.explore_grader.removeprefix("judge:")
-            judged = engine.explore_models() if explored else []
+        return price_calls([(chat.model, chat.n or 1)], size, asked, state.worst_price)
+    loaded = loaded if loaded is not None else engine.current
+    overrides = chat.overrides
+    if overrides.max_cost_usd is not None:
+        plan = engine.capped_plan(overrides.policy, overrides.lam, loaded)
+        if plan is None:  # no such baseline: refused before any call
+            return WorstCase(0.0, [])
+        return capped_worst_case(plan, overrides.max_cost_usd, size, asked, state.worst_price)
+    cascade = state.config.cascades[chat.model]
+    explore = cascade.explore_rate > 0
+    calls = engine.most_calls(overrides.policy, overrides.lam, explore, loaded)
     worst = price_calls(calls, size, asked, state.worst_price)
-    if judged and judge is not None:
+    explored = explore and loaded.policy is not None and overrides.policy == "index"
+    if explored and cascade.explore_grader.startswith("judge:"):
+        judge = cascade.explore_grader.removeprefix("judge:")
+        judged = engine.explore_models(loaded)
         worst = worst.plus(judge_calls(judge, judged, size, asked, state.worst_price))
     return worst
+
+
+def capped_worst_case(
+    plan: CappedPlan, cap: float, size: int, asked: int | None, price: Price
+) -> WorstCase:
+    """The most a request under `cascade.max_cost_usd` = `cap` can cost. The walk's cap is
+    soft (policies/walk.py): it makes a step's calls S when the spend so far plus their
+    expected cost E(S) is within the cap, so the spend before the last step L is at most
+    cap - E(L), and L itself costs at most its worst case W(L) (its calls priced as
+    `price_calls` does); the total is then at most cap + W(L) - E(L), and never more than
+    W of every node that can be called at all. A step can be called only if E(S) <= cap
+    (the spend so far is never negative), so the bound is
+
+        min(sum of W(k) over the nodes of callable steps,
+            cap + max over callable steps L of (W(L) - E(L)))
+
+    and 0 when no step is callable (the request is refused with no call). A capped request
+    is never explored, so no explored or judge call counts."""
+    node = [price_calls(calls, size, asked, price) for calls in plan.calls]
+    steps = [s for s in plan.steps if sum(plan.expected[k] for k in s) <= cap]
+    if not steps:
+        return WorstCase(0.0, [])
+    reachable = sorted({k for s in steps for k in s})
+    full = sum(node[k].usd for k in reachable)
+    excess = max(sum(node[k].usd - plan.expected[k] for k in s) for s in steps)
+    unpriced = [m for k in reachable for m in node[k].unpriced]
+    return WorstCase(min(full, cap + excess), list(dict.fromkeys(unpriced)))
 
 
 Price = Callable[[str], tuple[tuple[float, float] | None, int | None]]
@@ -362,9 +398,18 @@ def judge_calls(
     return WorstCase(usd, [])
 
 
-def admit(request, state, chat, messages: list[dict], request_id: str, secret: str | None):
+def admit(
+    request,
+    state,
+    chat,
+    messages: list[dict],
+    request_id: str,
+    secret: str | None,
+    loaded: LoadedPolicy | None = None,
+) -> WorstCase | None:
     """A database key's limits, checked before anything is spent: the cascades it may call
-    (403), its rate (429 rate_limited, Retry-After) and its budget (429 budget_exceeded).
+    (403), its rate (429 rate_limited, Retry-After) and its budget (429 budget_exceeded),
+    whose worst case prices the policy snapshot `loaded` the request will run with.
     Returns the worst case when a budget was checked (None otherwise)."""
     cache: KeyCache | None = state.keys
     if cache is None or not secret:
@@ -385,6 +430,6 @@ def admit(request, state, chat, messages: list[dict], request_id: str, secret: s
         state.rate_limiter.hit(key.name, key.rpm, now)
     if key.budget_usd is None:
         return None
-    worst = worst_case(state, chat, messages)
+    worst = worst_case(state, chat, messages, loaded)
     cache.reserve(key, request_id, worst.usd, dt.datetime.fromtimestamp(now, dt.UTC))
     return worst
