@@ -164,8 +164,9 @@ def test_a_logprob_calibrator_gives_the_same_value_vectorised_and_in_plain_pytho
             assert np.isnan(vectorised[i])
         else:
             assert one == pytest.approx(vectorised[i], abs=1e-12)
-    # an older calibrator (answer features only) reads the same columns as before
-    plain = TextCalibrator(FEATURES, cal.weights[:7], 0.3, cal.mean[:7], cal.scale[:7])
+    # an older calibrator (the seven answer features artifacts named before word_length and
+    # emphasis) reads the same columns as before
+    plain = TextCalibrator(FEATURES[:7], cal.weights[:7], 0.3, cal.mean[:7], cal.scale[:7])
     old = feature_columns(texts, tokens, prompts, [0])[:, 0, : len(FEATURES)]
     before, after = plain.log_p(old, np.full(4, np.nan)), plain.log_p(feats[:, 0], None)
     assert np.array_equal(before, after, equal_nan=True)
