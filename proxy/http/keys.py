@@ -295,12 +295,19 @@ def worst_case(state, chat, messages: list[dict], loaded: LoadedPolicy | None = 
     its cap (`capped_worst_case`), but not by the cap alone: the walk's cap is soft.
 
     Retries (`max_retries`, on 429, 5xx, refused connections and streams that break before
-    their first token) are not counted: one attempt per call. A failed attempt is never
-    costed in the ledger (Pricer.failed_cost: 0 for a token-priced model, including a
-    timed-out or broken stream that returned some tokens), and a call's cost is its
-    answering attempt's usage alone, so a retried call records no more than one attempt.
-    (A model priced by `gpu_hourly_usd` costs its busy time, retries included; it has no
-    token price, so it counts 0 here and is named unpriced.)"""
+    their first token) are not counted: one attempt per call. An attempt that failed before
+    any token costs nothing in the ledger (Pricer.failed_cost: 0 for a token-priced model).
+    One that failed after some tokens (a stream cut, timed out or ended by an error
+    mid-answer) is ledgered with them and their cost (upstreams.common.charge_partial), but
+    is never retried: the backends retry a stream only before its first token (litellm's
+    retries open a stream, they never resume one), and the cascade's walk calls its models
+    without streaming (a failed call has no tokens; the node it falls back to is counted
+    already). So a call records one costed attempt at most, within its prompt and
+    `max_tokens`. Not retrying once tokens arrived (what OpenAI's SDKs do with a broken
+    stream) is chosen over counting every costed attempt, which would reserve
+    1 + max_retries answers for every request although nearly none is retried. (A model
+    priced by `gpu_hourly_usd` costs its busy time, retries included; it has no token
+    price, so it counts 0 here and is named unpriced.)"""
     engine = state.engines.get(chat.model)
     size = sum(len(str(m.get("content") or "").encode()) + 8 for m in messages)
     asked = chat.max_tokens or chat.max_completion_tokens
