@@ -186,7 +186,8 @@ def test_a_retried_call_records_no_more_than_one_attempt(pg_db, tmp_path: Path) 
     before its first token is retried and records one attempt; a stream broken mid-answer
     (five tokens sent) is not retried, and its call is ledgered with its error, the
     prompt's tokens, the five tokens and their cost at large's prices (within the worst
-    case); the same after the proxy's request timeout ends a stalled stream."""
+    case); the same after the proxy's request timeout ends a stalled stream, and after the
+    client hangs up on it."""
     dbname, url = pg_db
     env = {**os.environ, "CASCADE_DATABASE_URL": url}
     db_upgrade(env)
@@ -233,6 +234,25 @@ def test_a_retried_call_records_no_more_than_one_attempt(pg_db, tmp_path: Path) 
             assert "request_timeout" in stalled.text, stalled.text
             assert _calls(up.url)["large"] == 1
             _charged_five_tokens(dbname, stalled.headers["x-request-id"], "request_timeout", worst)
+
+            faults({"stall_stream_after": 5, "count": 1})  # the client hangs up after five
+            gone = _hang_up_after(proxy.url, streams, 5)
+            _charged_five_tokens(dbname, gone, "client_disconnected", worst)
+
+
+def _hang_up_after(url: str, secret: str, deltas: int) -> str:
+    """Stream a passthrough answer of `large`, hang up after `deltas` content deltas; the
+    request's id."""
+    body = {"model": "large", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": True}
+    headers = {"Authorization": f"Bearer {secret}"}
+    seen = 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=30.0) as reply:  # fmt: skip
+        for line in reply.iter_lines():
+            seen += '"content":" B"' in line or '"content":"B"' in line
+            if seen == deltas:
+                return reply.headers["x-request-id"]
+    raise AssertionError(f"the stream ended after {seen} deltas")
 
 
 def _charged_five_tokens(dbname: str, request_id: str, status: str, worst: float) -> None:

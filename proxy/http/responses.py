@@ -242,15 +242,14 @@ def stream_live(
                         "request timeout); the stream is ended",
                         code="request_timeout",
                     )
-                    timed_out = charged(
-                        CallResult(
-                            model=model,
-                            text=None,
-                            error="request_timeout",
-                            error_detail=f"{model}: {silent.message}",
-                            latency_ms=(time.perf_counter() - started) * 1000.0,
-                        )
+                    timed_out = CallResult(
+                        model=model,
+                        text=None,
+                        error="request_timeout",
+                        error_detail=f"{model}: {silent.message}",
+                        latency_ms=(time.perf_counter() - started) * 1000.0,
                     )
+                    timed_out = await asyncio.to_thread(charged, timed_out)  # counts tokens
                     metrics.record_call(model, timed_out)
                     entry.call_done(model, timed_out, silent.status, silent.code)
                     yield _sse(silent.to_json(entry.state.secrets))
