@@ -624,3 +624,55 @@ async def test_an_open_circuit_is_reported_alike_by_both_http_backends(fake, mad
         assert (r.error, r.attempts, r.text) == ("circuit_open", 0, None)
         assert r.error_detail.startswith(f"{name}: circuit open after 1 consecutive")
         assert r.cost_usd == (0.0 if priced else None)
+
+
+# ------------------------------------------------------------------------- broken streams
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # litellm's
+@pytest.mark.parametrize("kind", ["openai", "litellm"])
+async def test_a_stream_broken_after_tokens_is_charged_for_them_once(fake, made, kind, monkeypatch):
+    """The tokens a stream sent before it broke were generated (and billed): the failed
+    result carries them (the prompt counted as elsewhere, the text with tiktoken, capped at
+    max_tokens) and their cost, keeps its error, and is not retried (one costed attempt);
+    a stream that broke before any token costs 0."""
+    prices = {"price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0}
+    if kind == "openai":
+        b = openai(made, fake, max_retries=2, **prices)
+    else:
+        monkeypatch.setenv("CASCADE_TEST_LITELLM_KEY", "dummy-key")
+        cfg = ModelConfig(backend="litellm", model="openai/fake-small", max_retries=2,
+                          base_url=fake.url + "/v1", api_key_env="CASCADE_TEST_LITELLM_KEY",
+                          timeout_s=5, **prices)  # fmt: skip
+        b = LiteLLMBackend("ext", cfg)
+    fake.state.set_faults({"drop_stream_after": 2})  # "The", " answer", then cut
+    deltas, done = await drain(b.stream(MSGS, {}))
+    assert "".join(deltas) == "The answer" and done.error is not None and done.text is None
+    assert fake.calls() == 1  # not retried
+    tokens_in, tokens_out = count_message_tokens(MSGS), count_tokens("The answer")
+    assert (done.tokens_in, done.tokens_out) == (tokens_in, tokens_out)
+    assert done.cost_usd == pytest.approx((tokens_in * 1.0 + tokens_out * 2.0) / 1e6)
+    assert done.extra["partial_text"] == "The answer"
+    deltas, capped = await drain(b.stream(MSGS, {"max_tokens": 1}))
+    assert capped.tokens_out == 1  # no more than max_tokens is generated or billed
+    fake.state.reset_stats()
+    fake.state.set_faults({"drop_stream_after": 0})  # cut before any token, every attempt
+    deltas, nothing = await drain(b.stream(MSGS, {}))
+    assert deltas == [] and nothing.error is not None
+    assert nothing.cost_usd == 0.0 and nothing.tokens_out is None
+
+
+async def test_a_timed_out_stream_is_charged_for_its_tokens_and_gpu_time_stays(fake, made):
+    """A stream that timed out after some tokens is charged for them; a GPU-hourly model's
+    broken stream costs its busy time, as any of its calls."""
+    fake.state.set_faults({"stall_stream_after": 2})
+    b = openai(made, fake, timeout_s=0.5, price_in_per_mtok=1.0, price_out_per_mtok=2.0)
+    _, done = await drain(b.stream(MSGS, {}))
+    assert done.error == "timeout" and done.tokens_out == count_tokens("The answer")
+    assert done.cost_usd == pytest.approx(
+        (count_message_tokens(MSGS) + 2 * count_tokens("The answer")) / 1e6
+    )
+    gpu = openai(made, fake, timeout_s=0.5, gpu_hourly_usd=3.6)
+    _, busy = await drain(gpu.stream(MSGS, {}))
+    assert busy.error == "timeout" and busy.tokens_out == count_tokens("The answer")
+    assert busy.cost_usd == pytest.approx(busy.latency_ms / 1e6, rel=0.05)

@@ -5,7 +5,8 @@
   reservation is the cap plus the most one step's worst case can pass its expected cost,
   never more than the plan's full worst case (`capped_worst_case`);
 - a retried call (429/5xx, a stream broken before its first token) records one attempt's
-  cost, and a stream broken mid-answer records none, so one attempt per call is reserved;
+  cost, and a stream broken mid-answer records the tokens it sent (they were generated and
+  are billed) but is not retried, so one attempt per call is reserved;
 - a policy reload between admission and the run does not change the plan that runs: the
   engine runs the snapshot admission priced.
 
@@ -37,11 +38,13 @@ from tests.serving import QUESTION, db_upgrade, fake_upstream, running_proxy, wr
 from tests.test_keys import _create, _sql, _until
 from tests.test_ledger import pg_db  # noqa: F401  (the fixture)
 from tests.test_sampling_proxy import sampled_policy  # noqa: F401  (the fixture)
+from upstreams.pricing import count_message_tokens
 
 PRICES = {"small": (0.1, 0.2), "large": (3.0, 5.0)}  # USD per million tokens, in and out
 MAX_TOKENS = 1000
 LONG = "B " * 2 * MAX_TOKENS  # an answer the upstream cuts at max_tokens: the longest one
 SIZE = len(QUESTION.encode()) + 8  # the prompt's input-token bound (one message)
+MESSAGES = [{"role": "user", "content": QUESTION}]
 
 
 def _worst(model: str, choices: int = 1) -> float:
@@ -176,11 +179,15 @@ def test_a_capped_request_reserves_what_its_walk_can_really_spend(
 
 
 def test_a_retried_call_records_no_more_than_one_attempt(pg_db, tmp_path: Path) -> None:  # noqa: F811
-    """Failed attempts are never costed, so a call reserves one attempt, not 1 + max_retries:
-    a key whose budget is a millionth above one call's worst case is answered after two 503s
-    (three upstream calls), and the ledger records at most that one call's worst case; a
-    stream broken before its first token is retried and records one attempt; a stream
-    broken mid-answer (its tokens sent) is not retried and records nothing."""
+    """A call reserves one attempt, not 1 + max_retries: an attempt that failed before any
+    token is not costed, and one that failed after some is not retried. A key whose budget
+    is a millionth above one call's worst case is answered after two 503s (three upstream
+    calls), and the ledger records at most that one call's worst case; a stream broken
+    before its first token is retried and records one attempt; a stream broken mid-answer
+    (five tokens sent) is not retried, and its call is ledgered with its error, the
+    prompt's tokens, the five tokens and their cost at large's prices (within the worst
+    case); the same after the proxy's request timeout ends a stalled stream, and after the
+    client hangs up on it."""
     dbname, url = pg_db
     env = {**os.environ, "CASCADE_DATABASE_URL": url}
     db_upgrade(env)
@@ -193,7 +200,7 @@ def test_a_retried_call_records_no_more_than_one_attempt(pg_db, tmp_path: Path) 
         config = write_config(tmp_path, {
             "models": _models(up.url, max_retries=2),
             "cascades": {"solo": {"nodes": ["large"], "reference": "large"}},
-            "server": {"database_keys": True, "keys_refresh_s": 0.5},
+            "server": {"database_keys": True, "keys_refresh_s": 0.5, "request_timeout_s": 3},
         })  # fmt: skip
 
         def faults(spec: dict) -> None:
@@ -218,8 +225,48 @@ def test_a_retried_call_records_no_more_than_one_attempt(pg_db, tmp_path: Path) 
 
             faults({"drop_stream_after": 5, "count": 1})  # breaks mid-answer: not retried
             broken = _ask(proxy.url, streams, "large", stream=True)
+            assert broken.status_code == 200 and '"error"' in broken.text, broken.text
             assert _calls(up.url)["large"] == 1
-            assert _ledgered(dbname, broken.headers["x-request-id"]) == 0.0
+            _charged_five_tokens(dbname, broken.headers["x-request-id"], "connection", worst)
+
+            faults({"stall_stream_after": 5, "count": 1})  # five tokens, then silence
+            stalled = _ask(proxy.url, streams, "large", stream=True)
+            assert "request_timeout" in stalled.text, stalled.text
+            assert _calls(up.url)["large"] == 1
+            _charged_five_tokens(dbname, stalled.headers["x-request-id"], "request_timeout", worst)
+
+            faults({"stall_stream_after": 5, "count": 1})  # the client hangs up after five
+            gone = _hang_up_after(proxy.url, streams, 5)
+            _charged_five_tokens(dbname, gone, "client_disconnected", worst)
+
+
+def _hang_up_after(url: str, secret: str, deltas: int) -> str:
+    """Stream a passthrough answer of `large`, hang up after `deltas` content deltas; the
+    request's id."""
+    body = {"model": "large", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": True}
+    headers = {"Authorization": f"Bearer {secret}"}
+    seen = 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=30.0) as reply:  # fmt: skip
+        for line in reply.iter_lines():
+            seen += '"content":" B"' in line or '"content":"B"' in line
+            if seen == deltas:
+                return reply.headers["x-request-id"]
+    raise AssertionError(f"the stream ended after {seen} deltas")
+
+
+def _charged_five_tokens(dbname: str, request_id: str, status: str, worst: float) -> None:
+    """The request's one call is ledgered failed (`status`, its error kept) with the prompt's
+    tokens and five output tokens, costed at large's prices, within its worst case."""
+    spent = _ledgered(dbname, request_id)
+    (row,) = _sql(dbname, "SELECT status, error, tokens_in, tokens_out, cost_usd FROM "
+                  "ledger_calls WHERE request_id = %s", request_id)  # fmt: skip
+    got_status, error, tokens_in, tokens_out, cost = row
+    assert got_status == status and error
+    assert (tokens_in, tokens_out) == (count_message_tokens(MESSAGES), 5)
+    p_in, p_out = PRICES["large"]
+    assert float(cost) == pytest.approx((tokens_in * p_in + 5 * p_out) / 1e6)
+    assert float(cost) == pytest.approx(spent) and 0 < spent <= worst
 
 
 # ---------------------------------------------------------------- a reload mid-admission

@@ -213,9 +213,10 @@ class Pricer:
         return pin, pout
 
     def failed_cost(self, busy_ms: float) -> float | None:
-        """What a failed call cost: nothing for a token-priced model (no tokens were
-        billed), the busy time for a GPU-hourly one, None when the price is unknown (a
-        failure must not make a priced model look unpriced in the reports)."""
+        """What a failed call that returned no token cost: nothing for a token-priced model
+        (no tokens were billed), the busy time for a GPU-hourly one, None when the price is
+        unknown (a failure must not make a priced model look unpriced in the reports). A
+        call that broke after some tokens is priced by `charge_partial`."""
         if not self.configured and self.gpu_hourly_usd is not None:
             return self.gpu_hourly_usd * busy_ms / 3_600_000.0
         if self.configured:
@@ -223,6 +224,23 @@ class Pricer:
         if self._looked_up is _UNRESOLVED:
             self._looked_up = self._lookup()  # litellm was imported at startup (warm_up)
         return None if self._looked_up is None else 0.0
+
+    def token_prices_now(self) -> tuple[float, float] | None:
+        """`prices()` without awaiting (litellm was imported at startup, by warm_up): for a
+        failure path that may not await (a stream whose client hung up is being cancelled).
+        None for a GPU-hourly model (its busy time is its cost) or an unknown price."""
+        if not self.configured and self.gpu_hourly_usd is not None:
+            return None
+        if self.price_in is not None and self.price_out is not None:
+            return self.price_in, self.price_out
+        if self._looked_up is _UNRESOLVED:
+            self._looked_up = self._lookup()
+        found = self._looked_up
+        if found is None:
+            return None
+        pin = self.price_in if self.price_in is not None else found[0]
+        pout = self.price_out if self.price_out is not None else found[1]
+        return pin, pout
 
     async def cost(
         self, tokens_in: int | None, tokens_out: int | None, busy_ms: float | None = None
@@ -235,3 +253,29 @@ class Pricer:
         if prices is None:
             return None
         return tokens_in * prices[0] + tokens_out * prices[1]
+
+
+def charge_partial(
+    result: CallResult, pricer: Pricer, messages: list[dict], params: dict | None, text: str
+) -> CallResult:
+    """Give a failed call that returned `text` before it broke (a stream cut, timed out or
+    ended by an error event after its first token) the tokens it returned and their cost:
+    a provider bills the tokens it generated and a self-hosted model spent the compute, so
+    a $0 row would under-count the spend the budgets follow. The error stays recorded.
+    Counted as every estimate here is: the prompt as `count_message_tokens`, the text with
+    tiktoken, capped at the request's `max_tokens` (nothing more is generated or billed).
+    A GPU-hourly model keeps its busy-time cost; an unknown price stays None. Synchronous
+    (tiktoken is loaded at startup): run it in a thread where the prompt may be long."""
+    if not text:
+        return result
+    tokens_in = count_message_tokens(messages)
+    tokens_out = count_tokens(text)
+    cap = (params or {}).get("max_completion_tokens") or (params or {}).get("max_tokens")
+    if isinstance(cap, int) and cap > 0:
+        tokens_out = min(tokens_out, cap)
+    result.tokens_in, result.tokens_out = tokens_in, tokens_out
+    result.extra["partial_text"] = text
+    prices = pricer.token_prices_now()
+    if prices is not None:
+        result.cost_usd = tokens_in * prices[0] + tokens_out * prices[1]
+    return result

@@ -24,6 +24,7 @@ from upstreams.base import CallResult, StreamChunk
 from upstreams.circuit import CircuitBreaker
 from upstreams.common import (
     Pricer,
+    charge_partial,
     choice_object,
     count_usage,
     failed_result,
@@ -257,14 +258,23 @@ class LiteLLMBackend:
         ttft_ms = finish = served = tin = tout = None
         it = None
 
-        def timed_out(first: bool) -> StreamChunk:
+        async def charged(result: CallResult) -> StreamChunk:
+            """The failed result, with the tokens sent before the failure and their cost:
+            they were generated and are billed. litellm's retries (`num_retries`) cover
+            the call that opens the stream, never a stream that broke after its first
+            token, so such a call is one costed attempt (keys.worst_case counts one)."""
+            if parts:
+                args = (result, self.pricer, messages, params, "".join(parts))
+                result = await asyncio.to_thread(charge_partial, *args)
+            return StreamChunk(done=result)
+
+        async def timed_out(first: bool) -> StreamChunk:
             if first and ttft is not None and ttft < total:
                 kind, detail = "ttft_timeout", f"no first token within {cfg.ttft_timeout_s}s"
             else:
                 kind, detail = "timeout", f"stream not finished within {cfg.timeout_s}s"
-            extra = {"partial_text": "".join(parts)} if parts else {}
-            return StreamChunk(
-                done=CallResult(
+            return await charged(
+                CallResult(
                     model=self.name,
                     text=None,
                     error=kind,
@@ -272,7 +282,6 @@ class LiteLLMBackend:
                     cost_usd=self.pricer.failed_cost((time.perf_counter() - start) * 1000.0),
                     latency_ms=(time.perf_counter() - start) * 1000.0,
                     ttft_ms=ttft_ms,
-                    extra=extra,
                 )
             )
 
@@ -281,7 +290,7 @@ class LiteLLMBackend:
                 async with asyncio.timeout_at(first_deadline):
                     it = await lib.acompletion(**kw)
             except TimeoutError:
-                yield timed_out(True)
+                yield await timed_out(True)
                 return
             except Exception as exc:
                 yield StreamChunk(done=self._fail(exc, lib, start))
@@ -294,11 +303,12 @@ class LiteLLMBackend:
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    yield timed_out(first)
+                    yield await timed_out(first)
                     return
                 except Exception as exc:
-                    extra = {"partial_text": "".join(parts)} if parts else {}
-                    yield StreamChunk(done=self._fail(exc, lib, start, **extra))
+                    failed = self._fail(exc, lib, start)
+                    failed.ttft_ms = ttft_ms
+                    yield await charged(failed)
                     return
                 served = served or _get(chunk, "model")
                 usage = _get(chunk, "usage")

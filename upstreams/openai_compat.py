@@ -34,6 +34,7 @@ from upstreams.circuit import CircuitBreaker
 from upstreams.common import (
     RETRY_STATUSES,
     Pricer,
+    charge_partial,
     choice_object,
     count_usage,
     failed_result,
@@ -348,7 +349,7 @@ class OpenAIBackend:
                         if status in RETRY_STATUSES:
                             retry_after = parse_retry_after(resp.headers)
                     else:
-                        events = self._events(resp, messages, start, attempts, deadlines)
+                        events = self._events(resp, messages, params, start, attempts, deadlines)
                         async with contextlib.aclosing(events) as chunks:
                             async for chunk in chunks:
                                 if chunk is None:  # broke before its first token: retry?
@@ -377,25 +378,35 @@ class OpenAIBackend:
         self,
         resp: aiohttp.ClientResponse,
         messages: list[dict],
+        params: dict,
         start: float,
         attempts: int,
         deadlines: _Deadlines,
     ) -> AsyncIterator[StreamChunk | None]:
         """Read one 200 event stream: content deltas, then the closing chunk. Yields None
         (and stops) when the stream breaks before its first token, so the caller may retry.
-        The response is released before the closing chunk goes out."""
+        A stream that fails after its first token is not retried (as OpenAI's SDKs do not
+        retry a broken stream): the tokens sent were generated and are billed, and its
+        failed result carries them and their cost (`charge_partial`), so a call is at most
+        one costed attempt, which is what a key's reservation counts (keys.worst_case); a
+        retry would cost a second answer that no reservation covers, and counting every
+        attempt would reserve 1 + max_retries answers for every ordinary request. The
+        response is released before the closing chunk goes out."""
         parts: list[str] = []
         logprobs: list[tuple[str, float]] = []
         ttft_ms: float | None = None
         finish_reason = served = tokens_in = tokens_out = None
         buf = b""
 
-        def fail(kind: str, detail: str) -> StreamChunk:
+        async def fail(kind: str, detail: str) -> StreamChunk:
             resp.release()
-            extra = {"partial_text": "".join(parts)} if parts else {}
-            result = self._fail(kind, detail, start, 200, attempts, **extra)
+            result = self._fail(kind, detail, start, 200, attempts)
             result.ttft_ms = ttft_ms
             result.served_model = served
+            if parts:  # tokens were sent before the failure: they were generated
+                text = "".join(parts)
+                args = (result, self.pricer, messages, params, text)
+                result = await asyncio.to_thread(charge_partial, *args)
             return StreamChunk(done=result)
 
         finished = False
@@ -405,15 +416,15 @@ class OpenAIBackend:
                 async with asyncio.timeout_at(deadlines.first if first else deadlines.total):
                     data = await resp.content.readany()
             except TimeoutError:
-                yield fail(*self._timeout_kind(deadlines, first))
+                yield await fail(*self._timeout_kind(deadlines, first))
                 return
             except (aiohttp.ClientError, OSError) as exc:
-                yield None if first else fail("connection", f"stream broke: {exc!r}")
+                yield None if first else await fail("connection", f"stream broke: {exc!r}")
                 return
             if not data:  # EOF without [DONE]
                 if finish_reason is not None:
                     break
-                yield None if first else fail("connection", "stream ended before its finish")
+                yield None if first else await fail("connection", "stream ended before its finish")
                 return
             lines = (buf + data).split(b"\n")
             buf = lines.pop()
@@ -430,7 +441,7 @@ class OpenAIBackend:
                     if "error" in event and not choices:
                         err = event["error"]
                         msg = err.get("message") if isinstance(err, dict) else err
-                        yield fail("upstream_error", f"error event in the stream: {msg}")
+                        yield await fail("upstream_error", f"error event in the stream: {msg}")
                         return
                     usage = event.get("usage")
                     if usage:
@@ -446,7 +457,7 @@ class OpenAIBackend:
                         finish_reason = choice["finish_reason"]
                 except (ValueError, AttributeError, TypeError, IndexError) as exc:
                     detail = f"stream event is not a chat chunk ({exc}): {payload[:80]!r}"
-                    yield fail("malformed", detail)
+                    yield await fail("malformed", detail)
                     return
                 if content and isinstance(content, str):
                     if ttft_ms is None:

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,14 +92,18 @@ async def judge_row(row: dict, messages: list[dict], judge: str, backend: Backen
     missing, so the row is not written with a guessed label."""
     question = last_user_text(messages)
     names = [m for m, e in row["models"].items() if e["answer"] is not None]
-    results = await asyncio.gather(
-        *(
-            backend.complete(
-                judge_messages(question, row["models"][m]["answer"], None), JUDGE_PARAMS
+    # a task group, not gather: if one call raises, the others are cancelled and awaited,
+    # so no judge call is still running (unreserved) once this returns or raises
+    async with asyncio.TaskGroup() as group:
+        calls = [
+            group.create_task(
+                backend.complete(
+                    judge_messages(question, row["models"][m]["answer"], None), JUDGE_PARAMS
+                )
             )
             for m in names
-        )
-    )
+        ]
+    results = [c.result() for c in calls]
     verdicts = [parse_verdict(r.text) if r.ok else None for r in results]
     row["label"] = {"grader": LABEL_JUDGE, "model": judge}
     for name, result, verdict in zip(names, results, verdicts, strict=True):
@@ -146,34 +151,62 @@ class Explorer:
         self.background: set[asyncio.Task] = set()
 
     async def record(
-        self, request_id: str, key: str | None, cascade: str, messages: list[dict], run: CascadeRun
+        self,
+        request_id: str,
+        key: str | None,
+        cascade: str,
+        messages: list[dict],
+        run: CascadeRun,
+        release: Callable[[], None] | None = None,
     ) -> None:
         """Append an explored request to its cascade's trace file. Agreement labels are
         written at once (off the event loop); an LLM judge runs in the background after the
         response, each of its calls ledgered as a request of its own. Failures are logged,
-        never the client's problem."""
-        appender = self.appenders.get(cascade)
-        config = self.config.cascades[cascade]
-        row = trace_row(request_id, cascade, messages, run, config.reference)
-        if appender is None or row is None:
-            return
-        if config.explore_grader.startswith("judge:"):
-            judge = config.explore_grader.removeprefix("judge:")
-            task = asyncio.create_task(self._judge_and_write(appender, row, messages, judge, key))
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
-            return
-        await _append(appender, row)
+        never the client's problem. `release` ends the judge's part of the key's
+        reservation (keys.hold_judge); it is called exactly when nothing of the judge is
+        left to spend: once its calls are recorded, when it fails or is cancelled (even
+        before it started), or at once when no judge runs."""
+        handed = False
+        try:
+            appender = self.appenders.get(cascade)
+            config = self.config.cascades[cascade]
+            row = trace_row(request_id, cascade, messages, run, config.reference)
+            if appender is None or row is None:
+                return
+            if config.explore_grader.startswith("judge:"):
+                judge = config.explore_grader.removeprefix("judge:")
+                judging = self._judge_and_write(appender, row, messages, judge, key, release)
+                task = asyncio.create_task(judging)
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+                if release is not None:  # also when cancelled before it ran its finally
+                    task.add_done_callback(lambda _task: release())
+                handed = True
+                return
+            await _append(appender, row)
+        finally:
+            if release is not None and not handed:
+                release()
 
     async def _judge_and_write(
-        self, appender: TraceAppender, row: dict, messages: list[dict], judge: str, key: str | None
+        self,
+        appender: TraceAppender,
+        row: dict,
+        messages: list[dict],
+        judge: str,
+        key: str | None,
+        release: Callable[[], None] | None = None,
     ) -> None:
-        results = await judge_row(row, messages, judge, self.backends[judge])
-        for i, result in enumerate(results):
-            entry = LedgerEntry(
-                self.recording, f"{row['id']}-judge-{i}", key, f"judge:{judge}", False
-            )
-            entry.call_done(judge, result, 200 if result.ok else 502, result.error)
+        try:
+            results = await judge_row(row, messages, judge, self.backends[judge])
+            for i, result in enumerate(results):
+                entry = LedgerEntry(
+                    self.recording, f"{row['id']}-judge-{i}", key, f"judge:{judge}", False
+                )
+                entry.call_done(judge, result, 200 if result.ok else 502, result.error)
+        finally:  # recorded (their spend counts as the ledger's now), or failed: release
+            if release is not None:
+                release()
         if row["label"] is not None:
             await _append(appender, row)
 

@@ -22,7 +22,7 @@ from proxy.engine.recording import LedgerEntry
 from proxy.http import metrics
 from proxy.http.contract import ChatRequest, authenticate, check_chat_request, read_json
 from proxy.http.errors import ApiError, as_api_error
-from proxy.http.keys import admit
+from proxy.http.keys import WorstCase, admit, hold_judge
 from proxy.http.responses import (
     FastJSONResponse,
     all_failed,
@@ -70,7 +70,7 @@ async def chat_completions(request: Request) -> Response:
     worst = admit(request, state, chat, asked.messages, request_id, key, loaded) if known else None
     try:
         if engine is not None:
-            response = await _cascade(request, state, asked, entry, loaded)
+            response = await _cascade(request, state, asked, entry, loaded, worst)
         elif chat.model in state.backends:
             response = await _passthrough(request, state, asked, entry)
     except BaseException:
@@ -97,13 +97,14 @@ async def _cascade(
     asked: Asked,
     entry: LedgerEntry,
     loaded: LoadedPolicy | None,
+    worst: WorstCase | None,
 ) -> Response:
     """The engine decides (with the policy snapshot `loaded` admission priced), then
     answers. Every ending is counted once in the metrics under the status the client gets,
     and every run that called a model is ledgered."""
     run = state.engines[asked.chat.model].new_run(loaded)
     try:
-        response = await _decide(request, state, asked, entry, run, loaded)
+        response = await _decide(request, state, asked, entry, run, loaded, worst)
     except CascadeError as exc:
         metrics.record_run(run, as_api_error(exc).status)
         raise
@@ -118,6 +119,7 @@ async def _decide(
     entry: LedgerEntry,
     run: CascadeRun,
     loaded: LoadedPolicy | None,
+    worst: WorstCase | None,
 ) -> Response:
     chat, messages, key = asked.chat, asked.messages, asked.key
     name, overrides = chat.model, chat.overrides
@@ -150,9 +152,18 @@ async def _decide(
         error = all_failed(run)  # a 502, or a 400 for a prompt no trace recorded
         entry.cascade_done(run, error.status, error.code)
         raise error
-    entry.cascade_done(run, 200, None)
-    if run.explored_all and state.explorer is not None:
-        await state.explorer.record(entry.request_id, key, name, messages, run)
+    explorer = state.explorer if run.explored_all else None
+    # the judge's part of the reservation outlives the record, which ends the rest of it:
+    # the explorer releases it once the judge's calls are recorded (or it failed)
+    release = hold_judge(state, entry.request_id, worst) if explorer is not None else None
+    try:
+        entry.cascade_done(run, 200, None)
+        if explorer is not None:
+            await explorer.record(entry.request_id, key, name, messages, run, release)
+    except BaseException:
+        if release is not None:
+            release()
+        raise
     payload = completion(entry.request_id, run.answer.result, run, state)
     headers = cascade_headers(entry.request_id, run)
     if chat.stream:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -173,6 +174,24 @@ class KeyCache:
         with self._lock:
             self._inflight.pop(request_id, None)
 
+    def split(self, request_id: str, part_id: str, usd: float) -> bool:
+        """Move `usd` of a request's reservation to a reservation of its own, `part_id`,
+        that its record does not end (`note` ends `request_id`'s): for the calls the
+        request leaves running after it is recorded (an explored request's judge). The
+        total reserved is unchanged, so there is no moment when that spend is neither
+        reserved nor recorded. False when the request holds no reservation."""
+        if usd <= 0:
+            return False
+        with self._lock:
+            held = self._inflight.get(request_id)
+            if held is None:
+                return False
+            name, worst, since = held
+            part = min(usd, worst)
+            self._inflight[request_id] = (name, worst - part, since)
+            self._inflight[part_id] = (name, part, since)
+        return True
+
     def reserve(self, key: StoredKey, request_id: str, worst: float, now: dt.datetime) -> None:
         """Count `worst` against the key's budget while the request runs, or refuse it (429
         budget_exceeded, with the reset time) when spend plus it would pass the budget."""
@@ -266,14 +285,17 @@ class RateLimiter:
 @dataclass
 class WorstCase:
     """The most a request can cost: `usd`, and the models whose price is not known (they
-    count 0) or whose output limit was assumed."""
+    count 0) or whose output limit was assumed. `judge_usd` is the part of `usd` an
+    explored request's LLM judge may spend after the request is recorded (`hold_judge`)."""
 
     usd: float
     unpriced: list[str]
+    judge_usd: float = 0.0
 
     def plus(self, other: WorstCase) -> WorstCase:
         """Both worst cases: a request's calls and its judge's, say."""
-        return WorstCase(self.usd + other.usd, list(dict.fromkeys(self.unpriced + other.unpriced)))
+        unpriced = list(dict.fromkeys(self.unpriced + other.unpriced))
+        return WorstCase(self.usd + other.usd, unpriced, self.judge_usd + other.judge_usd)
 
 
 def worst_case(state, chat, messages: list[dict], loaded: LoadedPolicy | None = None) -> WorstCase:
@@ -291,16 +313,25 @@ def worst_case(state, chat, messages: list[dict], loaded: LoadedPolicy | None = 
     graded by `judge:MODEL` also has the judge read each explored model's answer: counted
     as the prompt, the judge's template and that answer's output-token bound (the judge is
     assumed to need no more tokens for an answer than the model that wrote it), and the
-    judge's own `max_tokens`. A request with `cascade.max_cost_usd` is bounded tighter by
-    its cap (`capped_worst_case`), but not by the cap alone: the walk's cap is soft.
+    judge's own `max_tokens`; that part stays reserved until the judge's calls are
+    recorded, after the request's own record (`hold_judge`). A request with
+    `cascade.max_cost_usd` is bounded tighter by its cap (`capped_worst_case`), but not by
+    the cap alone: the walk's cap is soft.
 
     Retries (`max_retries`, on 429, 5xx, refused connections and streams that break before
-    their first token) are not counted: one attempt per call. A failed attempt is never
-    costed in the ledger (Pricer.failed_cost: 0 for a token-priced model, including a
-    timed-out or broken stream that returned some tokens), and a call's cost is its
-    answering attempt's usage alone, so a retried call records no more than one attempt.
-    (A model priced by `gpu_hourly_usd` costs its busy time, retries included; it has no
-    token price, so it counts 0 here and is named unpriced.)"""
+    their first token) are not counted: one attempt per call. An attempt that failed before
+    any token costs nothing in the ledger (Pricer.failed_cost: 0 for a token-priced model).
+    One that failed after some tokens (a stream cut, timed out or ended by an error
+    mid-answer) is ledgered with them and their cost (upstreams.common.charge_partial), but
+    is never retried: the backends retry a stream only before its first token (litellm's
+    retries open a stream, they never resume one), and the cascade's walk calls its models
+    without streaming (a failed call has no tokens; the node it falls back to is counted
+    already). So a call records one costed attempt at most, within its prompt and
+    `max_tokens`. Not retrying once tokens arrived (what OpenAI's SDKs do with a broken
+    stream) is chosen over counting every costed attempt, which would reserve
+    1 + max_retries answers for every request although nearly none is retried. (A model
+    priced by `gpu_hourly_usd` costs its busy time, retries included; it has no token
+    price, so it counts 0 here and is named unpriced.)"""
     engine = state.engines.get(chat.model)
     size = sum(len(str(m.get("content") or "").encode()) + 8 for m in messages)
     asked = chat.max_tokens or chat.max_completion_tokens
@@ -321,7 +352,8 @@ def worst_case(state, chat, messages: list[dict], loaded: LoadedPolicy | None = 
     if explored and cascade.explore_grader.startswith("judge:"):
         judge = cascade.explore_grader.removeprefix("judge:")
         judged = engine.explore_models(loaded)
-        worst = worst.plus(judge_calls(judge, judged, size, asked, state.worst_price))
+        judging = judge_calls(judge, judged, size, asked, state.worst_price)
+        worst = worst.plus(WorstCase(judging.usd, judging.unpriced, judging.usd))
     return worst
 
 
@@ -396,6 +428,26 @@ def judge_calls(
         answer = output_tokens(asked, price(model)[1])
         usd += (size + template + answer) * per_token[0] + verdict * per_token[1]
     return WorstCase(usd, [])
+
+
+def _nothing() -> None:
+    """No reservation was held: nothing to release."""
+
+
+def hold_judge(state, request_id: str, worst: WorstCase | None) -> Callable[[], None]:
+    """Keep the judge's part of an explored request's reservation past the request's record
+    (which ends the rest of it), and return what releases it: the Explorer calls it once
+    the judge's calls are recorded, or the judge failed or was cancelled, or no judge ran.
+    An explored request's judge runs after its response, so without this its spend would
+    be, for that while, neither reserved nor recorded, and a concurrent request of the same
+    key could be admitted past the budget. Releasing twice is harmless."""
+    cache: KeyCache | None = state.keys
+    if cache is None or worst is None or worst.judge_usd <= 0:
+        return _nothing
+    part = f"{request_id}-judge"
+    if not cache.split(request_id, part, worst.judge_usd):
+        return _nothing
+    return functools.partial(cache.release, part)
 
 
 def admit(

@@ -17,6 +17,7 @@ from proxy.engine.recording import LedgerEntry
 from proxy.http import metrics
 from proxy.http.errors import ApiError
 from upstreams.base import Backend, CallResult, StreamChunk
+from upstreams.common import Pricer, charge_partial
 from upstreams.jsonbytes import dumps
 
 if TYPE_CHECKING:
@@ -199,7 +200,18 @@ def stream_live(
     The server's request_timeout_s (`idle_s`) bounds every silence of the upstream, the
     wait for its first delta included: a stream that sends nothing for that long ends with
     a `request_timeout` error event, ledgered as a 504. A stream that keeps sending runs on
-    (a long answer is not cut; the model's own timeout_s still bounds it)."""
+    (a long answer is not cut; the model's own timeout_s still bounds it). A stream ended
+    by the proxy after some deltas (its timeout, or the client hanging up) is ledgered with
+    the tokens relayed and their cost, as a backend's broken stream is: they were generated."""
+    relayed: list[str] = []  # the deltas sent on: what the upstream generated so far
+    pricer: Pricer | None = getattr(backend, "pricer", None)
+
+    def charged(result: CallResult) -> CallResult:
+        """`result` with the relayed tokens charged (synchronous: a hung-up client's
+        stream is being cancelled and may not await)."""
+        if relayed and pricer is not None:
+            return charge_partial(result, pricer, messages, params, "".join(relayed))
+        return result
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -207,7 +219,7 @@ def stream_live(
                 yield event
         finally:  # the client hung up mid-stream: still one ledger record
             if not entry.written:
-                gone = CallResult(model=model, text=None, error="client_disconnected")
+                gone = charged(CallResult(model=model, text=None, error="client_disconnected"))
                 entry.call_done(model, gone, 499, "client_disconnected")
 
     async def _live_events() -> AsyncIterator[bytes]:
@@ -237,6 +249,7 @@ def stream_live(
                         error_detail=f"{model}: {silent.message}",
                         latency_ms=(time.perf_counter() - started) * 1000.0,
                     )
+                    timed_out = await asyncio.to_thread(charged, timed_out)  # counts tokens
                     metrics.record_call(model, timed_out)
                     entry.call_done(model, timed_out, silent.status, silent.code)
                     yield _sse(silent.to_json(entry.state.secrets))
@@ -246,6 +259,7 @@ def stream_live(
                     done = chunk.done
                     break
                 if chunk.delta:
+                    relayed.append(chunk.delta)
                     yield _sse(_chunk(request_id, model, {"content": chunk.delta}))
         finally:
             await chunks.aclose()
@@ -256,7 +270,7 @@ def stream_live(
                 entry.call_done(model, done, failure.status, failure.code)
                 yield _sse(failure.to_json(entry.state.secrets))
             else:
-                ended = CallResult(model=model, text=None, error="stream_ended")
+                ended = charged(CallResult(model=model, text=None, error="stream_ended"))
                 entry.call_done(model, ended, 502, "stream_ended")
                 yield _sse({"error": {"message": "the upstream stream ended", "code": None}})
             yield _sse("[DONE]")
