@@ -37,6 +37,13 @@ likely first, so the chosen token is missing from them when it is not among the 
 Samples: a model given `samples` [s1, s2, ...] with its canned answer a answers from the
 cycle [a, s1, s2, ...]: the choices of an `n: k` request are its first k entries, and
 successive calls with n = 1 take the next entry each (so k parallel calls get the k answers).
+
+Tool calls: an answer set with `tool_calls` ([{name, arguments}], arguments a JSON string)
+answers a request that offers `tools` with those calls (finish_reason `tool_calls`); a
+stream sends them as OpenAI does, after any content: per call a delta with its index, id,
+type and name, then its arguments in whitespace-token fragments. Each such delta counts as
+one token (usage, max_tokens, `stall_stream_after`, `drop_stream_after`). A request without
+`tools` gets the content.
 """
 
 from __future__ import annotations
@@ -69,6 +76,9 @@ LOGPROB_FLOOR = -9999.0  # what vLLM sends for -inf
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _TOKEN = re.compile(r"\s*\S+")
 _LETTERS = "ABCDEFGH"
+_ANSWER_FIELDS = frozenset(
+    {"model", "answer", "confidence", "prompt", "samples", "token_logprobs", "tool_calls"}
+)
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _JSON = "application/json"
 MALFORMED_BODY = b'{"id":"chatcmpl-malformed","object":"chat.completion","choices":[{"index"'
@@ -121,6 +131,7 @@ class Answer:
         "prompt_tokens",
         "token_logprobs",
         "tokens",
+        "tool_calls",
     )
 
     def __init__(
@@ -131,6 +142,7 @@ class Answer:
         default: float | None = DEFAULT_CONFIDENCE,
         completion_tokens: int | None = None,
         token_logprobs: list[float] | None = None,
+        tool_calls: list[dict[str, str]] | None = None,
     ):
         """`confidence` (null or NaN: `default`) is clamped to [LOGPROB_FLOOR, 0].
         `completion_tokens` (a trace's recorded `tokens_out`) is the usage reported for the
@@ -146,7 +158,27 @@ class Answer:
         self.tokens = tokenize(content)
         self.token_logprobs = token_logprobs  # one per token: sent instead of the default
         self.prompt_tokens = prompt_tokens
+        self.tool_calls = tool_calls  # [{name, arguments}]: sent when the request has tools
         self._lp: dict[int, list[dict[str, Any]]] = {}
+
+    def tool_call_objects(self) -> list[dict[str, Any]]:
+        """The answer's tool calls as a completion's `message.tool_calls`."""
+        return [
+            {"id": f"call_{i}", "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for i, c in enumerate(self.tool_calls or ())
+        ]  # fmt: skip
+
+    def tool_deltas(self) -> list[dict[str, Any]]:
+        """The stream's `delta.tool_calls` fragments (one per list): per call, its head
+        (index, id, type, name), then its arguments in whitespace tokens."""
+        out: list[dict[str, Any]] = []
+        for i, call in enumerate(self.tool_calls or ()):
+            head = {"index": i, "id": f"call_{i}", "type": "function"}
+            out.append({**head, "function": {"name": call["name"], "arguments": ""}})
+            out += [{"index": i, "function": {"arguments": piece}}
+                    for piece in tokenize(call["arguments"])]  # fmt: skip
+        return out
 
     def logprobs(self, k: int) -> list[dict[str, Any]]:
         """The `logprobs.content` list with k top alternatives per token (cached; read-only)."""
@@ -458,13 +490,19 @@ class FakeUpstream:
         prompt: str | None = None,
         samples: list[str] | None = None,
         token_logprobs: list[float] | None = None,
+        tool_calls: list[dict[str, str]] | None = None,
     ) -> None:
         """Set the canned answer of `model` (added if new), or its answer to one prompt;
         `samples` (canned only) makes it answer from the cycle [answer, *samples];
-        `token_logprobs` are the logprobs of the answer's tokens."""
+        `token_logprobs` are the logprobs of the answer's tokens; `tool_calls` the calls
+        it makes when offered tools."""
         self.add_model(model)
         ans = Answer(
-            answer, confidence, default=self.default_confidence, token_logprobs=token_logprobs
+            answer,
+            confidence,
+            default=self.default_confidence,
+            token_logprobs=token_logprobs,
+            tool_calls=tool_calls,
         )
         if prompt is None:
             self.canned[model] = ans
@@ -635,15 +673,27 @@ class FakeUpstream:
                         )
                     )
                 )
-                and not set(it)
-                - {"model", "answer", "confidence", "prompt", "samples", "token_logprobs"}
+                and (
+                    it.get("tool_calls") is None
+                    or (
+                        isinstance(it["tool_calls"], list)
+                        and all(
+                            isinstance(c, dict)
+                            and set(c) == {"name", "arguments"}
+                            and isinstance(c["name"], str)
+                            and isinstance(c["arguments"], str)
+                            for c in it["tool_calls"]
+                        )
+                    )
+                )
+                and not set(it) - _ANSWER_FIELDS
             )
             if not ok:
                 return _bad(
                     "each item needs model and answer (strings), optional confidence "
                     "(number or null), prompt (string) or samples (strings, without a "
                     "prompt), token_logprobs (numbers <= 0, one per whitespace token of "
-                    "the answer), nothing else"
+                    "the answer), tool_calls ([{name, arguments}], strings), nothing else"
                 )
         for it in items:
             conf = it.get("confidence", self.default_confidence)
@@ -654,6 +704,7 @@ class FakeUpstream:
                 it.get("prompt"),
                 it.get("samples"),
                 it.get("token_logprobs"),
+                it.get("tool_calls"),
             )
         return web.Response(body=_dumps({"models": self.models}), content_type=_JSON)
 
@@ -780,10 +831,12 @@ class FakeUpstream:
             else:
                 prompt_tokens = sum(len(message_text(m.get("content")).split()) for m in messages)
             args = (model, ans, prompt_tokens, logprobs, top, n, max_tokens)
+            tools = bool(body.get("tools"))  # the answer's tool calls are made when offered
             if stream:
-                return await self._stream(request, st, spec, include_usage, *args)
+                return await self._stream(request, st, spec, include_usage, *args, tools=tools)
             st.ok += 1
-            return web.Response(body=_dumps(self._completion(*args)), content_type=_JSON)
+            answer = self._completion(*args, tools=tools)
+            return web.Response(body=_dumps(answer), content_type=_JSON)
         finally:
             st.in_flight -= 1
 
@@ -828,8 +881,9 @@ class FakeUpstream:
         return f"{self._id_prefix}{next(self._ids):x}"
 
     def _completion(self, model, ans: Answer, prompt_tokens, logprobs, top, n, max_tokens,
-                    cycle: list[Answer] | None = None):  # fmt: skip
-        """A completion of n choices: each `ans`, or the first n entries of `cycle`."""
+                    cycle: list[Answer] | None = None, tools: bool = False):  # fmt: skip
+        """A completion of n choices: each `ans`, or the first n entries of `cycle`; with
+        `tools` offered, an answer's tool calls too."""
         choices, completion_tokens = [], 0
         for i in range(n):
             one = cycle[i % len(cycle)] if cycle else ans
@@ -843,10 +897,14 @@ class FakeUpstream:
                 finish = "length"
                 if lps is not None:
                     lps = lps[:max_tokens]
+            calls = one.tool_call_objects() if tools else []
+            if calls:
+                content, finish = content or None, "tool_calls"
+                completion_tokens += len(one.tool_deltas())
             choices.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": content, "tool_calls": []},
+                    "message": {"role": "assistant", "content": content, "tool_calls": calls},
                     "logprobs": {"content": lps} if logprobs else None,
                     "finish_reason": finish,
                     "stop_reason": None,
@@ -879,12 +937,20 @@ class FakeUpstream:
         top: int,
         n: int,
         max_tokens: int | None,
+        *,
+        tools: bool = False,
     ) -> web.StreamResponse:
-        tokens = ans.tokens
+        """The answer's deltas: its content tokens, then (with `tools` offered) its tool
+        call fragments, each one token."""
+        deltas: list[dict[str, Any]] = [{"content": tok} for tok in ans.tokens]
         finish = "stop"
-        if max_tokens is not None and len(tokens) > max_tokens:
-            tokens = tokens[:max_tokens]
+        if tools and ans.tool_calls:
+            deltas += [{"tool_calls": [frag]} for frag in ans.tool_deltas()]
+            finish = "tool_calls"
+        if max_tokens is not None and len(deltas) > max_tokens:
+            deltas = deltas[:max_tokens]
             finish = "length"
+        tokens = [d.get("content") or "" for d in deltas]
         lps = ans.logprobs(top) if logprobs else None
         head = {"id": self._next_id(), "object": "chat.completion.chunk"}
         head["created"] = int(time.time())
@@ -910,7 +976,7 @@ class FakeUpstream:
         if ttft:
             await self._sleep(ttft)
         buf = [event(i, {"role": "assistant", "content": ""}, None, None) for i in range(n)]
-        for t, tok in enumerate(tokens):
+        for t in range(len(deltas)):
             if t in (stall, cut):
                 await resp.write(b"".join(buf))
                 return await self._break_stream(request, st, resp, stall=t == stall)
@@ -918,8 +984,8 @@ class FakeUpstream:
                 await resp.write(b"".join(buf))
                 buf.clear()
                 await self._sleep(gap)
-            lp = {"content": [lps[t]]} if lps is not None else None
-            buf.extend(event(i, {"content": tok}, lp, None) for i in range(n))
+            lp = {"content": [lps[t]]} if lps is not None and t < len(lps) else None
+            buf.extend(event(i, deltas[t], lp, None) for i in range(n))
         if stall is not None or cut is not None:  # past the last token: before the finish
             await resp.write(b"".join(buf))
             return await self._break_stream(request, st, resp, stall=stall is not None)

@@ -375,6 +375,40 @@ def test_answers_can_be_set_at_run_time(http: httpx.Client) -> None:
     assert http.post("/admin/answers", json={"model": "small"}).status_code == 400
 
 
+def test_tool_calls_are_answered_when_tools_are_offered(http: httpx.Client, oai: OpenAI) -> None:
+    """A model given tool_calls answers a request with `tools` with them (whole, or streamed
+    as OpenAI's fragments the SDK assembles, each fragment one token of usage and of
+    drop_stream_after), and one without `tools` with its content."""
+    call = {"name": "lookup", "arguments": '{"q": "two words"}'}
+    body = {"model": "small", "prompt": "tool?", "answer": "", "tool_calls": [call]}
+    assert http.post("/admin/answers", json=body).status_code == 200
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    whole = chat(http, "small", "tool?", tools=tools).json()
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    assert whole["choices"][0]["message"]["tool_calls"] == [
+        {"id": "call_0", "type": "function", "function": call}
+    ]
+    assert whole["usage"]["completion_tokens"] == 4  # the head and 3 argument fragments
+    with oai.chat.completions.stream(model="small", messages=user("tool?"), tools=tools) as s:
+        final = s.get_final_completion()
+    (got,) = final.choices[0].message.tool_calls
+    assert (got.function.name, got.function.arguments) == (call["name"], call["arguments"])
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert chat(http, "small", "tool?").json()["choices"][0]["message"]["tool_calls"] == []
+    faults(http, {"model": "small", "drop_stream_after": 2, "count": 1})
+    body = {"model": "small", "messages": user("tool?"), "tools": tools, "stream": True}
+    lines: list[str] = []
+    with (
+        pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)),
+        http.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        lines.extend(line for line in r.iter_lines() if line.startswith("data: "))
+    deltas = [json.loads(x[6:])["choices"][0]["delta"] for x in lines]
+    assert [d.get("tool_calls", [{}])[0].get("index") for d in deltas] == [None, 0, 0]
+    bad = {"model": "small", "answer": "", "tool_calls": [{"name": "x"}]}
+    assert http.post("/admin/answers", json=bad).status_code == 400
+
+
 # ---------------------------------------------------------------------------- in process
 
 
