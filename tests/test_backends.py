@@ -94,7 +94,10 @@ def openai(made: list, fake: Fake, model: str = "fake-small", **kw) -> OpenAIBac
     return backend
 
 
-async def drain(stream: AsyncIterator[StreamChunk]) -> tuple[list[str], CallResult]:
+async def drain(
+    stream: AsyncIterator[StreamChunk], fragments: list[dict] | None = None
+) -> tuple[list[str], CallResult]:
+    """The content deltas and the closing result; tool-call fragments go to `fragments`."""
     deltas: list[str] = []
     done = None
     async for chunk in stream:
@@ -102,8 +105,11 @@ async def drain(stream: AsyncIterator[StreamChunk]) -> tuple[list[str], CallResu
         if chunk.done is not None:
             done = chunk.done
         else:
-            assert chunk.delta
-            deltas.append(chunk.delta)
+            assert chunk.delta or chunk.tool_calls
+            if chunk.delta:
+                deltas.append(chunk.delta)
+            if fragments is not None:
+                fragments.extend(chunk.tool_calls or ())
     assert done is not None, "a stream always ends with its CallResult"
     return deltas, done
 
@@ -676,3 +682,50 @@ async def test_a_timed_out_stream_is_charged_for_its_tokens_and_gpu_time_stays(f
     _, busy = await drain(gpu.stream(MSGS, {}))
     assert busy.error == "timeout" and busy.tokens_out == count_tokens("The answer")
     assert busy.cost_usd == pytest.approx(busy.latency_ms / 1e6, rel=0.05)
+
+
+# ------------------------------------------------------------------------- streamed tool calls
+
+WEATHER_ARGS = '{"city": "Paris", "unit": "celsius"}'  # streamed in 4 argument fragments
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # litellm's
+@pytest.mark.parametrize("kind", ["openai", "litellm"])
+async def test_a_streamed_tool_call_is_relayed_assembled_and_charged(fake, made, kind, monkeypatch):
+    """A stream of tool-call deltas (no content) passes its fragments through, closes with
+    the assembled call (as a non-streamed answer carries it) and finish_reason tool_calls;
+    its first fragment is the first token, so a stream cut after two fragments is not
+    retried and is charged for the name and argument text it sent."""
+    prices = {"price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0}
+    if kind == "openai":
+        b = openai(made, fake, max_retries=2, **prices)
+    else:
+        monkeypatch.setenv("CASCADE_TEST_LITELLM_KEY", "dummy-key")
+        cfg = ModelConfig(backend="litellm", model="openai/fake-small", max_retries=2,
+                          base_url=fake.url + "/v1", api_key_env="CASCADE_TEST_LITELLM_KEY",
+                          timeout_s=5, **prices)  # fmt: skip
+        b = LiteLLMBackend("ext", cfg)
+    call = {"name": "get_weather", "arguments": WEATHER_ARGS}
+    fake.state.set_answer("fake-small", "", None, tool_calls=[call])
+    fragments: list[dict] = []
+    deltas, done = await drain(b.stream(MSGS, {"tools": TOOLS}), fragments)
+    assert deltas == [] and done.ok and done.text == ""
+    assert done.finish_reason == "tool_calls" and done.ttft_ms is not None
+    assert done.extra["tool_calls"] == [{"id": "call_0", "type": "function", "function": call}]
+    assert fragments[0] == {"index": 0, "id": "call_0", "type": "function",
+                            "function": {"name": "get_weather"} if kind == "litellm"
+                            else {"name": "get_weather", "arguments": ""}}  # fmt: skip
+    assert "".join(f["function"].get("arguments", "") for f in fragments) == WEATHER_ARGS
+    assert done.tokens_out == 5  # the fake's usage: one token per fragment
+
+    fake.state.reset_stats()
+    fake.state.set_faults({"drop_stream_after": 2})  # the head, '{"city":', then cut
+    deltas, broken = await drain(b.stream(MSGS, {"tools": TOOLS}))
+    assert broken.error is not None and broken.text is None
+    assert fake.calls() == 1  # not retried: the tool call had begun
+    sent = 'get_weather{"city":'
+    tokens_in, tokens_out = count_message_tokens(MSGS), count_tokens(sent)
+    assert (broken.tokens_in, broken.tokens_out) == (tokens_in, tokens_out) and tokens_out > 0
+    assert broken.cost_usd == pytest.approx((tokens_in * 1.0 + tokens_out * 2.0) / 1e6)
+    assert broken.extra["partial_text"] == sent

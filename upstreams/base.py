@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass
@@ -43,10 +43,15 @@ class CallResult:
 
 @dataclass
 class StreamChunk:
-    """A piece of a live (passthrough) stream: content delta, or the closing result."""
+    """A piece of a live (passthrough) stream: a content delta and/or tool-call fragments,
+    or the closing result. The fragments are OpenAI's `delta.tool_calls` as the upstream
+    sent them ({index, id?, type?, function: {name?, arguments?}}), relayed so a client
+    assembles them as from OpenAI; the closing result carries them assembled in
+    `extra["tool_calls"]`, as a non-streamed call does."""
 
     delta: str = ""
     done: CallResult | None = None  # set on the last chunk only
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Backend(Protocol):

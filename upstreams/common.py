@@ -110,6 +110,51 @@ def choice_object(index: int, content: str | None, finish_reason: str | None,
     }
 
 
+def tool_delta_text(fragments: list[dict[str, Any]]) -> str:
+    """The text streamed tool-call fragments carry (function names and argument pieces):
+    what the model generated, to count as tokens when the upstream reports no usage."""
+    out = []
+    for frag in fragments:
+        fn = frag.get("function") or {}
+        out.append((fn.get("name") or "") + (fn.get("arguments") or ""))
+    return "".join(out)
+
+
+def merge_tool_deltas(calls: dict[int, dict[str, Any]], fragments: list[dict[str, Any]]) -> None:
+    """Fold streamed `delta.tool_calls` fragments into `calls` (by index), as OpenAI's SDKs
+    accumulate them: id and type set, name and arguments concatenated."""
+    for frag in fragments:
+        index = frag.get("index")
+        call = calls.setdefault(
+            index if isinstance(index, int) else len(calls),
+            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if frag.get("id"):
+            call["id"] = frag["id"]
+        if frag.get("type"):
+            call["type"] = frag["type"]
+        fn = frag.get("function") or {}
+        call["function"]["name"] += fn.get("name") or ""
+        call["function"]["arguments"] += fn.get("arguments") or ""
+
+
+def assembled_tool_calls(calls: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The merged calls in index order: a completion's `message.tool_calls`."""
+    return [calls[i] for i in sorted(calls)]
+
+
+def valid_tool_deltas(value: Any) -> list[dict[str, Any]] | None:
+    """A delta's `tool_calls` when it holds fragments (None or [] when absent, as some
+    servers send); a TypeError when it is not a list of objects with object functions."""
+    if not value:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("function") or {}, dict) for f in value
+    ):
+        raise TypeError("delta.tool_calls is not a list of tool-call objects")
+    return value
+
+
 def message_text(content: Any) -> str:
     """A message's text: a string, or the text parts of a list of content parts."""
     if isinstance(content, str):

@@ -24,11 +24,14 @@ from upstreams.base import CallResult, StreamChunk
 from upstreams.circuit import CircuitBreaker
 from upstreams.common import (
     Pricer,
+    assembled_tool_calls,
     charge_partial,
     choice_object,
     count_usage,
     failed_result,
     forward_params,
+    merge_tool_deltas,
+    tool_delta_text,
 )
 from upstreams.settings import ModelConfig
 
@@ -40,6 +43,21 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
     if isinstance(obj, dict):
         return obj.get(key, default)
     return getattr(obj, key, default)
+
+
+def _tool_fragments(delta: Any) -> list[dict[str, Any]] | None:
+    """A stream delta's tool-call fragments as OpenAI's JSON (litellm gives objects), None
+    when it has none: relayed as the openai backend relays them."""
+    out = []
+    for tc in _get(delta, "tool_calls") or ():
+        frag: dict[str, Any] = {"index": _get(tc, "index", 0)}
+        for key in ("id", "type"):
+            if _get(tc, key):
+                frag[key] = _get(tc, key)
+        fn = _get(tc, "function")
+        frag["function"] = {k: _get(fn, k) for k in ("name", "arguments") if _get(fn, k)}
+        out.append(frag)
+    return out or None
 
 
 def _token_logprobs(choice: Any) -> list[tuple[str, float]] | None:
@@ -199,6 +217,11 @@ class LiteLLMBackend:
             return self._fail(exc, lib, start)
         text = text or ""
         counted, extra = text, {}
+        tool_calls = _get(_get(choice, "message"), "tool_calls")
+        if tool_calls:  # as the openai backend: a passthrough answer returns them
+            extra["tool_calls"] = [
+                tc.model_dump() if hasattr(tc, "model_dump") else tc for tc in tool_calls
+            ]
         if len(resp.choices) > 1:  # a passthrough request's n: every choice goes back
             extra["choices"] = [
                 choice_object(
@@ -253,7 +276,9 @@ class LiteLLMBackend:
         kw = self._kwargs(messages, params)
         kw["stream"] = True
         kw["stream_options"] = {"include_usage": True}
-        parts: list[str] = []
+        parts: list[str] = []  # content, then (for the token count) tool-call text
+        text_parts: list[str] = []  # content only: the answer's text
+        calls: dict[int, dict[str, Any]] = {}
         logprobs: list[tuple[str, float]] = []
         ttft_ms = finish = served = tin = tout = None
         it = None
@@ -319,12 +344,18 @@ class LiteLLMBackend:
                 if not choices:
                     continue
                 choice = choices[0]
-                content = _get(_get(choice, "delta"), "content")
-                if content:
+                content = _get(_get(choice, "delta"), "content") or ""
+                fragments = _tool_fragments(_get(choice, "delta"))
+                if content or fragments:  # a tool call is the answer's first token too
                     if ttft_ms is None:
                         ttft_ms = (time.perf_counter() - start) * 1000.0
-                    parts.append(content)
-                    yield StreamChunk(delta=content)
+                    if content:
+                        parts.append(content)
+                        text_parts.append(content)
+                    if fragments:
+                        merge_tool_deltas(calls, fragments)
+                        parts.append(tool_delta_text(fragments))
+                    yield StreamChunk(delta=content, tool_calls=fragments)
                 logprobs.extend(_token_logprobs(choice) or ())
                 finish = _get(choice, "finish_reason") or finish
         finally:
@@ -332,8 +363,8 @@ class LiteLLMBackend:
                 with contextlib.suppress(Exception):
                     await it.aclose()
         latency_ms = (time.perf_counter() - start) * 1000.0
-        text = "".join(parts)
-        tin, tout = await count_usage(messages, text, tin, tout)
+        text = "".join(text_parts)
+        tin, tout = await count_usage(messages, "".join(parts), tin, tout)
         yield StreamChunk(
             done=CallResult(
                 model=self.name,
@@ -347,6 +378,7 @@ class LiteLLMBackend:
                 finish_reason=finish,
                 status=200,
                 served_model=served,
+                extra={"tool_calls": assembled_tool_calls(calls)} if calls else {},
             )
         )
 

@@ -34,12 +34,16 @@ from upstreams.circuit import CircuitBreaker
 from upstreams.common import (
     RETRY_STATUSES,
     Pricer,
+    assembled_tool_calls,
     charge_partial,
     choice_object,
     count_usage,
     failed_result,
     forward_params,
+    merge_tool_deltas,
     parse_retry_after,
+    tool_delta_text,
+    valid_tool_deltas,
 )
 from upstreams.jsonbytes import dumps, loads_lenient
 from upstreams.settings import ModelConfig
@@ -383,8 +387,10 @@ class OpenAIBackend:
         attempts: int,
         deadlines: _Deadlines,
     ) -> AsyncIterator[StreamChunk | None]:
-        """Read one 200 event stream: content deltas, then the closing chunk. Yields None
-        (and stops) when the stream breaks before its first token, so the caller may retry.
+        """Read one 200 event stream: content and tool-call deltas, then the closing chunk.
+        Yields None (and stops) when the stream breaks before its first token (a content or
+        tool-call delta: a tool call is the answer, generated and billed), so the caller may
+        retry.
         A stream that fails after its first token is not retried (as OpenAI's SDKs do not
         retry a broken stream): the tokens sent were generated and are billed, and its
         failed result carries them and their cost (`charge_partial`), so a call is at most
@@ -393,6 +399,8 @@ class OpenAIBackend:
         attempt would reserve 1 + max_retries answers for every ordinary request. The
         response is released before the closing chunk goes out."""
         parts: list[str] = []
+        tool_parts: list[str] = []  # the tool-call fragments' text, counted as tokens
+        calls: dict[int, dict[str, Any]] = {}
         logprobs: list[tuple[str, float]] = []
         ttft_ms: float | None = None
         finish_reason = served = tokens_in = tokens_out = None
@@ -403,8 +411,8 @@ class OpenAIBackend:
             result = self._fail(kind, detail, start, 200, attempts)
             result.ttft_ms = ttft_ms
             result.served_model = served
-            if parts:  # tokens were sent before the failure: they were generated
-                text = "".join(parts)
+            if parts or tool_parts:  # tokens were sent before the failure: generated
+                text = "".join(parts) + "".join(tool_parts)
                 args = (result, self.pricer, messages, params, text)
                 result = await asyncio.to_thread(charge_partial, *args)
             return StreamChunk(done=result)
@@ -450,7 +458,11 @@ class OpenAIBackend:
                     if served is None:
                         served = event.get("model")
                     choice = choices[0] if choices else None
-                    content = (choice.get("delta") or {}).get("content") if choice else None
+                    delta = (choice.get("delta") or {}) if choice else {}
+                    content = delta.get("content")
+                    tool_deltas = valid_tool_deltas(delta.get("tool_calls"))
+                    if tool_deltas:
+                        merge_tool_deltas(calls, tool_deltas)
                     if choice and choice.get("logprobs"):
                         logprobs.extend(_token_logprobs(choice) or ())
                     if choice and choice.get("finish_reason"):
@@ -459,15 +471,20 @@ class OpenAIBackend:
                     detail = f"stream event is not a chat chunk ({exc}): {payload[:80]!r}"
                     yield await fail("malformed", detail)
                     return
-                if content and isinstance(content, str):
+                content = content if content and isinstance(content, str) else ""
+                if content or tool_deltas:
                     if ttft_ms is None:
                         ttft_ms = (time.perf_counter() - start) * 1000.0
-                    parts.append(content)
-                    yield StreamChunk(delta=content)
+                    if content:
+                        parts.append(content)
+                    if tool_deltas:
+                        tool_parts.append(tool_delta_text(tool_deltas))
+                    yield StreamChunk(delta=content, tool_calls=tool_deltas)
         resp.release()
         now_ms = (time.perf_counter() - start) * 1000.0  # before any counting or pricing
         text = "".join(parts)
-        tokens_in, tokens_out = await count_usage(messages, text, tokens_in, tokens_out)
+        counted = text + "".join(tool_parts)
+        tokens_in, tokens_out = await count_usage(messages, counted, tokens_in, tokens_out)
         yield StreamChunk(
             done=CallResult(
                 model=self.name,
@@ -482,6 +499,7 @@ class OpenAIBackend:
                 status=200,
                 attempts=attempts,
                 served_model=served,
+                extra={"tool_calls": assembled_tool_calls(calls)} if calls else {},
             )
         )
 

@@ -17,7 +17,7 @@ from proxy.engine.recording import LedgerEntry
 from proxy.http import metrics
 from proxy.http.errors import ApiError
 from upstreams.base import Backend, CallResult, StreamChunk
-from upstreams.common import Pricer, charge_partial
+from upstreams.common import Pricer, charge_partial, choice_object, tool_delta_text
 from upstreams.jsonbytes import dumps
 
 if TYPE_CHECKING:
@@ -61,12 +61,12 @@ def completion(
         "model": result.model,
         "choices": (run is None and result.extra.get("choices"))  # a passthrough's n > 1
         or [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "logprobs": None,
-                "finish_reason": result.finish_reason or "stop",
-            }
+            choice_object(
+                0,
+                result.text,
+                result.finish_reason,
+                result.extra.get("tool_calls") if run is None else None,
+            )
         ],
         "usage": tokens,
     }
@@ -194,8 +194,10 @@ def stream_live(
     entry: LedgerEntry,
     idle_s: float,
 ) -> StreamingResponse:
-    """Passthrough streaming: upstream deltas as they arrive; an upstream failure after the
-    stream started ends it with an error event (the status line is already sent).
+    """Passthrough streaming: upstream deltas as they arrive, content and tool-call
+    fragments (`delta.tool_calls`, as OpenAI streams them, so a client's SDK assembles the
+    calls); an upstream failure after the stream started ends it with an error event (the
+    status line is already sent).
 
     The server's request_timeout_s (`idle_s`) bounds every silence of the upstream, the
     wait for its first delta included: a stream that sends nothing for that long ends with
@@ -258,9 +260,15 @@ def stream_live(
                 if chunk.done is not None:
                     done = chunk.done
                     break
-                if chunk.delta:
-                    relayed.append(chunk.delta)
-                    yield _sse(_chunk(request_id, model, {"content": chunk.delta}))
+                if chunk.delta or chunk.tool_calls:
+                    delta: dict[str, Any] = {}
+                    if chunk.delta:
+                        relayed.append(chunk.delta)
+                        delta["content"] = chunk.delta
+                    if chunk.tool_calls:
+                        relayed.append(tool_delta_text(chunk.tool_calls))
+                        delta["tool_calls"] = chunk.tool_calls
+                    yield _sse(_chunk(request_id, model, delta))
         finally:
             await chunks.aclose()
         if done is None or not done.ok:
