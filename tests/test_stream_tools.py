@@ -148,3 +148,18 @@ def test_a_tool_call_stream_broken_midway_is_not_retried_and_is_charged(
     assert (tokens_in, tokens_out) == (count_message_tokens(MESSAGES), count_tokens(sent))
     assert tokens_out > 0
     assert cost == pytest.approx((tokens_in * PRICE_IN + tokens_out * PRICE_OUT) / 1e6)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_plain_passthrough_tool_call_comes_back_too(
+    served: tuple[str, str, Path], model: str
+) -> None:
+    """Without `stream`, one choice: the message carries the upstream's tool calls (only
+    the n > 1 choices used to)."""
+    url, _, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert (call.id, call.function.name, call.function.arguments) == ("call_0", *CALL.values())
