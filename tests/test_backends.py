@@ -19,7 +19,7 @@ from aiohttp import web
 
 from proxy import demo
 from tests.fake_upstream import FakeUpstream, build_app, serve
-from upstreams.base import CallResult, StreamChunk
+from upstreams.base import Backend, CallResult, StreamChunk
 from upstreams.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from upstreams.common import forward_params, parse_retry_after
 from upstreams.factory import make_backend
@@ -635,6 +635,19 @@ async def test_an_open_circuit_is_reported_alike_by_both_http_backends(fake, mad
 # ------------------------------------------------------------------------- broken streams
 
 
+def priced_backend(kind: str, made, fake, monkeypatch) -> Backend:
+    """An `openai` or `litellm` backend on the fake upstream at $1 / $2 per million tokens,
+    with two retries."""
+    prices = {"price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0}
+    if kind == "openai":
+        return openai(made, fake, max_retries=2, **prices)
+    monkeypatch.setenv("CASCADE_TEST_LITELLM_KEY", "dummy-key")
+    cfg = ModelConfig(backend="litellm", model="openai/fake-small", max_retries=2,
+                      base_url=fake.url + "/v1", api_key_env="CASCADE_TEST_LITELLM_KEY",
+                      timeout_s=5, **prices)  # fmt: skip
+    return LiteLLMBackend("ext", cfg)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # litellm's
 @pytest.mark.parametrize("kind", ["openai", "litellm"])
 async def test_a_stream_broken_after_tokens_is_charged_for_them_once(fake, made, kind, monkeypatch):
@@ -642,15 +655,7 @@ async def test_a_stream_broken_after_tokens_is_charged_for_them_once(fake, made,
     result carries them (the prompt counted as elsewhere, the text with tiktoken, capped at
     max_tokens) and their cost, keeps its error, and is not retried (one costed attempt);
     a stream that broke before any token costs 0."""
-    prices = {"price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0}
-    if kind == "openai":
-        b = openai(made, fake, max_retries=2, **prices)
-    else:
-        monkeypatch.setenv("CASCADE_TEST_LITELLM_KEY", "dummy-key")
-        cfg = ModelConfig(backend="litellm", model="openai/fake-small", max_retries=2,
-                          base_url=fake.url + "/v1", api_key_env="CASCADE_TEST_LITELLM_KEY",
-                          timeout_s=5, **prices)  # fmt: skip
-        b = LiteLLMBackend("ext", cfg)
+    b = priced_backend(kind, made, fake, monkeypatch)
     fake.state.set_faults({"drop_stream_after": 2})  # "The", " answer", then cut
     deltas, done = await drain(b.stream(MSGS, {}))
     assert "".join(deltas) == "The answer" and done.error is not None and done.text is None
@@ -697,15 +702,7 @@ async def test_a_streamed_tool_call_is_relayed_assembled_and_charged(fake, made,
     the assembled call (as a non-streamed answer carries it) and finish_reason tool_calls;
     its first fragment is the first token, so a stream cut after two fragments is not
     retried and is charged for the name and argument text it sent."""
-    prices = {"price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0}
-    if kind == "openai":
-        b = openai(made, fake, max_retries=2, **prices)
-    else:
-        monkeypatch.setenv("CASCADE_TEST_LITELLM_KEY", "dummy-key")
-        cfg = ModelConfig(backend="litellm", model="openai/fake-small", max_retries=2,
-                          base_url=fake.url + "/v1", api_key_env="CASCADE_TEST_LITELLM_KEY",
-                          timeout_s=5, **prices)  # fmt: skip
-        b = LiteLLMBackend("ext", cfg)
+    b = priced_backend(kind, made, fake, monkeypatch)
     call = {"name": "get_weather", "arguments": WEATHER_ARGS}
     fake.state.set_answer("fake-small", "", None, tool_calls=[call])
     fragments: list[dict] = []

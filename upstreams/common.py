@@ -245,13 +245,17 @@ class Pricer:
         return None
 
     async def prices(self) -> tuple[float, float] | None:
-        if self.price_in is not None and self.price_out is not None:
-            return self.price_in, self.price_out
-        if self._looked_up is _UNRESOLVED:
+        if self._looked_up is _UNRESOLVED and (self.price_in is None or self.price_out is None):
             # litellm's import takes seconds: keep it off the event loop
             self._looked_up = await asyncio.to_thread(self._lookup)
+        return self._merged()
+
+    def _merged(self) -> tuple[float, float] | None:
+        """The configured prices, each missing one from the looked-up pair."""
+        if self.price_in is not None and self.price_out is not None:
+            return self.price_in, self.price_out
         found = self._looked_up
-        if found is None:
+        if found is None or found is _UNRESOLVED:
             return None
         pin = self.price_in if self.price_in is not None else found[0]
         pout = self.price_out if self.price_out is not None else found[1]
@@ -276,16 +280,9 @@ class Pricer:
         None for a GPU-hourly model (its busy time is its cost) or an unknown price."""
         if not self.configured and self.gpu_hourly_usd is not None:
             return None
-        if self.price_in is not None and self.price_out is not None:
-            return self.price_in, self.price_out
-        if self._looked_up is _UNRESOLVED:
+        if self._looked_up is _UNRESOLVED and (self.price_in is None or self.price_out is None):
             self._looked_up = self._lookup()
-        found = self._looked_up
-        if found is None:
-            return None
-        pin = self.price_in if self.price_in is not None else found[0]
-        pout = self.price_out if self.price_out is not None else found[1]
-        return pin, pout
+        return self._merged()
 
     async def cost(
         self, tokens_in: int | None, tokens_out: int | None, busy_ms: float | None = None
