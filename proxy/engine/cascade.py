@@ -306,15 +306,20 @@ class CascadeEngine:
                 "--transitions ...` matching the config"
             )
 
+    def snapshot(self, loaded: LoadedPolicy | None = None) -> LoadedPolicy:
+        """The policy a request runs with: the snapshot admission priced, else the current
+        one (read once, so a reload mid-request changes nothing for it)."""
+        return loaded if loaded is not None else self.current
+
     def new_run(self, loaded: LoadedPolicy | None = None) -> CascadeRun:
-        cur = loaded if loaded is not None else self.current
+        cur = self.snapshot(loaded)
         return CascadeRun(cascade=self.name, policy_hash=cur.policy_hash)
 
     def explore_models(self, loaded: LoadedPolicy | None = None) -> list[str]:
         """Every model an explored request calls: the policy's nodes (of `loaded`, default
         the current policy), the configured nodes and the reference model (the one
         unlabelled traffic is graded against)."""
-        cur = loaded if loaded is not None else self.current
+        cur = self.snapshot(loaded)
         names = [*cur.nodes, *self.config_nodes, self.reference]
         return list(dict.fromkeys(_models_of(names)))
 
@@ -322,7 +327,7 @@ class CascadeEngine:
         """How many further answers an explored request samples from each sampled node's
         model (the largest k - 1 of its `MODEL@k` nodes), so that its trace row carries the
         `samples` that `fit --samples k` votes over with the recorded answer."""
-        cur = loaded if loaded is not None else self.current
+        cur = self.snapshot(loaded)
         counts: dict[str, int] = {}
         for name in [*cur.nodes, *self.config_nodes]:
             sampled = parse_sampled(name)
@@ -353,7 +358,7 @@ class CascadeEngine:
         `loaded` is the policy snapshot the request will run with (default: the current
         one): admission prices it and passes the same snapshot to `run`, so that a reload
         in between cannot make the request walk a plan that was not priced."""
-        cur = loaded if loaded is not None else self.current
+        cur = self.snapshot(loaded)
         plan = cur.plan(policy, lam, self.reference)
         names = plan.names if plan is not None else []  # no such baseline: refused, no call
         explore = explore and cur.policy is not None and policy == "index"
@@ -392,7 +397,7 @@ class CascadeEngine:
         walk checks against the cap, and the node groups the walk can call at once. None:
         the policy holds no such baseline (refused before any call). A capped request is
         never explored (`run`), so no explored call is listed."""
-        cur = loaded if loaded is not None else self.current
+        cur = self.snapshot(loaded)
         plan = cur.plan(policy, lam, self.reference)
         if plan is None:
             return None
@@ -427,7 +432,7 @@ class CascadeEngine:
         `loaded`: the policy snapshot admission priced the request's worst case with (see
         `most_calls`); default, the current one. Either way a reload mid-request does not
         change this request's policy."""
-        cur = loaded if loaded is not None else self.current
+        cur = self.snapshot(loaded)
         run = run if run is not None else self.new_run(cur)
         run.policy_hash = cur.policy_hash
         explore = explore and cur.policy is not None and overrides.policy == "index"

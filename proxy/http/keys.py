@@ -337,7 +337,7 @@ def worst_case(state, chat, messages: list[dict], loaded: LoadedPolicy | None = 
     asked = chat.max_tokens or chat.max_completion_tokens
     if engine is None:
         return price_calls([(chat.model, chat.n or 1)], size, asked, state.worst_price)
-    loaded = loaded if loaded is not None else engine.current
+    loaded = engine.snapshot(loaded)
     overrides = chat.overrides
     if overrides.max_cost_usd is not None:
         plan = engine.capped_plan(overrides.policy, overrides.lam, loaded)
@@ -352,8 +352,7 @@ def worst_case(state, chat, messages: list[dict], loaded: LoadedPolicy | None = 
     if explored and cascade.explore_grader.startswith("judge:"):
         judge = cascade.explore_grader.removeprefix("judge:")
         judged = engine.explore_models(loaded)
-        judging = judge_calls(judge, judged, size, asked, state.worst_price)
-        worst = worst.plus(WorstCase(judging.usd, judging.unpriced, judging.usd))
+        worst = worst.plus(judge_calls(judge, judged, size, asked, state.worst_price))
     return worst
 
 
@@ -427,7 +426,7 @@ def judge_calls(
     for model in judged:
         answer = output_tokens(asked, price(model)[1])
         usd += (size + template + answer) * per_token[0] + verdict * per_token[1]
-    return WorstCase(usd, [])
+    return WorstCase(usd, [], judge_usd=usd)  # all of it spent after the record
 
 
 def _nothing() -> None:
